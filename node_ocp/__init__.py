@@ -1,0 +1,44 @@
+"""node_ocp: train continuous-time models with second-order optimal-control methods.
+
+Public API (stable names):
+
+- :class:`ODEBlock` — a vector field integrated over a time grid, with the own adjoint.
+- :class:`CurvatureCapture` — time-joint Kronecker / dense curvature from the backward solve.
+- :func:`set_terminal_factors`, :func:`propagated_factors` — second-order factors through a
+  block.
+- Time-conditioned layers: :class:`ConcatLinear`, :class:`ConcatSquashLinear`,
+  :class:`ConcatConv2d`, :class:`ConcatSquashConv2d`, :class:`TimeSequential`.
+"""
+
+from .curvature import CurvatureCapture, DenseFactors, KroneckerFactors
+from .ode import (
+    ConcatConv2d,
+    ConcatLinear,
+    ConcatSquashConv2d,
+    ConcatSquashLinear,
+    ODEBlock,
+    SolverError,
+    TimeConditioned,
+    TimeSequential,
+    propagated_factors,
+    set_terminal_factors,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ODEBlock",
+    "SolverError",
+    "CurvatureCapture",
+    "KroneckerFactors",
+    "DenseFactors",
+    "set_terminal_factors",
+    "propagated_factors",
+    "ConcatLinear",
+    "ConcatSquashLinear",
+    "ConcatConv2d",
+    "ConcatSquashConv2d",
+    "TimeConditioned",
+    "TimeSequential",
+    "__version__",
+]

@@ -1,0 +1,148 @@
+"""The one registry of ODE methods and the normalisation of solver inputs.
+
+Everything the user passes about *how* to integrate (method, tolerances, options, the time
+grid) is checked here once, at the boundary, and turned into a :class:`SolverSpec` that the
+rest of the package uses without re-checking. The integration itself is always
+``torchdiffeq.odeint`` (public API, never patched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torchdiffeq import odeint
+
+from .._errors import bad_type, bad_value, check_choice, check_positive
+
+#: Methods with error control; they take ``rtol``/``atol`` and choose their own steps.
+ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: Fixed-grid methods; ``options={"step_size": h}`` sets the step (default: one step per
+#: interval of the requested time grid).
+FIXED_METHODS: tuple[str, ...] = (
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+)
+METHODS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Validated settings for one direction of integration (forward or backward)."""
+
+    method: str
+    rtol: float
+    atol: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    def odeint_options(self, norm: Callable | None = None, keep_grid: bool = False) -> dict:
+        """Options for ``torchdiffeq.odeint``.
+
+        ``norm`` replaces the error norm of adaptive methods (tuple states). ``keep_grid``
+        asks a fixed-grid method without a ``step_size`` to step only between the first and
+        last requested time, so that extra output times (the curvature sample grid) are
+        interpolated and never change the steps taken.
+        """
+        opts = dict(self.options)
+        if self.adaptive and norm is not None and "norm" not in opts:
+            opts["norm"] = norm
+        if (
+            keep_grid
+            and not self.adaptive
+            and "step_size" not in opts
+            and "grid_constructor" not in opts
+        ):
+            opts["grid_constructor"] = _endpoints_grid
+        return opts
+
+    def integrate(self, func, y0, t: torch.Tensor, norm=None, keep_grid: bool = False):
+        """``torchdiffeq.odeint(func, y0, t)`` with these settings."""
+        return odeint(
+            func,
+            y0,
+            t,
+            rtol=self.rtol,
+            atol=self.atol,
+            method=self.method,
+            options=self.odeint_options(norm=norm, keep_grid=keep_grid),
+        )
+
+
+def _endpoints_grid(func, y0, t: torch.Tensor) -> torch.Tensor:
+    return t[[0, -1]]
+
+
+def make_spec(method: Any, rtol: Any, atol: Any, options: Any, prefix: str = "") -> SolverSpec:
+    """Check user inputs and build a :class:`SolverSpec`.
+
+    ``prefix`` is prepended to argument names in error messages (``"adjoint_"``).
+    """
+    check_choice(f"{prefix}method", method, METHODS)
+    rtol = check_positive(f"{prefix}rtol", rtol)
+    atol = check_positive(f"{prefix}atol", atol)
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise bad_type(f"{prefix}options", options, "a dict of torchdiffeq solver options or None")
+    options = dict(options)
+    if "step_size" in options:
+        options["step_size"] = check_positive(f"{prefix}options['step_size']", options["step_size"])
+        if method in ADAPTIVE_METHODS:
+            raise bad_value(
+                f"{prefix}options",
+                options,
+                f"'step_size' only with a fixed-grid method ({', '.join(FIXED_METHODS)})",
+                "Use 'first_step' or 'max_step' to guide an adaptive method.",
+            )
+    return SolverSpec(method=method, rtol=rtol, atol=atol, options=options)
+
+
+def as_time_grid(t: Any, name: str = "t") -> torch.Tensor:
+    """Turn ``t`` into a 1-D floating tensor of >= 2 strictly monotone, finite times.
+
+    Accepts a pair or sequence of numbers, or a 1-D tensor (kept as is, so a tensor that
+    requires grad stays in the graph).
+    """
+    if isinstance(t, torch.Tensor):
+        grid = t
+        if not grid.is_floating_point():
+            grid = grid.to(torch.get_default_dtype())
+    elif isinstance(t, (list, tuple)) and all(
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        or (isinstance(v, torch.Tensor) and v.numel() == 1)
+        for v in t
+    ):
+        grid = torch.tensor([float(v) for v in t], dtype=torch.get_default_dtype())
+    else:
+        raise bad_type(name, t, "a pair (t0, t1) or a 1-D sequence/tensor of times")
+    if grid.dim() != 1 or grid.numel() < 2:
+        raise bad_value(
+            name,
+            t,
+            "a 1-D time grid with at least 2 points",
+            "Pass (t0, t1) for the end state or a longer grid for states at every time.",
+        )
+    with torch.no_grad():
+        if not torch.isfinite(grid).all():
+            raise bad_value(name, t, "finite times")
+        diff = grid[1:] - grid[:-1]
+        if not ((diff > 0).all() or (diff < 0).all()):
+            raise bad_value(
+                name,
+                t,
+                "strictly increasing or strictly decreasing times",
+                "Remove repeated times and sort the grid.",
+            )
+    return grid
