@@ -124,7 +124,8 @@ def as_time_grid(t: Any, name: str = "t") -> torch.Tensor:
         or (isinstance(v, torch.Tensor) and v.numel() == 1)
         for v in t
     ):
-        grid = torch.tensor([float(v) for v in t], dtype=torch.get_default_dtype())
+        # float64, so that a horizon like 0.7 is not rounded to float32 before a float64 solve.
+        grid = torch.tensor([float(v) for v in t], dtype=torch.float64)
     else:
         raise bad_type(name, t, "a pair (t0, t1) or a 1-D sequence/tensor of times")
     if grid.dim() != 1 or grid.numel() < 2:
