@@ -147,8 +147,8 @@ def test_capture_errors():
         no.CurvatureCapture(sample_dt=0.0)
     with pytest.raises(ValueError, match=r"kronecker/dense: .* at least one of them True"):
         no.CurvatureCapture(kronecker=False, dense=False)
-    with pytest.raises(ValueError, match=r"max_batch_times: received 0"):
-        no.CurvatureCapture(max_batch_times=0)
+    with pytest.raises(ValueError, match=r"max_rows: received 0"):
+        no.CurvatureCapture(max_rows=0)
     capture = no.CurvatureCapture()
     with pytest.raises(
         ValueError,

@@ -97,8 +97,9 @@ class CurvatureCapture:
         dense: integrate per-sample parameter integrals p (tiny fields only).
         sample_dt: spacing Δ of the sample grid (> 0). About 100 points on a unit horizon
             with the default 0.01.
-        max_batch_times: at most this many sample times are evaluated in one batched field
-            call (bounds the memory of capture); None = all times of an interval at once.
+        max_rows: at most this many rows (sample times × batch) go into one batched field
+            evaluation, which bounds the memory of capture; ``None`` evaluates all sample
+            times of an interval at once.
     """
 
     def __init__(
@@ -106,7 +107,7 @@ class CurvatureCapture:
         kronecker: bool = True,
         dense: bool = False,
         sample_dt: float = 0.01,
-        max_batch_times: int | None = None,
+        max_rows: int | None = 16384,
     ):
         if not isinstance(kronecker, bool):
             raise bad_type("kronecker", kronecker, "True or False")
@@ -117,13 +118,11 @@ class CurvatureCapture:
         self.kronecker_enabled = kronecker
         self.dense_enabled = dense
         self.sample_dt = check_positive("sample_dt", sample_dt)
-        if max_batch_times is not None and (
-            isinstance(max_batch_times, bool)
-            or not isinstance(max_batch_times, int)
-            or max_batch_times < 1
+        if max_rows is not None and (
+            isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
         ):
-            raise bad_value("max_batch_times", max_batch_times, "an int >= 1 or None")
-        self.max_batch_times = max_batch_times
+            raise bad_value("max_rows", max_rows, "an int >= 1 or None")
+        self.max_rows = max_rows
         self.kronecker: dict[nn.Module, KroneckerFactors] = {}
         self.dense: dict[nn.Module, DenseFactors] = {}
         self._blocks: list[nn.Module] = []
@@ -222,9 +221,8 @@ class CurvatureCapture:
         rank = factors.shape[1]
         batched = bool(getattr(field, "accepts_batched_time", False))
         chunk = s_total if batched else 1
-        if self.max_batch_times is not None:
-            chunk = min(chunk, self.max_batch_times)
-        sqrt_w = math.sqrt(weight)
+        if self.max_rows is not None:
+            chunk = max(1, min(chunk, self.max_rows // batch))
         calls = 0
         seen: set[nn.Module] = set()
         for start in range(0, s_total, chunk):
@@ -239,10 +237,12 @@ class CurvatureCapture:
             cot = factors[start:stop].transpose(0, 1).reshape(rank, n, *factors.shape[3:])
             calls += 1
             for module, u, g in _layer_io_grads(field, t, x, cot):
-                rows_u = input_rows(module, u) * sqrt_w  # (n, L, K)
-                rows_g = output_rows(module, g, lead=1) * sqrt_w  # (R, n, L, d_out)
-                a_mat = torch.einsum("nlk,nlm->km", rows_u, rows_u)
-                b_mat = torch.einsum("rnlk,rnlm->km", rows_g, rows_g)
+                rows_u = input_rows(module, u)  # (n, L, K)
+                rows_g = output_rows(module, g, lead=1)  # (R, n, L, d_out)
+                flat_u = rows_u.reshape(-1, rows_u.shape[-1])
+                flat_g = rows_g.reshape(-1, rows_g.shape[-1])
+                a_mat = (flat_u.T @ flat_u).mul_(weight)
+                b_mat = (flat_g.T @ flat_g).mul_(weight)
                 stats = self.kronecker.get(module)
                 if stats is None:
                     stats = KroneckerFactors(

@@ -1,0 +1,178 @@
+"""Peak memory and time of one training step as the number of solver steps grows.
+
+Modes, on the same MLP vector field, data and fixed-step rk4 solver:
+  - adjoint           the own adjoint, no curvature capture
+  - adjoint+capture   the own adjoint with Kronecker capture on (sample_dt = 0.01)
+  - direct            backprop through the solver's operations
+
+For each number of steps (default 10, 40, 160) every mode runs in a fresh subprocess, so the
+peak resident memory (ru_maxrss) belongs to that configuration alone; on CUDA the peak
+allocated GPU memory is reported instead. "saved_MB" is the size of the tensors autograd
+saved for backward (the memory that grows with solver steps when it is not O(1)). Times are
+medians over repeats, and every figure is also given as a ratio to the plain adjoint with
+the same number of steps.
+
+    python experiments/bench_memory.py [--steps 10 40 160] [--out runs/bench_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("adjoint", "adjoint+capture", "direct")
+
+
+def _one(mode: str, steps: int, args) -> dict:
+    import torch
+    from torch import nn
+
+    import node_ocp as no
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dim, hidden = args.dim, args.hidden
+    field = no.TimeSequential(
+        no.ConcatSquashLinear(dim, hidden),
+        nn.Softplus(),
+        no.ConcatSquashLinear(hidden, hidden),
+        nn.Softplus(),
+        no.ConcatSquashLinear(hidden, dim),
+    )
+    gradient = "direct" if mode == "direct" else "adjoint"
+    block = no.ODEBlock(
+        field, (0.0, 1.0), method="rk4", options={"step_size": 1.0 / steps}, gradient=gradient
+    ).to(device)
+    opt = torch.optim.SGD(block.parameters(), lr=1e-3)
+    x = torch.randn(args.batch, dim, device=device)
+    target = torch.randn(args.batch, dim, device=device)
+    capture = no.CurvatureCapture(sample_dt=0.01) if mode == "adjoint+capture" else None
+    if capture is not None:
+        capture.attach(block)
+
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    def step():
+        opt.zero_grad()
+        saved[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = ((block(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if capture is not None:
+            capture.reset()
+        return loss.item()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        block.reset_nfe()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak_kind = "cuda_max_allocated_MB"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_kind = "peak_rss_MB"
+    return {
+        "mode": mode,
+        "steps": steps,
+        "time_s": statistics.median(times),
+        "peak_MB": peak,
+        "peak_kind": peak_kind,
+        "saved_MB": saved[0] / 2**20,
+        "nfe_forward": block.nfe_forward,
+        "nfe_backward": block.nfe_backward,
+        "nfe_capture": block.nfe_capture,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 40, 160], help="fixed solver steps")
+    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--dim", type=int, default=16, help="state dimension (default 16)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width (default 256)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    p.add_argument("--out", default="runs/bench_memory.json", help="where to save the JSON")
+    p.add_argument("--child", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
+    return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(_one(args.child[0], int(args.child[1]), args)))
+        return {}
+    rows = []
+    passthrough = [
+        f"--batch={args.batch}",
+        f"--dim={args.dim}",
+        f"--hidden={args.hidden}",
+        f"--repeats={args.repeats}",
+        f"--device={args.device}",
+    ]
+    for steps in args.steps:
+        for mode in MODES:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, str(steps)]
+            cmd += passthrough
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = {r["steps"]: r for r in rows if r["mode"] == "adjoint"}
+    for r in rows:
+        b = base[r["steps"]]
+        r["time_ratio"] = r["time_s"] / b["time_s"]
+        r["peak_ratio"] = r["peak_MB"] / b["peak_MB"]
+    header = (
+        f"{'steps':>5} {'mode':<16} {'time s':>8} {'x adj':>6} {'peak MB':>8} {'x adj':>6} "
+        f"{'saved MB':>9} {'nfe f/b/cap':>12}"
+    )
+    print(header)
+    for r in rows:
+        nfe = f"{r['nfe_forward']}/{r['nfe_backward']}/{r['nfe_capture']}"
+        print(
+            f"{r['steps']:>5} {r['mode']:<16} {r['time_s']:>8.4f} {r['time_ratio']:>6.2f} "
+            f"{r['peak_MB']:>8.1f} {r['peak_ratio']:>6.2f} {r['saved_MB']:>9.2f} {nfe:>12}"
+        )
+    result = {"config": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(f"saved {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
