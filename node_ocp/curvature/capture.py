@@ -125,6 +125,9 @@ class CurvatureCapture:
         self.max_rows = max_rows
         self.kronecker: dict[nn.Module, KroneckerFactors] = {}
         self.dense: dict[nn.Module, DenseFactors] = {}
+        #: Records of the block calls made (with grad enabled) while attached, in forward
+        #: order; see :class:`node_ocp.ode.factors.SolveRecord`.
+        self.calls: list = []
         self._blocks: list[nn.Module] = []
 
     def __repr__(self) -> str:
@@ -180,9 +183,10 @@ class CurvatureCapture:
             self.detach()
 
     def reset(self) -> None:
-        """Forget all statistics."""
+        """Forget all statistics and recorded block calls."""
         self.kronecker.clear()
         self.dense.clear()
+        self.calls.clear()
 
     # ------------------------------------------------------------------ sample grid
     def sample_grid(self, t_start: float, t_end: float, like: torch.Tensor):

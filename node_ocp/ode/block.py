@@ -172,6 +172,9 @@ class ODEBlock(nn.Module):
         if record is not None:
             record.output_shape = out.shape
             attach_record(out, record)
+            if self.capture is not None and torch.is_grad_enabled():
+                record.input = x0
+                self.capture.calls.append(record)
         return out
 
     # ------------------------------------------------------------------ solving

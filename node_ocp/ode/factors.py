@@ -17,6 +17,7 @@ does).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,9 +39,20 @@ class SolveRecord:
         grid_output: True if the block returned states at every grid time ``(T, *x.shape)``.
         terminal_factors: ``(R, *output_shape)`` factors attached by the consumer, or None.
         input_factors: ``(R, *x0.shape)`` factors at the block input after backward, or None.
+        input: the ``x0`` tensor of the call (kept only while a capture is attached, so that a
+            consumer can pass factors through the layers between two blocks).
+        output: a weak reference to the returned tensor (``record.output()``), or None.
     """
 
-    __slots__ = ("block", "output_shape", "grid_output", "terminal_factors", "input_factors")
+    __slots__ = (
+        "block",
+        "output_shape",
+        "grid_output",
+        "terminal_factors",
+        "input_factors",
+        "input",
+        "output",
+    )
 
     def __init__(self, block: ODEBlock, output_shape: torch.Size, grid_output: bool):
         self.block = block
@@ -48,6 +60,8 @@ class SolveRecord:
         self.grid_output = grid_output
         self.terminal_factors: torch.Tensor | None = None
         self.input_factors: torch.Tensor | None = None
+        self.input: torch.Tensor | None = None
+        self.output = None
 
     @property
     def rank(self) -> int:
@@ -79,6 +93,7 @@ def _record_of(output: torch.Tensor, name: str) -> SolveRecord:
 
 def attach_record(output: torch.Tensor, record: SolveRecord) -> None:
     setattr(output, _ATTR, record)
+    record.output = weakref.ref(output)
 
 
 def set_terminal_factors(output: torch.Tensor, factors: torch.Tensor | None) -> None:
