@@ -3,6 +3,7 @@
 Public API (stable names):
 
 - :class:`ODEBlock` — a vector field integrated over a time grid, with the own adjoint.
+- :class:`OCNOpt` — the second-order optimizer; :class:`HorizonOptimizer` — t1 as a control.
 - :class:`CurvatureCapture` — time-joint Kronecker / dense curvature from the backward solve.
 - :func:`set_terminal_factors`, :func:`propagated_factors` — second-order factors through a
   block.
@@ -23,12 +24,15 @@ from .ode import (
     propagated_factors,
     set_terminal_factors,
 )
+from .optim import HorizonOptimizer, OCNOpt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ODEBlock",
     "SolverError",
+    "OCNOpt",
+    "HorizonOptimizer",
     "CurvatureCapture",
     "KroneckerFactors",
     "DenseFactors",

@@ -1,0 +1,60 @@
+"""Terminal Hessian factors at a model's outputs, per sample, for the factor sources.
+
+For a per-sample loss ``ℓ_b`` whose Hessian with respect to the model output ``o_b`` is
+``H_b``, a factor set ``y`` (``(R, *outputs.shape)``) satisfies ``Σ_i y_{i,b} y_{i,b}ᵀ = H_b``
+(exact) or does so in expectation (sampled).
+
+Likelihoods (``outputs`` and the loss they stand for):
+
+- ``"categorical"``: logits ``(N, K)``; softmax cross-entropy. Exact: ``K`` factors
+  ``y_k = √p_k (e_k − p)``. Sampled: ``y_r = (e_ŷ − p)/√R`` with ``ŷ ~ Cat(p)``.
+- ``"gaussian"``: predictions ``(N, *feat)``; ``ℓ_b = ½‖o_b − target_b‖²`` (H = I). Exact:
+  one factor per output coordinate, ``y_k = e_k``. Sampled: ``y_r ~ N(0, I)/√R``.
+- ``"standard_normal"``: the latent ``z`` ``(N, *feat)`` of a flow with a standard-normal base,
+  ``ℓ_b = ½‖z_b‖² + const − log|det|`` (H = I on ``z``; the log-determinant channel is linear
+  and adds no curvature). Factors as for ``"gaussian"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._errors import bad_value, check_choice
+
+LIKELIHOODS: tuple[str, ...] = ("categorical", "gaussian", "standard_normal")
+
+
+def output_factors(
+    outputs: torch.Tensor,
+    likelihood: str,
+    source: str,
+    rank: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Factors ``(R, *outputs.shape)`` for ``source`` in {"exact", "sampled"}."""
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    out = outputs.detach()
+    if likelihood == "categorical":
+        if out.dim() != 2:
+            raise bad_value(
+                "outputs", outputs, "logits of shape (N, K) for likelihood='categorical'"
+            )
+        p = torch.softmax(out, dim=1)
+        n, k = p.shape
+        if source == "exact":
+            eye = torch.eye(k, dtype=p.dtype, device=p.device)
+            # y[k, n, :] = sqrt(p[n, k]) * (e_k - p[n])
+            return p.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+        idx = torch.multinomial(p.cpu(), rank, replacement=True, generator=generator)
+        onehot = torch.nn.functional.one_hot(idx.T.to(p.device), k).to(p.dtype)  # (R, N, K)
+        return (onehot - p.unsqueeze(0)) / math.sqrt(rank)
+    n = out.shape[0]
+    feat = out.shape[1:]
+    d = int(math.prod(feat))
+    if source == "exact":
+        eye = torch.eye(d, dtype=out.dtype, device=out.device)  # (D, D): factor k, coord
+        return eye.unsqueeze(1).expand(d, n, d).reshape(d, n, *feat).clone()
+    noise = torch.randn((rank, *out.shape), generator=generator, dtype=out.dtype)
+    return noise.to(out.device) / math.sqrt(rank)
