@@ -124,10 +124,11 @@ def test_kronecker_directions_equal_hand_formulas(variant, conv):
             ib = torch.linalg.inv(b_n + eps**0.5 * torch.eye(b_n.shape[0], dtype=F64))
             expected[m] = ib @ g @ ia
         else:
-            _, qa = torch.linalg.eigh(a_n)
-            _, qb = torch.linalg.eigh(b_n)
+            ea, qa = torch.linalg.eigh(a_n)
+            eb, qb = torch.linalg.eigh(b_n)
             gt = qb.T @ g @ qa
-            expected[m] = qb @ (gt / (gt * gt + eps)) @ qa.T
+            s = alpha * torch.outer(eb, ea) + (1 - alpha) * n * gt * gt
+            expected[m] = qb @ (gt / (s + eps)) @ qa.T
     before = {m: _matrix(m) for m in layers}
     opt = no.OCNOpt(
         model,
@@ -146,16 +147,17 @@ def test_kronecker_directions_equal_hand_formulas(variant, conv):
         step = before[m] - _matrix(m)
         assert torch.allclose(step, expected[m], rtol=1e-8, atol=1e-12), type(m)
     if variant == "ekfac":
-        # Second step: same eigenbasis, diagonal s = α G̃1² + (1 − α) G̃2².
+        # Second step: same eigenbasis, s = α (α λ_B λ_Aᵀ + (1 − α) n G̃1²) + (1 − α) n G̃2².
         m = model.ode.field.layers[0].linear if not conv else model.ode.field.layers[0].conv
         a_n, b_n = layers[m]
-        _, qa = torch.linalg.eigh(a_n)
-        _, qb = torch.linalg.eigh(b_n)
+        ea, qa = torch.linalg.eigh(a_n)
+        eb, qb = torch.linalg.eigh(b_n)
         g1 = qb.T @ _grad_matrix(m) @ qa
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         g2 = qb.T @ _grad_matrix(m) @ qa
-        s = alpha * g1 * g1 + (1 - alpha) * g2 * g2
+        s1 = alpha * torch.outer(eb, ea) + (1 - alpha) * n * g1 * g1
+        s = alpha * s1 + (1 - alpha) * n * g2 * g2
         w0 = _matrix(m)
         opt.step()
         w1 = _matrix(m)

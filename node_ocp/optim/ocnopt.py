@@ -477,7 +477,7 @@ class OCNOpt(torch.optim.Optimizer):
                     continue
                 n = stats.samples / stats.solves
                 scale_b = n if empirical else 1.0 / n
-                rule.refresh(stats.A / n, stats.B * scale_b)
+                rule.refresh(stats.A / n, stats.B * scale_b, n)
             for block, rule in self._dense.items():
                 stats = capture.dense.get(block)
                 if stats is None:
@@ -489,7 +489,7 @@ class OCNOpt(torch.optim.Optimizer):
             if stats.A is None or stats.B is None or stats.samples == 0:
                 continue
             n = stats.samples
-            self._kron[module].refresh(stats.A / n, stats.B * n)
+            self._kron[module].refresh(stats.A / n, stats.B * n, n)
 
     def _precondition(self, directions: dict, step: int) -> dict:
         updates: dict = {}

@@ -53,7 +53,10 @@ class KroneckerRule:
 
     - ``kfac``:  ``Q_B [(Q_Bᵀ G Q_A) / ((λ_B + √ε)(λ_A + √ε)ᵀ)] Q_Aᵀ``
       = ``(B + √ε I)⁻¹ G (A + √ε I)⁻¹``
-    - ``ekfac``: ``G̃ = Q_Bᵀ G Q_A``, ``s ← α s + (1 − α) G̃²`` (``s = G̃²`` after a refresh),
+    - ``ekfac``: ``G̃ = Q_Bᵀ G Q_A``; the diagonal ``s`` in the eigenbasis starts at each refresh
+      from the K-FAC eigenvalues ``λ_B λ_Aᵀ`` (per-sample scale) and is re-estimated every step
+      as ``s ← α s + (1 − α) n G̃²`` (the squared projected batch gradient, times the batch
+      size ``n`` of the refresh so that it estimates the same per-sample second moment);
       direction ``Q_B [G̃ / (s + ε)] Q_Aᵀ``.
 
     Before the first refresh the direction is ``G`` itself.
@@ -68,13 +71,15 @@ class KroneckerRule:
     def ready(self) -> bool:
         return "kron_QA" in self.state
 
-    def refresh(self, a_mat: torch.Tensor, b_mat: torch.Tensor) -> None:
+    def refresh(self, a_mat: torch.Tensor, b_mat: torch.Tensor, batch: float) -> None:
         ea, qa = _eigh(a_mat)
         eb, qb = _eigh(b_mat)
         st = self.state
         st["kron_QA"], st["kron_QB"] = qa, qb
         st["kron_eA"], st["kron_eB"] = ea, eb
-        st.pop("kron_s", None)
+        st["kron_n"] = float(batch)
+        if self.variant == "ekfac":
+            st["kron_s"] = eb[:, None] * ea[None, :]
 
     def direction(self, grad: torch.Tensor, damping: float, alpha: float) -> torch.Tensor:
         if not self.ready:
@@ -89,10 +94,9 @@ class KroneckerRule:
             )[None, :]
             return qb @ (proj / scale) @ qa.T
         sq = proj * proj
-        if "kron_s" not in st:
-            st["kron_s"] = sq
-        else:
-            st["kron_s"] = st["kron_s"].mul(alpha).add_(sq, alpha=1.0 - alpha)
+        st["kron_s"] = (
+            st["kron_s"].to(grad.dtype).mul(alpha).add_(sq, alpha=(1.0 - alpha) * st["kron_n"])
+        )
         return qb @ (proj / (st["kron_s"] + damping)) @ qa.T
 
 
