@@ -17,7 +17,7 @@ def _load(name: str):
 def test_quickstart_main_runs(capsys):
     result = _load("quickstart").main(["--steps", "4", "--batch", "16", "--capture-every", "2"])
     out = capsys.readouterr().out
-    assert "plain adjoint" in out and "adjoint + capture" in out
+    assert "Adam, plain adjoint" in out and "OCNOpt (ekfac)" in out
     assert result["captured"]["capture"].kronecker  # factors were gathered
     assert result["captured"]["refresh_step_time"] is not None
 
@@ -33,3 +33,31 @@ def test_bench_memory_main_runs(tmp_path):
     adjoint = {r["steps"]: r["saved_MB"] for r in saved["rows"] if r["mode"] == "adjoint"}
     assert direct[8] > direct[4]  # backprop through the solver stores every step
     assert adjoint[8] == adjoint[4]  # the adjoint stores nothing per step
+
+
+def test_bench_ocnopt_main_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    result = _load("bench_ocnopt").main(
+        [
+            "--steps",
+            "3",
+            "--batch",
+            "16",
+            "--hidden",
+            "4",
+            "--eval-every",
+            "1",
+            "--update-every",
+            "2",
+            "--cost-steps",
+            "4",
+            "--grid",
+            "single",
+            "--out",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert set(saved["summary"]) == {"adam", "sgd", "ocnopt"}
+    assert saved["costs"]["refresh_ratio"] > 0 and result["costs"]["amortized_ratio"] > 0
+    assert len(saved["runs"][0]["curve"]) == 4  # steps 0..3

@@ -275,7 +275,7 @@ def test_exact_and_sampled_factors_reproduce_gauss_newton(case, source):
         opt.zero_grad()
         opt.backward(loss, outputs=outputs, likelihood=likelihood)
         block = model if isinstance(model, no.ODEBlock) else model.ode
-        stats = opt._capture.dense[block]
+        stats = opt.capture.dense[block]
         total += stats.gauss_newton() / n
         opt.step()
     got = total / draws
@@ -305,7 +305,7 @@ def test_factors_chain_through_two_blocks_in_the_optimizer():
     opt = no.OCNOpt(model, lr=1e-9, curvature="dense", factors="exact")
     out = model(s0)
     opt.backward(out[:, :2].pow(2).mean(), outputs=out[:, :2], likelihood="standard_normal")
-    got = opt._capture.dense[model[0]].gauss_newton() / n
+    got = opt.capture.dense[model[0]].gauss_newton() / n
     assert torch.allclose(got, gn_ref, rtol=1e-6, atol=1e-10)
 
 

@@ -276,6 +276,14 @@ class OCNOpt(torch.optim.Optimizer):
         return self._step
 
     @property
+    def capture(self) -> CurvatureCapture | None:
+        """The curvature capture of the coming refresh step (None between refreshes).
+
+        Its statistics stay readable after ``step()`` through a reference kept by the caller.
+        """
+        return self._capture
+
+    @property
     def refresh_due(self) -> bool:
         """True when the coming step gathers curvature."""
         return self._capture is not None or bool(self._hooks)
