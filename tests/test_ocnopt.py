@@ -523,3 +523,18 @@ def test_horizon_modes_and_errors():
     new = h.step()
     assert new == pytest.approx(max(1.0 - 0.1 * (g + 1.0), 0.2))
     assert all(p is not block.t for p in block.parameters())
+
+
+def test_factors_the_loss_cannot_provide():
+    """Outputs that do not depend on the last block's output cannot carry factors to it."""
+    model = TinyHead()
+    side = nn.Linear(2, 3).double()
+    x = torch.randn(3, 2, dtype=F64)
+    opt = no.OCNOpt(nn.ModuleList([model, side]), lr=0.1, factors="exact")
+    model(x)  # the block runs, but the outputs below come from another branch
+    outputs = side(x)
+    with pytest.raises(ValueError, match=r"does not depend on the last ODE block's output"):
+        opt.backward(outputs.sum(), outputs=outputs, likelihood="categorical")
+    fresh = no.OCNOpt(TinyHead(), lr=0.1, factors="exact")
+    with pytest.raises(ValueError, match=r"no ODE block was called with grad enabled"):
+        fresh.backward(outputs.sum(), outputs=outputs, likelihood="categorical")

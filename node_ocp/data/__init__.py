@@ -1,5 +1,28 @@
-"""Offline data: procedural 2-D toys (no downloads anywhere)."""
+"""Offline data: procedural toys, data bundled in packages, irregular series, user files.
 
+Nothing here downloads anything.
+"""
+
+from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density, uea_series
+from .files import load_image_file, load_tabular_file
+from .irregular import IrregularBatch, collate_irregular
+from .splits import Split, TaskData, split_indices, standardize
 from .toys import TOYS, toy_2d
 
-__all__ = ["TOYS", "toy_2d"]
+__all__ = [
+    "TOYS",
+    "toy_2d",
+    "TABULAR",
+    "tabular_density",
+    "digits_images",
+    "uea_series",
+    "bundled_uea_names",
+    "IrregularBatch",
+    "collate_irregular",
+    "load_tabular_file",
+    "load_image_file",
+    "Split",
+    "TaskData",
+    "split_indices",
+    "standardize",
+]

@@ -1,0 +1,132 @@
+"""Loaders: documented shapes and dtypes, deterministic disjoint splits, user-file errors."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from node_ocp.data import (
+    TABULAR,
+    digits_images,
+    load_image_file,
+    load_tabular_file,
+    split_indices,
+    tabular_density,
+    uea_series,
+)
+
+pytest.importorskip("sklearn")
+
+
+def test_split_indices_are_disjoint_deterministic_and_complete():
+    a = split_indices(100, (0.7, 0.2, 0.1), seed=3)
+    b = split_indices(100, (0.7, 0.2, 0.1), seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [len(x) for x in a] == [70, 20, 10]
+    assert sorted(torch.cat(a).tolist()) == list(range(100))
+    assert not torch.equal(a[0], split_indices(100, (0.7, 0.2, 0.1), seed=4)[0])
+    with pytest.raises(
+        ValueError, match=r"fractions: .* three non-negative fractions summing to 1"
+    ):
+        split_indices(10, (0.5, 0.2, 0.2))
+
+
+@pytest.mark.parametrize("name", TABULAR)
+def test_tabular_density_sets(name):
+    data = tabular_density(name, seed=0)
+    dims = {"digits": 64, "wine": 13, "breast_cancer": 30, "iris": 4}
+    for split in (data.train, data.val, data.test):
+        assert split.x.dtype == torch.float32 and split.x.shape[1] == dims[name]
+        assert torch.isfinite(split.x).all() and split.y is None
+    assert torch.allclose(data.train.x.mean(0), torch.zeros(dims[name]), atol=1e-4)
+    again = tabular_density(name, seed=0)
+    assert torch.equal(again.test.x, data.test.x)
+    if name == "digits":  # dequantised: no longer integer-valued
+        raw = data.train.x * data.info["std"] + data.info["mean"]
+        assert (raw - raw.round()).abs().max() > 0.1
+
+
+def test_digits_images():
+    data = digits_images(seed=1)
+    assert data.train.x.shape[1:] == (1, 8, 8) and data.train.x.dtype == torch.float32
+    assert data.train.y.dtype == torch.long and set(data.train.y.tolist()) == set(range(10))
+    assert 0.0 <= data.train.x.min() and data.train.x.max() <= 1.0
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+
+
+def test_uea_japanese_vowels_irregular():
+    pytest.importorskip("sktime")
+    data = uea_series("JapaneseVowels", seed=0, drop=0.5)
+    assert data.info["classes"] == 9 and data.info["channels"] == 12
+    batch = data.train.x
+    assert batch.values.shape[2] == 12 and batch.values.dtype == torch.float32
+    assert len(data.train) + len(data.val) == 270 and len(data.test) == 370
+    for b in range(len(batch)):
+        t = batch.times[b][batch.valid[b]]
+        assert (t[1:] > t[:-1]).all()  # sorted, kept times
+    full = uea_series("JapaneseVowels", seed=0, drop=0.0)
+    assert full.train.x.valid.sum() > 1.6 * batch.valid.sum()  # about half dropped
+    again = uea_series("JapaneseVowels", seed=0, drop=0.5)
+    assert torch.equal(again.train.x.times, batch.times)
+
+
+def test_uea_basic_motions_and_unknown_name():
+    pytest.importorskip("sktime")
+    data = uea_series("BasicMotions")
+    assert data.info["classes"] == 4 and data.test.x.values.shape == (40, 100, 6)
+    with pytest.raises(
+        ValueError, match=r"name: received 'NotThere'; accepted: a UEA/UCR set bundled"
+    ):
+        uea_series("NotThere")
+
+
+def test_user_tabular_files(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(5, 3))
+    np.save(tmp_path / "a.npy", arr)
+    np.savetxt(tmp_path / "a.csv", arr, delimiter=",", header="x,y,z", comments="")
+    assert torch.allclose(
+        load_tabular_file(tmp_path / "a.npy"), torch.tensor(arr, dtype=torch.float32)
+    )
+    assert load_tabular_file(tmp_path / "a.csv").shape == (5, 3)
+    with pytest.raises(FileNotFoundError, match=r"path: no file at .*missing.npy"):
+        load_tabular_file(tmp_path / "missing.npy")
+    np.save(tmp_path / "b.npy", np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\); accepted: a 2-D table"):
+        load_tabular_file(tmp_path / "b.npy")
+    bad = arr.copy()
+    bad[1, 1] = np.nan
+    np.save(tmp_path / "c.npy", bad)
+    with pytest.raises(ValueError, match=r"1 non-finite values"):
+        load_tabular_file(tmp_path / "c.npy")
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_user_image_files(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, size=(4, 5, 5))
+    _write_idx(tmp_path / "img-ubyte.gz", imgs)
+    _write_idx(tmp_path / "lab-ubyte.gz", np.array([0, 1, 2, 3]))
+    x, y = load_image_file(tmp_path / "img-ubyte.gz", tmp_path / "lab-ubyte.gz")
+    assert x.shape == (4, 1, 5, 5) and torch.allclose(
+        x[0, 0], torch.tensor(imgs[0] / 255.0, dtype=torch.float32)
+    )
+    assert y.tolist() == [0, 1, 2, 3]
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 2, 4, 4), dtype=np.float32), y=np.arange(3))
+    x, y = load_image_file(tmp_path / "d.npz")
+    assert x.shape == (3, 2, 4, 4) and y.shape == (3,)
+    np.savez(tmp_path / "e.npz", x=np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"images of shape \(3, 1, 4\)|images of shape \(3, 4\)"):
+        load_image_file(tmp_path / "e.npz")
+    with open(tmp_path / "trunc-ubyte", "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 10, 5, 5) + b"\x00" * 7)
+    with pytest.raises(ValueError, match=r"declares shape \(10, 5, 5\) but holds 7 values"):
+        load_image_file(tmp_path / "trunc-ubyte")
+    np.savez(tmp_path / "f.npz", x=np.zeros((3, 4, 4), dtype=np.float32), y=np.arange(2))
+    with pytest.raises(ValueError, match=r"labels: shape \(2,\) for 3 images"):
+        load_image_file(tmp_path / "f.npz")
