@@ -114,9 +114,11 @@ def test_kronecker_directions_equal_hand_formulas(variant, conv):
     eps, alpha, dt = 0.05, 0.75, 0.1
     cap, outside = _captured(model, x, y, dt)
     expected = {}
-    layers = {m: (s.A / n, s.B * n) for m, s in cap.kronecker.items()}
+    # Convolutions: B is divided by the output locations per sample (KFC), 16 on 4x4 maps.
+    locs = {m: (16 if isinstance(m, nn.Conv2d) else 1) for m in list(cap.kronecker) + list(outside)}
+    layers = {m: (s.A / n, s.B * n / locs[m]) for m, s in cap.kronecker.items()}
     for m, s in outside.items():
-        layers[m] = (s["A"] / n, s["B"] * n)
+        layers[m] = (s["A"] / n, s["B"] * n / locs[m])
     for m, (a_n, b_n) in layers.items():
         g = _grad_matrix(m)
         if variant == "kfac":

@@ -1,6 +1,18 @@
-"""Models built on ODE blocks."""
+"""Models built on ODE blocks: CNFs, time-series models, an image classifier."""
 
+from .cde import NeuralCDE
 from .cnf import CNF, CNFDynamics, bits_per_dim, standard_normal_logprob
 from .fields import time_mlp
+from .image import ODEImageClassifier
+from .timeseries import ODERNN
 
-__all__ = ["CNF", "CNFDynamics", "time_mlp", "standard_normal_logprob", "bits_per_dim"]
+__all__ = [
+    "CNF",
+    "CNFDynamics",
+    "ODERNN",
+    "NeuralCDE",
+    "ODEImageClassifier",
+    "time_mlp",
+    "standard_normal_logprob",
+    "bits_per_dim",
+]

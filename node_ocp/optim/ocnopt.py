@@ -20,7 +20,9 @@ products per layer.
 
 Losses are taken to be means over the batch (the usual reduction): the factor statistics are
 normalised with the batch size so that ``A ⊗ B`` approximates the Gauss–Newton matrix of the
-mean loss.
+mean loss. For convolutions ``B`` is also divided by the number of output locations per
+sample (the KFC approximation of Grosse & Martens, 2016), so that the factors of a layer
+with many locations are not inflated by that count.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _OutsideStats:
         self.A = None
         self.B = None
         self.samples = 0
+        self.rows = 0
 
     def add_input(self, module, u):
         rows = input_rows(module, u.detach())
@@ -65,6 +68,7 @@ class _OutsideStats:
         a_mat = flat.T @ flat
         self.A = a_mat if self.A is None else self.A + a_mat
         self.samples += u.shape[0]
+        self.rows += flat.shape[0]
 
     def add_grad(self, module, g):
         rows = output_rows(module, g.detach())
@@ -485,7 +489,8 @@ class OCNOpt(torch.optim.Optimizer):
                     continue
                 n = stats.samples / stats.solves
                 scale_b = n if empirical else 1.0 / n
-                rule.refresh(stats.A / n, stats.B * scale_b, n)
+                locations = stats.rows / stats.samples  # 1 for linear layers
+                rule.refresh(stats.A / n, stats.B * scale_b / locations, n)
             for block, rule in self._dense.items():
                 stats = capture.dense.get(block)
                 if stats is None:
@@ -497,7 +502,8 @@ class OCNOpt(torch.optim.Optimizer):
             if stats.A is None or stats.B is None or stats.samples == 0:
                 continue
             n = stats.samples
-            self._kron[module].refresh(stats.A / n, stats.B * n, n)
+            locations = stats.rows / n
+            self._kron[module].refresh(stats.A / n, stats.B * n / locations, n)
 
     def _precondition(self, directions: dict, step: int) -> dict:
         updates: dict = {}

@@ -1,0 +1,141 @@
+"""Neural CDE on irregular batches, with torchcde's interpolation and our ODE block.
+
+``dz = f(z) dX(t)`` is solved as the ODE ``dz/dt = f(z) · dX/dt`` in an
+:class:`~node_ocp.ODEBlock`, so the own adjoint and curvature capture apply. ``X`` is
+torchcde's interpolation of the observations on the union of the batch's times, with time and
+cumulative observation counts as extra channels. Missing values are filled by torchcde; the
+time channel is observed only at each series' own times, so a series' path is constant
+before its first and after its last observation and its state does not change there.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .._errors import bad_type, check_choice
+from ..data.irregular import IrregularBatch
+from ..ode.block import ODEBlock
+from .fields import ACTIVATIONS
+
+INTERPOLATIONS = ("hermite", "linear")
+
+
+def _torchcde():
+    try:
+        return importlib.import_module("torchcde")
+    except ImportError as err:
+        raise ImportError(
+            "torchcde is needed for NeuralCDE; install it with: pip install torchcde"
+        ) from err
+
+
+class CDEField(nn.Module):
+    """``f(t, z) = net(z) · dX/dt(t)``: ``(N, H) -> (N, H)`` for the path set by ``set_path``."""
+
+    accepts_batched_time = False
+
+    def __init__(self, hidden: int, path_channels: int, widths=(64,), activation="softplus"):
+        super().__init__()
+        layers, a = [], hidden
+        for w in widths:
+            layers += [nn.Linear(a, w), ACTIVATIONS[activation]()]
+            a = w
+        layers += [nn.Linear(a, hidden * path_channels), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.hidden, self.path_channels = hidden, path_channels
+        self.path = None
+
+    def forward(self, t, z):
+        if self.path is None:
+            raise RuntimeError("CDEField: no path set; call the NeuralCDE, not its block")
+        dx = self.path.derivative(t)  # (N, C_path)
+        f = self.net(z).view(z.shape[0], self.hidden, self.path_channels)
+        return (f @ dx.unsqueeze(-1)).squeeze(-1)
+
+
+class NeuralCDE(nn.Module):
+    """Neural CDE classifier (``forward(batch) -> (B, outputs)`` logits) for irregular series.
+
+    Args:
+        channels: observed channels C.
+        outputs: number of classes.
+        hidden: size of the CDE state.
+        interpolation: ``"hermite"`` (cubic Hermite with backward differences) or
+            ``"linear"``.
+        method, rtol, atol, gradient: the ODE block's settings.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        outputs: int,
+        hidden: int = 32,
+        field_hidden=(64,),
+        interpolation: str = "hermite",
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        gradient: str = "adjoint",
+    ):
+        super().__init__()
+        self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
+        _torchcde()
+        path_channels = 1 + 2 * channels  # time, values, cumulative observation counts
+        self.channels = channels
+        self.initial = nn.Linear(path_channels, hidden)
+        self.field = CDEField(hidden, path_channels, field_hidden)
+        self.ode = ODEBlock(
+            self.field,
+            (0.0, 1.0),
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            gradient=gradient,
+            name="CDE block",
+        )
+        self.head = nn.Linear(hidden, outputs)
+
+    def path_data(self, batch: IrregularBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grid (T,), data (B, T, 1 + 2C))`` on the union of times, NaN where unobserved."""
+        times, valid = batch.times, batch.valid
+        grid = torch.unique(times[valid])
+        n, t_len, c = len(batch), grid.numel(), self.channels
+        values = batch.values.new_full((n, t_len, c), float("nan"))
+        # Time and cumulative observation counts are set at the series' own observation
+        # times only (NaN elsewhere, filled by torchcde like the values), so that a series'
+        # path does not depend on the other series' times and is constant before its first
+        # and after its last observation.
+        counts = batch.values.new_full((n, t_len, c), float("nan"))
+        time_channel = batch.values.new_full((n, t_len, 1), float("nan"))
+        pos = torch.searchsorted(grid, times.contiguous())  # (B, L)
+        for b in range(n):
+            idx = pos[b][valid[b]]
+            observed = batch.mask[b][valid[b]]
+            v = batch.values[b][valid[b]].clone()
+            v[~observed] = float("nan")
+            values[b, idx] = v
+            counts[b, idx] = observed.to(values.dtype).cumsum(0)
+            time_channel[b, idx, 0] = grid[idx]
+        return grid, torch.cat([time_channel, values, counts], 2)
+
+    def forward(self, batch: IrregularBatch) -> torch.Tensor:
+        if not isinstance(batch, IrregularBatch):
+            raise bad_type("batch", batch, "an IrregularBatch (see node_ocp.data)")
+        cde = _torchcde()
+        grid, data = self.path_data(batch)
+        if self.interpolation == "hermite":
+            coeffs = cde.hermite_cubic_coefficients_with_backward_differences(data, t=grid)
+            path = cde.CubicSpline(coeffs, t=grid)
+        else:
+            coeffs = cde.linear_interpolation_coeffs(data, t=grid)
+            path = cde.LinearInterpolation(coeffs, t=grid)
+        # The block's backward solve reads the field's path too: a forward pass is followed by
+        # its backward before the next forward, as in any training loop.
+        self.field.path = path
+        z0 = self.initial(path.evaluate(grid[0]))
+        if grid.numel() < 2:
+            return self.head(z0)
+        return self.head(self.ode(z0, t=torch.stack([grid[0], grid[-1]])))
