@@ -98,3 +98,28 @@ def test_neural_cde_path_and_padding():
     alone = lin(collate_irregular([short]))
     together = lin(collate_irregular([short, long]))
     assert torch.allclose(alone[0], together[0], atol=1e-6)
+
+
+def test_neural_cde_forecasts_at_query_times():
+    pytest.importorskip("torchcde")
+    from node_ocp.models import NeuralCDE
+
+    torch.manual_seed(0)
+    model = NeuralCDE(2, 2, hidden=4, field_hidden=(8,), task="forecast").double()
+    short = (torch.tensor([0.0, 0.5, 1.0], dtype=F64), torch.randn(3, 2, dtype=F64), None)
+    long = (torch.tensor([0.0, 0.25, 0.5, 1.5], dtype=F64), torch.randn(4, 2, dtype=F64), None)
+    batch = collate_irregular([short, long])
+    queries = torch.tensor([[1.0, 2.0], [1.5, 2.0]], dtype=F64)
+    preds = model(batch, queries)
+    assert preds.shape == (2, 2, 2)
+    # At its last observation time a series' forecast is the head of its encoded state.
+    clf = NeuralCDE(2, 2, hidden=4, field_hidden=(8,)).double()
+    clf.load_state_dict(model.state_dict(), strict=False)
+    assert torch.allclose(preds[:, 0], clf(batch), atol=1e-10)
+    assert (preds[:, 1] - preds[:, 0]).abs().max() > 1e-6  # the decoder moved the state
+    target = torch.zeros_like(preds)
+    loss = ((preds - target) ** 2).mean()
+    loss.backward()
+    assert model.decoder.field.layers[0].linear.weight.grad is not None
+    with pytest.raises(ValueError, match=r"query_times: .* a \(2, Q\) tensor of times"):
+        model(batch)

@@ -149,3 +149,41 @@ def test_irregular_batch_errors():
     with pytest.raises(TypeError, match=r"batch: received an object of type Tensor"):
         _model()(torch.zeros(2, 3, 2))
     assert math.isfinite(1.0)
+
+
+def test_odernn_learns_japanese_vowels_irregular():
+    pytest.importorskip("sktime")
+    from node_ocp.data import uea_series
+
+    torch.manual_seed(0)
+    data = uea_series("JapaneseVowels", seed=0, drop=0.5)
+    x, y = data.train.x[torch.arange(96)], data.train.y[:96]
+    model = ODERNN(12, 9, hidden=16, field_hidden=(32,))
+    opt = no.OCNOpt(model, lr=0.05, update_every=10, sample_dt=0.1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        first = loss_fn(model(x), y).item()
+    for _ in range(25):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        last = loss_fn(model(x), y).item()
+    assert last < 0.5 * first, (first, last)
+
+
+def test_missing_optional_package_message(monkeypatch):
+    import importlib
+
+    from node_ocp.data import bundled
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name.startswith("sktime"):
+            raise ImportError("No module named 'sktime'")
+        return real(name, *args)
+
+    monkeypatch.setattr(bundled.importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"sktime is needed .* pip install 'node_ocp\[data\]'"):
+        bundled.uea_series("JapaneseVowels")

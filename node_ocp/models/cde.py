@@ -15,10 +15,10 @@ import importlib
 import torch
 from torch import nn
 
-from .._errors import bad_type, check_choice
+from .._errors import bad_type, bad_value, check_choice
 from ..data.irregular import IrregularBatch
 from ..ode.block import ODEBlock
-from .fields import ACTIVATIONS
+from .fields import ACTIVATIONS, time_mlp
 
 INTERPOLATIONS = ("hermite", "linear")
 
@@ -57,15 +57,20 @@ class CDEField(nn.Module):
 
 
 class NeuralCDE(nn.Module):
-    """Neural CDE classifier (``forward(batch) -> (B, outputs)`` logits) for irregular series.
+    """Neural CDE for irregular series: classification or forecasting.
 
     Args:
         channels: observed channels C.
-        outputs: number of classes.
+        outputs: number of classes (classification) or forecast channels.
         hidden: size of the CDE state.
         interpolation: ``"hermite"`` (cubic Hermite with backward differences) or
             ``"linear"``.
-        method, rtol, atol, gradient: the ODE block's settings.
+        task: ``"classification"``: ``forward(batch) -> (B, outputs)`` logits from the state
+            at the end of each series. ``"forecast"``: ``forward(batch, query_times (B, Q))
+            -> (B, Q, outputs)``; after the CDE has read a series, a decoder ODE block evolves
+            its state from the series' last observation time to each query time (queries at
+            or after the last observation).
+        method, rtol, atol, gradient: the ODE blocks' settings.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class NeuralCDE(nn.Module):
         hidden: int = 32,
         field_hidden=(64,),
         interpolation: str = "hermite",
+        task: str = "classification",
         method: str = "dopri5",
         rtol: float = 1e-3,
         atol: float = 1e-4,
@@ -97,6 +103,18 @@ class NeuralCDE(nn.Module):
             name="CDE block",
         )
         self.head = nn.Linear(hidden, outputs)
+        self.task = check_choice("task", task, ("classification", "forecast"))
+        self.decoder = None
+        if self.task == "forecast":
+            self.decoder = ODEBlock(
+                time_mlp(hidden, field_hidden, "tanh"),
+                (0.0, 1.0),
+                method=method,
+                rtol=rtol,
+                atol=atol,
+                gradient=gradient,
+                name="CDE decoder block",
+            )
 
     def path_data(self, batch: IrregularBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(grid (T,), data (B, T, 1 + 2C))`` on the union of times, NaN where unobserved."""
@@ -121,9 +139,13 @@ class NeuralCDE(nn.Module):
             time_channel[b, idx, 0] = grid[idx]
         return grid, torch.cat([time_channel, values, counts], 2)
 
-    def forward(self, batch: IrregularBatch) -> torch.Tensor:
+    def forward(self, batch: IrregularBatch, query_times: torch.Tensor | None = None):
         if not isinstance(batch, IrregularBatch):
             raise bad_type("batch", batch, "an IrregularBatch (see node_ocp.data)")
+        if self.task == "forecast" and (
+            query_times is None or query_times.dim() != 2 or query_times.shape[0] != len(batch)
+        ):
+            raise bad_value("query_times", query_times, f"a ({len(batch)}, Q) tensor of times")
         cde = _torchcde()
         grid, data = self.path_data(batch)
         if self.interpolation == "hermite":
@@ -135,7 +157,27 @@ class NeuralCDE(nn.Module):
         # The block's backward solve reads the field's path too: a forward pass is followed by
         # its backward before the next forward, as in any training loop.
         self.field.path = path
-        z0 = self.initial(path.evaluate(grid[0]))
-        if grid.numel() < 2:
-            return self.head(z0)
-        return self.head(self.ode(z0, t=torch.stack([grid[0], grid[-1]])))
+        z = self.initial(path.evaluate(grid[0]))
+        if grid.numel() >= 2:
+            z = self.ode(z, t=torch.stack([grid[0], grid[-1]]))
+        if self.task == "classification":
+            return self.head(z)
+        return self._decode(z, batch, query_times.to(z.dtype))
+
+    def _decode(self, z, batch: IrregularBatch, query_times: torch.Tensor) -> torch.Tensor:
+        last = torch.where(batch.valid, batch.times, batch.times.new_full((), -float("inf")))
+        last = last.max(1).values.to(z.dtype)  # (B,) each series' last observation time
+        events = torch.unique(torch.cat([last, query_times.reshape(-1)]))
+        started = torch.zeros(len(batch), dtype=torch.bool, device=z.device)
+        preds = z.new_zeros(*query_times.shape, self.head.out_features)
+        h = z
+        for k in range(events.numel()):
+            t = events[k]
+            if k > 0 and bool(started.any()):
+                evolved = self.decoder(h, t=torch.stack([events[k - 1], t]))
+                h = torch.where(started[:, None], evolved, h)
+            started = started | (last == t)
+            hit = query_times == t
+            if bool(hit.any()):
+                preds = torch.where(hit[..., None], self.head(h)[:, None, :], preds)
+        return preds
