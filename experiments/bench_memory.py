@@ -25,7 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from node_ocp.io import atomic_write_json
 
 MODES = ("adjoint", "adjoint+capture", "direct")
 
@@ -165,12 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['peak_MB']:>8.1f} {r['peak_ratio']:>6.2f} {r['saved_MB']:>9.2f} {nfe:>12}"
         )
     result = {"config": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    print(f"saved {out}")
+    print(f"saved {atomic_write_json(args.out, result)}")
     return result
 
 

@@ -20,15 +20,14 @@ runs over a small grid of learning rates and is reported at its best final held-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import node_ocp as no
 from node_ocp.data import toy_2d
+from node_ocp.io import atomic_write_json
 from node_ocp.models import CNF
 
 GRIDS = {
@@ -245,12 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"over {k} steps {costs['amortized_ratio']:.2f}x"
     )
     result = {"config": vars(args), "costs": costs, "summary": summary, "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    print(f"saved {out}")
+    print(f"saved {atomic_write_json(args.out, result)}")
     return result
 
 

@@ -39,3 +39,26 @@ class ScalarTimeField(nn.Module):
         if t.dim() != 0:
             raise AssertionError("batched time given to a scalar-time field")
         return self.inner(t, x)
+
+
+def irregular_spirals(n: int, seed: int):
+    """``n`` irregularly sampled 2-D spirals turning one way (label 0) or the other (1).
+
+    Times lie on a common grid of step 0.25 in [0, 4] (as in real archives), each series
+    its own subset of 6 to 11 of them: a batch steps through at most 17 distinct times
+    (the cost of an ODE-RNN step grows with that number).
+    """
+    from node_ocp.data import collate_irregular
+
+    g = torch.Generator().manual_seed(seed)
+    items, labels = [], []
+    for _ in range(n):
+        label = int(torch.randint(0, 2, (1,), generator=g))
+        k = int(torch.randint(6, 12, (1,), generator=g))
+        t = torch.sort(torch.randperm(17, generator=g)[:k]).values.float() * 0.25
+        sign = 1.0 if label == 0 else -1.0
+        r = 1.0 + 0.1 * t
+        v = torch.stack([r * torch.cos(sign * t), r * torch.sin(sign * t)], 1)
+        items.append((t, v + 0.05 * torch.randn(k, 2, generator=g), None))
+        labels.append(label)
+    return collate_irregular(items), torch.tensor(labels)

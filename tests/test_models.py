@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import irregular_spirals
 
 import node_ocp as no
 from node_ocp.data import collate_irregular
@@ -38,20 +39,6 @@ def test_image_classifier_trains_on_digits(gradient):
     assert loss_fn(logits, y).item() < 0.5 * first
 
 
-def _spirals(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    items, labels = [], []
-    for _ in range(n):
-        label = int(torch.randint(0, 2, (1,), generator=g))
-        k = int(torch.randint(6, 12, (1,), generator=g))
-        t = torch.sort(torch.randperm(17, generator=g)[:k]).values.float() * 0.25
-        sign = 1.0 if label == 0 else -1.0
-        v = torch.stack([torch.cos(sign * t), torch.sin(sign * t)], 1)
-        items.append((t, v + 0.05 * torch.randn(k, 2, generator=g), None))
-        labels.append(label)
-    return collate_irregular(items), torch.tensor(labels)
-
-
 @pytest.mark.parametrize("interpolation", ["hermite", "linear"])
 @pytest.mark.parametrize("gradient", ["adjoint", "direct"])
 def test_neural_cde_trains_on_irregular_spirals(interpolation, gradient):
@@ -59,7 +46,7 @@ def test_neural_cde_trains_on_irregular_spirals(interpolation, gradient):
     from node_ocp.models import NeuralCDE
 
     torch.manual_seed(0)
-    batch, y = _spirals(48, 0)
+    batch, y = irregular_spirals(48, 0)
     model = NeuralCDE(
         2, 2, hidden=8, field_hidden=(16,), interpolation=interpolation, gradient=gradient
     )

@@ -533,10 +533,10 @@ def test_factors_the_loss_cannot_provide():
     side = nn.Linear(2, 3).double()
     x = torch.randn(3, 2, dtype=F64)
     opt = no.OCNOpt(nn.ModuleList([model, side]), lr=0.1, factors="exact")
-    model(x)  # the block runs, but the outputs below come from another branch
+    out = model(x)  # the block runs (its output is kept), but `outputs` is another branch
     outputs = side(x)
     with pytest.raises(ValueError, match=r"does not depend on the last ODE block's output"):
-        opt.backward(outputs.sum(), outputs=outputs, likelihood="categorical")
+        opt.backward(outputs.sum() + out.sum(), outputs=outputs, likelihood="categorical")
     fresh = no.OCNOpt(TinyHead(), lr=0.1, factors="exact")
     with pytest.raises(ValueError, match=r"no ODE block was called with grad enabled"):
         fresh.backward(outputs.sum(), outputs=outputs, likelihood="categorical")

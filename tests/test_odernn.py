@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import irregular_spirals
 
 import node_ocp as no
 from node_ocp.data.irregular import IrregularBatch, collate_irregular
@@ -76,31 +77,10 @@ def test_forecast_at_query_times():
     assert (preds[:, 1] - preds[:, 0]).abs().max() > 1e-6  # evolved by the ODE afterwards
 
 
-def spirals(n, g):
-    """Irregularly sampled 2-D spirals turning one way (label 0) or the other (label 1).
-
-    The cost of an ODE-RNN step grows with the number of distinct times in the batch.
-    """
-    items, labels = [], []
-    for _ in range(n):
-        label = int(torch.randint(0, 2, (1,), generator=g))
-        k = int(torch.randint(6, 12, (1,), generator=g))
-        # Times on a fine common grid (as in real archives), each series its own subset:
-        # the batch steps through at most 17 distinct times.
-        t = torch.sort(torch.randperm(17, generator=g)[:k]).values.float() * 0.25
-        sign = 1.0 if label == 0 else -1.0
-        r = 1.0 + 0.1 * t
-        v = torch.stack([r * torch.cos(sign * t), r * torch.sin(sign * t)], 1)
-        items.append((t, v + 0.05 * torch.randn(k, 2, generator=g), None))
-        labels.append(label)
-    return collate_irregular(items), torch.tensor(labels)
-
-
 @pytest.mark.parametrize("gradient", ["adjoint", "direct"])
 def test_odernn_trains_on_irregular_spirals(gradient):
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    batch, y = spirals(64, g)
+    batch, y = irregular_spirals(64, 0)
     model = ODERNN(2, 2, hidden=8, field_hidden=(16,), gradient=gradient)
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -117,7 +97,7 @@ def test_odernn_trains_on_irregular_spirals(gradient):
 
 def test_curvature_capture_sees_every_interval():
     torch.manual_seed(0)
-    batch, y = spirals(8, torch.Generator().manual_seed(1))
+    batch, y = irregular_spirals(8, 1)
     model = ODERNN(2, 2, hidden=4, field_hidden=(8,))
     opt = no.OCNOpt(model, lr=0.01, update_every=5, sample_dt=0.1)
     capture = opt.capture
