@@ -150,3 +150,23 @@ def test_model_and_toy_errors():
         CNF(2)(torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"activation: received 'gelu2'"):
         time_mlp(2, (4,), "gelu2")
+
+
+def test_cnf_with_ocnopt_exact_factors_for_the_normal_base():
+    torch.manual_seed(0)
+    flow = CNF(2, hidden=(8,), blocks=2, rtol=1e-4, atol=1e-4)
+    x = toy_2d("8gaussians", 512)
+    opt = no.OCNOpt(flow, lr=0.05, factors="exact", update_every=2, sample_dt=0.1)
+    with torch.no_grad():
+        first = flow.nll(x).item()
+    for i in range(8):
+        batch = x[(i * 64) % 512 :][:64]
+        opt.zero_grad()
+        z, dlogp, _ = flow(batch)
+        loss = -(standard_normal_logprob(z) - dlogp).mean()
+        opt.backward(loss, outputs=z, likelihood="standard_normal")
+        opt.step()
+    with torch.no_grad():
+        assert flow.nll(x).item() < first
+    # On refresh steps both blocks got factors: the last from z, the first through the chain.
+    assert opt.steps_taken == 8 and opt.capture is not None

@@ -167,11 +167,16 @@ class CurvatureCapture:
         return blocks
 
     def detach(self) -> None:
-        """Switch capture off on the blocks it was attached to (statistics are kept)."""
+        """Switch capture off on the blocks it was attached to.
+
+        Statistics are kept; the recorded block calls (which hold the calls' input and output
+        tensors, and so their graphs) are dropped.
+        """
         for block in self._blocks:
             if block.capture is self:
                 block.capture = None
         self._blocks = []
+        self.calls.clear()
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[CurvatureCapture]:

@@ -174,6 +174,7 @@ class ODEBlock(nn.Module):
             attach_record(out, record)
             if self.capture is not None and torch.is_grad_enabled():
                 record.input = x0
+                record.kept = out
                 self.capture.calls.append(record)
         return out
 

@@ -41,7 +41,9 @@ class SolveRecord:
         input_factors: ``(R, *x0.shape)`` factors at the block input after backward, or None.
         input: the ``x0`` tensor of the call (kept only while a capture is attached, so that a
             consumer can pass factors through the layers between two blocks).
-        output: a weak reference to the returned tensor (``record.output()``), or None.
+        output: a weak reference to the returned tensor, or None; :meth:`tensor` returns it.
+        kept: the returned tensor itself, held while a capture is attached (a model may drop
+            its reference to a block output after slicing it, as a CNF does).
     """
 
     __slots__ = (
@@ -52,6 +54,7 @@ class SolveRecord:
         "input_factors",
         "input",
         "output",
+        "kept",
     )
 
     def __init__(self, block: ODEBlock, output_shape: torch.Size, grid_output: bool):
@@ -62,6 +65,13 @@ class SolveRecord:
         self.input_factors: torch.Tensor | None = None
         self.input: torch.Tensor | None = None
         self.output = None
+        self.kept: torch.Tensor | None = None
+
+    def tensor(self) -> torch.Tensor | None:
+        """The tensor the block returned, if it is still alive."""
+        if self.kept is not None:
+            return self.kept
+        return None if self.output is None else self.output()
 
     @property
     def rank(self) -> int:

@@ -378,7 +378,7 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_value(
                 "outputs", outputs, "the model output tensor, part of the graph of the loss"
             )
-        calls = [c for c in capture.calls if c.output is not None and c.output() is not None]
+        calls = [c for c in capture.calls if c.tensor() is not None]
         if not calls:
             raise ValueError(
                 "outputs: no ODE block was called with grad enabled since the last step; "
@@ -386,7 +386,7 @@ class OCNOpt(torch.optim.Optimizer):
                 "opt.step() and opt.backward()."
             )
         y = output_factors(outputs, likelihood, self.factors, self.rank, self._generator)
-        last = calls[-1].output()
+        last = calls[-1].tensor()
         self._collect_outside = False
         try:
             set_terminal_factors(last, _pull_back(outputs, last, y))
@@ -587,10 +587,10 @@ def _pull_back(outputs: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> 
 
 def _chain_factors(earlier, later, opt: OCNOpt) -> None:
     """When backward reaches ``earlier``'s output, hand it ``later``'s input factors."""
-    out = earlier.output()
+    out = earlier.tensor()
     if out is None:
         return
-    later_out = later.output()
+    later_out = later.tensor()
     later_in = later.input
 
     def hook(grad):
