@@ -159,7 +159,12 @@ class NeuralCDE(nn.Module):
         self.field.path = path
         z = self.initial(path.evaluate(grid[0]))
         if grid.numel() >= 2:
-            z = self.ode(z, t=torch.stack([grid[0], grid[-1]]))
+            if self.ode.solver.adaptive:
+                z = self.ode(z, t=torch.stack([grid[0], grid[-1]]))
+            else:
+                # A fixed-step solver steps from knot to knot of the path (a single step over
+                # the whole span would skip the data); the state at the last knot is kept.
+                z = self.ode(z, t=grid)[-1]
         if self.task == "classification":
             return self.head(z)
         return self._decode(z, batch, query_times.to(z.dtype))
