@@ -5,13 +5,19 @@ Nothing here downloads anything.
 
 from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density, uea_series
 from .files import load_image_file, load_tabular_file
+from .forecast import PROCEDURAL, procedural_forecast, procedural_series, uea_forecast
 from .irregular import IrregularBatch, collate_irregular
 from .splits import Split, TaskData, split_indices, standardize
-from .toys import TOYS, toy_2d
+from .toys import TOYS, toy_2d, two_spirals
 
 __all__ = [
     "TOYS",
     "toy_2d",
+    "two_spirals",
+    "PROCEDURAL",
+    "procedural_series",
+    "procedural_forecast",
+    "uea_forecast",
     "TABULAR",
     "tabular_density",
     "digits_images",

@@ -53,3 +53,18 @@ def toy_2d(name: str, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tenso
         pts = pts + torch.rand(n, 2, generator=g) * 0.5
         pts = pts / 3
     return pts.to(dtype)
+
+
+def two_spirals(
+    n: int, noise: float = 0.02, seed: int = 0, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A labelled classification toy: ``n`` points ``(n, 2)`` on two interleaved spirals and
+    their labels ``(n,)`` in {0, 1}."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise bad_value("n", n, "an int >= 1")
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 2, (n,), generator=g)
+    r = torch.rand(n, generator=g) * 0.9 + 0.1
+    angle = 2.0 * math.pi * r + math.pi * label
+    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=1)
+    return (x + noise * torch.randn(n, 2, generator=g)).to(dtype), label
