@@ -1,0 +1,411 @@
+"""Typed, validated run configuration loaded from a TOML file.
+
+A config file has these tables (``configs/*.toml`` has one per bundled task)::
+
+    [task]        what to learn from which data          -> TaskConfig
+    [model]       the model built for the task            -> ModelConfig
+    [solver]      ODE solver settings of every block      -> SolverConfig
+    [train]       budget, batching, evaluation, seed      -> TrainConfig
+    [horizon]     optional: make t1 a control             -> HorizonConfig
+    [optimizers.NAME]  one table per optimizer            -> OptimizerConfig
+
+Unknown tables or keys and values of the wrong type or out of range raise
+:class:`ConfigError`, whose message names the key (``[train].steps``), shows the value and
+lists what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+TASK_KINDS = ("density", "classification", "forecast")
+MODEL_KINDS = ("cnf", "ode_mlp", "image", "odernn", "cde")
+MODELS_FOR_TASK = {
+    "density": ("cnf",),
+    "classification": ("ode_mlp", "image", "odernn", "cde"),
+    "forecast": ("odernn", "cde"),
+}
+OPTIMIZER_KINDS = ("adam", "sgd", "ocnopt")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or holds a bad key or value."""
+
+
+@dataclass
+class TaskConfig:
+    """``[task]``: what is learned from which data.
+
+    kind: ``density`` | ``classification`` | ``forecast``.
+    dataset: density: a 2-D toy (moons, circles, 8gaussians, pinwheel, checkerboard,
+        2spirals) or a scikit-learn table (digits, wine, breast_cancer, iris);
+        classification: ``spirals`` (procedural 2-D), ``digits`` (8x8 images) or a
+        UEA/UCR archive bundled with sktime (``JapaneseVowels``, ``BasicMotions``, ...);
+        forecast: ``spiral`` or ``oscillator`` (procedural) or a bundled UEA/UCR archive.
+    n_train, n_val, n_test: sizes of procedural data sets.
+    drop: fraction of each series' time points removed at random (irregular sampling).
+    observe: forecast: fraction of each series' time span that is observed; the model
+        predicts the time points after it.
+    length: forecast: time points per procedural series.
+    noise: observation noise of procedural data.
+    """
+
+    kind: str = "density"
+    dataset: str = "8gaussians"
+    n_train: int = 4096
+    n_val: int = 1024
+    n_test: int = 2048
+    drop: float = 0.0
+    observe: float = 0.75
+    length: int = 40
+    noise: float = 0.02
+
+    def check(self, where: str) -> None:
+        _choice(f"{where}.kind", self.kind, TASK_KINDS)
+        for key in ("n_train", "n_val", "n_test", "length"):
+            _at_least(f"{where}.{key}", getattr(self, key), 2)
+        _in_range(f"{where}.drop", self.drop, 0.0, 1.0, "a fraction in [0, 1)", high_open=True)
+        _in_range(f"{where}.observe", self.observe, 0.0, 1.0, "a fraction in (0, 1)", True, True)
+        _in_range(f"{where}.noise", self.noise, 0.0, math.inf, "a float >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: the model built for the task.
+
+    kind: ``cnf`` (density), ``ode_mlp`` (augmented Neural ODE on vectors), ``image``
+        (conv ODE classifier), ``odernn`` or ``cde`` (irregular series).
+    hidden: hidden widths of the vector field's MLP.
+    width: state width: ODE-RNN / CDE hidden state, image channels, ode_mlp augmentation.
+    activation: the field's activation (cnf).
+    blocks: chained ODE blocks (cnf).
+    horizon: integration time t1 of the blocks (t0 = 0).
+    divergence: ``exact`` or ``hutchinson`` (cnf).
+    kinetic, jacobian: regulariser weights (cnf; 0 disables).
+    interpolation: ``hermite`` or ``linear`` (cde).
+    """
+
+    kind: str = "cnf"
+    hidden: list[int] = field(default_factory=lambda: [32, 32])
+    width: int = 32
+    activation: str = "softplus"
+    blocks: int = 1
+    horizon: float = 1.0
+    divergence: str = "exact"
+    kinetic: float = 0.0
+    jacobian: float = 0.0
+    interpolation: str = "hermite"
+
+    def check(self, where: str) -> None:
+        _choice(f"{where}.kind", self.kind, MODEL_KINDS)
+        if not self.hidden:
+            raise ConfigError(f"{where}.hidden: received []; accepted: a non-empty list of ints")
+        for h in self.hidden:
+            _at_least(f"{where}.hidden[...]", h, 1)
+        _at_least(f"{where}.width", self.width, 1)
+        _at_least(f"{where}.blocks", self.blocks, 1)
+        _in_range(f"{where}.horizon", self.horizon, 0.0, math.inf, "a float > 0", low_open=True)
+        _choice(f"{where}.divergence", self.divergence, ("exact", "hutchinson"))
+        _choice(f"{where}.interpolation", self.interpolation, ("hermite", "linear"))
+        _choice(f"{where}.activation", self.activation, ("softplus", "tanh", "elu", "relu", "silu"))
+        for key in ("kinetic", "jacobian"):
+            _in_range(f"{where}.{key}", getattr(self, key), 0.0, math.inf, "a float >= 0")
+
+
+@dataclass
+class SolverConfig:
+    """``[solver]``: every ODE block's solver. ``gradient``: ``adjoint`` or ``direct``."""
+
+    method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    gradient: str = "adjoint"
+
+    def check(self, where: str) -> None:
+        from ..ode.solvers import METHODS
+
+        _choice(f"{where}.method", self.method, tuple(METHODS))
+        _in_range(f"{where}.rtol", self.rtol, 0.0, math.inf, "a float > 0", low_open=True)
+        _in_range(f"{where}.atol", self.atol, 0.0, math.inf, "a float > 0", low_open=True)
+        _choice(f"{where}.gradient", self.gradient, ("adjoint", "direct"))
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: budget, batching, evaluation and the default optimizer.
+
+    optimizer: the ``[optimizers.NAME]`` table ``train`` uses unless ``--optimizer`` says.
+    steps: step budget; max_seconds: training wall-clock budget (0: none; evaluation time
+    is not counted). eval_every: validation period in steps; checkpoint_every: checkpoint
+    period in steps (the last step is always checkpointed). eval_batch: evaluation chunk.
+    target: the validation metric that counts as reached for time-to-target (None: Adam's
+    final validation metric in comparisons).
+    """
+
+    optimizer: str = "ocnopt"
+    steps: int = 200
+    max_seconds: float = 0.0
+    batch_size: int = 128
+    eval_every: int = 20
+    checkpoint_every: int = 50
+    eval_batch: int = 1024
+    seed: int = 0
+    device: str = "cpu"
+    target: float | None = None
+
+    def check(self, where: str) -> None:
+        _at_least(f"{where}.steps", self.steps, 1)
+        _in_range(f"{where}.max_seconds", self.max_seconds, 0.0, math.inf, "a float >= 0")
+        for key in ("batch_size", "eval_every", "checkpoint_every", "eval_batch"):
+            _at_least(f"{where}.{key}", getattr(self, key), 1)
+        _at_least(f"{where}.seed", self.seed, 0)
+        _choice(f"{where}.device", self.device, DEVICES)
+
+
+@dataclass
+class HorizonConfig:
+    """``[horizon]``: t1 of the (first) ODE block as a control (see HorizonOptimizer)."""
+
+    mode: str = "feedback"
+    lr: float = 0.5
+    penalty: float = 0.01
+    update_every: int = 1
+    beta: float = 0.9
+    min_horizon: float = 0.1
+    max_horizon: float = 5.0
+
+    def check(self, where: str) -> None:
+        from ..optim.horizon import HORIZON_MODES
+
+        _choice(f"{where}.mode", self.mode, HORIZON_MODES)
+        _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
+        _in_range(f"{where}.penalty", self.penalty, 0.0, math.inf, "a float >= 0")
+        _at_least(f"{where}.update_every", self.update_every, 1)
+        _in_range(f"{where}.beta", self.beta, 0.0, 1.0, "a float in [0, 1)", high_open=True)
+        _in_range(
+            f"{where}.min_horizon", self.min_horizon, 0.0, math.inf, "a float > 0", low_open=True
+        )
+        if not self.max_horizon > self.min_horizon:
+            raise ConfigError(
+                f"{where}.max_horizon: received {self.max_horizon}; "
+                f"accepted: a float > min_horizon ({self.min_horizon})"
+            )
+
+
+@dataclass
+class OptimizerConfig:
+    """``[optimizers.NAME]``: one optimizer.
+
+    kind: ``adam``, ``sgd`` or ``ocnopt``. lr: learning rate; lr_grid: the learning rates
+    ``compare --lr-grid`` tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1).
+    The remaining keys are OCNOpt's (see :class:`~node_ocp.OCNOpt`).
+    """
+
+    kind: str = "adam"
+    lr: float = 1e-2
+    lr_grid: list[float] = field(default_factory=list)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    curvature: str = "ekfac"
+    factors: str = "empirical"
+    update_every: int = 20
+    damping: float = 0.05
+    alpha: float = 0.75
+    sample_dt: float = 0.05
+    outside: str = "kfac"
+
+    def check(self, where: str) -> None:
+        from ..optim.ocnopt import CURVATURES, FACTOR_SOURCES, OUTSIDE_RULES
+
+        _choice(f"{where}.kind", self.kind, OPTIMIZER_KINDS)
+        _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
+        for lr in self.lr_grid:
+            _in_range(f"{where}.lr_grid[...]", lr, 0.0, math.inf, "floats > 0", low_open=True)
+        _in_range(f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True)
+        _in_range(f"{where}.weight_decay", self.weight_decay, 0.0, math.inf, "a float >= 0")
+        _choice(f"{where}.curvature", self.curvature, CURVATURES)
+        _choice(f"{where}.factors", self.factors, FACTOR_SOURCES)
+        _choice(f"{where}.outside", self.outside, OUTSIDE_RULES)
+        _at_least(f"{where}.update_every", self.update_every, 1)
+        _in_range(f"{where}.damping", self.damping, 0.0, math.inf, "a float > 0", low_open=True)
+        _in_range(f"{where}.alpha", self.alpha, 0.0, 1.0, "a float in (0, 1]", low_open=True)
+        _in_range(f"{where}.sample_dt", self.sample_dt, 0.0, math.inf, "a float > 0", low_open=True)
+
+    @property
+    def grid(self) -> list[float]:
+        """The learning rates of a grid search (just ``lr`` when no grid is given)."""
+        return list(self.lr_grid) if self.lr_grid else [self.lr]
+
+
+@dataclass
+class RunConfig:
+    """A whole run: task, model, solver, training, optional horizon control, optimizers."""
+
+    task: TaskConfig
+    model: ModelConfig
+    solver: SolverConfig
+    train: TrainConfig
+    optimizers: dict[str, OptimizerConfig]
+    horizon: HorizonConfig | None = None
+    source: str = "<dict>"
+
+    def check(self) -> None:
+        for name in ("task", "model", "solver", "train"):
+            getattr(self, name).check(f"[{name}]")
+        if self.horizon is not None:
+            self.horizon.check("[horizon]")
+        if not self.optimizers:
+            raise ConfigError(
+                "[optimizers]: received no optimizer tables; accepted: at least one "
+                "[optimizers.NAME] table with kind = 'adam' | 'sgd' | 'ocnopt'"
+            )
+        for name, opt in self.optimizers.items():
+            opt.check(f"[optimizers.{name}]")
+        allowed = MODELS_FOR_TASK[self.task.kind]
+        if self.model.kind not in allowed:
+            raise ConfigError(
+                f"[model].kind: received {self.model.kind!r} for task kind "
+                f"{self.task.kind!r}; accepted: {', '.join(map(repr, allowed))}"
+            )
+        self.optimizer(self.train.optimizer, "[train].optimizer")
+
+    def optimizer(self, name: str, where: str = "--optimizer") -> OptimizerConfig:
+        """The ``[optimizers.NAME]`` table called ``name``; a clear error for unknown names."""
+        if name not in self.optimizers:
+            raise ConfigError(
+                f"{where}: received {name!r}; accepted: an optimizer table of "
+                f"{self.source}: {', '.join(map(repr, self.optimizers))}"
+            )
+        return self.optimizers[name]
+
+    def to_dict(self) -> dict:
+        out = {
+            k: dataclasses.asdict(getattr(self, k)) for k in ("task", "model", "solver", "train")
+        }
+        out["optimizers"] = {k: dataclasses.asdict(v) for k, v in self.optimizers.items()}
+        if self.horizon is not None:
+            out["horizon"] = dataclasses.asdict(self.horizon)
+        return out
+
+
+TABLES = {
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "solver": SolverConfig,
+    "train": TrainConfig,
+    "horizon": HorizonConfig,
+}
+
+
+def load_config(path) -> RunConfig:
+    """Read and validate a TOML config file. Raises :class:`ConfigError` with a clear message."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config: {str(path)!r} is not a file; accepted: the path of a TOML config "
+            "(see configs/ for one per task)"
+        )
+    try:
+        raw = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested dicts (a parsed TOML file)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: received {type(raw).__name__}; accepted: a table")
+    known = (*TABLES, "optimizers")
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown table [{key}]; accepted: {', '.join(f'[{k}]' for k in known)}"
+            )
+    parts: dict[str, Any] = {}
+    for name, cls in TABLES.items():
+        if name in raw:
+            parts[name] = _build(cls, raw[name], f"[{name}]")
+        elif name != "horizon":
+            parts[name] = cls()
+    opts = raw.get("optimizers", {})
+    if not isinstance(opts, dict):
+        raise ConfigError("[optimizers]: accepted: tables [optimizers.NAME]")
+    parts["optimizers"] = {
+        name: _build(OptimizerConfig, table, f"[optimizers.{name}]") for name, table in opts.items()
+    }
+    cfg = RunConfig(**parts, source=source)
+    cfg.check()
+    return cfg
+
+
+# ---------------------------------------------------------------------- helpers
+def _build(cls, table, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: received {table!r}; accepted: a table of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; accepted: {', '.join(names)}")
+    values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
+    return cls(**values)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {int: "an int", float: "a float", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(where: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(where, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")
+        item = typing.get_args(tp)[0]
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and (isinstance(value, bool) or not isinstance(value, tp)):
+        raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")
+    if tp is float and not math.isfinite(value) and value != math.inf:
+        raise ConfigError(f"{where}: received {value!r}; accepted: a finite float")
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")
+    return value
+
+
+def _choice(where: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{where}: received {value!r}; accepted: one of {', '.join(map(repr, choices))}"
+        )
+
+
+def _at_least(where: str, value, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{where}: received {value!r}; accepted: an int >= {low}")
+
+
+def _in_range(where, value, low, high, accepted, low_open=False, high_open=False) -> None:
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        raise ConfigError(f"{where}: received {value!r}; accepted: {accepted}")

@@ -1,0 +1,443 @@
+"""The one training loop: density estimation, classification and forecasting.
+
+A run directory holds::
+
+    config.json       the resolved configuration and the run's choices (optimizer, lr, seed)
+    metrics.jsonl     one JSON line per evaluation: step, seconds (training wall-clock,
+                      evaluation excluded), train_loss (mean since the previous line), the
+                      validation metric, nfe_forward / nfe_backward (per step), t1, lr
+    checkpoint.pt     model, optimizer (OCNOpt state included), horizon controller, RNG
+                      states, batch sampler and step; written atomically
+    summary.json      final validation and test metrics, step times, NFE, peak memory
+
+``resume=True`` continues from ``checkpoint.pt`` exactly: the metrics log is cut back to the
+checkpoint's step and the run goes on as if it had never stopped (only ``seconds`` differ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_json, atomic_write_text
+from ..ode.block import SolverError
+from ..optim import OCNOpt
+from .config import ConfigError, RunConfig
+from .optimizers import build_horizon, build_optimizer, current_lr
+from .tasks import Task, build_task
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (bad output folder, missing checkpoint, no GPU, ...)."""
+
+
+@dataclass
+class RunOptions:
+    """The choices of one run on top of its config (CLI flags)."""
+
+    optimizer: str | None = None
+    lr: float | None = None
+    seed: int | None = None
+    device: str | None = None
+    max_steps: int | None = None
+    max_time: float | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (an error without a GPU) or ``auto`` (CUDA when visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError(
+            "--device: received 'cuda' but no CUDA GPU is visible to PyTorch "
+            f"(torch {torch.__version__}); accepted here: 'cpu' or 'auto'"
+        )
+    if name not in ("cpu", "cuda"):
+        raise RunError(f"--device: received {name!r}; accepted: 'cpu', 'cuda' or 'auto'")
+    return torch.device(name)
+
+
+def prepare_out_dir(path) -> Path:
+    """Create ``path`` and check it is writable; a clear :class:`RunError` otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(
+            f"--out: cannot write to {str(path)!r} ({exc.strerror or exc}); accepted: a "
+            "writable folder"
+        ) from None
+    return out
+
+
+class BatchSampler:
+    """Shuffled epochs of mini-batch indices from a seeded generator (state is saved)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch = n, min(batch, n)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.generator.set_state(s["generator"])
+        self.perm, self.pos = s["perm"], int(s["pos"])
+
+
+class _Memory:
+    """Peak memory of the training phase: CUDA allocator peak, or peak RSS growth on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = _rss_mb()
+
+    def peak_mb(self) -> dict:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return {"peak_memory_mb": peak, "train_memory_mb": peak - self.base / 2**20}
+        peak = _max_rss_mb()
+        return {"peak_memory_mb": peak, "train_memory_mb": max(0.0, peak - self.base)}
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _max_rss_mb()
+
+
+def _max_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _nfe(task: Task) -> tuple[int, int]:
+    f = sum(b.nfe_forward for b in task.blocks)
+    b = sum(b.nfe_backward for b in task.blocks)
+    for blk in task.blocks:
+        blk.reset_nfe()
+    return f, b
+
+
+def _comparable(cfg: dict) -> dict:
+    """The parts of a saved config that must match to resume (budgets may change)."""
+    c = json.loads(json.dumps(cfg))
+    c.get("config", {}).get("train", {}).pop("steps", None)
+    c.get("config", {}).get("train", {}).pop("max_seconds", None)
+    c.pop("max_steps", None)
+    c.pop("max_time", None)
+    c.pop("device", None)
+    return c
+
+
+def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict:
+    """Train one model as ``config`` and ``options`` say; returns the run summary.
+
+    Raises :class:`RunError` (or :class:`ConfigError`) before anything is trained when the
+    run cannot start.
+    """
+    o = options or RunOptions()
+    name = o.optimizer or config.train.optimizer
+    opt_cfg = config.optimizer(name)
+    lr = opt_cfg.lr if o.lr is None else float(o.lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr: received {lr!r}; accepted: a float > 0")
+    seed = config.train.seed if o.seed is None else int(o.seed)
+    steps = config.train.steps if o.max_steps is None else int(o.max_steps)
+    max_time = config.train.max_seconds if o.max_time is None else float(o.max_time)
+    if steps < 1:
+        raise ConfigError(f"--max-steps: received {steps}; accepted: an int >= 1")
+    if max_time < 0:
+        raise ConfigError(f"--max-time: received {max_time}; accepted: seconds >= 0 (0: none)")
+    device = resolve_device(o.device or config.train.device)
+    out = prepare_out_dir(out_dir)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+    run_info = {
+        "config": config.to_dict(),
+        "source": config.source,
+        "optimizer": name,
+        "optimizer_kind": opt_cfg.kind,
+        "lr": lr,
+        "seed": seed,
+        "device": str(device),
+        "max_steps": steps,
+        "max_time": max_time,
+    }
+    checkpoint = None
+    if o.resume:
+        if not ckpt_path.exists():
+            raise RunError(
+                f"--resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); accepted: "
+                "the --out folder of an earlier run of this config"
+            )
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if _comparable(checkpoint["run"]) != _comparable(run_info):
+            raise RunError(
+                f"--resume: the checkpoint in {str(out)!r} was written by another config or "
+                "optimizer/lr/seed; accepted: the same config and choices (budgets may change)"
+            )
+
+    torch.manual_seed(seed)
+    task = build_task(config, device)
+    opt = build_optimizer(opt_cfg, task.model, lr, seed=seed)
+    horizon = build_horizon(config.horizon, task.model)
+    sampler = BatchSampler(len(task.data.train), config.train.batch_size, seed)
+    state = {
+        "step": 0,
+        "train_clock": 0.0,
+        "loss_sum": 0.0,
+        "loss_count": 0,
+        "nfe_f": 0,
+        "nfe_b": 0,
+        "step_times": [],
+        "refresh_times": [],
+        "diverged": False,
+    }
+    if checkpoint is not None:
+        task.model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        if horizon is not None:
+            horizon.load_state_dict(checkpoint["horizon"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        state = checkpoint["state"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        kept = [r for r in read_metrics(out) if r["step"] <= state["step"]]
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        if metrics_path.exists():
+            metrics_path.unlink()
+        for stale in (ckpt_path, out / SUMMARY):
+            if stale.exists():
+                stale.unlink()
+    atomic_write_json(out / CONFIG, run_info)
+
+    metric = task.metric
+    chunk = config.train.eval_batch
+    memory = _Memory(device)
+
+    def t1() -> float | None:
+        return horizon.t1 if horizon is not None else None
+
+    def log(step: int) -> dict:
+        val = task.evaluate(task.data.val, chunk)
+        _nfe(task)  # evaluation's function evaluations are not the training's
+        n = max(state["loss_count"], 1)
+        record = {
+            "step": step,
+            "seconds": state["train_clock"],
+            "train_loss": state["loss_sum"] / n if state["loss_count"] else None,
+            f"val_{metric}": val[metric],
+            **{f"val_{k}": v for k, v in val.items() if k != metric},
+            "nfe_forward": state["nfe_f"] / n if state["loss_count"] else None,
+            "nfe_backward": state["nfe_b"] / n if state["loss_count"] else None,
+            "t1": t1(),
+            "lr": current_lr(opt),
+        }
+        state.update(loss_sum=0.0, loss_count=0, nfe_f=0, nfe_b=0)
+        _append_metrics(metrics_path, record)
+        return record
+
+    def save() -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "run": run_info,
+                "model": task.model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "horizon": horizon.state_dict() if horizon is not None else None,
+                "sampler": sampler.state_dict(),
+                "state": state,
+                "rng": rng,
+            },
+        )
+
+    if state["step"] == 0 and checkpoint is None:
+        log(0)
+    bar = _progress(o.progress, steps, state["step"], f"{name} lr={lr:g} seed={seed}")
+    stopped_by_time = False
+    while state["step"] < steps and not state["diverged"]:
+        if max_time and state["train_clock"] >= max_time:
+            stopped_by_time = True
+            break
+        idx = sampler.next()
+        batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
+        refresh = isinstance(opt, OCNOpt) and opt.refresh_due
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            opt.zero_grad()
+            outputs, loss = task.outputs_and_loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {float(loss)}")
+            if isinstance(opt, OCNOpt) and opt.factors != "empirical":
+                opt.backward(loss, outputs=outputs, likelihood=task.likelihood)
+            else:
+                loss.backward()
+            opt.step()
+            if horizon is not None:
+                horizon.step()
+        except (SolverError, FloatingPointError) as exc:
+            state["diverged"] = True
+            state["diverged_reason"] = str(exc).splitlines()[0]
+            break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        state["train_clock"] += dt
+        state["step"] += 1
+        (state["refresh_times"] if refresh else state["step_times"]).append(dt)
+        f, b = _nfe(task)
+        state["loss_sum"] += float(loss.detach())
+        state["loss_count"] += 1
+        state["nfe_f"] += f
+        state["nfe_b"] += b
+        if bar is not None:
+            post = {"loss": f"{float(loss.detach()):.4g}", "nfe": f"{f}/{b}"}
+            if horizon is not None:
+                post["t1"] = f"{horizon.t1:.3g}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        step = state["step"]
+        if step % config.train.eval_every == 0 or step == steps:
+            log(step)
+        if step % config.train.checkpoint_every == 0 or step == steps:
+            save()
+    if bar is not None:
+        bar.close()
+    last = read_metrics(out)
+    if not state["diverged"] and (not last or last[-1]["step"] != state["step"]):
+        log(state["step"])
+        save()
+    elif state["diverged"]:
+        save()
+    return _finish(task, state, out, run_info, memory, stopped_by_time, opt_cfg)
+
+
+def _finish(task, state, out: Path, run_info: dict, memory: _Memory, by_time, opt_cfg) -> dict:
+    records = read_metrics(out)
+    metric = task.metric
+    key = f"val_{metric}"
+    if state["diverged"]:
+        test = {metric: float("nan")}
+    else:
+        test = task.evaluate(task.data.test, task.config.train.eval_batch)
+        _nfe(task)
+    vals = [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
+    best = (max if task.higher_is_better else min)(vals) if vals else None
+    k = opt_cfg.update_every if opt_cfg.kind == "ocnopt" else 1
+    step_t = statistics.median(state["step_times"]) if state["step_times"] else None
+    refresh_t = statistics.median(state["refresh_times"]) if state["refresh_times"] else None
+    if step_t is not None and refresh_t is not None:
+        amortized = (refresh_t + (k - 1) * step_t) / k
+    else:
+        amortized = step_t if step_t is not None else refresh_t
+    nfe = [(r["nfe_forward"], r["nfe_backward"]) for r in records if r["nfe_forward"] is not None]
+    summary = {
+        **{k2: run_info[k2] for k2 in ("optimizer", "optimizer_kind", "lr", "seed", "device")},
+        "task": task.kind,
+        "dataset": task.config.task.dataset,
+        "metric": metric,
+        "higher_is_better": task.higher_is_better,
+        "steps": state["step"],
+        "train_seconds": state["train_clock"],
+        "stopped_by_time": by_time,
+        "diverged": state["diverged"],
+        "diverged_reason": state.get("diverged_reason"),
+        "final_val": records[-1][key] if records and not state["diverged"] else float("nan"),
+        "best_val": best,
+        "test": test,
+        "test_metric": test[metric],
+        "step_time_s": step_t,
+        "refresh_time_s": refresh_t,
+        "amortized_step_s": amortized,
+        "nfe_forward": statistics.mean(f for f, _ in nfe) if nfe else None,
+        "nfe_backward": statistics.mean(b for _, b in nfe) if nfe else None,
+        "t1": records[-1].get("t1") if records else None,
+        **memory.peak_mb(),
+    }
+    atomic_write_json(out / SUMMARY, summary)
+    return summary
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,0 +1,61 @@
+"""Optimizers and the horizon controller from their config tables."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ode.block import ODEBlock
+from ..optim import HorizonOptimizer, OCNOpt
+from .config import HorizonConfig, OptimizerConfig
+
+
+def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = None, seed=0):
+    """``torch.optim.Adam`` / ``SGD`` or :class:`~node_ocp.OCNOpt` for ``model``.
+
+    ``lr`` overrides ``cfg.lr`` (grid searches). Adam uses ``momentum`` as its beta1.
+    """
+    lr = cfg.lr if lr is None else lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.kind == "adam":
+        return torch.optim.Adam(
+            params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+        )
+    if cfg.kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return OCNOpt(
+        model,
+        lr=lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        curvature=cfg.curvature,
+        damping=cfg.damping,
+        update_every=cfg.update_every,
+        alpha=cfg.alpha,
+        sample_dt=cfg.sample_dt,
+        factors=cfg.factors,
+        outside=cfg.outside,
+        seed=seed,
+    )
+
+
+def build_horizon(cfg: HorizonConfig | None, model: nn.Module) -> HorizonOptimizer | None:
+    """A :class:`~node_ocp.HorizonOptimizer` on the model's (single) ODE block, or None."""
+    if cfg is None:
+        return None
+    block = next(m for m in model.modules() if isinstance(m, ODEBlock))
+    return HorizonOptimizer(
+        block,
+        model.parameters(),
+        lr=cfg.lr,
+        penalty=cfg.penalty,
+        mode=cfg.mode,
+        update_every=cfg.update_every,
+        beta=cfg.beta,
+        min_horizon=cfg.min_horizon,
+        max_horizon=cfg.max_horizon,
+    )
+
+
+def current_lr(opt) -> float:
+    return float(opt.param_groups[0]["lr"])

@@ -1,0 +1,315 @@
+"""Configs, the training loop, checkpoints and exact resumption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import tiny, write_toml  # noqa: I001  (tests/ is on sys.path)
+
+from node_ocp.train import (
+    ConfigError,
+    RunError,
+    RunOptions,
+    build_task,
+    config_from_dict,
+    load_config,
+    read_metrics,
+    train,
+)
+from node_ocp.train import loop as loop_mod
+from node_ocp.train.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+# ----------------------------------------------------------------- configs
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_bundled_config_parses_and_builds_its_task(path):
+    cfg = load_config(path)
+    task = build_task(cfg)
+    assert len(task.data.train) > 0 and len(task.data.val) > 0 and len(task.data.test) > 0
+    assert task.blocks, "every task's model integrates at least one ODE block"
+    torch.manual_seed(0)
+    batch = task.data.train.batch(torch.arange(min(4, len(task.data.train))))
+    with torch.no_grad():
+        _, loss = task.outputs_and_loss(batch)
+    assert torch.isfinite(loss)
+
+
+def test_the_issue_s_task_list_has_a_config_each():
+    names = {p.stem for p in CONFIGS}
+    toys = {"moons", "circles", "8gaussians", "pinwheel", "checkerboard", "2spirals"}
+    assert {f"cnf_{t}" for t in toys} <= names
+    assert {"cnf_digits", "cnf_wine", "cnf_breast_cancer", "cnf_iris"} <= names
+    assert {"ts_japanese_vowels", "ts_basic_motions", "forecast_spiral", "quickstart"} <= names
+    assert {"forecast_italy_power", "digits_classification", "horizon_spirals"} <= names
+    kinds = set()
+    for p in CONFIGS:
+        for opt in load_config(p).optimizers.values():
+            kinds.add((opt.kind, opt.curvature if opt.kind == "ocnopt" else None, opt.factors))
+    curvatures = {c for k, c, _ in kinds if k == "ocnopt"}
+    sources = {f for k, _, f in kinds if k == "ocnopt"}
+    assert curvatures == {"identity", "diagonal", "kfac", "ekfac", "dense"}
+    assert sources == {"empirical", "sampled", "exact"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train": {"stepz": 3}}, r"\[train\]: unknown key 'stepz'; accepted: optimizer, steps"),
+        ({"trian": {}}, r"unknown table \[trian\]; accepted: \[task\]"),
+        ({"train": {"steps": "many"}}, r"\[train\]\.steps: received 'many'; accepted: an int"),
+        ({"train": {"steps": 0}}, r"\[train\]\.steps: received 0; accepted: an int >= 1"),
+        ({"task": {"kind": "regression"}}, r"\[task\]\.kind: received 'regression'; accepted"),
+        ({"model": {"kind": "image"}}, r"\[model\]\.kind: received 'image' for task kind"),
+        ({"solver": {"method": "euler2"}}, r"\[solver\]\.method: received 'euler2'"),
+        ({"train": {"optimizer": "lbfgs"}}, r"\[train\]\.optimizer: received 'lbfgs'"),
+        ({"optimizers": {"x": {"kind": "rmsprop"}}}, r"\[optimizers\.x\]\.kind: received"),
+        ({"optimizers": {"x": {"kind": "ocnopt", "curvature": "full"}}}, r"curvature"),
+        ({"horizon": {"beta": 1.0}}, r"\[horizon\]\.beta: received 1\.0; accepted"),
+    ],
+)
+def test_bad_config_values_name_the_key_and_list_what_is_accepted(change, message):
+    cfg = tiny()
+    for table, body in change.items():
+        if isinstance(cfg.get(table), dict) and table != "optimizers":
+            cfg[table] = {**cfg[table], **body}
+        elif table == "optimizers":
+            cfg["optimizers"] = {**cfg["optimizers"], **body}
+        else:
+            cfg[table] = body
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(cfg)
+
+
+def test_unknown_dataset_lists_accepted_names():
+    cfg = config_from_dict(tiny(**{"task.dataset": "mnist"}))
+    with pytest.raises(ConfigError, match=r"\[task\]\.dataset: received 'mnist'.*8gaussians"):
+        build_task(cfg)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"is not a file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"is not valid TOML"):
+        load_config(bad)
+
+
+def test_horizon_needs_a_single_block_model():
+    cfg = config_from_dict(tiny(**{"model.blocks": 2, "horizon.lr": 0.1}))
+    with pytest.raises(ConfigError, match=r"\[horizon\]: a model of kind 'cnf' with 2"):
+        build_task(cfg)
+
+
+# ----------------------------------------------------------------- training loop
+def test_train_writes_metrics_checkpoint_and_summary(tmp_path):
+    cfg = config_from_dict(tiny())
+    s = train(cfg, tmp_path, RunOptions(progress=False))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 3, 6, 9, 12]
+    keys = {"step", "seconds", "train_loss", "val_nll", "nfe_forward", "nfe_backward", "t1", "lr"}
+    assert keys <= set(records[1])
+    seconds = [r["seconds"] for r in records]
+    assert seconds == sorted(seconds) and seconds[0] == 0.0
+    assert abs(seconds[-1] - s["train_seconds"]) < 1e-9
+    assert records[-1]["val_nll"] < records[0]["val_nll"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 12 and "ocnopt" in ckpt["optimizer"]
+    assert s["steps"] == 12 and s["refresh_time_s"] is not None
+    assert s["test_metric"] == pytest.approx(s["test"]["nll"])
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 12
+
+
+class _Kill(BaseException):
+    """Stands for the process being killed: nothing in the loop catches it."""
+
+
+@pytest.mark.parametrize(
+    "kind, optimizer", [("density", "ocnopt"), ("horizon", "ocnopt"), ("density", "adam")]
+)
+def test_killed_run_resumes_to_the_same_metrics_log(tmp_path, monkeypatch, kind, optimizer):
+    cfg = config_from_dict(tiny(kind))
+    full = tmp_path / "full"
+    train(cfg, full, RunOptions(optimizer=optimizer, progress=False))
+
+    calls = {"n": 0}
+    original = Task.outputs_and_loss
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the checkpoint at step 4 and the log line at step 6
+            raise _Kill()
+        return original(self, batch)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(Task, "outputs_and_loss", dying)
+    with pytest.raises(_Kill):
+        train(cfg, part, RunOptions(optimizer=optimizer, progress=False))
+    monkeypatch.setattr(Task, "outputs_and_loss", original)
+    assert [r["step"] for r in read_metrics(part)] == [0, 3, 6]
+    s = train(cfg, part, RunOptions(optimizer=optimizer, resume=True, progress=False))
+    assert without_time(read_metrics(part)) == without_time(read_metrics(full))
+    final_full = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    final_part = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
+    for k in final_full:
+        assert torch.equal(final_full[k], final_part[k]), k
+    if kind == "horizon":
+        assert s["t1"] != 1.0  # t1 moved, and identically in both runs (equal logs)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny())
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the step-8 checkpoint: write half a file, then fail
+            f.write(b"\x80\x02partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(loop_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, tmp_path, RunOptions(progress=False))
+    monkeypatch.setattr(loop_mod.torch, "save", real_save)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    train(cfg, tmp_path, RunOptions(resume=True, progress=False))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 3, 6, 9, 12]
+
+
+def test_sigkilled_process_resumes_exactly(tmp_path):
+    cfg = tiny(**{"train.steps": 400, "train.checkpoint_every": 4})
+    path = write_toml(tmp_path / "run.toml", cfg)
+    full_cfg = config_from_dict(tiny(**{"train.steps": 60, "train.checkpoint_every": 4}))
+    cmd = [sys.executable, "-m", "node_ocp", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "part")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = tmp_path / "part" / "checkpoint.pt"
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and step < 8:
+        if ckpt.exists():
+            step = torch.load(ckpt, weights_only=False)["state"]["step"]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert 8 <= killed_at < 60, "the run must be killed mid-way for this test to mean anything"
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "part"), "--resume", "--max-steps", "60"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    train(full_cfg, tmp_path / "full", RunOptions(progress=False))
+    got = without_time(read_metrics(tmp_path / "part"))
+    want = without_time(read_metrics(tmp_path / "full"))
+    assert got == want
+
+
+def test_time_budget_stops_the_run_and_still_evaluates(tmp_path):
+    cfg = config_from_dict(tiny(**{"train.steps": 10_000}))
+    s = train(cfg, tmp_path, RunOptions(max_time=0.5, progress=False, optimizer="adam"))
+    assert s["stopped_by_time"] and 0 < s["steps"] < 10_000
+    assert read_metrics(tmp_path)[-1]["step"] == s["steps"]
+    assert s["train_seconds"] >= 0.5
+
+
+def test_divergence_is_recorded_not_raised(tmp_path):
+    cfg = config_from_dict(tiny(**{"train.steps": 30}))
+    s = train(cfg, tmp_path, RunOptions(optimizer="adam", lr=1e4, progress=False))
+    assert s["diverged"] and s["steps"] < 30
+    assert s["diverged_reason"]
+
+
+def test_resume_and_device_errors(tmp_path):
+    cfg = config_from_dict(tiny())
+    with pytest.raises(RunError, match=r"--resume: no checkpoint in"):
+        train(cfg, tmp_path, RunOptions(resume=True, progress=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(RunError, match=r"--device: received 'cuda' but no CUDA GPU"):
+            train(cfg, tmp_path, RunOptions(device="cuda", progress=False))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunError, match=r"--out: cannot write to"):
+        train(cfg, blocker / "sub", RunOptions(progress=False))
+    train(cfg, tmp_path / "a", RunOptions(max_steps=4, progress=False))
+    with pytest.raises(RunError, match=r"written by another config"):
+        train(cfg, tmp_path / "a", RunOptions(resume=True, lr=0.5, progress=False))
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {
+            "task.kind": "classification",
+            "task.dataset": "digits",
+            "model.kind": "image",
+            "model.width": 4,
+        },
+        {
+            "task.kind": "forecast",
+            "task.dataset": "spiral",
+            "task.length": 12,
+            "model.kind": "odernn",
+            "model.width": 8,
+            "solver.method": "rk4",
+        },
+        {
+            "task.kind": "forecast",
+            "task.dataset": "oscillator",
+            "task.length": 12,
+            "model.kind": "cde",
+            "model.width": 8,
+            "solver.method": "rk4",
+        },
+        {
+            "task.kind": "classification",
+            "task.dataset": "JapaneseVowels",
+            "task.drop": 0.5,
+            "model.kind": "odernn",
+            "model.width": 8,
+            "solver.method": "rk4",
+        },
+    ],
+    ids=["digits-image", "spiral-odernn", "oscillator-cde", "vowels-odernn"],
+)
+def test_every_task_kind_trains_and_evaluates(tmp_path, over):
+    over = {
+        "train.steps": 4,
+        "train.eval_every": 2,
+        "train.batch_size": 16,
+        "task.n_train": 64,
+        "task.n_val": 16,
+        "task.n_test": 16,
+        **over,
+    }
+    cfg = config_from_dict(tiny(**over))
+    s = train(cfg, tmp_path, RunOptions(progress=False))
+    assert not s["diverged"] and s["steps"] == 4
+    metric = {"classification": "accuracy", "forecast": "mse"}[cfg.task.kind]
+    assert s["metric"] == metric
+    if metric == "accuracy":
+        assert 0.0 <= s["test_metric"] <= 1.0
+    else:
+        assert 0.0 < s["test_metric"] < 100.0
