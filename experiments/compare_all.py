@@ -1,0 +1,168 @@
+"""Compare optimizers on every bundled task and collect one summary table.
+
+For every config in ``configs/`` (or those given with ``--configs``) this runs
+``node-ocp compare`` (same model, data, solver and tolerances per optimizer; seeds; optional
+learning-rate grids), keeps each task's report folder, and writes ``summary.md`` and
+``summary.json`` with, per task, the test metric of each optimizer (mean ± std over seeds)
+and the time-to-target ratio of each optimizer to Adam.
+
+    python experiments/compare_all.py --quick          # minutes on a CPU: few steps, 1 seed
+    python experiments/compare_all.py                  # each config's full length, 3 seeds
+    python experiments/compare_all.py --max-time 15    # equal training-time budget per run
+
+``--resume`` skips tasks whose comparison already finished (their comparison.json exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from node_ocp.io import atomic_write_json, atomic_write_text
+from node_ocp.train.compare import COMPARISON, compare
+from node_ocp.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = ("quickstart",)  # the README's config duplicates cnf_8gaussians
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="config files (default: every configs/*.toml but quickstart)",
+    )
+    p.add_argument(
+        "--optimizers",
+        default="adam,sgd,ocnopt",
+        help="comma-separated optimizer tables (default: adam,sgd,ocnopt)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
+    p.add_argument("--lr-grid", action="store_true", help="tune each optimizer's lr on its grid")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="step budget per run (default: the config's; 8 with --quick)",
+    )
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="training seconds per run (default: the config's)",
+    )
+    p.add_argument("--quick", action="store_true", help="a few steps and one seed per run")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: the config's)")
+    p.add_argument("--out", default="runs/compare_all", help="output folder (runs/compare_all)")
+    p.add_argument("--resume", action="store_true", help="skip tasks already compared")
+    return p
+
+
+def _cell(mean_std) -> str:
+    m, s = mean_std
+    return "diverged" if m is None or not math.isfinite(m) else f"{m:.4g} ± {s:.2g}"
+
+
+def _ratio(v) -> str:
+    return "never" if v is None else f"{v:.2f}"
+
+
+def summarize(results: dict[str, dict], optimizers: list[str]) -> str:
+    """One markdown table: a row per task, test metric and time-to-target ratio per optimizer."""
+    head = "| task | metric | " + " | ".join(f"{o} test" for o in optimizers)
+    head += " | " + " | ".join(f"{o} t→target × adam" for o in optimizers if o != "adam")
+    head += " | OCNOpt step cost × adam |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for stem, r in results.items():
+        opts = r["optimizers"]
+        better = "↑" if r["higher_is_better"] else "↓"
+        row = [stem, f"{r['metric']} {better}"]
+        row += [_cell(opts[o]["test"]) if o in opts else "–" for o in optimizers]
+        row += [
+            _ratio(opts[o]["time_to_target_ratio"]) if o in opts else "–"
+            for o in optimizers
+            if o != "adam"
+        ]
+        ocn = next((a for a in opts.values() if a["kind"] == "ocnopt"), None)
+        row.append(_ratio(ocn["step_cost_ratio"]) if ocn else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    seeds = args.seeds or (1 if args.quick else 3)
+    max_steps = args.max_steps or (8 if args.quick else None)
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    paths = (
+        [Path(c) for c in args.configs]
+        if args.configs
+        else [p for p in sorted((ROOT / "configs").glob("*.toml")) if p.stem not in SKIP]
+    )
+    out = Path(args.out)
+    results, seconds = {}, {}
+    for path in paths:
+        folder = out / path.stem
+        if args.resume and (folder / COMPARISON).exists():
+            import json
+
+            results[path.stem] = json.loads((folder / COMPARISON).read_text())
+            continue
+        print(f"== {path.stem}", flush=True)
+        t0 = time.perf_counter()
+        results[path.stem] = compare(
+            load_config(path),
+            folder,
+            optimizers,
+            seeds=seeds,
+            lr_grid=args.lr_grid,
+            device=args.device,
+            max_steps=max_steps,
+            max_time=args.max_time,
+            progress=False,
+        )
+        seconds[path.stem] = time.perf_counter() - t0
+        _write(out, results, optimizers, args, seeds, max_steps)
+    table = _write(out, results, optimizers, args, seeds, max_steps)
+    print(table)
+    print(f"summary: {out / 'summary.md'}")
+    return {"results": results, "table": table, "seconds": seconds}
+
+
+def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
+    table = summarize(results, optimizers)
+    setup = (
+        f"seeds {seeds}; optimizers {', '.join(optimizers)}; "
+        f"{'lr grid' if args.lr_grid else 'each optimizer at its config lr'}; "
+        f"steps {'per config' if max_steps is None else max_steps}; "
+        f"time budget {'per config' if args.max_time is None else f'{args.max_time:g} s'}"
+    )
+    text = (
+        "# Optimizer comparison over the bundled tasks\n\n"
+        f"{setup}. Test metrics are mean ± std over seeds; time-to-target is the median "
+        "training wall-clock to reach Adam's mean final validation metric, as a ratio to "
+        "Adam's ('never': not reached). Per-task reports: `<task>/report.md`.\n\n"
+        f"{table}\n"
+    )
+    atomic_write_text(out / "summary.md", text)
+    atomic_write_json(
+        out / "summary.json",
+        {
+            "setup": setup,
+            "results": {
+                k: {kk: v[kk] for kk in ("metric", "higher_is_better", "target", "optimizers")}
+                for k, v in results.items()
+            },
+        },
+    )
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""The ``node-ocp`` command line: ``train``, ``compare``, ``bench`` and ``plot``.
+
+Errors a user can fix (a missing or malformed config, unknown names, an unwritable output
+folder, ``--resume`` without a checkpoint, ``--device cuda`` without a GPU) print one line
+``node-ocp: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks; every option's help states its default."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"received {text!r}; accepted: an int >= 1") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"received {v}; accepted: an int >= 1")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"received {text!r}; accepted: a number >= 0") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"received {text}; accepted: a number >= 0")
+    return v
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="node-ocp",
+        description="Train Neural ODEs, CNFs and time-series ODE models with OCNOpt (a "
+        "second-order optimal-control optimizer) or first-order adjoint training, and "
+        "compare them.",
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train",
+        help="train one model from a config",
+        formatter_class=_Formatter,
+        description="Train one model as CONFIG says; writes metrics.jsonl, checkpoint.pt "
+        "(atomically, every [train].checkpoint_every steps), summary.json and config.json "
+        "to --out.",
+    )
+    t.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    t.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default=None,
+        help="device (default: [train].device of the config)",
+    )
+    t.add_argument("--seed", type=int, default=None, help="seed (default: [train].seed)")
+    t.add_argument(
+        "--max-steps", type=_positive_int, default=None, help="step budget (default: [train].steps)"
+    )
+    t.add_argument(
+        "--max-time",
+        type=_nonneg_float,
+        default=None,
+        help="training wall-clock budget in seconds, evaluation excluded; 0: none "
+        "(default: [train].max_seconds)",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue exactly from the checkpoint in --out"
+    )
+    t.add_argument(
+        "--optimizer",
+        default=None,
+        help="name of an [optimizers.NAME] table (default: [train].optimizer)",
+    )
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: lr of the optimizer's table)",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser(
+        "compare",
+        help="compare optimizers on one config and write a report",
+        formatter_class=_Formatter,
+        description="Train the same model, data, solver and tolerances with each optimizer "
+        "(and each learning rate of its lr_grid with --lr-grid) for --seeds seeds, one run "
+        "after another, then write report.md, figures and comparison.json to --out.",
+    )
+    c.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
+    c.add_argument(
+        "--optimizers",
+        type=_names,
+        default=None,
+        help="comma-separated [optimizers.NAME] tables (default: all of the config)",
+    )
+    c.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="seeds per optimizer and learning rate: [train].seed, +1, ... (default: 3)",
+    )
+    c.add_argument(
+        "--lr-grid",
+        action="store_true",
+        help="run every lr of each optimizer's lr_grid and report each at its best",
+    )
+    c.add_argument(
+        "--out", default=None, help="comparison folder (default: runs/compare-<config name>)"
+    )
+    c.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default=None,
+        help="device (default: [train].device)",
+    )
+    c.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="step budget per run (default: [train].steps)",
+    )
+    c.add_argument(
+        "--max-time",
+        type=_nonneg_float,
+        default=None,
+        help="wall-clock budget per run in seconds (default: [train].max_seconds)",
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser(
+        "bench",
+        help="per-iteration time, NFE and peak memory per optimizer, as ratios to Adam",
+        formatter_class=_Formatter,
+        description="Time each optimizer's steps on the same model state (interleaved; "
+        "OCNOpt's refresh step separately and amortized), count function evaluations, and "
+        "measure peak memory in a short run per optimizer; print and save JSON.",
+    )
+    b.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
+    b.add_argument(
+        "--optimizers",
+        type=_names,
+        default=None,
+        help="comma-separated optimizer tables (default: all of the config)",
+    )
+    b.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="timed steps per optimizer (default: 2 refresh periods + 1, >= 21)",
+    )
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default=None,
+        help="device (default: [train].device)",
+    )
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    b.add_argument(
+        "--out", default=None, help="JSON output (default: runs/bench-<config name>.json)"
+    )
+
+    pl = sub.add_parser(
+        "plot",
+        help="redraw the figures of a finished run or comparison",
+        formatter_class=_Formatter,
+        description="RUN_DIR is a comparison folder (with comparison.json: report and "
+        "figures are rewritten) or a train run folder (with metrics.jsonl).",
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run or comparison folder")
+    return p
+
+
+def _config(path):
+    from .train.config import load_config
+
+    return load_config(path)
+
+
+def _stem(path) -> str:
+    return Path(path).stem
+
+
+def run(args) -> int:
+    from .train import RunOptions, train
+
+    if args.command == "train":
+        cfg = _config(args.config)
+        out = args.out or f"runs/{_stem(args.config)}"
+        summary = train(
+            cfg,
+            out,
+            RunOptions(
+                optimizer=args.optimizer,
+                lr=args.lr,
+                seed=args.seed,
+                device=args.device,
+                max_steps=args.max_steps,
+                max_time=args.max_time,
+                resume=args.resume,
+                progress=not args.no_progress,
+            ),
+        )
+        m = summary["metric"]
+        state = "diverged" if summary["diverged"] else "done"
+        print(
+            f"{state}: {summary['steps']} steps, {summary['train_seconds']:.1f}s training; "
+            f"val {m} {summary['final_val']:.4g}, test {m} {summary['test_metric']:.4g}; "
+            f"run folder {out}"
+        )
+        return 0
+    if args.command == "compare":
+        from .train.compare import compare
+        from .train.loop import RunError
+
+        cfg = _config(args.config)
+        out = args.out or f"runs/compare-{_stem(args.config)}"
+        names = args.optimizers if args.optimizers is not None else list(cfg.optimizers)
+        if not names:
+            raise RunError("--optimizers: received nothing; accepted: names like adam,ocnopt")
+        result = compare(
+            cfg,
+            out,
+            names,
+            seeds=args.seeds,
+            lr_grid=args.lr_grid,
+            device=args.device,
+            max_steps=args.max_steps,
+            max_time=args.max_time,
+            progress=not args.no_progress,
+        )
+        from .train.report import format_summary
+
+        print(format_summary(result))
+        print(f"report: {Path(out) / 'report.md'}")
+        return 0
+    if args.command == "bench":
+        from .train.bench import bench
+
+        cfg = _config(args.config)
+        bench(
+            cfg,
+            args.optimizers,
+            steps=args.steps,
+            device=args.device,
+            memory=not args.no_memory,
+            out=args.out or f"runs/bench-{_stem(args.config)}.json",
+        )
+        return 0
+    from .train.loop import RunError
+    from .train.report import plot
+
+    d = Path(args.run_dir)
+    if not d.is_dir():
+        raise RunError(
+            f"RUN_DIR: {str(d)!r} is not a folder; accepted: a run or comparison "
+            "folder written by node-ocp train/compare"
+        )
+    for name in plot(d):
+        print(d / name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``node-ocp`` and ``python -m node_ocp``; returns the exit status."""
+    from .train.config import ConfigError
+    from .train.loop import RunError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, RunError) as exc:
+        print(f"node-ocp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            "node-ocp: interrupted; checkpoints already written are kept (train --resume "
+            "continues)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

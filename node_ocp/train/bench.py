@@ -1,0 +1,199 @@
+"""Per-iteration cost, function evaluations and peak memory of optimizers on one config.
+
+Step times are measured on the *same* model state for every optimizer (each starts from the
+same initial model with a learning rate so small that the model, and so the number of solver
+steps, does not change), with their steps interleaved so that drift in the machine's speed
+hits all alike; medians over the steps. OCNOpt's ordinary and refresh steps are timed
+separately and amortized over its ``update_every``. Peak memory comes from a short
+``node-ocp train`` run of each optimizer in its own process (covering one refresh step).
+All figures are also given as ratios to Adam with the plain adjoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_json
+from ..optim import OCNOpt
+from .compare import train_in_process_args
+from .config import ConfigError, OptimizerConfig, RunConfig
+from .loop import SUMMARY, RunError, resolve_device
+from .optimizers import build_optimizer
+from .tasks import build_task
+
+FROZEN_LR = 1e-12
+
+
+def bench(
+    config: RunConfig,
+    optimizers: list[str] | None = None,
+    steps: int | None = None,
+    device: str | None = None,
+    memory: bool = True,
+    out=None,
+) -> dict:
+    """Measure and print the figures; save them as JSON to ``out`` when given."""
+    names = optimizers or list(config.optimizers)
+    for n in names:
+        config.optimizer(n, "--optimizers")
+    opts = {n: config.optimizers[n] for n in names}
+    baseline = next((n for n, c in opts.items() if c.kind == "adam"), None)
+    if baseline is None:
+        baseline = "adam (baseline)"
+        opts = {baseline: OptimizerConfig(kind="adam", lr=1e-3), **opts}
+    k_max = max((c.update_every for c in opts.values() if c.kind == "ocnopt"), default=1)
+    steps = steps if steps is not None else max(2 * k_max + 1, 21)
+    if steps < 2:
+        raise ConfigError(f"--steps: received {steps}; accepted: an int >= 2")
+    dev = resolve_device(device or config.train.device)
+
+    torch.manual_seed(config.train.seed)
+    task = build_task(config, dev)
+    base_state = copy.deepcopy(task.model.state_dict())
+    gen = torch.Generator().manual_seed(config.train.seed)
+    n = len(task.data.train)
+    idx = torch.randperm(n, generator=gen)[: min(config.train.batch_size, n)]
+    batch = task.data.train.batch(idx.to(dev))
+    arms = {}
+    for name, cfg in opts.items():
+        t = _clone_task(task, base_state)
+        arms[name] = {
+            "task": t,
+            "opt": build_optimizer(cfg, t.model, FROZEN_LR, seed=config.train.seed),
+            "plain": [],
+            "refresh": [],
+            "nfe": [],
+        }
+    for _ in range(steps):
+        for a in arms.values():
+            t, opt = a["task"], a["opt"]
+            refresh = isinstance(opt, OCNOpt) and opt.refresh_due
+            _sync(dev)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            outputs, loss = t.outputs_and_loss(batch)
+            if isinstance(opt, OCNOpt) and opt.factors != "empirical":
+                opt.backward(loss, outputs=outputs, likelihood=t.likelihood)
+            else:
+                loss.backward()
+            opt.step()
+            _sync(dev)
+            (a["refresh"] if refresh else a["plain"]).append(time.perf_counter() - t0)
+            fwd = sum(b.nfe_forward for b in t.blocks)
+            bwd = sum(b.nfe_backward for b in t.blocks)
+            for b in t.blocks:
+                b.reset_nfe()
+            a["nfe"].append((fwd, bwd))
+    rows = {}
+    for name, a in arms.items():
+        cfg = opts[name]
+        plain = a["plain"][1:] if len(a["plain"]) > 2 else a["plain"]  # first step warms up
+        step = statistics.median(plain) if plain else None
+        refresh = statistics.median(a["refresh"]) if a["refresh"] else None
+        k = cfg.update_every if cfg.kind == "ocnopt" else 1
+        amortized = step if refresh is None else (refresh + (k - 1) * (step or refresh)) / k
+        rows[name] = {
+            "kind": cfg.kind,
+            "curvature": cfg.curvature if cfg.kind == "ocnopt" else None,
+            "update_every": k,
+            "step_s": step,
+            "refresh_s": refresh,
+            "amortized_s": amortized,
+            "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
+            "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
+        }
+    if memory:
+        for name in rows:
+            if name in config.optimizers:
+                rows[name].update(_memory(config, name, opts[name], device))
+    base = rows[baseline]
+    for r in rows.values():
+        r["step_ratio"] = _ratio(r["step_s"], base["amortized_s"])
+        r["refresh_ratio"] = _ratio(r["refresh_s"], base["amortized_s"])
+        r["amortized_ratio"] = _ratio(r["amortized_s"], base["amortized_s"])
+        r["memory_ratio"] = _ratio(r.get("peak_memory_mb"), base.get("peak_memory_mb"))
+    result = {
+        "source": config.source,
+        "device": str(dev),
+        "torch": torch.__version__,
+        "batch": len(idx),
+        "steps": steps,
+        "baseline": baseline,
+        "optimizers": rows,
+    }
+    print(format_bench(result))
+    if out is not None:
+        path = atomic_write_json(out, result)
+        print(f"saved {path}")
+    return result
+
+
+def format_bench(result: dict) -> str:
+    base = result["baseline"]
+    lines = [
+        f"{result['source']} on {result['device']}, batch {result['batch']}, "
+        f"{result['steps']} interleaved steps per optimizer; ratios to {base} (plain adjoint)",
+        f"{'optimizer':<16} {'step ms':>8} {'refresh ms':>10} {'amortized ms':>12} "
+        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'peak MB':>8} {'mem x':>6}",
+    ]
+    for name, r in result["optimizers"].items():
+        lines.append(
+            f"{name:<16} {_ms(r['step_s']):>8} {_ms(r['refresh_s']):>10} "
+            f"{_ms(r['amortized_s']):>12} {_x(r['amortized_ratio']):>7} "
+            f"{_x(r['refresh_ratio']):>9} "
+            f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} "
+            f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6}"
+        )
+    return "\n".join(lines)
+
+
+def _memory(config: RunConfig, name: str, cfg: OptimizerConfig, device) -> dict:
+    """Peak memory of a short training run of optimizer ``name`` in a fresh process."""
+    if not Path(config.source).is_file():
+        return {}
+    steps = (cfg.update_every + 1) if cfg.kind == "ocnopt" else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = train_in_process_args(
+            config.source, tmp, name, cfg.lr, config.train.seed, device, steps, None
+        )
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RunError(f"memory run of {name} failed:\n{proc.stderr.strip()[-2000:]}")
+        s = json.loads((Path(tmp) / SUMMARY).read_text())
+    return {"peak_memory_mb": s["peak_memory_mb"], "train_memory_mb": s["train_memory_mb"]}
+
+
+def _clone_task(task, state):
+    t = copy.copy(task)
+    t.model = copy.deepcopy(task.model)
+    t.model.load_state_dict(state)
+    return t
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _ms(v):
+    return "-" if v is None else f"{1000 * v:.1f}"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _mb(v):
+    return "-" if v is None else f"{v:.0f}"

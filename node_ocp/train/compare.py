@@ -1,0 +1,268 @@
+"""Optimizer comparisons: the same task under several optimizers, learning rates and seeds.
+
+Every run is a ``node-ocp train`` of the same config in its own process (so each run's peak
+memory is its own), one after another; the comparison folder holds::
+
+    runs/NAME/lr<LR>/seed<S>/   each run's folder (metrics.jsonl, summary.json, checkpoint.pt)
+    comparison.json             every run's summary and the aggregate per optimizer
+    report.md, *.png            the report (see node_ocp.train.report)
+
+Aggregation: for every optimizer the learning rate with the best mean final *validation*
+metric over seeds is chosen (a diverged run counts as the worst), and test metrics are
+reported at that learning rate as mean ± std over seeds. The target of time-to-target is
+``[train].target`` or else the baseline's (Adam's) mean final validation metric; each
+optimizer's time to it is the median over seeds of the first training wall-clock
+(evaluation excluded) at which its validation metric reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ..io import atomic_write_json
+from .config import ConfigError, RunConfig
+from .loop import SUMMARY, RunError, prepare_out_dir, read_metrics
+
+COMPARISON = "comparison.json"
+
+
+def run_dir(out: Path, name: str, lr: float, seed: int) -> Path:
+    return out / "runs" / name / f"lr{lr:g}" / f"seed{seed}"
+
+
+def train_in_process_args(config_path, out, name, lr, seed, device, max_steps, max_time):
+    """The ``node-ocp train`` command line of one run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "node_ocp",
+        "train",
+        str(config_path),
+        "--out",
+        str(out),
+        "--optimizer",
+        name,
+        "--lr",
+        repr(float(lr)),
+        "--seed",
+        str(seed),
+        "--no-progress",
+    ]
+    if device is not None:
+        cmd += ["--device", device]
+    if max_steps is not None:
+        cmd += ["--max-steps", str(max_steps)]
+    if max_time is not None:
+        cmd += ["--max-time", str(max_time)]
+    return cmd
+
+
+def compare(
+    config: RunConfig,
+    out_dir,
+    optimizers: list[str],
+    seeds: int = 3,
+    lr_grid: bool = False,
+    device: str | None = None,
+    max_steps: int | None = None,
+    max_time: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every optimizer (× learning rate × seed) on ``config`` and write the report."""
+    if not optimizers:
+        raise ConfigError("--optimizers: received nothing; accepted: names like adam,sgd,ocnopt")
+    for name in optimizers:
+        config.optimizer(name, "--optimizers")
+    if len(set(optimizers)) != len(optimizers):
+        raise ConfigError(f"--optimizers: received duplicates in {','.join(optimizers)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds: received {seeds!r}; accepted: an int >= 1")
+    out = prepare_out_dir(out_dir)
+    plan = []
+    for name in optimizers:
+        opt = config.optimizers[name]
+        for lr in opt.grid if lr_grid else [opt.lr]:
+            for i in range(seeds):
+                plan.append((name, lr, config.train.seed + i))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc="runs", unit="run", dynamic_ncols=True)
+    for name, lr, seed in plan:
+        target = run_dir(out, name, lr, seed)
+        cmd = train_in_process_args(
+            config.source, target, name, lr, seed, device, max_steps, max_time
+        )
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
+        s = _read_json(target / SUMMARY)
+        line = (
+            f"{name:<14} lr={lr:<8g} seed={seed}  val {s['metric']} {s['final_val']:.4g}  "
+            f"test {s['test_metric']:.4g}  {s['train_seconds']:.1f}s"
+            + ("  (diverged)" if s["diverged"] else "")
+        )
+        if bar is not None:
+            bar.write(line)
+            bar.update(1)
+        else:
+            print(line)
+    if bar is not None:
+        bar.close()
+    result = aggregate(out, config, optimizers)
+    from .report import write_report
+
+    write_report(out, result)
+    return result
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def _worst(higher: bool) -> float:
+    return -math.inf if higher else math.inf
+
+
+def _score(v, higher: bool) -> float:
+    if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return _worst(higher)
+    return float(v)
+
+
+def reaches(value, target: float, higher: bool) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= target if higher else value <= target
+
+
+def time_to_target(records: list[dict], key: str, target: float, higher: bool):
+    """``(seconds, step)`` of the first record whose ``key`` reaches ``target``, else None."""
+    if not math.isfinite(target):
+        return None
+    for r in records:
+        if reaches(r.get(key), target, higher):
+            return r["seconds"], r["step"]
+    return None
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(out: Path, config: RunConfig, optimizers: list[str]) -> dict:
+    """Read every run of a comparison folder; choose learning rates; compute the table."""
+    runs = []
+    for path in sorted((out / "runs").glob("*/lr*/seed*/" + SUMMARY)):
+        s = _read_json(path)
+        if s["optimizer"] not in optimizers:
+            continue
+        s["dir"] = str(path.parent.relative_to(out))
+        s["records"] = read_metrics(path.parent)
+        runs.append(s)
+    if not runs:
+        raise RunError(f"no finished runs under {str(out / 'runs')!r}")
+    metric = runs[0]["metric"]
+    higher = runs[0]["higher_is_better"]
+    key = f"val_{metric}"
+    per_opt: dict[str, dict] = {}
+    for name in optimizers:
+        mine = [r for r in runs if r["optimizer"] == name]
+        if not mine:
+            continue
+        grid = {}
+        for lr in sorted({r["lr"] for r in mine}):
+            at = [r for r in mine if r["lr"] == lr]
+            scores = [_score(r["final_val"], higher) for r in at]
+            finite = [s for s in scores if math.isfinite(s)]
+            mean = statistics.fmean(scores) if len(finite) == len(scores) else _worst(higher)
+            grid[lr] = {
+                "mean_val": mean,
+                "vals": [r["final_val"] for r in at],
+                "diverged": sum(r["diverged"] for r in at),
+                "seeds": len(at),
+            }
+        pick = (max if higher else min)(grid, key=lambda lr: grid[lr]["mean_val"])
+        best = [r for r in mine if r["lr"] == pick]
+        per_opt[name] = {
+            "kind": best[0]["optimizer_kind"],
+            "lr": pick,
+            "grid": {f"{lr:g}": g for lr, g in grid.items()},
+            "runs": [r["dir"] for r in best],
+            "val": _mean_std([r["final_val"] for r in best]),
+            "test": _mean_std([r["test_metric"] for r in best]),
+            "diverged": sum(r["diverged"] for r in best),
+            "seeds": len(best),
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in best),
+            "amortized_step_s": _median([r["amortized_step_s"] for r in best]),
+            "refresh_time_s": _median([r["refresh_time_s"] for r in best]),
+            "step_time_s": _median([r["step_time_s"] for r in best]),
+            "nfe_forward": _median([r["nfe_forward"] for r in best]),
+            "nfe_backward": _median([r["nfe_backward"] for r in best]),
+            "peak_memory_mb": _median([r["peak_memory_mb"] for r in best]),
+            "train_memory_mb": _median([r["train_memory_mb"] for r in best]),
+            "t1": _median([r["t1"] for r in best]),
+        }
+    baseline = next((n for n in optimizers if per_opt.get(n, {}).get("kind") == "adam"), None)
+    baseline = baseline or next(iter(per_opt))
+    target = config.train.target
+    target_source = "[train].target"
+    if target is None:
+        target = per_opt[baseline]["val"][0]
+        target_source = f"{baseline}'s mean final validation {metric}"
+    for agg in per_opt.values():
+        hits = []
+        for rdir in agg["runs"]:
+            r = next(x for x in runs if x["dir"] == rdir)
+            hit = (
+                time_to_target(r["records"], key, target, higher) if math.isfinite(target) else None
+            )
+            hits.append(hit)
+        reached = [h for h in hits if h is not None]
+        agg["time_to_target_s"] = statistics.median(h[0] for h in reached) if reached else None
+        agg["steps_to_target"] = statistics.median(h[1] for h in reached) if reached else None
+        agg["reached"] = f"{len(reached)}/{len(hits)}"
+    base = per_opt[baseline]
+    for agg in per_opt.values():
+        agg["time_to_target_ratio"] = _ratio(agg["time_to_target_s"], base["time_to_target_s"])
+        agg["step_cost_ratio"] = _ratio(agg["amortized_step_s"], base["amortized_step_s"])
+        agg["refresh_cost_ratio"] = _ratio(agg["refresh_time_s"], base["amortized_step_s"])
+        agg["memory_ratio"] = _ratio(agg["peak_memory_mb"], base["peak_memory_mb"])
+    result = {
+        "config": config.to_dict(),
+        "source": config.source,
+        "task": runs[0]["task"],
+        "dataset": runs[0]["dataset"],
+        "metric": metric,
+        "higher_is_better": higher,
+        "device": runs[0]["device"],
+        "baseline": baseline,
+        "target": target,
+        "target_source": target_source,
+        "optimizers": per_opt,
+        "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs],
+    }
+    atomic_write_json(out / COMPARISON, result)
+    return result
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b

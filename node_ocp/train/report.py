@@ -1,0 +1,363 @@
+"""Reports and figures of comparisons and single runs (PNG with matplotlib's Agg backend).
+
+Comparison figures (``write_report``):
+
+- ``curves_steps.png`` / ``curves_time.png``: validation metric against steps and against
+  training wall-clock (evaluation excluded), per optimizer at its chosen learning rate; the
+  line is the mean over seeds, the band the min–max spread;
+- ``lr_sensitivity.png``: final validation metric against learning rate per optimizer (the
+  robustness picture), when more than one learning rate ran;
+- ``density.png`` (2-D density tasks): data, and each optimizer's learned density and samples;
+- ``t1.png`` when the integration time is a control: t1 against steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..io import atomic_write_text
+from .loop import CHECKPOINT, CONFIG, read_metrics
+
+FIGURES = ("curves_steps.png", "curves_time.png", "lr_sensitivity.png", "density.png", "t1.png")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(mean_std, digits=4) -> str:
+    m, s = mean_std
+    if m is None or not math.isfinite(m):
+        return "diverged"
+    return f"{m:.{digits}g} ± {s:.2g}"
+
+
+def _num(v, fmt="{:.2f}", none="–") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def write_report(out, result: dict) -> Path:
+    """Write ``report.md`` and the figures of a comparison folder; returns the report path."""
+    out = Path(out)
+    figures = draw_comparison(out, result)
+    metric, opts = result["metric"], result["optimizers"]
+    better = "higher" if result["higher_is_better"] else "lower"
+    base = result["baseline"]
+    lines = [
+        f"# {result['task']} on {result['dataset']}: optimizer comparison",
+        "",
+        f"Config `{result['source']}` · device {result['device']} · metric **{metric}** "
+        f"({better} is better) · baseline **{base}** · "
+        f"target {result['target']:.4g} ({result['target_source']})",
+        "",
+        "Every optimizer trained the same model, data, solver and tolerances; each is shown at "
+        "the learning rate with the best mean final validation metric. Times are training "
+        "wall-clock (evaluation excluded) on this machine; ratios are to the baseline in the "
+        "same comparison.",
+        "",
+        f"| optimizer | lr | test {metric} (mean ± std) | val {metric} | time to target s "
+        f"| × {base} | reached | step cost × {base} | refresh step × {base} "
+        f"| peak memory MB | × {base} | NFE fwd/bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in opts.items():
+        nfe = (
+            f"{a['nfe_forward']:.0f}/{a['nfe_backward']:.0f}"
+            if a["nfe_forward"] is not None
+            else "–"
+        )
+        lines.append(
+            f"| {name} | {a['lr']:g} | {_fmt(a['test'])} | {_fmt(a['val'])} "
+            f"| {_num(a['time_to_target_s'], '{:.1f}', 'never')} "
+            f"| {_num(a['time_to_target_ratio'])} | {a['reached']} "
+            f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
+            f"| {_num(a['peak_memory_mb'], '{:.0f}')} | {_num(a['memory_ratio'])} | {nfe} |"
+        )
+    lines += ["", "## Learning-rate grid (mean final validation metric over seeds)", ""]
+    lines += ["| optimizer | lr | mean val | per seed | diverged |", "|---|---|---|---|---|"]
+    for name, a in opts.items():
+        for lr, g in a["grid"].items():
+            vals = ", ".join("nan" if not _finite(v) else f"{v:.4g}" for v in g["vals"])
+            mean = g["mean_val"]
+            chosen = " **(chosen)**" if float(lr) == a["lr"] else ""
+            lines.append(
+                f"| {name} | {lr}{chosen} | {'–' if not _finite(mean) else f'{mean:.4g}'} "
+                f"| {vals} | {g['diverged']}/{g['seeds']} |"
+            )
+    lines += [
+        "",
+        "## How to read this",
+        "",
+        "- *time to target*: median over seeds of the first training second at which the "
+        "validation metric reached the target; *reached* counts the seeds that got there.",
+        "- *step cost*: median training step time, amortized over OCNOpt's refresh period "
+        "(the refresh step, with curvature capture and eigendecompositions, separately). Both "
+        "are measured while training, so they include the solver's NFE changing as the field "
+        "changes; `node-ocp bench` measures them on one model state.",
+        "- *peak memory*: CUDA allocator peak on a GPU; on a CPU the peak resident memory "
+        "of the run's process.",
+        "",
+        "## Figures",
+        "",
+    ]
+    lines += [f"![{f}]({f})" for f in figures]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _curves(out: Path, result: dict, name: str) -> list[list[dict]]:
+    return [read_metrics(out / d) for d in result["optimizers"][name]["runs"]]
+
+
+def draw_comparison(out, result: dict) -> list[str]:
+    """Draw the comparison figures into ``out``; returns the file names written."""
+    plt = _plt()
+    out = Path(out)
+    metric = result["metric"]
+    key = f"val_{metric}"
+    written = []
+    for xkey, fname, xlabel in (
+        ("step", "curves_steps.png", "step"),
+        ("seconds", "curves_time.png", "training wall-clock (s)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, agg in result["optimizers"].items():
+            curves = [c for c in _curves(out, result, name) if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            xs = [sum(c[i][xkey] for c in curves) / len(curves) for i in range(n)]
+            ys = [[c[i][key] for c in curves] for i in range(n)]
+            mean = [_nanmean(v) for v in ys]
+            lo = [_nanmin(v) for v in ys]
+            hi = [_nanmax(v) for v in ys]
+            (line,) = ax.plot(xs, mean, label=f"{name} (lr {agg['lr']:g})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        if _finite(result.get("target")):
+            ax.axhline(result["target"], color="gray", ls="--", lw=0.8, label="target")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"{result['dataset']}: mean and min–max over seeds")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(fname)
+    if any(len(a["grid"]) > 1 for a in result["optimizers"].values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, agg in result["optimizers"].items():
+            lrs = sorted(agg["grid"], key=float)
+            means, errs = [], []
+            for lr in lrs:
+                vals = [v for v in agg["grid"][lr]["vals"] if _finite(v)]
+                means.append(sum(vals) / len(vals) if vals else math.nan)
+                errs.append(_std(vals))
+            ax.errorbar(
+                [float(x) for x in lrs], means, yerr=errs, marker="o", capsize=3, label=name
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final validation {metric}")
+        ax.set_title("robustness to the learning rate (missing points diverged)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "lr_sensitivity.png", dpi=120)
+        plt.close(fig)
+        written.append("lr_sensitivity.png")
+    if result["task"] == "density" and result["config"]["task"]["dataset"] in _toys():
+        dirs = {name: out / a["runs"][0] for name, a in result["optimizers"].items()}
+        if draw_density(out / "density.png", dirs):
+            written.append("density.png")
+    if result["config"].get("horizon") is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in result["optimizers"]:
+            for i, c in enumerate(_curves(out, result, name)):
+                ax.plot(
+                    [r["step"] for r in c],
+                    [r["t1"] for r in c],
+                    color=f"C{list(result['optimizers']).index(name)}",
+                    label=name if i == 0 else None,
+                    alpha=0.8,
+                )
+        ax.set_xlabel("step")
+        ax.set_ylabel("t1")
+        ax.set_title("integration time t1 (each seed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "t1.png", dpi=120)
+        plt.close(fig)
+        written.append("t1.png")
+    return written
+
+
+def _toys():
+    from ..data import TOYS
+
+    return TOYS
+
+
+def draw_density(path: Path, run_dirs: dict[str, Path], grid: int = 80) -> bool:
+    """Data, learned log-density and samples of 2-D CNF runs (from their checkpoints)."""
+    import torch
+
+    from .config import config_from_dict
+    from .tasks import build_task
+
+    plt = _plt()
+    models = {}
+    task = None
+    for name, d in run_dirs.items():
+        if not (d / CHECKPOINT).exists():
+            continue
+        info = json.loads((d / CONFIG).read_text())
+        cfg = config_from_dict(info["config"], source=info["source"])
+        task = build_task(cfg, "cpu")
+        state = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=False)
+        task.model.load_state_dict(state["model"])
+        task.model.eval()
+        models[name] = task.model
+    if task is None:
+        return False
+    data = task.data.test.x[:2000]
+    lim = float(data.abs().max()) * 1.1
+    axis = torch.linspace(-lim, lim, grid)
+    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    cols = 1 + len(models)
+    fig, axes = plt.subplots(2, cols, figsize=(3 * cols, 6), squeeze=False)
+    axes[0][0].scatter(data[:, 0], data[:, 1], s=1, alpha=0.4)
+    axes[0][0].set_title("data (test)")
+    axes[1][0].hist2d(
+        data[:, 0].numpy(), data[:, 1].numpy(), bins=60, range=[[-lim, lim], [-lim, lim]]
+    )
+    axes[1][0].set_title("data histogram")
+    gen = torch.Generator().manual_seed(0)
+    for j, (name, model) in enumerate(models.items(), start=1):
+        with torch.no_grad():
+            logp = torch.cat([model.log_prob(c) for c in pts.split(2048)])
+            samples = model.sample(2000, generator=gen)
+        axes[0][j].imshow(
+            logp.exp().reshape(grid, grid).numpy(), origin="lower", extent=[-lim, lim, -lim, lim]
+        )
+        axes[0][j].set_title(f"{name}: density")
+        axes[1][j].scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.4)
+        axes[1][j].set_xlim(-lim, lim)
+        axes[1][j].set_ylim(-lim, lim)
+        axes[1][j].set_title(f"{name}: samples")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_run(run_dir) -> list[str]:
+    """Figures of a single ``train`` run: metric and loss against steps and time, density."""
+    plt = _plt()
+    d = Path(run_dir)
+    records = read_metrics(d)
+    info = json.loads((d / CONFIG).read_text())
+    metric_key = next(k for k in records[0] if k.startswith("val_"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, xkey, xlabel in (
+        (axes[0], "step", "step"),
+        (axes[1], "seconds", "training wall-clock (s)"),
+    ):
+        ax.plot([r[xkey] for r in records], [r[metric_key] for r in records], label=metric_key)
+        tl = [(r[xkey], r["train_loss"]) for r in records if r["train_loss"] is not None]
+        if tl:
+            ax.plot(*zip(*tl), label="train loss", alpha=0.7)
+        ax.set_xlabel(xlabel)
+        ax.legend()
+    fig.suptitle(f"{info['optimizer']} lr={info['lr']:g} seed={info['seed']}")
+    fig.tight_layout()
+    fig.savefig(d / "curves.png", dpi=120)
+    plt.close(fig)
+    written = ["curves.png"]
+    cfg = info["config"]
+    if cfg["task"]["kind"] == "density" and cfg["task"]["dataset"] in _toys():
+        if draw_density(d / "density.png", {info["optimizer"]: d}):
+            written.append("density.png")
+    if any(r.get("t1") is not None for r in records):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in records], [r["t1"] for r in records])
+        ax.set_xlabel("step")
+        ax.set_ylabel("t1")
+        fig.tight_layout()
+        fig.savefig(d / "t1.png", dpi=120)
+        plt.close(fig)
+        written.append("t1.png")
+    return written
+
+
+def _nanmean(v):
+    f = [x for x in v if _finite(x)]
+    return sum(f) / len(f) if f else math.nan
+
+
+def _nanmin(v):
+    f = [x for x in v if _finite(x)]
+    return min(f) if f else math.nan
+
+
+def _nanmax(v):
+    f = [x for x in v if _finite(x)]
+    return max(f) if f else math.nan
+
+
+def _std(v):
+    if len(v) < 2:
+        return 0.0
+    m = sum(v) / len(v)
+    return (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+
+
+def plot(run_dir) -> list[str]:
+    """Redraw a comparison folder (report and figures) or a single run's figures."""
+    from .compare import COMPARISON
+    from .loop import METRICS, RunError
+
+    d = Path(run_dir)
+    if (d / COMPARISON).exists():
+        result = json.loads((d / COMPARISON).read_text())
+        write_report(d, result)
+        return ["report.md", *[f for f in FIGURES if (d / f).exists()]]
+    if (d / METRICS).exists() and (d / CONFIG).exists():
+        return plot_run(d)
+    raise RunError(
+        f"RUN_DIR: {str(d)!r} holds neither comparison.json nor metrics.jsonl + config.json; "
+        "accepted: a folder written by node-ocp compare or node-ocp train"
+    )
+
+
+def format_summary(result: dict) -> str:
+    """A plain-text table of a comparison for the terminal."""
+    metric, base = result["metric"], result["baseline"]
+    lines = [
+        f"{result['dataset']} ({result['task']}), target {metric} {result['target']:.4g} "
+        f"({result['target_source']})",
+        f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>20} {'t->target s':>12} "
+        f"{'x ' + base:>8} {'step x':>7} {'mem MB':>7}",
+    ]
+    for name, a in result["optimizers"].items():
+        lines.append(
+            f"{name:<16} {a['lr']:>8g} {_fmt(a['test']):>20} "
+            f"{_num(a['time_to_target_s'], '{:.1f}', 'never'):>12} "
+            f"{_num(a['time_to_target_ratio']):>8} {_num(a['step_cost_ratio']):>7} "
+            f"{_num(a['peak_memory_mb'], '{:.0f}'):>7}"
+        )
+    return "\n".join(lines)

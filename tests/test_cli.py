@@ -1,0 +1,160 @@
+"""The node-ocp command line: help, errors (one line, exit 2), compare/bench/plot end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_helpers import tiny, write_toml
+
+from node_ocp.cli import EXIT_USAGE, main
+
+
+@pytest.fixture
+def cfg_path(tmp_path):
+    cfg = tiny(**{"train.steps": 6, "train.eval_every": 3})
+    cfg["optimizers"]["adam"]["lr_grid"] = [0.02, 0.05]
+    return write_toml(tmp_path / "tiny.toml", cfg)
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("node-ocp: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "bench", "plot"])
+def test_help_of_every_command_is_complete(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"node-ocp {command}" in out
+    if command != "plot":
+        assert "CONFIG" in out and "--device" in out and "default" in out
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "node_ocp", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "train" in proc.stdout and "compare" in proc.stdout
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, cfg_path, capsys):
+    msg = _error(capsys, ["train", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")])
+    assert "nope.toml" in msg and "is not a file" in msg
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[task]\nkind = \n")
+    assert "is not valid TOML" in _error(capsys, ["train", str(bad)])
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text(
+        "[task]\ndataset = 'mnist'\n[optimizers.adam]\nkind = 'adam'\n[train]\noptimizer = 'adam'\n"
+    )
+    msg = _error(capsys, ["train", str(unknown), "--out", str(tmp_path / "u")])
+    assert "[task].dataset: received 'mnist'" in msg and "8gaussians" in msg
+    msg = _error(
+        capsys,
+        ["compare", str(cfg_path), "--optimizers", "adam,lbfgs", "--out", str(tmp_path / "c")],
+    )
+    assert "--optimizers: received 'lbfgs'" in msg and "'adam', 'ocnopt'" in msg
+    msg = _error(capsys, ["train", str(cfg_path), "--optimizer", "rmsprop"])
+    assert "--optimizer: received 'rmsprop'" in msg
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    msg = _error(capsys, ["train", str(cfg_path), "--out", str(blocker / "run")])
+    assert "--out: cannot write to" in msg
+    msg = _error(capsys, ["train", str(cfg_path), "--out", str(tmp_path / "r"), "--resume"])
+    assert "--resume: no checkpoint in" in msg
+    if not torch.cuda.is_available():
+        msg = _error(
+            capsys, ["train", str(cfg_path), "--device", "cuda", "--out", str(tmp_path / "g")]
+        )
+        assert "no CUDA GPU" in msg
+    msg = _error(capsys, ["plot", str(tmp_path / "absent")])
+    assert "is not a folder" in msg
+    msg = _error(capsys, ["plot", str(tmp_path)])
+    assert "neither comparison.json nor metrics.jsonl" in msg
+
+
+def test_bad_flag_values_exit_2(capsys, cfg_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(cfg_path), "--seeds", "0"])
+    assert exc.value.code == 2
+    assert "--seeds: received 0; accepted: an int >= 1" in capsys.readouterr().err
+
+
+def test_train_then_resume_then_plot(tmp_path, cfg_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["train", str(cfg_path), "--out", str(out), "--no-progress", "--max-steps", "3"]) == 0
+    )
+    assert "done: 3 steps" in capsys.readouterr().out
+    assert main(["train", str(cfg_path), "--out", str(out), "--no-progress", "--resume"]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 6]
+    assert main(["plot", str(out)]) == 0
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "density.png").stat().st_size > 1000
+
+
+def test_compare_writes_report_figures_and_picks_lrs(tmp_path, cfg_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            str(cfg_path),
+            "--optimizers",
+            "adam,ocnopt",
+            "--seeds",
+            "2",
+            "--lr-grid",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    result = json.loads((out / "comparison.json").read_text())
+    adam = result["optimizers"]["adam"]
+    assert set(adam["grid"]) == {"0.02", "0.05"} and adam["seeds"] == 2
+    # the chosen lr has the best mean final validation NLL of its grid
+    means = {lr: g["mean_val"] for lr, g in adam["grid"].items()}
+    assert means[f"{adam['lr']:g}"] == min(means.values())
+    assert result["target"] == pytest.approx(adam["val"][0])
+    runs = [r for r in result["runs"] if r["optimizer"] == "adam" and r["lr"] == adam["lr"]]
+    assert adam["test"][0] == pytest.approx(sum(r["test_metric"] for r in runs) / 2)
+    assert adam["time_to_target_ratio"] == pytest.approx(1.0)
+    report = (out / "report.md").read_text()
+    assert "| adam | " in report and "| ocnopt | " in report and "time to target" in report
+    for fig in ("curves_steps.png", "curves_time.png", "lr_sensitivity.png", "density.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+        assert f"]({fig})" in report
+    (out / "report.md").unlink()
+    (out / "curves_time.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "report.md").exists() and (out / "curves_time.png").exists()
+
+
+def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(cfg_path), "--steps", "7", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratios to adam" in printed and "ocnopt" in printed
+    result = json.loads(out.read_text())
+    rows = result["optimizers"]
+    assert rows["adam"]["amortized_ratio"] == pytest.approx(1.0)
+    assert rows["ocnopt"]["refresh_s"] is not None and rows["ocnopt"]["step_s"] is not None
+    k = rows["ocnopt"]["update_every"]
+    want = (rows["ocnopt"]["refresh_s"] + (k - 1) * rows["ocnopt"]["step_s"]) / k
+    assert rows["ocnopt"]["amortized_s"] == pytest.approx(want)
+    # same model state for both: equal function evaluations
+    assert rows["adam"]["nfe_forward"] == rows["ocnopt"]["nfe_forward"]
+    assert rows["adam"]["peak_memory_mb"] > 0 and rows["ocnopt"]["memory_ratio"] > 0
