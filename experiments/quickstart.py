@@ -15,24 +15,13 @@ captured factors.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 from torch import nn
 
 import node_ocp as no
-
-
-def two_spirals(
-    n: int, noise: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points ``(n, 2)`` on two interleaved spirals and labels ``(n,)`` in {0, 1}."""
-    label = torch.randint(0, 2, (n,), generator=generator)
-    r = torch.rand(n, generator=generator) * 0.9 + 0.1
-    angle = 2.0 * math.pi * r + math.pi * label
-    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=1)
-    return x + noise * torch.randn(n, 2, generator=generator), label
+from node_ocp.data import two_spirals
 
 
 class SpiralClassifier(nn.Module):
@@ -59,8 +48,8 @@ class SpiralClassifier(nn.Module):
 
 def train(args, use_ocnopt: bool) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
-    x_train, y_train = two_spirals(1024, 0.02, gen)
-    x_test, y_test = two_spirals(512, 0.02, gen)
+    x_train, y_train = two_spirals(1024, 0.02, seed=args.seed)
+    x_test, y_test = two_spirals(512, 0.02, seed=args.seed + 10_000)
     torch.manual_seed(args.seed)
     model = SpiralClassifier()
     if use_ocnopt:

@@ -61,3 +61,30 @@ def test_bench_ocnopt_main_runs(tmp_path):
     assert set(saved["summary"]) == {"adam", "sgd", "ocnopt"}
     assert saved["costs"]["refresh_ratio"] > 0 and result["costs"]["amortized_ratio"] > 0
     assert len(saved["runs"][0]["curve"]) == 4  # steps 0..3
+
+
+def test_compare_all_main_collects_one_summary_table(tmp_path):
+    from train_helpers import tiny, write_toml
+
+    cfg = write_toml(tmp_path / "tiny_task.toml", tiny(**{"train.eval_every": 2}))
+    out = tmp_path / "all"
+    result = _load("compare_all").main(
+        [
+            "--quick",
+            "--configs",
+            str(cfg),
+            "--optimizers",
+            "adam,ocnopt",
+            "--max-steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "| tiny_task | nll ↓ |" in result["table"]
+    summary = (out / "summary.md").read_text()
+    assert "ocnopt t→target × adam" in summary and "tiny_task" in summary
+    saved = json.loads((out / "summary.json").read_text())
+    row = saved["results"]["tiny_task"]["optimizers"]
+    assert set(row) == {"adam", "ocnopt"} and row["adam"]["seeds"] == 1
+    assert (out / "tiny_task" / "report.md").exists()
