@@ -6,7 +6,9 @@ steps, does not change), with their steps interleaved so that drift in the machi
 hits all alike; medians over the steps. OCNOpt's ordinary and refresh steps are timed
 separately and amortized over its ``update_every``. Peak memory comes from a short
 ``node-ocp train`` run of each optimizer in its own process (covering one refresh step).
-All figures are also given as ratios to Adam with the plain adjoint.
+All figures are also given as ratios to Adam with the plain adjoint. On a CPU the peak is
+the process's peak resident memory (which includes the interpreter and torch); ``train MB``
+is its growth over the resident memory before the first step.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def format_bench(result: dict) -> str:
         f"{result['source']} on {result['device']}, batch {result['batch']}, "
         f"{result['steps']} interleaved steps per optimizer; ratios to {base} (plain adjoint)",
         f"{'optimizer':<16} {'step ms':>8} {'refresh ms':>10} {'amortized ms':>12} "
-        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'peak MB':>8} {'mem x':>6}",
+        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'peak MB':>8} {'mem x':>6} "
+        f"{'train MB':>8}",
     ]
     for name, r in result["optimizers"].items():
         lines.append(
@@ -150,7 +153,8 @@ def format_bench(result: dict) -> str:
             f"{_ms(r['amortized_s']):>12} {_x(r['amortized_ratio']):>7} "
             f"{_x(r['refresh_ratio']):>9} "
             f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} "
-            f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6}"
+            f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6} "
+            f"{_mb(r.get('train_memory_mb')):>8}"
         )
     return "\n".join(lines)
 

@@ -64,8 +64,8 @@ def write_report(out, result: dict) -> Path:
         "",
         f"| optimizer | lr | test {metric} (mean ± std) | val {metric} | time to target s "
         f"| × {base} | reached | step cost × {base} | refresh step × {base} "
-        f"| peak memory MB | × {base} | NFE fwd/bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| peak memory MB | × {base} | training memory MB | NFE fwd/bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in opts.items():
         nfe = (
@@ -78,7 +78,8 @@ def write_report(out, result: dict) -> Path:
             f"| {_num(a['time_to_target_s'], '{:.1f}', 'never')} "
             f"| {_num(a['time_to_target_ratio'])} | {a['reached']} "
             f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
-            f"| {_num(a['peak_memory_mb'], '{:.0f}')} | {_num(a['memory_ratio'])} | {nfe} |"
+            f"| {_num(a['peak_memory_mb'], '{:.0f}')} | {_num(a['memory_ratio'])} "
+            f"| {_num(a['train_memory_mb'], '{:.0f}')} | {nfe} |"
         )
     lines += ["", "## Learning-rate grid (mean final validation metric over seeds)", ""]
     lines += ["| optimizer | lr | mean val | per seed | diverged |", "|---|---|---|---|---|"]
@@ -102,7 +103,8 @@ def write_report(out, result: dict) -> Path:
         "are measured while training, so they include the solver's NFE changing as the field "
         "changes; `node-ocp bench` measures them on one model state.",
         "- *peak memory*: CUDA allocator peak on a GPU; on a CPU the peak resident memory "
-        "of the run's process.",
+        "of the run's process (interpreter and torch included). *training memory*: its "
+        "growth over the memory in use before the first step.",
         "",
         "## Figures",
         "",
