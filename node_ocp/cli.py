@@ -219,6 +219,8 @@ def run(args) -> int:
                 progress=not args.no_progress,
             ),
         )
+        if _rank() != 0:
+            return 0
         m = summary["metric"]
         state = "diverged" if summary["diverged"] else "done"
         print(
@@ -247,13 +249,23 @@ def run(args) -> int:
             max_time=args.max_time,
             progress=not args.no_progress,
         )
+        if _rank() != 0:
+            return 0
         from .train.report import format_summary
 
         print(format_summary(result))
         print(f"report: {Path(out) / 'report.md'}")
         return 0
     if args.command == "bench":
+        from . import dist
         from .train.bench import bench
+        from .train.loop import RunError
+
+        if dist.launched_by_torchrun():
+            raise RunError(
+                "bench: received a torchrun launch; accepted: one process (bench times "
+                "optimizers side by side in one process; use train/compare under torchrun)"
+            )
 
         cfg = _config(args.config)
         bench(
@@ -289,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, RunError) as exc:
+        if _rank() != 0:
+            return EXIT_USAGE
         print(f"node-ocp: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -298,6 +312,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _rank() -> int:
+    from . import dist
+
+    return dist.rank()
 
 
 if __name__ == "__main__":

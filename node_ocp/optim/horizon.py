@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import dist
 from .._errors import bad_type, bad_value, check_choice
 from ..ode.block import ODEBlock
 from .hyper import check_hyper, check_int, value_at
@@ -50,6 +51,10 @@ class HorizonOptimizer:
         update_every: apply an update every this many steps (>= 1); averages update each step.
         beta: running-average coefficient in [0, 1).
         min_horizon, max_horizon: bounds on t1 − t0 (min > 0).
+        distributed: average ``∂L/∂t1`` over the processes of the default torch.distributed
+            group before the update, so that every process keeps the same t1 (None, the
+            default: when a group with more than one process is initialised). The feedback
+            term uses the parameter gradients, which DistributedDataParallel has averaged.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class HorizonOptimizer:
         beta: float = 0.9,
         min_horizon: float = 0.05,
         max_horizon: float = float("inf"),
+        distributed: bool | None = None,
     ):
         if not isinstance(block, ODEBlock):
             raise bad_type("block", block, "an ODEBlock")
@@ -76,6 +82,9 @@ class HorizonOptimizer:
                 "A parameter t would also be updated by the model's optimizer.",
             )
         self.block = block
+        if distributed is not None and not isinstance(distributed, bool):
+            raise bad_type("distributed", distributed, "True, False or None (automatic)")
+        self.distributed = distributed
         self.mode = check_choice("mode", mode, HORIZON_MODES)
         self.lr = check_hyper("lr", lr, 0, float("inf"), True, True, "a float > 0")
         self.penalty = float(
@@ -111,6 +120,8 @@ class HorizonOptimizer:
                 f"{self.block.name}: t1 has no gradient; call backward on a loss that "
                 "depends on the block output before HorizonOptimizer.step()."
             )
+        if dist.is_distributed() if self.distributed is None else self.distributed:
+            grad = dist.all_reduce_bucket([grad.detach()], "mean")[0]
         g = float(grad[-1])
         t0, t1 = float(self.block.t.detach()[0]), self.t1
         dot = 0.0

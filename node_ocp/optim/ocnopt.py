@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .. import dist
 from .._errors import bad_type, bad_value, check_choice, check_positive
 from ..curvature import CurvatureCapture, input_rows, is_tapped, output_rows, tapped_modules
 from ..ode.block import ODEBlock
@@ -111,6 +112,16 @@ class OCNOpt(torch.optim.Optimizer):
             with per-group ``lr``, ``momentum``, ``weight_decay``, ``damping``, ``alpha``,
             ``outside``; model parameters not listed go to a last, default group.
         seed: seed of the optimizer's own generator (sampled factors).
+        distributed: average the curvature statistics over the processes of the default
+            torch.distributed group on refresh steps (None, the default: when a group with
+            more than one process is initialised). Use it with ``DistributedDataParallel``
+            and equal per-process batches: the factors and the update then equal those of
+            one process on the whole batch. The statistics of all layers travel in one
+            all-reduce (per dtype), after the backward solves.
+        eigh_spread_min_dim: under ``distributed``, a layer whose larger factor has at least
+            this many rows has its eigendecompositions computed by one process (layers are
+            dealt round-robin) and broadcast; smaller layers are decomposed on every process
+            (cheaper than a broadcast). Either way all processes hold the same state.
     """
 
     def __init__(
@@ -134,6 +145,8 @@ class OCNOpt(torch.optim.Optimizer):
         nonfinite: str = "skip",
         groups: list[dict] | None = None,
         seed: int = 0,
+        distributed: bool | None = None,
+        eigh_spread_min_dim: int = 512,
     ):
         if not isinstance(model, nn.Module):
             raise bad_type("model", model, "an nn.Module (the whole model)")
@@ -146,6 +159,11 @@ class OCNOpt(torch.optim.Optimizer):
         self.max_dense_params = check_int("max_dense_params", max_dense_params, 1)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.sample_dt = check_positive("sample_dt", sample_dt)
+        if distributed is not None and not isinstance(distributed, bool):
+            raise bad_type("distributed", distributed, "True, False or None (automatic)")
+        self.distributed = distributed
+        self.eigh_spread_min_dim = check_int("eigh_spread_min_dim", eigh_spread_min_dim, 1)
+        self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
         defaults = dict(
             lr=check_hyper("lr", lr, 0, float("inf"), True, True, "a float > 0"),
             momentum=check_hyper("momentum", momentum, 0, 1, False, True, "a float in [0, 1)"),
@@ -479,9 +497,26 @@ class OCNOpt(torch.optim.Optimizer):
         return False
 
     def _refresh(self) -> None:
-        """Turn the statistics of this step into eigenbases / Gauss–Newton matrices."""
+        """Turn this step's statistics into eigenbases / Gauss–Newton matrices.
+
+        Stages: collect the normalised statistics of every unit → average them over the
+        processes (distributed) → decompose (spread over processes for large layers).
+        """
+        jobs = self._collect_statistics()
+        if self._reduces():
+            self._reduce(jobs)
+        else:
+            self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
+        self._decompose(jobs)
+
+    def _reduces(self) -> bool:
+        return dist.is_distributed() if self.distributed is None else self.distributed
+
+    def _collect_statistics(self) -> list[list]:
+        """``[kind, rule, [matrices], n]`` per unit, matrices normalised per sample."""
         empirical = self.factors == "empirical"
         capture = self._capture
+        jobs: list[list] = []
         if capture is not None:
             for module, stats in capture.kronecker.items():
                 rule = self._kron.get(module)
@@ -490,20 +525,65 @@ class OCNOpt(torch.optim.Optimizer):
                 n = stats.samples / stats.solves
                 scale_b = n if empirical else 1.0 / n
                 locations = stats.rows / stats.samples  # 1 for linear layers
-                rule.refresh(stats.A / n, stats.B * scale_b / locations, n)
+                jobs.append(["kron", rule, [stats.A / n, stats.B * scale_b / locations], n])
             for block, rule in self._dense.items():
                 stats = capture.dense.get(block)
                 if stats is None:
                     continue
                 n = stats.p.shape[1]
                 scale = n if empirical else 1.0 / n
-                rule.refresh(stats.gauss_newton() * scale)
+                jobs.append(["dense", rule, [stats.gauss_newton() * scale], n])
         for module, stats in self._outside_stats.items():
             if stats.A is None or stats.B is None or stats.samples == 0:
                 continue
             n = stats.samples
             locations = stats.rows / n
-            self._kron[module].refresh(stats.A / n, stats.B * n / locations, n)
+            jobs.append(["kron", self._kron[module], [stats.A / n, stats.B * n / locations], n])
+        return jobs
+
+    def _reduce(self, jobs: list[list]) -> None:
+        """Average the per-sample statistics over processes; sum the sample counts."""
+        mats = [m for job in jobs for m in job[2]]
+        reduced = dist.all_reduce_bucket(mats, "mean")
+        device = mats[0].device if mats else None
+        counts = dist.all_reduce_sum_floats([job[3] for job in jobs], device=device)
+        it = iter(reduced)
+        for job, n in zip(jobs, counts):
+            job[2] = [next(it) for _ in job[2]]
+            job[3] = n
+        self.last_reduce = {
+            "bytes": sum(m.numel() * m.element_size() for m in mats) + 8 * len(jobs),
+            "collectives": len({(m.dtype, m.device) for m in mats}) + 1,
+            "spread_layers": 0,
+        }
+
+    def _decompose(self, jobs: list[list]) -> None:
+        spread = self._reduces() and dist.world_size() > 1
+        owner_of = 0
+        for kind, rule, mats, n in jobs:
+            if kind == "dense":
+                rule.refresh(mats[0])
+                continue
+            a_mat, b_mat = mats
+            if not spread or max(a_mat.shape[0], b_mat.shape[0]) < self.eigh_spread_min_dim:
+                rule.refresh(a_mat, b_mat, n)
+                continue
+            owner = owner_of % dist.world_size()
+            owner_of += 1
+            self.last_reduce["spread_layers"] += 1
+            if dist.rank() == owner:
+                rule.refresh(a_mat, b_mat, n)
+                eig = rule.eigen()
+            else:
+                eig = [
+                    a_mat.new_empty(a_mat.shape),
+                    b_mat.new_empty(b_mat.shape),
+                    a_mat.new_empty(a_mat.shape[0]),
+                    b_mat.new_empty(b_mat.shape[0]),
+                ]
+            dist.broadcast_(eig, src=owner)
+            if dist.rank() != owner:
+                rule.set_eigen(*eig, n)
 
     def _precondition(self, directions: dict, step: int) -> dict:
         updates: dict = {}

@@ -74,6 +74,15 @@ class KroneckerRule:
     def refresh(self, a_mat: torch.Tensor, b_mat: torch.Tensor, batch: float) -> None:
         ea, qa = _eigh(a_mat)
         eb, qb = _eigh(b_mat)
+        self.set_eigen(qa, qb, ea, eb, batch)
+
+    def eigen(self) -> list[torch.Tensor]:
+        """``[Q_A, Q_B, λ_A, λ_B]`` of the last refresh (what a distributed refresh sends)."""
+        st = self.state
+        return [st["kron_QA"], st["kron_QB"], st["kron_eA"], st["kron_eB"]]
+
+    def set_eigen(self, qa, qb, ea, eb, batch: float) -> None:
+        """Install eigendecompositions (computed here or received from another process)."""
         st = self.state
         st["kron_QA"], st["kron_QB"] = qa, qb
         st["kron_eA"], st["kron_eB"] = ea, eb

@@ -1,7 +1,8 @@
 """Optimizer comparisons: the same task under several optimizers, learning rates and seeds.
 
 Every run is a ``node-ocp train`` of the same config in its own process (so each run's peak
-memory is its own), one after another; the comparison folder holds::
+memory is its own), one after another; under ``torchrun`` the runs happen in-process instead,
+each data-parallel over all processes. The comparison folder holds::
 
     runs/NAME/lr<LR>/seed<S>/   each run's folder (metrics.jsonl, summary.json, checkpoint.pt)
     comparison.json             every run's summary and the aggregate per optimizer
@@ -23,9 +24,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import dist
 from ..io import atomic_write_json
 from .config import ConfigError, RunConfig
-from .loop import SUMMARY, RunError, prepare_out_dir, read_metrics
+from .loop import SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
 
 COMPARISON = "comparison.json"
 
@@ -81,7 +83,7 @@ def compare(
         raise ConfigError(f"--optimizers: received duplicates in {','.join(optimizers)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: received {seeds!r}; accepted: an int >= 1")
-    out = prepare_out_dir(out_dir)
+    out = prepare_out_dir(out_dir) if dist.rank() == 0 else Path(out_dir)
     plan = []
     for name in optimizers:
         opt = config.optimizers[name]
@@ -89,20 +91,40 @@ def compare(
             for i in range(seeds):
                 plan.append((name, lr, config.train.seed + i))
     bar = None
-    if progress:
+    if progress and dist.rank() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), desc="runs", unit="run", dynamic_ncols=True)
+    in_process = dist.launched_by_torchrun()
     for name, lr, seed in plan:
         target = run_dir(out, name, lr, seed)
-        cmd = train_in_process_args(
-            config.source, target, name, lr, seed, device, max_steps, max_time
-        )
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-            raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
-        s = _read_json(target / SUMMARY)
+        if in_process:
+            # Under torchrun every process runs the plan in step, each run data-parallel
+            # over all of them (so peak memory is not per run here).
+            s = train(
+                config,
+                target,
+                RunOptions(
+                    optimizer=name,
+                    lr=lr,
+                    seed=seed,
+                    device=device,
+                    max_steps=max_steps,
+                    max_time=max_time,
+                    progress=False,
+                ),
+            )
+            if dist.rank() != 0:
+                continue
+        else:
+            cmd = train_in_process_args(
+                config.source, target, name, lr, seed, device, max_steps, max_time
+            )
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+                raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
+            s = _read_json(target / SUMMARY)
         line = (
             f"{name:<14} lr={lr:<8g} seed={seed}  val {s['metric']} {s['final_val']:.4g}  "
             f"test {s['test_metric']:.4g}  {s['train_seconds']:.1f}s"
@@ -115,10 +137,14 @@ def compare(
             print(line)
     if bar is not None:
         bar.close()
-    result = aggregate(out, config, optimizers)
+    if dist.rank() != 0:
+        dist.barrier()
+        return {}
+    result = aggregate(out, config, optimizers, plan={(n, float(lr), s) for n, lr, s in plan})
     from .report import write_report
 
     write_report(out, result)
+    dist.barrier()
     return result
 
 
@@ -161,12 +187,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(out: Path, config: RunConfig, optimizers: list[str]) -> dict:
-    """Read every run of a comparison folder; choose learning rates; compute the table."""
+def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) -> dict:
+    """Read the runs of a comparison folder; choose learning rates; compute the table.
+
+    ``plan``: the ``(optimizer, lr, seed)`` triples to use (default: every finished run of
+    ``optimizers`` in the folder), so that runs left by an earlier comparison do not mix in.
+    """
     runs = []
     for path in sorted((out / "runs").glob("*/lr*/seed*/" + SUMMARY)):
         s = _read_json(path)
         if s["optimizer"] not in optimizers:
+            continue
+        if plan is not None and (s["optimizer"], float(s["lr"]), s["seed"]) not in plan:
             continue
         s["dir"] = str(path.parent.relative_to(out))
         s["records"] = read_metrics(path.parent)

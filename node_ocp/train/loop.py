@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
@@ -197,6 +198,8 @@ def _comparable(cfg: dict) -> dict:
     c.pop("max_steps", None)
     c.pop("max_time", None)
     c.pop("device", None)
+    c.pop("world_size", None)  # a run resumes on any number of processes
+    c.pop("source", None)  # the config's content matters, not where the file is
     return c
 
 
@@ -220,7 +223,16 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     if max_time < 0:
         raise ConfigError(f"--max-time: received {max_time}; accepted: seconds >= 0 (0: none)")
     device = resolve_device(o.device or config.train.device)
-    out = prepare_out_dir(out_dir)
+    local = dist.init_from_env(device.type)
+    device = local if local is not None else device
+    world, main = dist.world_size(), dist.rank() == 0
+    if config.train.batch_size % world != 0:
+        raise ConfigError(
+            f"[train].batch_size: received {config.train.batch_size} for {world} processes; "
+            "accepted: a multiple of the number of processes (each takes an equal share)"
+        )
+    out = prepare_out_dir(out_dir) if main else Path(out_dir)
+    dist.barrier()
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     run_info = {
         "config": config.to_dict(),
@@ -230,6 +242,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "lr": lr,
         "seed": seed,
         "device": str(device),
+        "world_size": world,
         "max_steps": steps,
         "max_time": max_time,
     }
@@ -249,9 +262,16 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
 
     torch.manual_seed(seed)
     task = build_task(config, device)
+    if world > 1:
+        task.train_model = dist.wrap_ddp(task.model, device)
     opt = build_optimizer(opt_cfg, task.model, lr, seed=seed)
     horizon = build_horizon(config.horizon, task.model)
     sampler = BatchSampler(len(task.data.train), config.train.batch_size, seed)
+    if sampler.batch % world != 0:
+        raise ConfigError(
+            f"[train].batch_size: the training split has {sampler.n} examples, so batches "
+            f"hold {sampler.batch}; accepted: a multiple of the {world} processes"
+        )
     state = {
         "step": 0,
         "train_clock": 0.0,
@@ -263,6 +283,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "refresh_times": [],
         "diverged": False,
     }
+    history: list[dict] = []
     if checkpoint is not None:
         task.model.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
@@ -270,18 +291,19 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             horizon.load_state_dict(checkpoint["horizon"])
         sampler.load_state_dict(checkpoint["sampler"])
         state = checkpoint["state"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        kept = [r for r in read_metrics(out) if r["step"] <= state["step"]]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    else:
+        _set_rng(checkpoint["rng"], device)
+        history = [r for r in read_metrics(out) if r["step"] <= state["step"]]
+        dist.barrier()  # every process has read the log before it is cut back
+        if main:
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    elif main:
         if metrics_path.exists():
             metrics_path.unlink()
         for stale in (ckpt_path, out / SUMMARY):
             if stale.exists():
                 stale.unlink()
-    atomic_write_json(out / CONFIG, run_info)
+    if main:
+        atomic_write_json(out / CONFIG, run_info)
 
     metric = task.metric
     chunk = config.train.eval_batch
@@ -293,26 +315,34 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     def log(step: int) -> dict:
         val = task.evaluate(task.data.val, chunk)
         _nfe(task)  # evaluation's function evaluations are not the training's
+        loss_sum, nfe_f, nfe_b = (
+            v / world
+            for v in dist.all_reduce_sum_floats(
+                [state["loss_sum"], state["nfe_f"], state["nfe_b"]], device
+            )
+        )
         n = max(state["loss_count"], 1)
         record = {
             "step": step,
             "seconds": state["train_clock"],
-            "train_loss": state["loss_sum"] / n if state["loss_count"] else None,
+            "train_loss": loss_sum / n if state["loss_count"] else None,
             f"val_{metric}": val[metric],
             **{f"val_{k}": v for k, v in val.items() if k != metric},
-            "nfe_forward": state["nfe_f"] / n if state["loss_count"] else None,
-            "nfe_backward": state["nfe_b"] / n if state["loss_count"] else None,
+            "nfe_forward": nfe_f / n if state["loss_count"] else None,
+            "nfe_backward": nfe_b / n if state["loss_count"] else None,
             "t1": t1(),
             "lr": current_lr(opt),
         }
         state.update(loss_sum=0.0, loss_count=0, nfe_f=0, nfe_b=0)
-        _append_metrics(metrics_path, record)
+        history.append(record)
+        if main:
+            _append_metrics(metrics_path, record)
         return record
 
     def save() -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rng = _gather_rng(device)
+        if not main:
+            return
         _save_checkpoint(
             ckpt_path,
             {
@@ -328,13 +358,16 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
 
     if state["step"] == 0 and checkpoint is None:
         log(0)
-    bar = _progress(o.progress, steps, state["step"], f"{name} lr={lr:g} seed={seed}")
+    bar = _progress(o.progress and main, steps, state["step"], f"{name} lr={lr:g} seed={seed}")
     stopped_by_time = False
     while state["step"] < steps and not state["diverged"]:
-        if max_time and state["train_clock"] >= max_time:
+        over = bool(max_time) and state["train_clock"] >= max_time
+        if max_time and world > 1:  # every process stops at the same step
+            over = dist.all_reduce_sum_floats([float(over)], device)[0] > 0
+        if over:
             stopped_by_time = True
             break
-        idx = sampler.next()
+        idx = sampler.next()[dist.rank() :: world]  # this process's share of the batch
         batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
         refresh = isinstance(opt, OCNOpt) and opt.refresh_due
         if device.type == "cuda":
@@ -342,9 +375,19 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         t0 = time.perf_counter()
         try:
             opt.zero_grad()
-            outputs, loss = task.outputs_and_loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {float(loss)}")
+            failure = None
+            try:
+                outputs, loss = task.outputs_and_loss(batch)
+                if not torch.isfinite(loss):
+                    failure = f"non-finite training loss {float(loss.detach())}"
+            except SolverError as exc:
+                failure = str(exc).splitlines()[0]
+            if world > 1:  # agree before the backward pass, which synchronises gradients
+                failed = dist.all_reduce_sum_floats([float(failure is not None)], device)[0]
+                if failed and failure is None:
+                    failure = "another process failed (non-finite loss or solver error)"
+            if failure is not None:
+                raise FloatingPointError(failure)
             if isinstance(opt, OCNOpt) and opt.factors != "empirical":
                 opt.backward(loss, outputs=outputs, likelihood=task.likelihood)
             else:
@@ -380,17 +423,46 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             save()
     if bar is not None:
         bar.close()
-    last = read_metrics(out)
-    if not state["diverged"] and (not last or last[-1]["step"] != state["step"]):
+    if not state["diverged"] and (not history or history[-1]["step"] != state["step"]):
         log(state["step"])
         save()
     elif state["diverged"]:
         save()
-    return _finish(task, state, out, run_info, memory, stopped_by_time, opt_cfg)
+    summary = _finish(task, state, out, run_info, memory, stopped_by_time, opt_cfg, history)
+    if isinstance(opt, OCNOpt) and world > 1:
+        summary["refresh_allreduce"] = dict(opt.last_reduce)
+        if main:
+            atomic_write_json(out / SUMMARY, summary)
+    dist.barrier()
+    return summary
 
 
-def _finish(task, state, out: Path, run_info: dict, memory: _Memory, by_time, opt_cfg) -> dict:
-    records = read_metrics(out)
+def _gather_rng(device) -> dict:
+    """This process's RNG states, and under torch.distributed every process's (in order)."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_distributed():
+        return {**mine, "per_process": [mine]}
+    import torch.distributed as tdist
+
+    every: list = [None] * dist.world_size()
+    tdist.all_gather_object(every, mine)
+    return {**every[0], "per_process": every}
+
+
+def _set_rng(rng: dict, device) -> None:
+    """Restore this process's RNG states (process 0's when the process count changed)."""
+    per = rng.get("per_process") or [rng]
+    mine = per[dist.rank()] if len(per) == dist.world_size() else per[0]
+    torch.set_rng_state(mine["torch"].cpu())
+    if device.type == "cuda" and mine.get("cuda") is not None:
+        torch.cuda.set_rng_state(mine["cuda"].cpu(), device)
+
+
+def _finish(
+    task, state, out: Path, run_info, memory: _Memory, by_time, opt_cfg, records: list[dict]
+) -> dict:
     metric = task.metric
     key = f"val_{metric}"
     if state["diverged"]:
@@ -426,12 +498,14 @@ def _finish(task, state, out: Path, run_info: dict, memory: _Memory, by_time, op
         "step_time_s": step_t,
         "refresh_time_s": refresh_t,
         "amortized_step_s": amortized,
+        "world_size": run_info["world_size"],
         "nfe_forward": statistics.mean(f for f, _ in nfe) if nfe else None,
         "nfe_backward": statistics.mean(b for _, b in nfe) if nfe else None,
         "t1": records[-1].get("t1") if records else None,
         **memory.peak_mb(),
     }
-    atomic_write_json(out / SUMMARY, summary)
+    if dist.rank() == 0:
+        atomic_write_json(out / SUMMARY, summary)
     return summary
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import dist
 from ..data import (
     PROCEDURAL,
     TABULAR,
@@ -72,6 +73,7 @@ class Task:
     kind: str
     metric: str
     likelihood: str
+    train_model: nn.Module | None = None  # the model the loss runs through (DDP wrapper)
 
     @property
     def higher_is_better(self) -> bool:
@@ -83,24 +85,30 @@ class Task:
 
     def outputs_and_loss(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs, loss)`` of a batch: outputs are what the likelihood is defined on."""
+        model = self.model if self.train_model is None else self.train_model
         if self.kind == "density":
-            z, dlogp, reg = self.model(batch.x)
+            z, dlogp, reg = model(batch.x)
             nll = -(standard_normal_logprob(z) - dlogp).mean()
             return z, nll + reg.mean()
         if self.kind == "classification":
-            logits = self.model(batch.x)
+            logits = model(batch.x)
             return logits, F.cross_entropy(logits, batch.y)
-        preds = self.model(batch.x, batch.y.times)
+        preds = model(batch.x, batch.y.times)
         return preds, masked_mse(preds, batch.y)
 
     @torch.no_grad()
     def evaluate(self, split: Split, chunk: int) -> dict[str, float]:
-        """Metrics over a whole split, in chunks of ``chunk`` examples."""
+        """Metrics over a whole split, in chunks of ``chunk`` examples.
+
+        Under torch.distributed every process evaluates every ``world``-th example and the
+        sums are added over processes: all processes get the metrics of the whole split.
+        """
         self.model.eval()
         total, count, correct = 0.0, 0, 0
-        n = len(split)
-        for start in range(0, n, chunk):
-            part = split.batch(torch.arange(start, min(n, start + chunk)))
+        mine = torch.arange(dist.rank(), len(split), dist.world_size())
+        device = next(self.model.parameters()).device
+        for start in range(0, len(mine), chunk):
+            part = split.batch(mine[start : start + chunk].to(device))
             if self.kind == "density":
                 logp = self.model.log_prob(part.x)
                 total += float(-logp.sum())
@@ -116,6 +124,7 @@ class Task:
                 total += float(((preds - part.y.values) ** 2 * m).sum())
                 count += int(m.sum())
         self.model.train()
+        total, count, correct = dist.all_reduce_sum_floats([total, count, correct], device)
         if self.kind == "density":
             return {"nll": total / count}
         if self.kind == "classification":
