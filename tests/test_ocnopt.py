@@ -540,3 +540,29 @@ def test_factors_the_loss_cannot_provide():
     fresh = no.OCNOpt(TinyHead(), lr=0.1, factors="exact")
     with pytest.raises(ValueError, match=r"no ODE block was called with grad enabled"):
         fresh.backward(outputs.sum(), outputs=outputs, likelihood="categorical")
+
+
+@pytest.mark.parametrize("kl_clip", [1e-6, 1e6])
+def test_kl_clip_scales_the_update_to_the_bound(kl_clip):
+    torch.manual_seed(0)
+    model = Classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _data()
+    lr = 0.1
+    opt = no.OCNOpt(model, lr=lr, momentum=0.0, curvature="identity", kl_clip=kl_clip)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    opt.step()
+    vg = lr * lr * sum(float((g * g).sum()) for g in grads)  # identity: u = g
+    nu = min(1.0, (kl_clip / vg) ** 0.5)
+    assert (nu < 1.0) == (kl_clip < vg)
+    assert opt.last_clip == pytest.approx(nu, rel=1e-12)
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - lr * nu * g, rtol=0, atol=1e-14)
+    if nu < 1.0:  # the clipped step Δ = -lr·ν·u has Δᵀ F Δ = lr² ν² u·g (F u = g) = kl_clip
+        delta = [p0 - p.detach() for p, p0 in zip(model.parameters(), before)]
+        quad = sum(float((d * g).sum()) for d, g in zip(delta, grads)) * lr * nu
+        assert quad == pytest.approx(kl_clip, rel=1e-9)
+    with pytest.raises(TypeError, match="kl_clip"):
+        no.OCNOpt(model, lr=0.1, kl_clip="big")

@@ -106,6 +106,12 @@ class OCNOpt(torch.optim.Optimizer):
         diag_beta, diag_eps: the diagonal rule's running-average coefficient and epsilon.
         max_dense_params: ``curvature="dense"`` refuses a block whose field has more
             parameters than this.
+        kl_clip: None (default) or a float > 0: scale every update by
+            ``ν = min(1, sqrt(kl_clip / Σ_groups lr² Σ_p u_p·g_p))`` (``u`` the preconditioned
+            direction, ``g`` the gradient), so that the step ``Δ = -lr ν u`` has
+            ``Δᵀ F Δ = lr² ν² u·g <= kl_clip`` under the curvature ``F`` (``F u = g``) — the
+            usual K-FAC safeguard against oversized second-order steps when
+            the curvature is stale or small. Applied before momentum.
         nonfinite: ``"skip"`` (default: a step with a non-finite loss or gradient changes
             nothing, warns and counts in ``skipped_steps``) or ``"raise"``.
         groups: optional list of parameter-group dicts (``{"params": [...], "lr": ...}``)
@@ -147,6 +153,7 @@ class OCNOpt(torch.optim.Optimizer):
         seed: int = 0,
         distributed: bool | None = None,
         eigh_spread_min_dim: int = 512,
+        kl_clip: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise bad_type("model", model, "an nn.Module (the whole model)")
@@ -163,6 +170,8 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_type("distributed", distributed, "True, False or None (automatic)")
         self.distributed = distributed
         self.eigh_spread_min_dim = check_int("eigh_spread_min_dim", eigh_spread_min_dim, 1)
+        self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
+        self.last_clip = 1.0
         self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
         defaults = dict(
             lr=check_hyper("lr", lr, 0, float("inf"), True, True, "a float > 0"),
@@ -449,6 +458,8 @@ class OCNOpt(torch.optim.Optimizer):
                     d = d.add(p, alpha=wd)
                 directions[p] = d
         updates = self._precondition(directions, step)
+        if self.kl_clip is not None:
+            self._clip(updates, directions, step)
         for group in self.param_groups:
             lr = value_at(group["lr"], step)
             momentum = value_at(group["momentum"], step)
@@ -469,6 +480,21 @@ class OCNOpt(torch.optim.Optimizer):
         self._step += 1
         self._arm_if_due()
         return loss
+
+    def _clip(self, updates: dict, directions: dict, step: int) -> None:
+        """Scale all updates by ν = min(1, sqrt(kl_clip / Σ lr² u·g)) (see ``kl_clip``)."""
+        total = 0.0
+        for group in self.param_groups:
+            lr = value_at(group["lr"], step)
+            inner = sum(
+                float((updates[p] * directions[p]).sum()) for p in group["params"] if p in updates
+            )
+            total += lr * lr * inner
+        nu = min(1.0, (self.kl_clip / total) ** 0.5) if total > 0 else 1.0
+        self.last_clip = nu
+        if nu < 1.0:
+            for p in updates:
+                updates[p] = updates[p] * nu
 
     def _all_finite(self, loss) -> bool:
         checks = [

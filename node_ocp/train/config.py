@@ -207,7 +207,7 @@ class OptimizerConfig:
 
     kind: ``adam``, ``sgd`` or ``ocnopt``. lr: learning rate; lr_grid: the learning rates
     ``compare --lr-grid`` tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1).
-    The remaining keys are OCNOpt's (see :class:`~node_ocp.OCNOpt`).
+    The remaining keys are OCNOpt's (see :class:`~node_ocp.OCNOpt`); ``kl_clip = 0`` is off.
     """
 
     kind: str = "adam"
@@ -222,6 +222,7 @@ class OptimizerConfig:
     alpha: float = 0.75
     sample_dt: float = 0.05
     outside: str = "kfac"
+    kl_clip: float = 0.0
 
     def check(self, where: str) -> None:
         from ..optim.ocnopt import CURVATURES, FACTOR_SOURCES, OUTSIDE_RULES

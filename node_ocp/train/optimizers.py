@@ -35,6 +35,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         sample_dt=cfg.sample_dt,
         factors=cfg.factors,
         outside=cfg.outside,
+        kl_clip=cfg.kl_clip or None,
         seed=seed,
     )
 
