@@ -75,9 +75,10 @@ def past_and_future(
         raise bad_value("observe", observe, f"a cut leaving points on both sides of {cut:.3g}")
     past, future = [], []
     for i in range(values.shape[0]):
-        keep = torch.rand(past_idx.numel(), generator=generator) >= drop
+        observed = ~torch.isnan(values[i, past_idx]).all(-1)  # padding of shorter series
+        keep = (torch.rand(past_idx.numel(), generator=generator) >= drop) & observed
         if not keep.any():
-            keep[-1] = True
+            keep[observed.nonzero().flatten()[-1:]] = True
         idx = past_idx[keep]
         past.append((times[idx], values[i, idx], None))
         future.append((times[future_idx], values[i, future_idx], None))
@@ -138,11 +139,12 @@ def uea_forecast(
             pad = torch.full((a.shape[0], length - a.shape[1], a.shape[2]), float("nan"))
             arrays[k] = torch.cat([a, pad], 1)
     train = arrays["train"]
-    mean = torch.nanmean(train, dim=(0, 1), keepdim=True)
-    std = torch.sqrt(torch.nanmean((train - mean) ** 2, dim=(0, 1), keepdim=True)).clamp_min(1e-6)
     times = torch.linspace(0.0, 1.0, length)
     perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * train.shape[0]))
+    fit = train[perm[n_val:]]  # statistics of the training rows only
+    mean = torch.nanmean(fit, dim=(0, 1), keepdim=True)
+    std = torch.sqrt(torch.nanmean((fit - mean) ** 2, dim=(0, 1), keepdim=True)).clamp_min(1e-6)
     chunks = {
         "train": train[perm[n_val:]],
         "val": train[perm[:n_val]],

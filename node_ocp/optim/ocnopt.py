@@ -570,6 +570,9 @@ class OCNOpt(torch.optim.Optimizer):
     def _reduce(self, jobs: list[list]) -> None:
         """Average the per-sample statistics over processes; sum the sample counts."""
         mats = [m for job in jobs for m in job[2]]
+        if not mats:  # every process built the same (empty) list: nothing to send
+            self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
+            return
         reduced = dist.all_reduce_bucket(mats, "mean")
         device = mats[0].device if mats else None
         counts = dist.all_reduce_sum_floats([job[3] for job in jobs], device=device)

@@ -11,9 +11,10 @@ each data-parallel over all processes. The comparison folder holds::
 Aggregation: for every optimizer the learning rate with the best mean final *validation*
 metric over seeds is chosen (a diverged run counts as the worst), and test metrics are
 reported at that learning rate as mean ± std over seeds. The target of time-to-target is
-``[train].target`` or else the baseline's (Adam's) mean final validation metric; each
-optimizer's time to it is the median over seeds of the first training wall-clock
-(evaluation excluded) at which its validation metric reaches it.
+``[train].target`` or else what the baseline (Adam) reaches in every seed: its least good
+final validation metric over seeds. Each optimizer's time to it is the median over seeds of
+the first training wall-clock (evaluation excluded) at which its validation metric reaches
+it, a seed that never does counting as infinitely late.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ COMPARISON = "comparison.json"
 
 
 def run_dir(out: Path, name: str, lr: float, seed: int) -> Path:
-    return out / "runs" / name / f"lr{lr:g}" / f"seed{seed}"
+    return out / "runs" / name / f"lr{float(lr)!r}" / f"seed{seed}"
 
 
 def train_in_process_args(config_path, out, name, lr, seed, device, max_steps, max_time):
@@ -83,6 +84,10 @@ def compare(
         raise ConfigError(f"--optimizers: received duplicates in {','.join(optimizers)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: received {seeds!r}; accepted: an int >= 1")
+    if dist.launched_by_torchrun():  # join the group now: rank decides who writes
+        from .loop import resolve_device
+
+        dist.init_from_env(resolve_device(device or config.train.device).type)
     out = prepare_out_dir(out_dir) if dist.rank() == 0 else Path(out_dir)
     plan = []
     for name in optimizers:
@@ -230,7 +235,7 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
         per_opt[name] = {
             "kind": best[0]["optimizer_kind"],
             "lr": pick,
-            "grid": {f"{lr:g}": g for lr, g in grid.items()},
+            "grid": {repr(float(lr)): g for lr, g in grid.items()},
             "runs": [r["dir"] for r in best],
             "val": _mean_std([r["final_val"] for r in best]),
             "test": _mean_std([r["test_metric"] for r in best]),
@@ -251,8 +256,14 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
     target = config.train.target
     target_source = "[train].target"
     if target is None:
-        target = per_opt[baseline]["val"][0]
-        target_source = f"{baseline}'s mean final validation {metric}"
+        # what the baseline reaches in every seed: its least good final validation metric
+        finals = [
+            v
+            for v in per_opt[baseline]["grid"][repr(float(per_opt[baseline]["lr"]))]["vals"]
+            if v is not None and math.isfinite(v)
+        ]
+        target = (min if higher else max)(finals) if finals else math.nan
+        target_source = f"{baseline}'s final validation {metric}, least good seed"
     for agg in per_opt.values():
         hits = []
         for rdir in agg["runs"]:
@@ -261,9 +272,13 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
                 time_to_target(r["records"], key, target, higher) if math.isfinite(target) else None
             )
             hits.append(hit)
+        # a seed that never got there counts as +inf: the median is "never" unless more
+        # than half of the seeds reached the target
         reached = [h for h in hits if h is not None]
-        agg["time_to_target_s"] = statistics.median(h[0] for h in reached) if reached else None
-        agg["steps_to_target"] = statistics.median(h[1] for h in reached) if reached else None
+        t_med = statistics.median(h[0] if h else math.inf for h in hits)
+        s_med = statistics.median(h[1] if h else math.inf for h in hits)
+        agg["time_to_target_s"] = t_med if math.isfinite(t_med) else None
+        agg["steps_to_target"] = s_med if math.isfinite(s_med) else None
         agg["reached"] = f"{len(reached)}/{len(hits)}"
     base = per_opt[baseline]
     for agg in per_opt.values():

@@ -386,7 +386,7 @@ def _coerce(where: str, value, tp):
         return float(value)
     if tp in (int, float) and (isinstance(value, bool) or not isinstance(value, tp)):
         raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")
-    if tp is float and not math.isfinite(value) and value != math.inf:
+    if tp is float and not math.isfinite(value) and not where.endswith(".max_horizon"):
         raise ConfigError(f"{where}: received {value!r}; accepted: a finite float")
     if tp in (str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")

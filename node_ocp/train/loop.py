@@ -42,6 +42,10 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 
 
+class _Diverged(FloatingPointError):
+    """A training failure every process agreed on before the backward pass."""
+
+
 class RunError(RuntimeError):
     """A run that cannot start (bad output folder, missing checkpoint, no GPU, ...)."""
 
@@ -116,20 +120,32 @@ class BatchSampler:
 
 
 class _Memory:
-    """Peak memory of the training phase: CUDA allocator peak, or peak RSS growth on CPU."""
+    """Peak memory of the training steps.
+
+    CUDA: the allocator's peak over the training steps only (reset before each step, so
+    evaluation does not count). CPU: the process's peak resident memory (which also covers
+    evaluation and data loading) and its growth over the memory in use before training.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.peak = 0.0
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
+            self.base = torch.cuda.memory_allocated(device) / 2**20
         else:
             self.base = _rss_mb()
 
+    def before_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def after_step(self) -> None:
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
+
     def peak_mb(self) -> dict:
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-            return {"peak_memory_mb": peak, "train_memory_mb": peak - self.base / 2**20}
+            return {"peak_memory_mb": self.peak, "train_memory_mb": self.peak - self.base}
         peak = _max_rss_mb()
         return {"peak_memory_mb": peak, "train_memory_mb": max(0.0, peak - self.base)}
 
@@ -213,8 +229,8 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     name = o.optimizer or config.train.optimizer
     opt_cfg = config.optimizer(name)
     lr = opt_cfg.lr if o.lr is None else float(o.lr)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"--lr: received {lr!r}; accepted: a float > 0")
+    if o.lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr: received {lr!r}; accepted: a finite float > 0")
     seed = config.train.seed if o.seed is None else int(o.seed)
     steps = config.train.steps if o.max_steps is None else int(o.max_steps)
     max_time = config.train.max_seconds if o.max_time is None else float(o.max_time)
@@ -231,8 +247,15 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             f"[train].batch_size: received {config.train.batch_size} for {world} processes; "
             "accepted: a multiple of the number of processes (each takes an equal share)"
         )
-    out = prepare_out_dir(out_dir) if main else Path(out_dir)
-    dist.barrier()
+    out = Path(out_dir)
+    problem = None
+    if main:
+        try:
+            out = prepare_out_dir(out_dir)
+        except RunError as exc:
+            problem = exc
+    if dist.all_reduce_sum_floats([float(problem is not None)], device)[0]:
+        raise problem or RunError(f"--out: process 0 cannot write to {str(out_dir)!r}")
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     run_info = {
         "config": config.to_dict(),
@@ -253,7 +276,8 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 f"--resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); accepted: "
                 "the --out folder of an earlier run of this config"
             )
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # on the CPU: generator states must stay CPU tensors; load_state_dict moves the rest
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if _comparable(checkpoint["run"]) != _comparable(run_info):
             raise RunError(
                 f"--resume: the checkpoint in {str(out)!r} was written by another config or "
@@ -264,7 +288,9 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     task = build_task(config, device)
     if world > 1:
         task.train_model = dist.wrap_ddp(task.model, device)
-    opt = build_optimizer(opt_cfg, task.model, lr, seed=seed)
+    if world > 1:  # same model everywhere; random draws (probes, sampled factors) per process
+        torch.manual_seed(seed + 1000 * dist.rank())
+    opt = build_optimizer(opt_cfg, task.model, lr, seed=seed + 1000 * dist.rank())
     horizon = build_horizon(config.horizon, task.model)
     sampler = BatchSampler(len(task.data.train), config.train.batch_size, seed)
     if sampler.batch % world != 0:
@@ -334,6 +360,9 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             "lr": current_lr(opt),
         }
         state.update(loss_sum=0.0, loss_count=0, nfe_f=0, nfe_b=0)
+        if not math.isfinite(val[metric]) and not state["diverged"]:
+            state["diverged"] = True  # the same on every process: metrics are all-reduced
+            state["diverged_reason"] = f"validation {metric} is {val[metric]}"
         history.append(record)
         if main:
             _append_metrics(metrics_path, record)
@@ -341,6 +370,12 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
 
     def save() -> None:
         rng = _gather_rng(device)
+        saved = dict(state)
+        if world > 1:  # the partial sums since the last log line, as means over processes
+            sums = dist.all_reduce_sum_floats(
+                [state["loss_sum"], state["nfe_f"], state["nfe_b"]], device
+            )
+            saved.update(zip(("loss_sum", "nfe_f", "nfe_b"), (v / world for v in sums)))
         if not main:
             return
         _save_checkpoint(
@@ -351,7 +386,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 "optimizer": opt.state_dict(),
                 "horizon": horizon.state_dict() if horizon is not None else None,
                 "sampler": sampler.state_dict(),
-                "state": state,
+                "state": saved,
                 "rng": rng,
             },
         )
@@ -372,6 +407,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         refresh = isinstance(opt, OCNOpt) and opt.refresh_due
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        memory.before_step()
         t0 = time.perf_counter()
         try:
             opt.zero_grad()
@@ -387,7 +423,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 if failed and failure is None:
                     failure = "another process failed (non-finite loss or solver error)"
             if failure is not None:
-                raise FloatingPointError(failure)
+                raise _Diverged(failure)
             if isinstance(opt, OCNOpt) and opt.factors != "empirical":
                 opt.backward(loss, outputs=outputs, likelihood=task.likelihood)
             else:
@@ -396,12 +432,21 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             if horizon is not None:
                 horizon.step()
         except (SolverError, FloatingPointError) as exc:
+            if world > 1 and not isinstance(exc, _Diverged):
+                # A failure inside the backward pass: the other processes are waiting in
+                # DDP's gradient all-reduce, so this process cannot stop on its own terms.
+                raise RunError(
+                    f"process {dist.rank()}: {str(exc).splitlines()[0]} during the backward "
+                    "pass; the data-parallel run stops (resume from the last checkpoint, "
+                    "e.g. with a smaller learning rate or tighter solver tolerances)"
+                ) from exc
             state["diverged"] = True
             state["diverged_reason"] = str(exc).splitlines()[0]
             break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
+        memory.after_step()
         state["train_clock"] += dt
         state["step"] += 1
         (state["refresh_times"] if refresh else state["step_times"]).append(dt)

@@ -87,7 +87,7 @@ def write_report(out, result: dict) -> Path:
         for lr, g in a["grid"].items():
             vals = ", ".join("nan" if not _finite(v) else f"{v:.4g}" for v in g["vals"])
             mean = g["mean_val"]
-            chosen = " **(chosen)**" if float(lr) == a["lr"] else ""
+            chosen = " **(chosen)**" if float(lr) == float(a["lr"]) else ""
             lines.append(
                 f"| {name} | {lr}{chosen} | {'–' if not _finite(mean) else f'{mean:.4g}'} "
                 f"| {vals} | {g['diverged']}/{g['seeds']} |"
@@ -97,7 +97,8 @@ def write_report(out, result: dict) -> Path:
         "## How to read this",
         "",
         "- *time to target*: median over seeds of the first training second at which the "
-        "validation metric reached the target; *reached* counts the seeds that got there.",
+        "validation metric reached the target (a seed that never did counts as infinitely "
+        "late: 'never' unless most seeds got there); *reached* counts the seeds that did.",
         "- *step cost*: median training step time, amortized over OCNOpt's refresh period "
         "(the refresh step, with curvature capture and eigendecompositions, separately). Both "
         "are measured while training, so they include the solver's NFE changing as the field "
@@ -139,9 +140,9 @@ def draw_comparison(out, result: dict) -> list[str]:
             curves = [c for c in _curves(out, result, name) if c]
             if not curves:
                 continue
-            n = min(len(c) for c in curves)
-            xs = [sum(c[i][xkey] for c in curves) / len(curves) for i in range(n)]
-            ys = [[c[i][key] for c in curves] for i in range(n)]
+            n = max(len(c) for c in curves)  # a seed that stopped early drops out
+            xs = [_nanmean([c[i][xkey] for c in curves if i < len(c)]) for i in range(n)]
+            ys = [[c[i][key] for c in curves if i < len(c)] for i in range(n)]
             mean = [_nanmean(v) for v in ys]
             lo = [_nanmin(v) for v in ys]
             hi = [_nanmax(v) for v in ys]
@@ -179,8 +180,12 @@ def draw_comparison(out, result: dict) -> list[str]:
         plt.close(fig)
         written.append("lr_sensitivity.png")
     if result["task"] == "density" and result["config"]["task"]["dataset"] in _toys():
-        dirs = {name: out / a["runs"][0] for name, a in result["optimizers"].items()}
-        if draw_density(out / "density.png", dirs):
+        dirs = {}
+        for name, a in result["optimizers"].items():
+            ok = [r["dir"] for r in result["runs"] if r["dir"] in a["runs"] and not r["diverged"]]
+            if ok:
+                dirs[name] = out / ok[0]
+        if dirs and draw_density(out / "density.png", dirs):
             written.append("density.png")
     if result["config"].get("horizon") is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -246,10 +251,16 @@ def draw_density(path: Path, run_dirs: dict[str, Path], grid: int = 80) -> bool:
     )
     axes[1][0].set_title("data histogram")
     gen = torch.Generator().manual_seed(0)
+    from ..ode.block import SolverError
+
     for j, (name, model) in enumerate(models.items(), start=1):
-        with torch.no_grad():
-            logp = torch.cat([model.log_prob(c) for c in pts.split(2048)])
-            samples = model.sample(2000, generator=gen)
+        try:
+            with torch.no_grad():
+                logp = torch.cat([model.log_prob(c) for c in pts.split(2048)])
+                samples = model.sample(2000, generator=gen)
+        except SolverError:  # a flow that blew up: leave its panels empty
+            axes[0][j].set_title(f"{name}: solver failed")
+            continue
         axes[0][j].imshow(
             logp.exp().reshape(grid, grid).numpy(), origin="lower", extent=[-lim, lim, -lim, lim]
         )

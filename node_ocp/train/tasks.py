@@ -9,6 +9,7 @@ better) for classification, ``mse`` (lower is better) for forecasts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from ..data import (
     uea_series,
 )
 from ..models import CNF, ODERNN, NeuralCDE, ODEImageClassifier, standard_normal_logprob
-from ..ode.block import ODEBlock
+from ..ode.block import ODEBlock, SolverError
 from ..ode.layers import ConcatSquashLinear, TimeSequential
 from .config import ConfigError, RunConfig
 
@@ -94,7 +95,14 @@ class Task:
             logits = model(batch.x)
             return logits, F.cross_entropy(logits, batch.y)
         preds = model(batch.x, batch.y.times)
-        return preds, masked_mse(preds, batch.y)
+        if dist.world_size() == 1:
+            return preds, masked_mse(preds, batch.y)
+        # the mean over the observed entries of the whole (global) batch, whatever their
+        # split over processes: each process divides by the global count / processes
+        count = dist.all_reduce_sum_floats([float(batch.y.mask.sum())], preds.device)[0]
+        m = batch.y.mask.to(preds.dtype)
+        share = max(count, 1.0) / dist.world_size()
+        return preds, ((preds - batch.y.values) ** 2 * m).sum() / share
 
     @torch.no_grad()
     def evaluate(self, split: Split, chunk: int) -> dict[str, float]:
@@ -102,34 +110,41 @@ class Task:
 
         Under torch.distributed every process evaluates every ``world``-th example and the
         sums are added over processes: all processes get the metrics of the whole split.
+        A solve that fails (a model that blew up) makes the metrics NaN on every process.
         """
         self.model.eval()
-        total, count, correct = 0.0, 0, 0
         mine = torch.arange(dist.rank(), len(split), dist.world_size())
         device = next(self.model.parameters()).device
-        for start in range(0, len(mine), chunk):
-            part = split.batch(mine[start : start + chunk].to(device))
-            if self.kind == "density":
-                logp = self.model.log_prob(part.x)
-                total += float(-logp.sum())
-                count += len(part)
-            elif self.kind == "classification":
-                logits = self.model(part.x)
-                total += float(F.cross_entropy(logits, part.y, reduction="sum"))
-                correct += int((logits.argmax(1) == part.y).sum())
-                count += len(part)
-            else:
-                preds = self.model(part.x, part.y.times)
-                m = part.y.mask
-                total += float(((preds - part.y.values) ** 2 * m).sum())
-                count += int(m.sum())
-        self.model.train()
-        total, count, correct = dist.all_reduce_sum_floats([total, count, correct], device)
+        sums = [0.0, 0.0, 0.0]  # loss or squared-error total, count, correct
+        failed = 0.0
+        try:
+            for start in range(0, len(mine), chunk):
+                part = split.batch(mine[start : start + chunk].to(device))
+                for i, v in enumerate(self._chunk_sums(part)):
+                    sums[i] += v
+        except SolverError:
+            failed = 1.0
+        finally:
+            self.model.train()
+        total, count, correct, failed = dist.all_reduce_sum_floats([*sums, failed], device)
+        if failed:
+            total = correct = math.nan
         if self.kind == "density":
             return {"nll": total / count}
         if self.kind == "classification":
             return {"accuracy": correct / count, "loss": total / count}
         return {"mse": total / max(count, 1)}
+
+    def _chunk_sums(self, part: Split) -> tuple[float, float, float]:
+        if self.kind == "density":
+            return float(-self.model.log_prob(part.x).sum()), len(part), 0.0
+        if self.kind == "classification":
+            logits = self.model(part.x)
+            loss = float(F.cross_entropy(logits, part.y, reduction="sum"))
+            return loss, len(part), float((logits.argmax(1) == part.y).sum())
+        preds = self.model(part.x, part.y.times)
+        m = part.y.mask
+        return float(((preds - part.y.values) ** 2 * m).sum()), float(m.sum()), 0.0
 
 
 def masked_mse(preds: torch.Tensor, target: IrregularBatch) -> torch.Tensor:
