@@ -61,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps and one seed per run")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default: the config's)")
     p.add_argument("--out", default="runs/compare_all", help="output folder (runs/compare_all)")
-    p.add_argument("--resume", action="store_true", help="skip tasks already compared")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip tasks already compared and keep finished runs of the others",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -74,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 def _cell(mean_std) -> str:
     m, s = mean_std
     return "diverged" if m is None or not math.isfinite(m) else f"{m:.4g} ± {s:.2g}"
+
+
+def _diverged(agg) -> str:
+    return f" ({agg['diverged']}/{agg['seeds']} diverged)" if agg["diverged"] else ""
 
 
 def _ratio(v) -> str:
@@ -90,7 +98,9 @@ def summarize(results: dict[str, dict], optimizers: list[str]) -> str:
         opts = r["optimizers"]
         better = "↑" if r["higher_is_better"] else "↓"
         row = [stem, f"{r['metric']} {better}"]
-        row += [_cell(opts[o]["test"]) if o in opts else "–" for o in optimizers]
+        row += [
+            _cell(opts[o]["test"]) + _diverged(opts[o]) if o in opts else "–" for o in optimizers
+        ]
         row += [
             _ratio(opts[o]["time_to_target_ratio"]) if o in opts else "–"
             for o in optimizers
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_steps=max_steps,
             max_time=args.max_time,
             progress=False,
+            resume=args.resume,
         )
         seconds[path.stem] = time.perf_counter() - t0
         _write(out, results, optimizers, args, seeds, max_steps)

@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="wall-clock budget per run in seconds (default: [train].max_seconds)",
     )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already finished in --out and run only the others",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     b = sub.add_parser(

@@ -159,3 +159,15 @@ def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     # same model state for both: equal function evaluations
     assert rows["adam"]["nfe_forward"] == rows["ocnopt"]["nfe_forward"]
     assert rows["adam"]["peak_memory_mb"] > 0 and rows["ocnopt"]["memory_ratio"] > 0
+
+
+def test_compare_resume_keeps_finished_runs(tmp_path, cfg_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(cfg_path), "--optimizers", "adam", "--out", str(out), "--no-progress"]
+    assert main([*args, "--seeds", "1"]) == 0
+    first = out / "runs" / "adam" / "lr0.05" / "seed0" / "summary.json"
+    stamp = first.stat().st_mtime_ns
+    assert main([*args, "--seeds", "2", "--resume"]) == 0
+    assert first.stat().st_mtime_ns == stamp  # not trained again
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["optimizers"]["adam"]["seeds"] == 2

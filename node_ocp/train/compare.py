@@ -74,8 +74,13 @@ def compare(
     max_steps: int | None = None,
     max_time: float | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
-    """Run every optimizer (× learning rate × seed) on ``config`` and write the report."""
+    """Run every optimizer (× learning rate × seed) on ``config`` and write the report.
+
+    ``resume``: keep the runs that already finished in ``out_dir`` (their summary.json
+    exists) and run only the others.
+    """
     if not optimizers:
         raise ConfigError("--optimizers: received nothing; accepted: names like adam,sgd,ocnopt")
     for name in optimizers:
@@ -103,6 +108,10 @@ def compare(
     in_process = dist.launched_by_torchrun()
     for name, lr, seed in plan:
         target = run_dir(out, name, lr, seed)
+        if resume and (target / SUMMARY).exists():
+            if bar is not None:
+                bar.update(1)
+            continue
         if in_process:
             # Under torchrun every process runs the plan in step, each run data-parallel
             # over all of them (so peak memory is not per run here).
@@ -186,7 +195,8 @@ def time_to_target(records: list[dict], key: str, target: float, higher: bool):
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None]
+    """Mean and std over the finite values (diverged seeds are counted apart)."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)

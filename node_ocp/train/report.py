@@ -73,8 +73,11 @@ def write_report(out, result: dict) -> Path:
             if a["nfe_forward"] is not None
             else "–"
         )
+        test = _fmt(a["test"])
+        if a["diverged"]:
+            test += f" ({a['diverged']}/{a['seeds']} diverged)"
         lines.append(
-            f"| {name} | {a['lr']:g} | {_fmt(a['test'])} | {_fmt(a['val'])} "
+            f"| {name} | {a['lr']:g} | {test} | {_fmt(a['val'])} "
             f"| {_num(a['time_to_target_s'], '{:.1f}', 'never')} "
             f"| {_num(a['time_to_target_ratio'])} | {a['reached']} "
             f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
