@@ -253,6 +253,7 @@ def run(args) -> int:
             max_steps=args.max_steps,
             max_time=args.max_time,
             progress=not args.no_progress,
+            resume=args.resume,
         )
         if _rank() != 0:
             return 0
