@@ -43,6 +43,29 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _run_options(p: argparse.ArgumentParser, per_run: str = "") -> None:
+    """Options shared by train and compare: device and budgets."""
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default=None,
+        help="device (default: [train].device of the config)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help=f"step budget{per_run} (default: [train].steps)",
+    )
+    p.add_argument(
+        "--max-time",
+        type=_nonneg_float,
+        default=None,
+        help=f"training wall-clock budget in seconds{per_run}, evaluation excluded; 0: none "
+        "(default: [train].max_seconds)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="node-ocp",
@@ -64,23 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    t.add_argument(
-        "--device",
-        choices=["cpu", "cuda", "auto"],
-        default=None,
-        help="device (default: [train].device of the config)",
-    )
     t.add_argument("--seed", type=int, default=None, help="seed (default: [train].seed)")
-    t.add_argument(
-        "--max-steps", type=_positive_int, default=None, help="step budget (default: [train].steps)"
-    )
-    t.add_argument(
-        "--max-time",
-        type=_nonneg_float,
-        default=None,
-        help="training wall-clock budget in seconds, evaluation excluded; 0: none "
-        "(default: [train].max_seconds)",
-    )
+    _run_options(t)
     t.add_argument(
         "--resume", action="store_true", help="continue exactly from the checkpoint in --out"
     )
@@ -126,24 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--out", default=None, help="comparison folder (default: runs/compare-<config name>)"
     )
-    c.add_argument(
-        "--device",
-        choices=["cpu", "cuda", "auto"],
-        default=None,
-        help="device (default: [train].device)",
-    )
-    c.add_argument(
-        "--max-steps",
-        type=_positive_int,
-        default=None,
-        help="step budget per run (default: [train].steps)",
-    )
-    c.add_argument(
-        "--max-time",
-        type=_nonneg_float,
-        default=None,
-        help="wall-clock budget per run in seconds (default: [train].max_seconds)",
-    )
+    _run_options(c, " per run")
     c.add_argument(
         "--resume",
         action="store_true",

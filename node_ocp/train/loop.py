@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write, atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
 from .config import ConfigError, RunConfig
@@ -164,17 +164,8 @@ def _max_rss_mb() -> float:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` through a temporary file and an atomic rename."""
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 def read_metrics(run_dir) -> list[dict]:
