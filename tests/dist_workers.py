@@ -102,7 +102,7 @@ def five_steps(rank: int, world: int, port: int, out: str) -> None:
     model = Classifier("mlp", method="dopri5")
     ddp = wrap_ddp(model)
     opt = no.OCNOpt(model, lr=0.05, update_every=2, sample_dt=0.25)
-    horizon = no.HorizonOptimizer(model.ode, model.parameters(), lr=0.2, penalty=0.01)
+    horizon = no.HorizonOptimizer(model.ode, model.parameters(), lr=0.2, penalty=0.01, warmup=0)
     gen = torch.Generator().manual_seed(rank)  # each process its own data
     for _ in range(5):
         x = torch.randn(6, 3, dtype=torch.float64, generator=gen)

@@ -508,6 +508,32 @@ def test_horizon_update_equals_formula():
     assert state["t1"] == horizon.t1 and block.t.grad is None
 
 
+def test_horizon_warmup_only_averages_then_updates_from_the_averages():
+    """No t1 update during warm-up; the first update uses the averages of all warm-up steps."""
+    block = no.ODEBlock(mlp_field(), (0.0, 1.0), **TIGHT)
+    beta, lr, lam = 0.5, 0.3, 0.01
+    h = no.HorizonOptimizer(block, mode="open_loop", lr=lr, penalty=lam, beta=beta)
+    assert h.warmup == 1  # ceil(1 / (1 - 0.5)) - 1
+    h = no.HorizonOptimizer(block, mode="open_loop", lr=lr, penalty=lam, beta=beta, warmup=3)
+    gen = torch.Generator().manual_seed(0)
+    q_t = q_tt = 0.0
+    for k in range(4):
+        x0 = torch.randn(5, 3, dtype=F64, generator=gen)
+        (block(x0) ** 2).sum().backward()
+        g, t1 = block.t.grad[1].item(), h.t1
+        b = beta if k > 0 else 0.0
+        q_t = b * q_t + (1 - b) * (g + lam * t1)
+        q_tt = b * q_tt + (1 - b) * (g * g + lam)
+        new = h.step()
+        if k < 3:
+            assert new == t1 == 1.0
+        else:
+            assert new == pytest.approx(min(max(t1 - lr * q_t / q_tt, 0.05), 1e9), rel=1e-10)
+            assert new != 1.0
+    with pytest.raises(ValueError, match=r"warmup: received -1"):
+        no.HorizonOptimizer(block, mode="open_loop", warmup=-1)
+
+
 def test_horizon_modes_and_errors():
     block = no.ODEBlock(mlp_field(), (0.0, 1.0))
     with pytest.raises(ValueError, match=r"params: .* the model parameters for mode='feedback'"):

@@ -37,7 +37,7 @@ def tiny(kind="density", **over) -> dict:
             "n_test": 64,
         }
         cfg["model"] = {"kind": "ode_mlp", "hidden": [8], "width": 2}
-        cfg["horizon"] = {"mode": "feedback", "lr": 0.3, "penalty": 0.01}
+        cfg["horizon"] = {"mode": "feedback", "lr": 0.3, "penalty": 0.01, "warmup": 2}
     for path, value in over.items():
         table, key = path.split(".")
         cfg.setdefault(table, {})[key] = value

@@ -14,7 +14,9 @@ where δθ is the parameter update the main optimizer actually took this step. R
     open_loop:    δt1 = −lr Q̄_T / Q̄_TT
     first_order:  δt1 = −lr Q_T               (plain gradient descent on t1, the baseline)
 
-and ``t1 ← clamp(t1 + δt1, t0 + min_horizon, t0 + max_horizon)``.
+and ``t1 ← clamp(t1 + δt1, t0 + min_horizon, t0 + max_horizon)``. No update is taken during the
+first ``warmup`` steps, while the averages still rest on a handful of noisy batches (one large
+early ∂L/∂t1 would otherwise slam t1 to its lower bound and linger in the average).
 
 Use it next to any optimizer (OCNOpt, Adam, SGD); call its ``step()`` after the main
 optimizer's ``step()``, before gradients are cleared:
@@ -24,6 +26,8 @@ optimizer's ``step()``, before gradients are cleared:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -51,6 +55,9 @@ class HorizonOptimizer:
         update_every: apply an update every this many steps (>= 1); averages update each step.
         beta: running-average coefficient in [0, 1).
         min_horizon, max_horizon: bounds on t1 − t0 (min > 0).
+        warmup: steps that only feed the running averages before the first update (>= 0).
+            Default: ``ceil(1 / (1 - beta)) - 1`` for the averaged modes (9 at beta 0.9, the
+            averages' memory), 0 for ``first_order``.
         distributed: average ``∂L/∂t1`` over the processes of the default torch.distributed
             group before the update, so that every process keeps the same t1 (None, the
             default: when a group with more than one process is initialised). The feedback
@@ -69,6 +76,7 @@ class HorizonOptimizer:
         min_horizon: float = 0.05,
         max_horizon: float = float("inf"),
         distributed: bool | None = None,
+        warmup: int | None = None,
     ):
         if not isinstance(block, ODEBlock):
             raise bad_type("block", block, "an ODEBlock")
@@ -98,6 +106,9 @@ class HorizonOptimizer:
         if not (max_horizon > self.min_horizon):
             raise bad_value("max_horizon", max_horizon, f"a float > min_horizon={min_horizon}")
         self.max_horizon = float(max_horizon)
+        if warmup is None:
+            warmup = 0 if self.mode == "first_order" else math.ceil(1 / (1 - self.beta) - 1e-9) - 1
+        self.warmup = check_int("warmup", warmup, 0)
         self.params = [p for p in params] if params is not None else []
         if self.mode == "feedback" and not self.params:
             raise bad_value("params", params, "the model parameters for mode='feedback'")
@@ -141,7 +152,7 @@ class HorizonOptimizer:
             self.avg[key] = b * self.avg[key] + (1 - b) * val
         lr = value_at(self.lr, self.steps)
         delta = 0.0
-        if (self.steps + 1) % self.update_every == 0:
+        if self.steps >= self.warmup and (self.steps + 1) % self.update_every == 0:
             if self.mode == "first_order":
                 delta = -lr * q_t
             elif self.avg["Q_TT"] > 0:
@@ -187,7 +198,7 @@ class HorizonOptimizer:
         return (
             f"HorizonOptimizer(block={self.block.name}, t1={self.t1:.4g}, mode={self.mode!r}, "
             f"lr={self.lr}, penalty={self.penalty}, update_every={self.update_every}, "
-            f"beta={self.beta}, min_horizon={self.min_horizon})"
+            f"beta={self.beta}, warmup={self.warmup}, min_horizon={self.min_horizon})"
         )
 
 

@@ -182,6 +182,7 @@ class HorizonConfig:
     beta: float = 0.9
     min_horizon: float = 0.1
     max_horizon: float = 5.0
+    warmup: int | None = None  # None: HorizonOptimizer's default (the averages' memory)
 
     def check(self, where: str) -> None:
         from ..optim.horizon import HORIZON_MODES
@@ -190,6 +191,8 @@ class HorizonConfig:
         _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.penalty", self.penalty, 0.0, math.inf, "a float >= 0")
         _at_least(f"{where}.update_every", self.update_every, 1)
+        if self.warmup is not None:
+            _at_least(f"{where}.warmup", self.warmup, 0)
         _in_range(f"{where}.beta", self.beta, 0.0, 1.0, "a float in [0, 1)", high_open=True)
         _in_range(
             f"{where}.min_horizon", self.min_horizon, 0.0, math.inf, "a float > 0", low_open=True

@@ -55,6 +55,7 @@ def build_horizon(cfg: HorizonConfig | None, model: nn.Module) -> HorizonOptimiz
         beta=cfg.beta,
         min_horizon=cfg.min_horizon,
         max_horizon=cfg.max_horizon,
+        warmup=cfg.warmup,
     )
 
 
