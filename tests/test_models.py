@@ -75,7 +75,9 @@ def test_neural_cde_path_and_padding():
     assert grid.tolist() == [0.0, 0.25, 0.5, 1.0, 1.5]
     assert data.shape == (2, 5, 5)
     assert torch.isnan(data[0, 1, 1:3]).all()  # the short series has no observation at 0.25
-    assert data[0, 3, 3:].tolist() == [3.0, 3.0]  # cumulative observation counts at t=1
+    # cumulative observation counts as fractions of the series' time points
+    assert data[0, 3, 3:].tolist() == [1.0, 1.0]  # short: 3 of 3 seen at t=1
+    assert data[1, 1, 3:].tolist() == [2 / 5, 2 / 5]  # long: 2 of 5 seen at t=0.25
     assert torch.isnan(data[0, -1]).all()  # after its last observation: filled by torchcde
     # With linear interpolation the path of the short series is constant after its last
     # observation, so padding it with a longer series leaves its output unchanged.

@@ -3,7 +3,8 @@
 ``dz = f(z) dX(t)`` is solved as the ODE ``dz/dt = f(z) · dX/dt`` in an
 :class:`~node_ocp.ODEBlock`, so the own adjoint and curvature capture apply. ``X`` is
 torchcde's interpolation of the observations on the union of the batch's times, with time and
-cumulative observation counts as extra channels. Missing values are filled by torchcde; the
+cumulative observation counts (divided by the series' number of time points, so in [0, 1])
+as extra channels. Missing values are filled by torchcde; the
 time channel is observed only at each series' own times, so a series' path is constant
 before its first and after its last observation and its state does not change there.
 """
@@ -122,10 +123,10 @@ class NeuralCDE(nn.Module):
         grid = torch.unique(times[valid])
         n, t_len, c = len(batch), grid.numel(), self.channels
         values = batch.values.new_full((n, t_len, c), float("nan"))
-        # Time and cumulative observation counts are set at the series' own observation
-        # times only (NaN elsewhere, filled by torchcde like the values), so that a series'
-        # path does not depend on the other series' times and is constant before its first
-        # and after its last observation.
+        # Time and cumulative observation counts (as fractions of the series' time points)
+        # are set at the series' own observation times only (NaN elsewhere, filled by
+        # torchcde like the values), so that a series' path does not depend on the other
+        # series' times and is constant before its first and after its last observation.
         counts = batch.values.new_full((n, t_len, c), float("nan"))
         time_channel = batch.values.new_full((n, t_len, 1), float("nan"))
         pos = torch.searchsorted(grid, times.contiguous())  # (B, L)
@@ -135,7 +136,9 @@ class NeuralCDE(nn.Module):
             v = batch.values[b][valid[b]].clone()
             v[~observed] = float("nan")
             values[b, idx] = v
-            counts[b, idx] = observed.to(values.dtype).cumsum(0)
+            # divided by the series' number of time points: the channel stays in [0, 1]
+            # whatever the length (raw counts reach L and would drive the state by as much)
+            counts[b, idx] = observed.to(values.dtype).cumsum(0) / max(int(idx.numel()), 1)
             time_channel[b, idx, 0] = grid[idx]
         return grid, torch.cat([time_channel, values, counts], 2)
 
