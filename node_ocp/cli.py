@@ -8,6 +8,7 @@ folder, ``--resume`` without a checkpoint, ``--device cuda`` without a GPU) prin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed (default: [train].seed)")
     _run_options(t)
     t.add_argument(
-        "--resume", action="store_true", help="continue exactly from the checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue exactly from the checkpoint in --out, with its optimizer, lr and seed "
+        "unless given (default: off)",
     )
     t.add_argument(
         "--optimizer",
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (default: lr of the optimizer's table)",
     )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
 
     c = sub.add_parser(
         "compare",
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--lr-grid",
         action="store_true",
-        help="run every lr of each optimizer's lr_grid and report each at its best",
+        help="run every lr of each optimizer's lr_grid and report each at its best "
+        "(default: off: each optimizer at its lr)",
     )
     c.add_argument(
         "--out", default=None, help="comparison folder (default: runs/compare-<config name>)"
@@ -138,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--resume",
         action="store_true",
-        help="keep the runs already finished in --out and run only the others",
+        help="keep the runs already finished in --out and run only the others (default: off)",
     )
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
 
     b = sub.add_parser(
         "bench",
@@ -169,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="device (default: [train].device)",
     )
-    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    b.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory runs (default: off)"
+    )
     b.add_argument(
         "--out", default=None, help="JSON output (default: runs/bench-<config name>.json)"
     )
@@ -301,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         if _rank() != 0:
             return EXIT_USAGE
         print(f"node-ocp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, ImportError) as exc:
+        # the library's own argument checks (they name the argument, what was received and
+        # what is accepted) and missing optional packages; NODE_OCP_TRACEBACK=1 re-raises
+        if os.environ.get("NODE_OCP_TRACEBACK"):
+            raise
+        if _rank() == 0:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"node-ocp: error: {first}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

@@ -76,10 +76,45 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, cfg_path, capsys):
             capsys, ["train", str(cfg_path), "--device", "cuda", "--out", str(tmp_path / "g")]
         )
         assert "no CUDA GPU" in msg
+        msg = _error(
+            capsys, ["compare", str(cfg_path), "--device", "cuda", "--out", str(tmp_path / "h")]
+        )
+        assert "no CUDA GPU" in msg and not (tmp_path / "h").exists()
+    msg = _error(capsys, ["compare", str(unknown), "--out", str(tmp_path / "cu"), "--seeds", "1"])
+    assert "[task].dataset: received 'mnist'" in msg
+    text = cfg_path.read_text()
+    assert "[optimizers.ocnopt]" in text
+    negative = tmp_path / "negative.toml"
+    negative.write_text(text.replace("[optimizers.ocnopt]", "[optimizers.ocnopt]\nkl_clip = -1.0"))
+    msg = _error(capsys, ["train", str(negative), "--out", str(tmp_path / "n")])
+    assert "[optimizers.ocnopt].kl_clip: received -1.0; accepted: a float >= 0" in msg
     msg = _error(capsys, ["plot", str(tmp_path / "absent")])
     assert "is not a folder" in msg
     msg = _error(capsys, ["plot", str(tmp_path)])
     assert "neither comparison.json nor metrics.jsonl" in msg
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("curvature: received 'dense'; accepted: ...\nsecond line"),
+        ImportError("torchcde is needed for NeuralCDE; install it with: pip install torchcde"),
+    ],
+)
+def test_library_argument_errors_and_missing_packages_are_one_line(
+    tmp_path, cfg_path, capsys, monkeypatch, error
+):
+    import node_ocp.train.loop as loop
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "build_task", failing)
+    msg = _error(capsys, ["train", str(cfg_path), "--out", str(tmp_path / "o")])
+    assert msg == "node-ocp: error: " + str(error).splitlines()[0]
+    monkeypatch.setenv("NODE_OCP_TRACEBACK", "1")
+    with pytest.raises(type(error)):
+        main(["train", str(cfg_path), "--out", str(tmp_path / "o")])
 
 
 def test_bad_flag_values_exit_2(capsys, cfg_path):
@@ -171,3 +206,7 @@ def test_compare_resume_keeps_finished_runs(tmp_path, cfg_path, capsys):
     assert first.stat().st_mtime_ns == stamp  # not trained again
     result = json.loads((out / "comparison.json").read_text())
     assert result["optimizers"]["adam"]["seeds"] == 2
+    # another budget is another run: --resume trains it again
+    assert main([*args, "--seeds", "1", "--resume", "--max-steps", "3"]) == 0
+    assert first.stat().st_mtime_ns != stamp
+    assert json.loads((first.parent / "config.json").read_text())["max_steps"] == 3

@@ -170,6 +170,34 @@ def test_killed_run_resumes_to_the_same_metrics_log(tmp_path, monkeypatch, kind,
         assert s["t1"] != 1.0  # t1 moved, and identically in both runs (equal logs)
 
 
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_run_stopped_by_its_budget_off_schedule_resumes_exactly(tmp_path, divergence):
+    # stopped at step 7 (eval_every 3): the stop writes a line and a checkpoint off the
+    # schedule; resuming to 12 steps must log what an uninterrupted 12-step run logs
+    cfg = config_from_dict(tiny(**{"model.divergence": divergence}))
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg, full, RunOptions(progress=False))
+    train(cfg, part, RunOptions(max_steps=7, progress=False))
+    assert [r["step"] for r in read_metrics(part)] == [0, 3, 6, 7]
+    # --resume takes the optimizer, lr and seed of the checkpoint
+    train(cfg, part, RunOptions(max_steps=12, resume=True, progress=False))
+    assert without_time(read_metrics(part)) == without_time(read_metrics(full))
+    final_full = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    final_part = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
+    for k in final_full:
+        assert torch.equal(final_full[k], final_part[k]), k
+
+
+def test_resume_keeps_the_checkpoint_s_optimizer_lr_and_seed(tmp_path):
+    cfg = config_from_dict(tiny())
+    first = RunOptions(optimizer="adam", lr=0.02, seed=5, max_steps=4, progress=False)
+    train(cfg, tmp_path, first)
+    s = train(cfg, tmp_path, RunOptions(max_steps=6, resume=True, progress=False))
+    run = json.loads((tmp_path / "config.json").read_text())
+    assert (run["optimizer"], run["lr"], run["seed"]) == ("adam", 0.02, 5)
+    assert s["steps"] == 6
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny())
     saves = {"n": 0}

@@ -19,6 +19,7 @@ it, a seed that never does counting as infinitely late.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 from .. import dist
 from ..io import atomic_write_json
 from .config import ConfigError, RunConfig
-from .loop import SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
+from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
 
 COMPARISON = "comparison.json"
 
@@ -89,11 +90,20 @@ def compare(
         raise ConfigError(f"--optimizers: received duplicates in {','.join(optimizers)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: received {seeds!r}; accepted: an int >= 1")
-    if dist.launched_by_torchrun():  # join the group now: rank decides who writes
-        from .loop import resolve_device
+    from .loop import resolve_device
+    from .tasks import check_dataset
 
-        dist.init_from_env(resolve_device(device or config.train.device).type)
-    out = prepare_out_dir(out_dir) if dist.rank() == 0 else Path(out_dir)
+    check_dataset(config.task)
+    dev = resolve_device(device or config.train.device)  # no GPU: an error before any run
+    if dist.launched_by_torchrun():  # join the group now: rank decides who writes
+        dev = dist.init_from_env(dev.type) or dev
+    out, problem = Path(out_dir), None
+    if dist.rank() == 0:
+        try:
+            out = prepare_out_dir(out_dir)
+        except RunError as exc:
+            problem = exc
+    _stop_together(problem, dev, f"--out: process 0 cannot write to {str(out_dir)!r}")
     plan = []
     for name in optimizers:
         opt = config.optimizers[name]
@@ -108,7 +118,7 @@ def compare(
     in_process = dist.launched_by_torchrun()
     for name, lr, seed in plan:
         target = run_dir(out, name, lr, seed)
-        if resume and (target / SUMMARY).exists():
+        if resume and _finished(target, config, name, lr, seed, max_steps, max_time):
             if bar is not None:
                 bar.update(1)
             continue
@@ -136,7 +146,12 @@ def compare(
             )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                said = [ln for ln in lines if ln.startswith("node-ocp: error: ")]
+                if said:  # the run's own one-line error
+                    why = said[-1][len("node-ocp: error: ") :]
+                    raise RunError(f"run {name} lr={lr:g} seed={seed}: {why}")
+                tail = "\n".join(lines[-8:])  # a crash: its traceback's end
                 raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
             s = _read_json(target / SUMMARY)
         line = (
@@ -151,15 +166,43 @@ def compare(
             print(line)
     if bar is not None:
         bar.close()
-    if dist.rank() != 0:
-        dist.barrier()
-        return {}
-    result = aggregate(out, config, optimizers, plan={(n, float(lr), s) for n, lr, s in plan})
-    from .report import write_report
+    result, problem = {}, None
+    if dist.rank() == 0:
+        from .report import write_report
 
-    write_report(out, result)
-    dist.barrier()
+        try:
+            result = aggregate(
+                out, config, optimizers, plan={(n, float(lr), s) for n, lr, s in plan}
+            )
+            write_report(out, result)
+        except Exception as exc:  # the others must not wait for a report that never comes
+            problem = exc
+    _stop_together(problem, dev, "compare: process 0 could not write the report")
     return result
+
+
+def _finished(target: Path, config: RunConfig, name, lr, seed, max_steps, max_time) -> bool:
+    """A run in ``target`` finished with this config, optimizer, lr, seed and budgets."""
+    if not (target / SUMMARY).exists() or not (target / CONFIG).exists():
+        return False
+    try:
+        run = _read_json(target / CONFIG)
+    except (OSError, ValueError):
+        return False
+    steps = config.train.steps if max_steps is None else int(max_steps)
+    seconds = config.train.max_seconds if max_time is None else float(max_time)
+    return (
+        run.get("config") == json.loads(json.dumps(config.to_dict()))
+        and (run.get("optimizer"), run.get("seed"), run.get("max_steps")) == (name, seed, steps)
+        and run.get("lr") == float(lr)
+        and run.get("max_time") == seconds
+    )
+
+
+def _stop_together(problem: Exception | None, device, other: str) -> None:
+    """Raise ``problem`` on process 0 and a RunError on the others when process 0 had one."""
+    if dist.all_reduce_sum_floats([float(problem is not None)], device)[0]:
+        raise problem if problem is not None else RunError(other)
 
 
 def _read_json(path: Path) -> dict:

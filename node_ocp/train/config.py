@@ -243,6 +243,7 @@ class OptimizerConfig:
         _in_range(f"{where}.damping", self.damping, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.alpha", self.alpha, 0.0, 1.0, "a float in (0, 1]", low_open=True)
         _in_range(f"{where}.sample_dt", self.sample_dt, 0.0, math.inf, "a float > 0", low_open=True)
+        _in_range(f"{where}.kl_clip", self.kl_clip, 0.0, math.inf, "a float >= 0 (0: off)")
 
     @property
     def grid(self) -> list[float]:
@@ -322,6 +323,8 @@ def load_config(path) -> RunConfig:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: {str(path)!r} cannot be read: {exc}") from None
     return config_from_dict(raw, source=str(path))
 
 

@@ -210,6 +210,14 @@ def _comparable(cfg: dict) -> dict:
     return c
 
 
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path`` (None when there is none), loaded onto the CPU."""
+    if not path.is_file():
+        return None
+    # on the CPU: generator states must stay CPU tensors; load_state_dict moves the rest
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict:
     """Train one model as ``config`` and ``options`` say; returns the run summary.
 
@@ -217,12 +225,18 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     run cannot start.
     """
     o = options or RunOptions()
-    name = o.optimizer or config.train.optimizer
+    # --resume continues with the optimizer, lr and seed of the checkpoint unless told otherwise
+    checkpoint = _read_checkpoint(Path(out_dir) / CHECKPOINT) if o.resume else None
+    before = checkpoint["run"] if checkpoint is not None else {}
+    name = o.optimizer or before.get("optimizer") or config.train.optimizer
     opt_cfg = config.optimizer(name)
-    lr = opt_cfg.lr if o.lr is None else float(o.lr)
+    if o.lr is not None:
+        lr = float(o.lr)
+    else:
+        lr = before.get("lr", opt_cfg.lr) if name == before.get("optimizer") else opt_cfg.lr
     if o.lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"--lr: received {lr!r}; accepted: a finite float > 0")
-    seed = config.train.seed if o.seed is None else int(o.seed)
+    seed = int(before.get("seed", config.train.seed)) if o.seed is None else int(o.seed)
     steps = config.train.steps if o.max_steps is None else int(o.max_steps)
     max_time = config.train.max_seconds if o.max_time is None else float(o.max_time)
     if steps < 1:
@@ -260,15 +274,12 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "max_steps": steps,
         "max_time": max_time,
     }
-    checkpoint = None
     if o.resume:
-        if not ckpt_path.exists():
+        if checkpoint is None:
             raise RunError(
                 f"--resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); accepted: "
                 "the --out folder of an earlier run of this config"
             )
-        # on the CPU: generator states must stay CPU tensors; load_state_dict moves the rest
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if _comparable(checkpoint["run"]) != _comparable(run_info):
             raise RunError(
                 f"--resume: the checkpoint in {str(out)!r} was written by another config or "
@@ -309,7 +320,14 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         sampler.load_state_dict(checkpoint["sampler"])
         state = checkpoint["state"]
         _set_rng(checkpoint["rng"], device)
-        history = [r for r in read_metrics(out) if r["step"] <= state["step"]]
+        # cut back to the checkpoint; a last line off the evaluation schedule (written when
+        # the run stopped there) goes too: an uninterrupted run has no line at that step
+        history = [
+            r
+            for r in read_metrics(out)
+            if r["step"] < state["step"]
+            or (r["step"] == state["step"] and r["step"] % config.train.eval_every == 0)
+        ]
         dist.barrier()  # every process has read the log before it is cut back
         if main:
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -350,7 +368,10 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             "t1": t1(),
             "lr": current_lr(opt),
         }
-        state.update(loss_sum=0.0, loss_count=0, nfe_f=0, nfe_b=0)
+        if step % config.train.eval_every == 0:
+            # a line off the schedule (the run's last step, a time budget's stop) leaves the
+            # sums running, so that a resumed run logs what an uninterrupted one does
+            state.update(loss_sum=0.0, loss_count=0, nfe_f=0, nfe_b=0)
         if not math.isfinite(val[metric]) and not state["diverged"]:
             state["diverged"] = True  # the same on every process: metrics are all-reduced
             state["diverged_reason"] = f"validation {metric} is {val[metric]}"

@@ -112,9 +112,15 @@ class Task:
         sums are added over processes: all processes get the metrics of the whole split.
         A solve that fails (a model that blew up) makes the metrics NaN on every process.
         """
+        device = next(self.model.parameters()).device
+        # evaluation draws (Hutchinson probes, ...) leave the training's random stream alone,
+        # so that when and how often a run evaluates does not change its training
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._evaluate(split, chunk, device)
+
+    def _evaluate(self, split: Split, chunk: int, device) -> dict[str, float]:
         self.model.eval()
         mine = torch.arange(dist.rank(), len(split), dist.world_size())
-        device = next(self.model.parameters()).device
         sums = [0.0, 0.0, 0.0]  # loss or squared-error total, count, correct
         failed = 0.0
         try:
@@ -166,9 +172,8 @@ def dataset_names(kind: str) -> tuple[str, ...]:
     return (*PROCEDURAL, *uea)
 
 
-def load_data(config: RunConfig) -> TaskData:
-    """The :class:`TaskData` of ``config.task`` (nothing is downloaded)."""
-    t = config.task
+def check_dataset(t) -> None:
+    """Raise :class:`ConfigError` unless ``t.dataset`` (a TaskConfig) names a data set."""
     static = {"density": (*TOYS, *TABULAR), "classification": ("spirals", "digits")}
     static["forecast"] = PROCEDURAL
     names = static[t.kind] if t.dataset in static[t.kind] else dataset_names(t.kind)
@@ -180,6 +185,12 @@ def load_data(config: RunConfig) -> TaskData:
             f"[task].dataset: received {t.dataset!r} for kind {t.kind!r}; accepted: "
             f"{', '.join(names)}{hint}"
         )
+
+
+def load_data(config: RunConfig) -> TaskData:
+    """The :class:`TaskData` of ``config.task`` (nothing is downloaded)."""
+    t = config.task
+    check_dataset(t)
     if t.kind == "density":
         if t.dataset in TOYS:
             parts = [
