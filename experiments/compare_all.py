@@ -22,7 +22,8 @@ from pathlib import Path
 
 from node_ocp.io import atomic_write_json, atomic_write_text
 from node_ocp.train.compare import COMPARISON, aggregate, compare
-from node_ocp.train.config import load_config
+from node_ocp.train.config import ConfigError, load_config
+from node_ocp.train.loop import RunError
 from node_ocp.train.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +90,21 @@ def _ratio(v) -> str:
 
 
 def summarize(results: dict[str, dict], optimizers: list[str]) -> str:
-    """One markdown table: a row per task, test metric and time-to-target ratio per optimizer."""
+    """One markdown table: a row per task, test metric and time-to-target ratio per optimizer.
+
+    A task whose comparison failed (``{"failed": message}``) gets a row with the message.
+    """
+    base = next((r["baseline"] for r in results.values() if "baseline" in r), optimizers[0])
     head = "| task | metric | " + " | ".join(f"{o} test" for o in optimizers)
-    head += " | " + " | ".join(f"{o} t→target × adam" for o in optimizers if o != "adam")
-    head += " | OCNOpt step cost × adam |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head += " | " + " | ".join(f"{o} t→target × {base}" for o in optimizers if o != base)
+    head += f" | OCNOpt step cost × {base} |"
+    width = head.count("|") - 1
+    lines = [head, "|" + "---|" * width]
     for stem, r in results.items():
+        if "failed" in r:
+            cells = [stem, "failed: " + r["failed"].replace("|", "/")] + [""] * (width - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         opts = r["optimizers"]
         better = "↑" if r["higher_is_better"] else "↓"
         row = [stem, f"{r['metric']} {better}"]
@@ -104,7 +114,7 @@ def summarize(results: dict[str, dict], optimizers: list[str]) -> str:
         row += [
             _ratio(opts[o]["time_to_target_ratio"]) if o in opts else "–"
             for o in optimizers
-            if o != "adam"
+            if o != base
         ]
         ocn = next((a for a in opts.values() if a["kind"] == "ocnopt"), None)
         row.append(_ratio(ocn["step_cost_ratio"]) if ocn else "–")
@@ -139,18 +149,24 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"== {path.stem}", flush=True)
         t0 = time.perf_counter()
-        results[path.stem] = compare(
-            load_config(path),
-            folder,
-            optimizers,
-            seeds=seeds,
-            lr_grid=args.lr_grid,
-            device=args.device,
-            max_steps=max_steps,
-            max_time=args.max_time,
-            progress=False,
-            resume=args.resume,
-        )
+        try:
+            results[path.stem] = compare(
+                load_config(path),
+                folder,
+                optimizers,
+                seeds=seeds,
+                lr_grid=args.lr_grid,
+                device=args.device,
+                max_steps=max_steps,
+                max_time=args.max_time,
+                progress=False,
+                resume=args.resume,
+            )
+        except (ConfigError, RunError, ImportError, ValueError) as exc:
+            # one task that cannot run (a missing extra, a failed run) does not stop the rest
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"{path.stem}: failed: {why}", flush=True)
+            results[path.stem] = {"failed": why}
         seconds[path.stem] = time.perf_counter() - t0
         _write(out, results, optimizers, args, seeds, max_steps)
     table = _write(out, results, optimizers, args, seeds, max_steps)
@@ -181,7 +197,11 @@ def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
         {
             "setup": setup,
             "results": {
-                k: {kk: v[kk] for kk in ("metric", "higher_is_better", "target", "optimizers")}
+                k: {
+                    kk: v[kk]
+                    for kk in ("metric", "higher_is_better", "target", "optimizers", "failed")
+                    if kk in v
+                }
                 for k, v in results.items()
             },
         },

@@ -194,6 +194,23 @@ def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     # same model state for both: equal function evaluations
     assert rows["adam"]["nfe_forward"] == rows["ocnopt"]["nfe_forward"]
     assert rows["adam"]["peak_memory_mb"] > 0 and rows["ocnopt"]["memory_ratio"] > 0
+    want_nfe = (rows["ocnopt"]["nfe_forward"] + rows["ocnopt"]["nfe_backward"]) / (
+        rows["adam"]["nfe_forward"] + rows["adam"]["nfe_backward"]
+    )
+    assert rows["ocnopt"]["nfe_ratio"] == pytest.approx(want_nfe)
+
+
+def test_bench_without_adam_uses_the_config_s_adam_and_checks_out_first(tmp_path, cfg_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    msg = _error(capsys, ["bench", str(cfg_path), "--out", str(blocker / "b.json")])
+    assert msg.startswith("node-ocp: error: --out: cannot write to")
+    out = tmp_path / "b.json"
+    args = ["bench", str(cfg_path), "--optimizers", "ocnopt", "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["baseline"] == "adam" and set(result["optimizers"]) == {"adam", "ocnopt"}
+    assert result["optimizers"]["ocnopt"]["memory_ratio"] > 0
 
 
 def test_compare_resume_keeps_finished_runs(tmp_path, cfg_path, capsys):

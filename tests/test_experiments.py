@@ -67,11 +67,13 @@ def test_compare_all_main_collects_one_summary_table(tmp_path):
     from train_helpers import tiny, write_toml
 
     cfg = write_toml(tmp_path / "tiny_task.toml", tiny(**{"train.eval_every": 2}))
+    bad = write_toml(tmp_path / "bad_task.toml", tiny(**{"task.dataset": "mnist"}))
     out = tmp_path / "all"
     result = _load("compare_all").main(
         [
             "--quick",
             "--configs",
+            str(bad),  # fails first; the others still run
             str(cfg),
             "--optimizers",
             "adam,ocnopt",
@@ -82,6 +84,7 @@ def test_compare_all_main_collects_one_summary_table(tmp_path):
         ]
     )
     assert "| tiny_task | nll ↓ |" in result["table"]
+    assert "| bad_task | failed: [task].dataset: received 'mnist'" in result["table"]
     summary = (out / "summary.md").read_text()
     assert "ocnopt t→target × adam" in summary and "tiny_task" in summary
     saved = json.loads((out / "summary.json").read_text())

@@ -48,14 +48,20 @@ def bench(
         config.optimizer(n, "--optimizers")
     opts = {n: config.optimizers[n] for n in names}
     baseline = next((n for n, c in opts.items() if c.kind == "adam"), None)
-    if baseline is None:
-        baseline = "adam (baseline)"
-        opts = {baseline: OptimizerConfig(kind="adam", lr=1e-3), **opts}
+    if baseline is None:  # the config's own Adam table, else a default Adam
+        baseline = next((n for n, c in config.optimizers.items() if c.kind == "adam"), None)
+        if baseline is not None:
+            opts = {baseline: config.optimizers[baseline], **opts}
+        else:
+            baseline = "adam (baseline)"
+            opts = {baseline: OptimizerConfig(kind="adam", lr=1e-3), **opts}
     k_max = max((c.update_every for c in opts.values() if c.kind == "ocnopt"), default=1)
     steps = steps if steps is not None else max(2 * k_max + 1, 21)
     if steps < 2:
         raise ConfigError(f"--steps: received {steps}; accepted: an int >= 2")
     dev = resolve_device(device or config.train.device)
+    if out is not None:
+        _check_writable(Path(out))  # before minutes of timing, not after
 
     torch.manual_seed(config.train.seed)
     task = build_task(config, dev)
@@ -122,6 +128,9 @@ def bench(
         r["refresh_ratio"] = _ratio(r["refresh_s"], base["amortized_s"])
         r["amortized_ratio"] = _ratio(r["amortized_s"], base["amortized_s"])
         r["memory_ratio"] = _ratio(r.get("peak_memory_mb"), base.get("peak_memory_mb"))
+        r["nfe_ratio"] = _ratio(
+            r["nfe_forward"] + r["nfe_backward"], base["nfe_forward"] + base["nfe_backward"]
+        )
     result = {
         "source": config.source,
         "device": str(dev),
@@ -144,7 +153,7 @@ def format_bench(result: dict) -> str:
         f"{result['source']} on {result['device']}, batch {result['batch']}, "
         f"{result['steps']} interleaved steps per optimizer; ratios to {base} (plain adjoint)",
         f"{'optimizer':<16} {'step ms':>8} {'refresh ms':>10} {'amortized ms':>12} "
-        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'peak MB':>8} {'mem x':>6} "
+        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'NFE x':>6} {'peak MB':>8} {'mem x':>6} "
         f"{'train MB':>8}",
     ]
     for name, r in result["optimizers"].items():
@@ -152,11 +161,26 @@ def format_bench(result: dict) -> str:
             f"{name:<16} {_ms(r['step_s']):>8} {_ms(r['refresh_s']):>10} "
             f"{_ms(r['amortized_s']):>12} {_x(r['amortized_ratio']):>7} "
             f"{_x(r['refresh_ratio']):>9} "
-            f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} "
+            f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} {_x(r.get('nfe_ratio')):>6} "
             f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6} "
             f"{_mb(r.get('train_memory_mb')):>8}"
         )
     return "\n".join(lines)
+
+
+def _check_writable(path: Path) -> None:
+    """Raise RunError unless the JSON file ``path`` can be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise RunError(
+            f"--out: cannot write to {str(path)!r} ({exc.strerror or exc}); accepted: a file "
+            "path in a writable folder"
+        ) from None
+    if path.is_dir():
+        raise RunError(f"--out: {str(path)!r} is a folder; accepted: a JSON file path")
 
 
 def _memory(config: RunConfig, name: str, cfg: OptimizerConfig, device) -> dict:
