@@ -640,6 +640,13 @@ class OCNOpt(torch.optim.Optimizer):
                 updates[p] = diagonal_direction(d, self.state[p], self.diag_beta, self.diag_eps)
         return updates
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator of the optimizer's own draws (sampled factors); in
+        ``state_dict``. Under torch.distributed each process has its own: a training loop
+        that checkpoints every process's draws saves and restores this one per process."""
+        return self._generator
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         sd = super().state_dict()

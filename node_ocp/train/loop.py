@@ -319,7 +319,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             horizon.load_state_dict(checkpoint["horizon"])
         sampler.load_state_dict(checkpoint["sampler"])
         state = checkpoint["state"]
-        _set_rng(checkpoint["rng"], device)
+        _set_rng(checkpoint["rng"], device, opt)
         # cut back to the checkpoint; a last line off the evaluation schedule (written when
         # the run stopped there) goes too: an uninterrupted run has no line at that step
         history = [
@@ -381,7 +381,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         return record
 
     def save() -> None:
-        rng = _gather_rng(device)
+        rng = _gather_rng(device, opt)
         saved = dict(state)
         if world > 1:  # the partial sums since the last log line, as means over processes
             sums = dist.all_reduce_sum_floats(
@@ -494,11 +494,14 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     return summary
 
 
-def _gather_rng(device) -> dict:
-    """This process's RNG states, and under torch.distributed every process's (in order)."""
+def _gather_rng(device, opt=None) -> dict:
+    """This process's RNG states (torch, CUDA, OCNOpt's own draws), and under
+    torch.distributed every process's (in order)."""
     mine = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(device)
+    if isinstance(opt, OCNOpt):
+        mine["ocnopt"] = opt.generator.get_state()
     if not dist.is_distributed():
         return {**mine, "per_process": [mine]}
     import torch.distributed as tdist
@@ -508,13 +511,17 @@ def _gather_rng(device) -> dict:
     return {**every[0], "per_process": every}
 
 
-def _set_rng(rng: dict, device) -> None:
-    """Restore this process's RNG states (process 0's when the process count changed)."""
+def _set_rng(rng: dict, device, opt=None) -> None:
+    """Restore this process's RNG states. With another process count: process 0's torch
+    states, and OCNOpt's draws as in its state_dict (also process 0's)."""
     per = rng.get("per_process") or [rng]
-    mine = per[dist.rank()] if len(per) == dist.world_size() else per[0]
+    same = len(per) == dist.world_size()
+    mine = per[dist.rank()] if same else per[0]
     torch.set_rng_state(mine["torch"].cpu())
     if device.type == "cuda" and mine.get("cuda") is not None:
         torch.cuda.set_rng_state(mine["cuda"].cpu(), device)
+    if same and isinstance(opt, OCNOpt) and mine.get("ocnopt") is not None:
+        opt.generator.set_state(mine["ocnopt"].cpu())
 
 
 def _finish(
