@@ -1,6 +1,7 @@
 """Configs, the training loop, checkpoints and exact resumption."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -268,6 +269,28 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     s = train(cfg, tmp_path, RunOptions(optimizer="adam", lr=1e4, progress=False))
     assert s["diverged"] and s["steps"] < 30
     assert s["diverged_reason"]
+
+
+@pytest.mark.parametrize("kind", ["density", "horizon"])
+def test_a_solve_failing_in_evaluation_marks_the_run_diverged(tmp_path, monkeypatch, kind):
+    from node_ocp.ode.block import SolverError
+
+    calls = {"n": 0}
+    original = Task._chunk_sums
+
+    def failing(self, part):  # the third evaluation's first chunk fails
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise SolverError("step size underflow")
+        return original(self, part)
+
+    monkeypatch.setattr(Task, "_chunk_sums", failing)
+    s = train(config_from_dict(tiny(kind)), tmp_path, RunOptions(progress=False))
+    assert s["diverged"] and "is nan" in s["diverged_reason"]
+    records = read_metrics(tmp_path)
+    assert records[-1]["step"] == 6 and all(math.isfinite(r["t1"] or 0) for r in records)
+    key = "val_nll" if kind == "density" else "val_accuracy"
+    assert [math.isnan(r[key]) for r in records] == [False, False, True]
 
 
 def test_resume_and_device_errors(tmp_path):

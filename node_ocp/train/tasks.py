@@ -133,13 +133,14 @@ class Task:
         finally:
             self.model.train()
         total, count, correct, failed = dist.all_reduce_sum_floats([*sums, failed], device)
-        if failed:
+        if failed:  # (the count may be 0: a failure in the first chunk)
             total = correct = math.nan
+        count = max(count, 1.0)
         if self.kind == "density":
             return {"nll": total / count}
         if self.kind == "classification":
             return {"accuracy": correct / count, "loss": total / count}
-        return {"mse": total / max(count, 1)}
+        return {"mse": total / count}
 
     def _chunk_sums(self, part: Split) -> tuple[float, float, float]:
         if self.kind == "density":
