@@ -183,6 +183,11 @@ def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
         f"steps {'per config' if max_steps is None else max_steps}; "
         f"time budget {'per config' if args.max_time is None else f'{args.max_time:g} s'}"
     )
+    if args.report_only:  # the flags of this call did not train anything
+        setup = (
+            f"optimizers {', '.join(optimizers)}; re-aggregated from finished runs, with the "
+            "seeds, learning rates and budgets they ran with (each run's config.json)"
+        )
     text = (
         "# Optimizer comparison over the bundled tasks\n\n"
         f"{setup}. Test metrics are mean ± std over seeds; time-to-target is the median "
