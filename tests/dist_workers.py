@@ -81,6 +81,14 @@ def _join(rank: int, world: int, port: int) -> None:
     tdist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _leave() -> None:
+    # all processes are done before any tears gloo down: a process destroying its group
+    # while the other still talks to it can abort ("terminate called without an active
+    # exception")
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def refresh_step(rank: int, world: int, port: int, kind: str, out: str) -> None:
     """One OCNOpt refresh step under DDP on this process's share of the batch."""
     _join(rank, world, port)
@@ -92,7 +100,7 @@ def refresh_step(rank: int, world: int, port: int, kind: str, out: str) -> None:
     loss.backward()
     opt.step()
     torch.save(snapshot(model, opt), os.path.join(out, f"rank{rank}.pt"))
-    tdist.destroy_process_group()
+    _leave()
 
 
 def five_steps(rank: int, world: int, port: int, out: str) -> None:
@@ -119,4 +127,4 @@ def five_steps(rank: int, world: int, port: int, out: str) -> None:
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
-    tdist.destroy_process_group()
+    _leave()
