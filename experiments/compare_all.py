@@ -20,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+from node_ocp._errors import first_line
 from node_ocp.io import atomic_write_json, atomic_write_text
 from node_ocp.train.compare import COMPARISON, aggregate, compare
 from node_ocp.train.config import ConfigError, load_config
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         except (ConfigError, RunError, ImportError, ValueError) as exc:
             # one task that cannot run (a missing extra, a failed run) does not stop the rest
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = first_line(exc)
             print(f"{path.stem}: failed: {why}", flush=True)
             results[path.stem] = {"failed": why}
         seconds[path.stem] = time.perf_counter() - t0

@@ -22,6 +22,12 @@ def describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def bad_value(name: str, received: Any, accepted: str, fix: str | None = None) -> ValueError:
     """A ``ValueError`` for argument ``name``."""
     msg = f"{name}: received {describe(received)}; accepted: {accepted}."

@@ -315,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NODE_OCP_TRACEBACK"):
             raise
         if _rank() == 0:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"node-ocp: error: {first}", file=sys.stderr)
+            from ._errors import first_line
+
+            print(f"node-ocp: error: {first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

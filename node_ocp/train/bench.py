@@ -27,7 +27,7 @@ from ..io import atomic_write_json
 from ..optim import OCNOpt
 from .compare import train_in_process_args
 from .config import ConfigError, OptimizerConfig, RunConfig
-from .loop import SUMMARY, RunError, resolve_device
+from .loop import SUMMARY, RunError, prepare_out_dir, resolve_device
 from .optimizers import build_optimizer
 from .tasks import build_task
 
@@ -169,18 +169,10 @@ def format_bench(result: dict) -> str:
 
 
 def _check_writable(path: Path) -> None:
-    """Raise RunError unless the JSON file ``path`` can be written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise RunError(
-            f"--out: cannot write to {str(path)!r} ({exc.strerror or exc}); accepted: a file "
-            "path in a writable folder"
-        ) from None
+    """Raise RunError unless the JSON file ``path`` can be written (its folder is probed)."""
     if path.is_dir():
         raise RunError(f"--out: {str(path)!r} is a folder; accepted: a JSON file path")
+    prepare_out_dir(path.parent)
 
 
 def _memory(config: RunConfig, name: str, cfg: OptimizerConfig, device) -> dict:

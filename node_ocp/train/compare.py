@@ -206,8 +206,6 @@ def _stop_together(problem: Exception | None, device, other: str) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(Path(path).read_text())
 
 

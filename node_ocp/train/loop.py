@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import dist
+from .._errors import first_line
 from ..io import atomic_write, atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
@@ -429,7 +430,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 if not torch.isfinite(loss):
                     failure = f"non-finite training loss {float(loss.detach())}"
             except SolverError as exc:
-                failure = str(exc).splitlines()[0]
+                failure = first_line(exc)
             if world > 1:  # agree before the backward pass, which synchronises gradients
                 failed = dist.all_reduce_sum_floats([float(failure is not None)], device)[0]
                 if failed and failure is None:
@@ -448,12 +449,12 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 # A failure inside the backward pass: the other processes are waiting in
                 # DDP's gradient all-reduce, so this process cannot stop on its own terms.
                 raise RunError(
-                    f"process {dist.rank()}: {str(exc).splitlines()[0]} during the backward "
+                    f"process {dist.rank()}: {first_line(exc)} during the backward "
                     "pass; the data-parallel run stops (resume from the last checkpoint, "
                     "e.g. with a smaller learning rate or tighter solver tolerances)"
                 ) from exc
             state["diverged"] = True
-            state["diverged_reason"] = str(exc).splitlines()[0]
+            state["diverged_reason"] = first_line(exc)
             break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
