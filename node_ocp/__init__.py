@@ -5,8 +5,8 @@ Public API (stable names):
 - :class:`ODEBlock` — a vector field integrated over a time grid, with the own adjoint.
 - :class:`OCNOpt` — the second-order optimizer; :class:`HorizonOptimizer` — t1 as a control.
 - :class:`CurvatureCapture` — time-joint Kronecker / dense curvature from the backward solve.
-- :func:`set_terminal_factors`, :func:`propagated_factors` — second-order factors through a
-  block.
+  It also carries second-order factors through the blocks
+  (``capture.set_terminal_factors``, ``capture.propagated_factors``).
 - Time-conditioned layers: :class:`ConcatLinear`, :class:`ConcatSquashLinear`,
   :class:`ConcatConv2d`, :class:`ConcatSquashConv2d`, :class:`TimeSequential`.
 """
@@ -21,8 +21,6 @@ from .ode import (
     SolverError,
     TimeConditioned,
     TimeSequential,
-    propagated_factors,
-    set_terminal_factors,
 )
 from .optim import HorizonOptimizer, OCNOpt
 
@@ -36,8 +34,6 @@ __all__ = [
     "CurvatureCapture",
     "KroneckerFactors",
     "DenseFactors",
-    "set_terminal_factors",
-    "propagated_factors",
     "ConcatLinear",
     "ConcatSquashLinear",
     "ConcatConv2d",

@@ -62,3 +62,16 @@ def irregular_spirals(n: int, seed: int):
         items.append((t, v + 0.05 * torch.randn(k, 2, generator=g), None))
         labels.append(label)
     return collate_irregular(items), torch.tensor(labels)
+
+
+def ocnopt_step(opt, compute, likelihood=None):
+    """One step of the recommended OCNOpt loop on a fixed batch.
+
+    ``compute()`` returns ``(loss, outputs)``; it serves the forward pass and the closure
+    of the step control (re-evaluated at trial parameters). Returns the loss.
+    """
+    opt.zero_grad()
+    loss, outputs = compute()
+    opt.backward(loss, outputs=outputs if likelihood else None, likelihood=likelihood)
+    opt.step(compute)
+    return loss

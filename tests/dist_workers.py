@@ -8,6 +8,7 @@ from torch import nn
 
 import node_ocp as no
 from node_ocp.dist import wrap_ddp
+from node_ocp.optim.curvatures import KroneckerUnit
 
 
 class Classifier(nn.Module):
@@ -52,6 +53,7 @@ def make_opt(model, **kw):
     return no.OCNOpt(
         model,
         lr=0.1,
+        step="fixed",
         curvature="ekfac",
         update_every=1,
         sample_dt=0.25,
@@ -65,11 +67,11 @@ def snapshot(model, opt) -> dict:
     """Parameters and each layer's factors rebuilt from its eigendecomposition."""
     names = {m: n for n, m in model.named_modules()}
     factors = {}
-    for module, rule in opt._kron.items():
-        if not rule.ready:
+    for unit in opt.units:
+        if not isinstance(unit, KroneckerUnit) or not unit.ready:
             continue
-        qa, qb, ea, eb = rule.eigen()
-        factors[names[module]] = (qa @ torch.diag(ea) @ qa.T, qb @ torch.diag(eb) @ qb.T)
+        qa, qb, ea, eb = unit.decomposition()
+        factors[names[unit.module]] = (qa @ torch.diag(ea) @ qa.T, qb @ torch.diag(eb) @ qb.T)
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"factors": factors, "params": params, "reduce": dict(opt.last_reduce)}
 
@@ -109,21 +111,30 @@ def five_steps(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     model = Classifier("mlp", method="dopri5")
     ddp = wrap_ddp(model)
-    opt = no.OCNOpt(model, lr=0.05, update_every=2, sample_dt=0.25)
+    opt = no.OCNOpt(model, update_every=2, adapt_every=2, sample_dt=0.25)
     horizon = no.HorizonOptimizer(model.ode, model.parameters(), lr=0.2, penalty=0.01, warmup=0)
     gen = torch.Generator().manual_seed(rank)  # each process its own data
+    trace = []
     for _ in range(5):
         x = torch.randn(6, 3, dtype=torch.float64, generator=gen)
         y = torch.randint(0, 3, (6,), generator=gen)
+
+        def compute(x=x, y=y):
+            logits = ddp(x)
+            return nn.functional.cross_entropy(logits, y), logits
+
         opt.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        opt.step()
+        loss, logits = compute()
+        opt.backward(loss, outputs=logits, likelihood="categorical")
+        opt.step(compute)  # trials on each process's own batch; λ and κ agreed
         horizon.step()
+        trace.append((opt.damping, opt.calibration, opt.step_scale))
     torch.save(
         {
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "t1": horizon.t1,
             "nfe": model.ode.nfe_forward,
+            "trace": trace,
         },
         os.path.join(out, f"rank{rank}.pt"),
     )

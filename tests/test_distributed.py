@@ -62,6 +62,9 @@ def test_five_ddp_steps_leave_both_processes_with_the_same_parameters_and_t1(tmp
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     assert r0["t1"] == r1["t1"] != 1.0
+    # the step control agreed: the same damping λ, calibration κ and step α everywhere,
+    # though each process tried its trials on its own data
+    assert r0["trace"] == r1["trace"] and len({t[0] for t in r0["trace"]}) > 1
     torch.manual_seed(0)
     start = dw.Classifier("mlp", method="dopri5").state_dict()
     assert not torch.equal(start["head.weight"], r0["params"]["head.weight"])

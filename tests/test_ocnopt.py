@@ -1,15 +1,20 @@
-"""OCNOpt against independent computations: SGD, hand-written K-FAC/EKFAC formulas, a
-brute-force damped Gauss–Newton step, brute-force GN matrices for the exact factors."""
+"""OCNOpt's curvature variants against independent computations: SGD, a brute-force dense
+solve with Kronecker factors built here from per-sample Jacobians along the trajectory, a
+brute-force damped Gauss–Newton step, brute-force Gauss–Newton matrices for the exact and
+sampled factor sources, and the hand formulas of π-balanced damping and the diagonal rule."""
 
 import copy
+import math
 
 import pytest
 import torch
 from conftest import mlp_field
 from torch import nn
+from torchdiffeq import odeint
 
 import node_ocp as no
-from node_ocp.optim import output_factors
+from node_ocp.optim import Damping, output_factors
+from node_ocp.optim.curvatures import DiagonalUnit, EKFACUnit, IdentityUnit, KFACUnit, pi_split
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-10)
@@ -21,39 +26,34 @@ REF = dict(method="rk4", options={"step_size": 0.005})
 class Classifier(nn.Module):
     """stem (outside) -> ODE block -> head (outside)."""
 
-    def __init__(self, dim=3, classes=4, hidden=6, conv=False):
+    def __init__(self, dim=3, classes=4, hidden=6):
         super().__init__()
-        if conv:
-            self.stem = nn.Conv2d(1, 2, 3, padding=1)
-            field = no.TimeSequential(no.ConcatConv2d(2, 2, 3, padding=1))
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, classes))
-        else:
-            self.stem = nn.Linear(dim, dim)
-            field = mlp_field(dim, hidden)
-            self.head = nn.Linear(dim, classes)
-        self.ode = no.ODEBlock(field.double(), (0.0, 0.5), **TIGHT)
+        self.stem = nn.Linear(dim, dim)
+        self.ode = no.ODEBlock(mlp_field(dim, hidden).double(), (0.0, 0.5), **TIGHT)
+        self.head = nn.Linear(dim, classes)
         self.double()
 
     def forward(self, x):
         return self.head(self.ode(torch.tanh(self.stem(x))))
 
 
-def _data(conv=False, n=8, classes=4):
+def _data(n=8, classes=4):
     g = torch.Generator().manual_seed(1)
-    x = (
-        torch.randn(n, 1, 4, 4, generator=g, dtype=F64)
-        if conv
-        else torch.randn(n, 3, generator=g, dtype=F64)
-    )
-    return x, torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, 3, generator=g, dtype=F64), torch.randint(0, classes, (n,), generator=g)
 
 
-def test_identity_matches_sgd_step_for_step():
+def _flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def test_identity_with_fixed_steps_is_sgd_step_for_step():
     torch.manual_seed(0)
     model = Classifier()
     ref = copy.deepcopy(model)
     x, y = _data()
-    opt = no.OCNOpt(model, lr=0.1, momentum=0.9, weight_decay=1e-3, curvature="identity")
+    opt = no.OCNOpt(
+        model, lr=0.1, momentum=0.9, weight_decay=1e-3, curvature="identity", step="fixed"
+    )
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     for _ in range(10):
         for m, o in [(model, opt), (ref, sgd)]:
@@ -64,106 +64,178 @@ def test_identity_matches_sgd_step_for_step():
         assert torch.allclose(p, q, rtol=0, atol=1e-14)
 
 
-def _matrix(layer, grad=False):
-    """[W.reshape(d_out, -1), b] of the values (or of the gradients)."""
-    pick = (lambda p: p.grad) if grad else (lambda p: p.detach())
-    parts = [pick(layer.weight).reshape(layer.weight.shape[0], -1)]
-    if layer.bias is not None:
-        parts.append(pick(layer.bias)[:, None])
-    return torch.cat(parts, 1).clone()
+# ---------------------------------------------------------------------- Kronecker variants
+class TwoLayerField(nn.Module):
+    """f(x) = W2 tanh(W1 x + b1) + b2 (autonomous), so that every layer's inputs and output
+    gradients can be written down by hand."""
+
+    def __init__(self, d=2, h=3):
+        super().__init__()
+        self.l1 = nn.Linear(d, h).double()
+        self.l2 = nn.Linear(h, d).double()
+
+    def forward(self, t, x):
+        return self.l2(torch.tanh(self.l1(x)))
 
 
-def _grad_matrix(layer):
-    return _matrix(layer, grad=True)
+def _hand_kronecker_factors(field, x0, target, horizon, dt):
+    """A and B of both layers from the trajectory and the per-sample adjoint at the capture's
+    midpoint sample times, built without the library: states from torchdiffeq, adjoints by
+    backprop through the rest of the trajectory, layer inputs and output gradients by hand."""
+    n = x0.shape[0]
+    cells = math.ceil(horizon / dt - 1e-9)
+    h = horizon / cells
+    times = [(j + 0.5) * h for j in range(cells)]
+    sums = {field.l1: [0, 0], field.l2: [0, 0]}
+    with torch.no_grad():
+        w1, b1, w2 = field.l1.weight, field.l1.bias, field.l2.weight
+    for t in times:
+        grid = torch.tensor([0.0, t], dtype=F64)
+        xt = odeint(field, x0, grid, rtol=1e-12, atol=1e-12)[-1].detach().requires_grad_(True)
+        rest = torch.tensor([t, horizon], dtype=F64)
+        steps = max(1, math.ceil((horizon - t) / 1e-3))
+        x_end = odeint(field, xt, rest, method="rk4", options={"step_size": (horizon - t) / steps})[
+            -1
+        ]
+        loss = 0.5 * ((x_end - target) ** 2).sum(1).mean()
+        (a,) = torch.autograd.grad(loss, xt)  # (n, d): adjoint of the mean loss
+        with torch.no_grad():
+            pre = xt @ w1.T + b1
+            act = torch.tanh(pre)
+            ones = torch.ones(n, 1, dtype=F64)
+            u1, u2 = torch.cat([xt, ones], 1), torch.cat([act, ones], 1)
+            g2 = a
+            g1 = (a @ w2) * (1 - act**2)
+        for layer, u, g in ((field.l1, u1, g1), (field.l2, u2, g2)):
+            sums[layer][0] = sums[layer][0] + h * u.T @ u
+            sums[layer][1] = sums[layer][1] + h * g.T @ g
+    # the empirical source's normalisation: A per sample, B of the per-sample gradients
+    return {m: (a_sum / n, b_sum * n) for m, (a_sum, b_sum) in sums.items()}
 
 
-def _captured(model, x, y, sample_dt):
-    """Independent capture pass on the same batch (the capture itself is checked by hand
-    computations in test_second_order)."""
-    cap = no.CurvatureCapture(sample_dt=sample_dt)
-    stats = {}
-    handles = []
-    for m in [model.stem, model.head[-1] if isinstance(model.head, nn.Sequential) else model.head]:
-
-        def fwd(mod, inp, out):
-            rows = no.curvature.input_rows(mod, inp[0].detach())
-            rows = rows.reshape(-1, rows.shape[-1])
-            stats[mod] = {"A": rows.T @ rows}
-            out.register_hook(
-                lambda g, mod=mod: stats[mod].update(
-                    B=(lambda r: r.T @ r)(no.curvature.output_rows(mod, g).reshape(-1, g.shape[1]))
-                )
-            )
-
-        handles.append(m.register_forward_hook(fwd))
-    with cap.active(model):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-    for h in handles:
-        h.remove()
-    return cap, stats
+def _vec(mat):
+    """Column-major vec: (A ⊗ B) vec(G) = vec(B G Aᵀ)."""
+    return mat.T.reshape(-1)
 
 
-@pytest.mark.parametrize("conv", [False, True])
+def _unvec(v, shape):
+    return v.reshape(shape[1], shape[0]).T
+
+
 @pytest.mark.parametrize("variant", ["kfac", "ekfac"])
-def test_kronecker_directions_equal_hand_formulas(variant, conv):
+def test_kronecker_directions_equal_a_brute_force_dense_solve(variant):
     torch.manual_seed(0)
-    model = Classifier(conv=conv)
-    x, y = _data(conv)
-    n = x.shape[0]
-    eps, alpha, dt = 0.05, 0.75, 0.1
-    cap, outside = _captured(model, x, y, dt)
-    expected = {}
-    # Convolutions: B is divided by the output locations per sample (KFC), 16 on 4x4 maps.
-    locs = {m: (16 if isinstance(m, nn.Conv2d) else 1) for m in list(cap.kronecker) + list(outside)}
-    layers = {m: (s.A / n, s.B * n / locs[m]) for m, s in cap.kronecker.items()}
-    for m, s in outside.items():
-        layers[m] = (s["A"] / n, s["B"] * n / locs[m])
-    for m, (a_n, b_n) in layers.items():
-        g = _grad_matrix(m)
-        if variant == "kfac":
-            ia = torch.linalg.inv(a_n + eps**0.5 * torch.eye(a_n.shape[0], dtype=F64))
-            ib = torch.linalg.inv(b_n + eps**0.5 * torch.eye(b_n.shape[0], dtype=F64))
-            expected[m] = ib @ g @ ia
-        else:
-            ea, qa = torch.linalg.eigh(a_n)
-            eb, qb = torch.linalg.eigh(b_n)
-            gt = qb.T @ g @ qa
-            s = alpha * torch.outer(eb, ea) + (1 - alpha) * n * gt * gt
-            expected[m] = qb @ (gt / (s + eps)) @ qa.T
-    before = {m: _matrix(m) for m in layers}
+    field = TwoLayerField()
+    horizon, dt, n, r, alpha = 0.6, 0.1, 5, 0.05, 0.75
+    block = no.ODEBlock(field, (0.0, horizon), **TIGHT)
+    x0 = torch.randn(n, 2, dtype=F64)
+    target = torch.randn(n, 2, dtype=F64)
+    factors = _hand_kronecker_factors(field, x0, target, horizon, dt)
     opt = no.OCNOpt(
-        model,
+        block,
         lr=1.0,
         momentum=0.0,
+        step="fixed",
         curvature=variant,
-        damping=eps,
+        damping=r,
         alpha=alpha,
-        update_every=5,
         sample_dt=dt,
+        update_every=10,
     )
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    before = {m: torch.cat([m.weight, m.bias[:, None]], 1).detach().clone() for m in factors}
+    opt.zero_grad()
+    loss = 0.5 * ((block(x0) - target) ** 2).sum(1).mean()
+    loss.backward()
+    grads = {m: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone() for m in factors}
     opt.step()
-    for m in layers:
-        step = before[m] - _matrix(m)
-        assert torch.allclose(step, expected[m], rtol=1e-8, atol=1e-12), type(m)
-    if variant == "ekfac":
-        # Second step: same eigenbasis, s = α (α λ_B λ_Aᵀ + (1 − α) n G̃1²) + (1 − α) n G̃2².
-        m = model.ode.field.layers[0].linear if not conv else model.ode.field.layers[0].conv
-        a_n, b_n = layers[m]
-        ea, qa = torch.linalg.eigh(a_n)
-        eb, qb = torch.linalg.eigh(b_n)
-        g1 = qb.T @ _grad_matrix(m) @ qa
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        g2 = qb.T @ _grad_matrix(m) @ qa
-        s1 = alpha * torch.outer(eb, ea) + (1 - alpha) * n * g1 * g1
-        s = alpha * s1 + (1 - alpha) * n * g2 * g2
-        w0 = _matrix(m)
-        opt.step()
-        w1 = _matrix(m)
-        assert torch.allclose(w0 - w1, qb @ (g2 / (s + eps)) @ qa.T, rtol=1e-8, atol=1e-12)
+    for m, (a_mat, b_mat) in factors.items():
+        g = grads[m]
+        ma, mb = a_mat.trace() / a_mat.shape[0], b_mat.trace() / b_mat.shape[0]
+        if variant == "kfac":  # π-balanced: A + √r m_A I, B + √r m_B I
+            da, db = r**0.5 * ma, r**0.5 * mb
+            dense = torch.kron(
+                a_mat + da * torch.eye(a_mat.shape[0], dtype=F64),
+                b_mat + db * torch.eye(b_mat.shape[0], dtype=F64),
+            )
+        else:  # eigenbasis of A ⊗ B, diagonal α λ_B λ_Aᵀ + (1 − α) n G̃², damping r m_A m_B
+            ea, qa = torch.linalg.eigh(a_mat)
+            eb, qb = torch.linalg.eigh(b_mat)
+            q = torch.kron(qa, qb)
+            proj = q.T @ _vec(g)
+            s = alpha * torch.kron(ea.clamp_min(0), eb.clamp_min(0)) + (1 - alpha) * n * proj**2
+            dense = q @ torch.diag(s + r * ma * mb) @ q.T
+        expected = _unvec(torch.linalg.solve(dense, _vec(g)), g.shape)
+        after = torch.cat([m.weight, m.bias[:, None]], 1).detach()
+        torch.testing.assert_close(before[m] - after, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_pi_balanced_damping_equals_the_hand_formula():
+    ma, mb, lam = 4.0, 0.01, 0.09
+    pi = (ma / mb) ** 0.5
+    assert pi_split(ma, mb, lam) == pytest.approx((pi * lam**0.5, lam**0.5 / pi), rel=1e-14)
+    assert pi_split(ma, mb, lam) == pytest.approx(
+        ((lam / (ma * mb)) ** 0.5 * ma,) * 1 + ((lam / (ma * mb)) ** 0.5 * mb,)
+    )
+    assert pi_split(0.0, mb, lam) == (lam**0.5, lam**0.5)  # a degenerate factor: π = 1
+    # through a unit: relative damping r of the mean eigenvalue m_A m_B of A ⊗ B
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    xa = torch.randn(6, 4, generator=g, dtype=F64)
+    xb = torch.randn(5, 2, generator=g, dtype=F64)
+    a_mat, b_mat = xa.T @ xa * 10.0, xb.T @ xb * 1e-3  # very different scales
+
+    class Stats:
+        A, B, samples = a_mat, b_mat, 6.0
+
+    for relative in (True, False):
+        unit = KFACUnit([layer.weight, layer.bias], {}, layer)
+        unit.refresh(Stats)
+        grad = torch.randn(2, 4, generator=g, dtype=F64)
+        ma, mb = float(a_mat.trace() / 4), float(b_mat.trace() / 2)
+        lam = 0.3 * ma * mb if relative else 0.3
+        da, db = pi_split(ma, mb, lam)
+        dense = torch.kron(
+            a_mat + da * torch.eye(4, dtype=F64), b_mat + db * torch.eye(2, dtype=F64)
+        )
+        want = _unvec(torch.linalg.solve(dense, _vec(grad)), grad.shape)
+        got = unit.direction([grad[:, :3], grad[:, 3]], Damping(0.3, relative), 6.0)
+        torch.testing.assert_close(torch.cat([got[0], got[1][:, None]], 1), want)
+        quad = unit.quadratic([grad[:, :3], grad[:, 3]], Damping(0.3, relative))
+        assert float(quad) == pytest.approx(float(_vec(grad) @ dense @ _vec(grad)), rel=1e-10)
+
+
+def test_diagonal_rule_equals_its_hand_formula():
+    """Parameters without Kronecker factors (here a GRU cell): ŝ, the bias-corrected running
+    average of n g², and the direction g / (ŝ + r mean ŝ)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.zeros(3, 4, dtype=F64)
+    beta, r, n = 0.95, 0.1, 8.0
+    unit = DiagonalUnit([p], {}, beta=beta)
+    s = torch.zeros_like(p)
+    for t in range(1, 4):
+        grad = torch.randn(3, 4, generator=g, dtype=F64)
+        s = beta * s + (1 - beta) * n * grad**2
+        hat = s / (1 - beta**t)
+        (got,) = unit.direction([grad], Damping(r, True), n)
+        torch.testing.assert_close(got, grad / (hat + r * hat.mean()))
+        assert float(unit.quadratic([grad], Damping(r, True))) == pytest.approx(
+            float(((hat + r * hat.mean()) * grad**2).sum()), rel=1e-12
+        )
+
+    class GRUModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(2, 3).double()
+            self.ode = no.ODEBlock(mlp_field(3, 4), (0.0, 0.5), **TIGHT)
+
+        def forward(self, x):
+            return self.ode(self.cell(x))
+
+    model = GRUModel()
+    opt = no.OCNOpt(model)
+    kinds = {p: type(u) for u in opt.units for p in u.params}
+    assert all(kinds[p] is DiagonalUnit for p in model.cell.parameters())
+    assert all(kinds[p] is EKFACUnit for p in model.ode.parameters())
 
 
 def _jac(fn, params):
@@ -171,23 +243,15 @@ def _jac(fn, params):
     out = fn()
     rows = []
     for b in range(out.shape[0]):
-        rows.append(
-            torch.stack(
-                [
-                    torch.cat(
-                        [
-                            g.reshape(-1)
-                            for g in torch.autograd.grad(out[b, k], params, retain_graph=True)
-                        ]
-                    )
-                    for k in range(out.shape[1])
-                ]
-            )
-        )
+        per_k = []
+        for k in range(out.shape[1]):
+            grads = torch.autograd.grad(out[b, k], params, retain_graph=True)
+            per_k.append(torch.cat([g.reshape(-1) for g in grads]))
+        rows.append(torch.stack(per_k))
     return torch.stack(rows), out.detach()
 
 
-def test_dense_step_equals_brute_force_damped_gauss_newton():
+def _dense_case():
     torch.manual_seed(0)
     field = mlp_field(dim=2, hidden=3)
     block = no.ODEBlock(field, (0.0, 0.6), adjoint_norm="full", **TIGHT)
@@ -196,20 +260,68 @@ def test_dense_step_equals_brute_force_damped_gauss_newton():
     target = torch.randn(4, 2, dtype=F64)
     params = list(field.parameters())
     jac, out = _jac(lambda: direct(x0), params)
-    n, eps, lr = 4, 0.05, 0.7
-    gn = torch.einsum("bkp,bkq->pq", jac, jac) / n
-    grad = torch.einsum("bkp,bk->p", jac, out - target) / n
-    expected = -lr * torch.linalg.solve(gn + eps * torch.eye(gn.shape[0], dtype=F64), grad)
-    before = torch.cat([p.detach().reshape(-1) for p in params])
-    opt = no.OCNOpt(block, lr=lr, momentum=0.0, curvature="dense", damping=eps, factors="exact")
+    gn = torch.einsum("bkp,bkq->pq", jac, jac) / 4
+    grad = torch.einsum("bkp,bk->p", jac, out - target) / 4
+    return block, x0, target, params, gn, grad
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_dense_step_equals_brute_force_damped_gauss_newton(mode):
+    block, x0, target, params, gn, grad = _dense_case()
+    eps, lr = 0.05, 0.7
+    lam = eps * gn.trace() / gn.shape[0] if mode == "relative" else eps
+    expected = -lr * torch.linalg.solve(gn + lam * torch.eye(gn.shape[0], dtype=F64), grad)
+    before = _flat(params)
+    opt = no.OCNOpt(
+        block,
+        lr=lr,
+        momentum=0.0,
+        step="fixed",
+        curvature="dense",
+        damping=eps,
+        damping_mode=mode,
+        factors="exact",
+    )
     pred = block(x0)
     loss = 0.5 * ((pred - target) ** 2).sum(1).mean()
     opt.backward(loss, outputs=pred, likelihood="gaussian")
     opt.step()
-    after = torch.cat([p.detach().reshape(-1) for p in params])
-    assert torch.allclose(after - before, expected, rtol=1e-6, atol=1e-10)
+    assert torch.allclose(_flat(params) - before, expected, rtol=1e-6, atol=1e-10)
 
 
+def test_kl_clip_bounds_the_update_in_the_damped_curvature():
+    """With the dense curvature: ν = min(1, sqrt(c / δᵀ(G + λ)δ)) scales the update taken."""
+    block, x0, target, params, gn, grad = _dense_case()
+    eps, lr = 0.05, 0.7
+    lam = eps * gn.trace() / gn.shape[0]
+    damped = gn + lam * torch.eye(gn.shape[0], dtype=F64)
+    delta = -lr * torch.linalg.solve(damped, grad)
+    quad = float(delta @ damped @ delta)
+    for clip in (quad / 9, quad * 9):
+        block, x0, target, params, *_ = _dense_case()
+        before = _flat(params)
+        opt = no.OCNOpt(
+            block,
+            lr=lr,
+            momentum=0.0,
+            step="fixed",
+            curvature="dense",
+            damping=eps,
+            factors="exact",
+            kl_clip=clip,
+        )
+        pred = block(x0)
+        opt.backward(
+            0.5 * ((pred - target) ** 2).sum(1).mean(), outputs=pred, likelihood="gaussian"
+        )
+        opt.step()
+        nu = min(1.0, (clip / quad) ** 0.5)
+        assert opt.last_clip == pytest.approx(nu, rel=1e-6)
+        assert torch.allclose(_flat(params) - before, nu * delta, rtol=1e-6, atol=1e-10)
+    assert nu == 1.0  # the generous bound leaves the step alone; the tight one made it 1/3
+
+
+# ---------------------------------------------------------------------- factor sources
 class TinyHead(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
@@ -246,8 +358,7 @@ def test_exact_and_sampled_factors_reproduce_gauss_newton(case, source):
         model = no.ODEBlock(field, (0.0, 0.5), adjoint_norm="full", **TIGHT)
         direct = no.ODEBlock(field, (0.0, 0.5), gradient="direct", **REF)
         s0 = torch.cat([x, torch.zeros(n, 1, dtype=F64)], 1)
-        params = list(field.parameters())
-        jac, _ = _jac(lambda: direct(s0)[:, :2], params)
+        jac, _ = _jac(lambda: direct(s0)[:, :2], list(field.parameters()))
         hess = torch.eye(2, dtype=F64).expand(n, 2, 2)
         run = lambda: model(s0)  # noqa: E731
         outputs_of = lambda out: out[:, :2]  # noqa: E731
@@ -269,16 +380,15 @@ def test_exact_and_sampled_factors_reproduce_gauss_newton(case, source):
     gn_ref = torch.einsum("bkp,bkl,blq->pq", jac, hess, jac) / n
     draws = 1 if source == "exact" else 10
     total = torch.zeros_like(gn_ref)
-    opt = no.OCNOpt(model, lr=1e-9, curvature="dense", factors=source, rank=500, update_every=1)
+    opt = no.OCNOpt(
+        model, lr=1e-9, step="fixed", curvature="dense", factors=source, rank=500, update_every=1
+    )
     for _ in range(draws):
-        out = run()
-        outputs = outputs_of(out)
-        loss = outputs.pow(2).mean()
+        outputs = outputs_of(run())
         opt.zero_grad()
-        opt.backward(loss, outputs=outputs, likelihood=likelihood)
+        opt.backward(outputs.pow(2).mean(), outputs=outputs, likelihood=likelihood)
         block = model if isinstance(model, no.ODEBlock) else model.ode
-        stats = opt.capture.dense[block]
-        total += stats.gauss_newton() / n
+        total += opt.capture.dense[block].gauss_newton() / n
         opt.step()
     got = total / draws
     if source == "exact":
@@ -304,11 +414,60 @@ def test_factors_chain_through_two_blocks_in_the_optimizer():
     s0 = torch.cat([torch.randn(n, 2, dtype=F64), torch.zeros(n, 1, dtype=F64)], 1)
     jac, _ = _jac(lambda: direct(s0)[:, :2], list(f1.parameters()))
     gn_ref = torch.einsum("bkp,bkq->pq", jac, jac) / n
-    opt = no.OCNOpt(model, lr=1e-9, curvature="dense", factors="exact")
+    opt = no.OCNOpt(model, lr=1e-9, step="fixed", curvature="dense", factors="exact")
     out = model(s0)
     opt.backward(out[:, :2].pow(2).mean(), outputs=out[:, :2], likelihood="standard_normal")
     got = opt.capture.dense[model[0]].gauss_newton() / n
     assert torch.allclose(got, gn_ref, rtol=1e-6, atol=1e-10)
+
+
+def test_factor_source_errors():
+    model = TinyHead()
+    x = torch.randn(3, 2, dtype=F64)
+    opt = no.OCNOpt(model, factors="exact")
+    out = model(x)
+    with pytest.raises(ValueError, match=r"outputs/likelihood: .* both given on refresh steps"):
+        opt.backward(out.sum())
+    with pytest.raises(ValueError, match=r"likelihood: received 'poisson'"):
+        opt.backward(out.sum(), outputs=out, likelihood="poisson")
+    out.sum().backward()
+    with pytest.raises(ValueError, match=r"no factors were handed over; call opt.backward"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"logits of shape \(N, K\)"):
+        output_factors(torch.zeros(2, 3, 4), "categorical", "exact", 1)
+
+
+def test_factors_the_loss_cannot_provide():
+    """Outputs that do not depend on the last block's output cannot carry factors to it."""
+    model = TinyHead()
+    side = nn.Linear(2, 3).double()
+    x = torch.randn(3, 2, dtype=F64)
+    opt = no.OCNOpt(nn.ModuleList([model, side]), factors="exact")
+    out = model(x)  # the block runs (its output is kept), but `outputs` is another branch
+    outputs = side(x)
+    with pytest.raises(ValueError, match=r"does not depend on the last ODE block's output"):
+        opt.backward(outputs.sum() + out.sum(), outputs=outputs, likelihood="categorical")
+    fresh = no.OCNOpt(TinyHead(), factors="exact")
+    with pytest.raises(ValueError, match=r"no ODE block was called with grad enabled"):
+        fresh.backward(outputs.sum(), outputs=outputs, likelihood="categorical")
+
+
+# ---------------------------------------------------------------------- state and contract
+def _closure_run(model, opt, x, y, steps, start):
+    losses = []
+    for i in range(start, start + steps):
+        idx = torch.arange(i % 2, 16, 2)
+
+        def compute(idx=idx):
+            logits = model(x[idx])
+            return nn.functional.cross_entropy(logits, y[idx]), logits
+
+        opt.zero_grad()
+        loss, logits = compute()
+        opt.backward(loss, outputs=logits, likelihood="categorical")
+        opt.step(compute)
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.mark.parametrize("variant", ["identity", "diagonal", "kfac", "ekfac", "dense"])
@@ -317,41 +476,31 @@ def test_state_dict_round_trip_is_bit_identical(variant, tmp_path):
         torch.manual_seed(0)
         model = Classifier(hidden=4)
         model.ode = no.ODEBlock(model.ode.field, (0.0, 0.5), rtol=1e-6, atol=1e-6)
-        opt = no.OCNOpt(
-            model, lr=0.05, curvature=variant, update_every=3, sample_dt=0.1, weight_decay=1e-4
-        )
+        opt = no.OCNOpt(model, curvature=variant, update_every=3, adapt_every=2, weight_decay=1e-4)
         return model, opt
 
     x, y = _data(n=16)
-
-    def run(model, opt, steps, start):
-        losses = []
-        for i in range(start, start + steps):
-            idx = torch.arange(i % 2, 16, 2)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.backward(loss)
-            opt.step()
-            losses.append(loss.item())
-        return losses
-
     model, opt = make()
-    straight = run(model, opt, 27, 0)
+    straight = _closure_run(model, opt, x, y, 21, 0)
     model, opt = make()
-    run(model, opt, 7, 0)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    _closure_run(model, opt, x, y, 7, 0)
+    saved = opt.state_dict()
+    assert {"damping", "control", "samples"} <= set(saved["ocnopt"])
+    torch.save({"model": model.state_dict(), "opt": saved}, tmp_path / "ck.pt")
     model2, opt2 = make()
     ck = torch.load(tmp_path / "ck.pt", weights_only=False)
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
     assert opt2.steps_taken == 7 and opt2.refresh_due == (7 % 3 == 0)
-    resumed = run(model2, opt2, 20, 7)
+    assert opt2.damping == opt.damping and opt2.calibration == opt.calibration
+    assert repr(opt2.last_adaptation) == repr(opt.last_adaptation)  # (rho may be NaN)
+    resumed = _closure_run(model2, opt2, x, y, 14, 7)
     assert resumed == straight[7:]
 
 
-def test_lr_scheduler_and_schedules():
+def test_lr_scheduler_and_schedules_with_fixed_steps():
     model = Classifier()
-    opt = no.OCNOpt(model, lr=0.1, curvature="identity")
+    opt = no.OCNOpt(model, lr=0.1, curvature="identity", step="fixed")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = _data()
     for _ in range(2):
@@ -360,34 +509,57 @@ def test_lr_scheduler_and_schedules():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
-    opt2 = no.OCNOpt(model, lr=lambda s: 0.1 / (1 + s), curvature="identity", momentum=0.0)
+    opt2 = no.OCNOpt(
+        model, lr=lambda s: 0.1 / (1 + s), curvature="identity", momentum=0.0, step="fixed"
+    )
     p = model.head.bias
-    opt2.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    before, g = p.detach().clone(), p.grad.clone()
-    opt2.step()
-    assert torch.allclose(p.detach(), before - 0.1 * g)
-    opt2.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    before, g = p.detach().clone(), p.grad.clone()
-    opt2.step()
-    assert torch.allclose(p.detach(), before - 0.05 * g)
+    for expected_lr in (0.1, 0.05):
+        opt2.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before, g = p.detach().clone(), p.grad.clone()
+        opt2.step()
+        assert torch.allclose(p.detach(), before - expected_lr * g)
 
 
-def test_groups_and_outside_rules():
+def test_groups_outside_rules_and_caps():
     model = Classifier()
     opt = no.OCNOpt(
-        model, lr=0.1, groups=[{"params": model.head.parameters(), "lr": 0.01, "outside": "sgd"}]
+        model,
+        lr=0.3,
+        step="fixed",
+        groups=[{"params": model.head.parameters(), "lr": 0.01, "outside": "sgd"}],
     )
     assert len(opt.param_groups) == 2 and opt.param_groups[0]["lr"] == 0.01
-    assert model.head not in opt._kron and model.stem in opt._kron
+    assert isinstance(opt.unit_of(model.stem), EKFACUnit) and opt.unit_of(model.head) is None
+    kinds = {p: type(u) for u in opt.units for p in u.params}
+    assert kinds[model.head.weight] is IdentityUnit and kinds[model.head.bias] is IdentityUnit
     assert "group 0" in repr(opt) and "ekfac" in repr(opt)
     x, y = _data()
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     b, g = model.head.bias.detach().clone(), model.head.bias.grad.clone()
     opt.step()
-    assert torch.allclose(model.head.bias.detach(), b - 0.01 * g)  # sgd rule, first momentum step
+    assert torch.allclose(model.head.bias.detach(), b - 0.01 * g)  # sgd rule at the group's lr
+    with pytest.raises(ValueError, match=r"groups\[\.\.\.\]: received .*'damping'.*accepted"):
+        no.OCNOpt(model, groups=[{"params": model.head.parameters(), "damping": 0.1}])
+
+
+def test_memory_usage_counts_the_state_of_every_unit():
+    model = Classifier()
+    opt = no.OCNOpt(model, update_every=2)
+    x, y = _data(n=16)
+    _closure_run(model, opt, x, y, 2, 0)
+    usage = opt.memory_usage()
+    assert usage["EKFACUnit"] > 0 and usage["momentum"] > 0
+    assert usage["total"] == sum(v for k, v in usage.items() if k != "total")
+    expected = sum(
+        t.numel() * t.element_size()
+        for u in opt.units
+        if isinstance(u, EKFACUnit)
+        for t in u.state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    assert usage["EKFACUnit"] == expected
 
 
 def test_nonfinite_gradient_skips_and_leaves_state_untouched():
@@ -402,7 +574,7 @@ def test_nonfinite_gradient_skips_and_leaves_state_untouched():
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     model.head.bias.grad[0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient at step 1"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient at step 1"):
         opt.step()
     assert opt.skipped_steps == 1 and opt.steps_taken == 1
     for p, q in zip(model.parameters(), params):
@@ -421,23 +593,28 @@ def test_nonfinite_gradient_skips_and_leaves_state_untouched():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"damping": 0.0}, r"damping: received 0.0; accepted: a float > 0"),
-        ({"damping": -1.0}, r"damping: received -1.0"),
+        ({"damping": 0.0}, r"damping: received 0.0; accepted: a finite float > 0"),
+        ({"damping": 1e9}, r"damping: received 1000000000.0; accepted: a float in \[min_d"),
         ({"alpha": 0.0}, r"alpha: received 0.0; accepted: a float in \(0, 1\]"),
         ({"alpha": 1.5}, r"alpha: received 1.5"),
         ({"update_every": 0}, r"update_every: received 0; accepted: an int >= 1"),
+        ({"adapt_every": 0}, r"adapt_every: received 0; accepted: an int >= 1"),
         ({"curvature": "newton"}, r"curvature: received 'newton'; accepted: one of 'identity'"),
         ({"factors": "fisher"}, r"factors: received 'fisher'; accepted: one of 'empirical'"),
+        ({"step": "line"}, r"step: received 'line'; accepted: one of 'model', 'fixed'"),
+        ({"damping_mode": "x"}, r"damping_mode: received 'x'; accepted: one of 'relative'"),
+        ({"step": "fixed"}, r"lr: received None; accepted: a float > 0 with step='fixed'"),
         ({"lr": -0.1}, r"lr: received -0.1; accepted: a float > 0"),
         ({"momentum": 1.0}, r"momentum: received 1.0; accepted: a float in \[0, 1\)"),
         ({"outside": "adam"}, r"outside: received 'adam'"),
         ({"rank": 0}, r"rank: received 0"),
+        ({"kl_clip": "big"}, r"kl_clip"),
+        ({"adapt_damping": 1}, r"adapt_damping: received an object of type int"),
     ],
 )
 def test_constructor_errors(kwargs, message):
-    args = {"lr": 0.1, **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
-        no.OCNOpt(Classifier(), **args)
+        no.OCNOpt(Classifier(), **kwargs)
 
 
 def test_model_errors():
@@ -445,150 +622,10 @@ def test_model_errors():
         ValueError,
         match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock",
     ):
-        no.OCNOpt(nn.Linear(2, 2), lr=0.1)
-    no.OCNOpt(nn.Linear(2, 2), lr=0.1, curvature="diagonal")  # fine without blocks
+        no.OCNOpt(nn.Linear(2, 2))
+    no.OCNOpt(nn.Linear(2, 2), curvature="diagonal")  # fine without blocks
     big = no.ODEBlock(mlp_field(dim=8, hidden=256))
     with pytest.raises(
         ValueError, match=r"'dense' only for fields with at most max_dense_params=4096"
     ):
-        no.OCNOpt(big, lr=0.1, curvature="dense")
-
-
-def test_factor_source_errors():
-    model = TinyHead()
-    x = torch.randn(3, 2, dtype=F64)
-    opt = no.OCNOpt(model, lr=0.1, factors="exact")
-    out = model(x)
-    with pytest.raises(ValueError, match=r"outputs/likelihood: .* both given on refresh steps"):
-        opt.backward(out.sum())
-    with pytest.raises(ValueError, match=r"likelihood: received 'poisson'"):
-        opt.backward(out.sum(), outputs=out, likelihood="poisson")
-    out.sum().backward()
-    with pytest.raises(ValueError, match=r"no factors were handed over; call opt.backward"):
-        opt.step()
-    with pytest.raises(ValueError, match=r"logits of shape \(N, K\)"):
-        output_factors(torch.zeros(2, 3, 4), "categorical", "exact", 1)
-
-
-def test_horizon_update_equals_formula():
-    """dx/dt = a x, L = ½ x(t1)²: ∂L/∂t1 = a x(t1)², known in closed form."""
-
-    class Linear1(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Parameter(torch.tensor(-0.8, dtype=F64))
-
-        def forward(self, t, x):
-            return self.a * x
-
-    field = Linear1()
-    block = no.ODEBlock(field, (0.0, 1.0), **TIGHT)
-    lam, lr, beta = 0.1, 0.5, 0.0
-    horizon = no.HorizonOptimizer(block, field.parameters(), lr=lr, penalty=lam, beta=beta)
-    opt = torch.optim.SGD(field.parameters(), lr=0.1)
-    x0 = torch.tensor([[1.5]], dtype=F64)
-    for _ in range(3):
-        t1, a = horizon.t1, field.a.item()
-        a_prev = a
-        opt.zero_grad()
-        out = block(x0)
-        (0.5 * out**2).sum().backward()
-        xt1 = 1.5 * torch.exp(torch.tensor(a * t1, dtype=F64))
-        dl_dt1 = (a * xt1**2).item()
-        dl_da = (t1 * xt1**2).item()
-        assert block.t.grad[1].item() == pytest.approx(dl_dt1, rel=1e-8)
-        opt.step()
-        dtheta = field.a.item() - a_prev
-        new = horizon.step()
-        q_t = dl_dt1 + lam * t1
-        q_tt = dl_dt1**2 + lam
-        expected = t1 - lr * (q_t + dl_dt1 * dl_da * dtheta) / q_tt
-        assert new == pytest.approx(max(expected, 0.05), rel=1e-8)
-    state = horizon.state_dict()
-    assert state["t1"] == horizon.t1 and block.t.grad is None
-
-
-def test_horizon_warmup_only_averages_then_updates_from_the_averages():
-    """No t1 update during warm-up; the first update uses the averages of all warm-up steps."""
-    block = no.ODEBlock(mlp_field(), (0.0, 1.0), **TIGHT)
-    beta, lr, lam = 0.5, 0.3, 0.01
-    h = no.HorizonOptimizer(block, mode="open_loop", lr=lr, penalty=lam, beta=beta)
-    assert h.warmup == 1  # ceil(1 / (1 - 0.5)) - 1
-    h = no.HorizonOptimizer(block, mode="open_loop", lr=lr, penalty=lam, beta=beta, warmup=3)
-    gen = torch.Generator().manual_seed(0)
-    q_t = q_tt = 0.0
-    for k in range(4):
-        x0 = torch.randn(5, 3, dtype=F64, generator=gen)
-        (block(x0) ** 2).sum().backward()
-        g, t1 = block.t.grad[1].item(), h.t1
-        b = beta if k > 0 else 0.0
-        q_t = b * q_t + (1 - b) * (g + lam * t1)
-        q_tt = b * q_tt + (1 - b) * (g * g + lam)
-        new = h.step()
-        if k < 3:
-            assert new == t1 == 1.0
-        else:
-            assert new == pytest.approx(min(max(t1 - lr * q_t / q_tt, 0.05), 1e9), rel=1e-10)
-            assert new != 1.0
-    with pytest.raises(ValueError, match=r"warmup: received -1"):
-        no.HorizonOptimizer(block, mode="open_loop", warmup=-1)
-
-
-def test_horizon_modes_and_errors():
-    block = no.ODEBlock(mlp_field(), (0.0, 1.0))
-    with pytest.raises(ValueError, match=r"params: .* the model parameters for mode='feedback'"):
-        no.HorizonOptimizer(block)
-    with pytest.raises(ValueError, match=r"mode: received 'pid'"):
-        no.HorizonOptimizer(block, mode="pid")
-    with pytest.raises(ValueError, match=r"block.t: .* a pair \(t0, t1\) with t1 > t0"):
-        no.HorizonOptimizer(no.ODEBlock(mlp_field(), [0.0, 0.5, 1.0]), mode="open_loop")
-    h = no.HorizonOptimizer(block, mode="first_order", lr=0.1, penalty=1.0, min_horizon=0.2)
-    with pytest.raises(ValueError, match=r"t1 has no gradient"):
-        h.step()
-    x0 = torch.randn(4, 3, dtype=F64)
-    (block(x0) ** 2).sum().backward()
-    g = block.t.grad[1].item()
-    new = h.step()
-    assert new == pytest.approx(max(1.0 - 0.1 * (g + 1.0), 0.2))
-    assert all(p is not block.t for p in block.parameters())
-
-
-def test_factors_the_loss_cannot_provide():
-    """Outputs that do not depend on the last block's output cannot carry factors to it."""
-    model = TinyHead()
-    side = nn.Linear(2, 3).double()
-    x = torch.randn(3, 2, dtype=F64)
-    opt = no.OCNOpt(nn.ModuleList([model, side]), lr=0.1, factors="exact")
-    out = model(x)  # the block runs (its output is kept), but `outputs` is another branch
-    outputs = side(x)
-    with pytest.raises(ValueError, match=r"does not depend on the last ODE block's output"):
-        opt.backward(outputs.sum() + out.sum(), outputs=outputs, likelihood="categorical")
-    fresh = no.OCNOpt(TinyHead(), lr=0.1, factors="exact")
-    with pytest.raises(ValueError, match=r"no ODE block was called with grad enabled"):
-        fresh.backward(outputs.sum(), outputs=outputs, likelihood="categorical")
-
-
-@pytest.mark.parametrize("kl_clip", [1e-6, 1e6])
-def test_kl_clip_scales_the_update_to_the_bound(kl_clip):
-    torch.manual_seed(0)
-    model = Classifier()
-    before = [p.detach().clone() for p in model.parameters()]
-    x, y = _data()
-    lr = 0.1
-    opt = no.OCNOpt(model, lr=lr, momentum=0.0, curvature="identity", kl_clip=kl_clip)
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    grads = [p.grad.detach().clone() for p in model.parameters()]
-    opt.step()
-    vg = lr * lr * sum(float((g * g).sum()) for g in grads)  # identity: u = g
-    nu = min(1.0, (kl_clip / vg) ** 0.5)
-    assert (nu < 1.0) == (kl_clip < vg)
-    assert opt.last_clip == pytest.approx(nu, rel=1e-12)
-    for p, p0, g in zip(model.parameters(), before, grads):
-        torch.testing.assert_close(p.detach(), p0 - lr * nu * g, rtol=0, atol=1e-14)
-    if nu < 1.0:  # the clipped step Δ = -lr·ν·u has Δᵀ F Δ = lr² ν² u·g (F u = g) = kl_clip
-        delta = [p0 - p.detach() for p, p0 in zip(model.parameters(), before)]
-        quad = sum(float((d * g).sum()) for d, g in zip(delta, grads)) * lr * nu
-        assert quad == pytest.approx(kl_clip, rel=1e-9)
-    with pytest.raises(TypeError, match="kl_clip"):
-        no.OCNOpt(model, lr=0.1, kl_clip="big")
+        no.OCNOpt(big, curvature="dense")

@@ -103,7 +103,7 @@ def test_curvature_capture_sees_every_interval():
     torch.nn.functional.cross_entropy(model(batch), y).backward()
     intervals = torch.unique(batch.times[batch.valid]).numel() - 1
     stats = next(iter(capture.kronecker.values()))
-    assert stats.solves == intervals and len(capture.calls) == intervals
+    assert stats.solves == intervals and len(capture.records) == intervals
     first_obs = batch.times[:, 0].min().item()
     assert stats.time == pytest.approx(batch.times[batch.valid].max().item() - first_obs)
     opt.step()

@@ -31,12 +31,15 @@ def test_factors_at_input_equal_vjp_of_flow_map(grid):
     field = mlp_field()
     block = no.ODEBlock(field, grid, **TIGHT)
     x0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    out = block(x0)
-    y = torch.randn(2, *out.shape, dtype=F64)
-    no.set_terminal_factors(out, y)
-    out.sum().backward()
-    q0 = no.propagated_factors(out)
+    capture = no.CurvatureCapture(kronecker=False)  # factors only
+    with capture.active(block):
+        out = block(x0)
+        y = torch.randn(2, *out.shape, dtype=F64)
+        capture.set_terminal_factors(out, y)
+        out.sum().backward()
+        q0 = capture.propagated_factors(out)
     assert q0.shape == (2, 4, 3)
+    assert capture.kronecker == {} and capture.dense == {}
     direct = no.ODEBlock(field, grid, gradient="direct", **TIGHT)
     for i in range(2):
         ref = torch.autograd.grad((direct(x0) * y[i]).sum(), x0)[0]
@@ -49,23 +52,29 @@ def test_factors_at_input_equal_vjp_of_flow_map(grid):
 def test_without_factors_the_adjoint_is_the_propagated_factor():
     block = no.ODEBlock(mlp_field(), (0.0, 1.0), **TIGHT)
     x0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    out = block(x0)
-    (out**2).sum().backward()
-    assert torch.equal(no.propagated_factors(out)[0], x0.grad)
+    capture = no.CurvatureCapture(kronecker=False)
+    with capture.active(block):
+        out = block(x0)
+        (out**2).sum().backward()
+        assert torch.equal(capture.propagated_factors(out)[0], x0.grad)
 
 
 def test_factors_chain_through_two_blocks():
     f1, f2 = mlp_field(), mlp_field()
     b1, b2 = no.ODEBlock(f1, (0.0, 0.5), **TIGHT), no.ODEBlock(f2, (0.0, 0.5), **TIGHT)
     x0 = torch.randn(3, 3, dtype=F64, requires_grad=True)
-    h = b1(x0)
-    out = b2(h)
-    y = torch.randn(2, *out.shape, dtype=F64)
-    no.set_terminal_factors(out, y)
-    # The consumer hands block 2's input factors to block 1's output before backward reaches it.
-    h.register_hook(lambda g: no.set_terminal_factors(h, no.propagated_factors(out)))
-    out.sum().backward()
-    q0 = no.propagated_factors(h)
+    capture = no.CurvatureCapture(kronecker=False)
+    with capture.active(nn.Sequential(b1, b2)):
+        h = b1(x0)
+        out = b2(h)
+        assert [r.block for r in capture.records] == [b1, b2]
+        y = torch.randn(2, *out.shape, dtype=F64)
+        capture.set_terminal_factors(out, y)
+        # The consumer hands block 2's input factors to block 1's output before backward
+        # reaches it.
+        h.register_hook(lambda g: capture.set_terminal_factors(h, capture.propagated_factors(out)))
+        out.sum().backward()
+        q0 = capture.propagated_factors(h)
 
     def composed(x):
         return flow(f2, flow(f1, x, 0.0, 0.5), 0.0, 0.5)
@@ -103,7 +112,7 @@ def test_dense_equals_brute_force_gauss_newton(rank):
         loss = 0.5 * ((out - target) ** 2).sum()
         if rank:
             y = torch.randn(rank, *out.shape, dtype=F64)
-            no.set_terminal_factors(out, y)
+            capture.set_terminal_factors(out, y)
         else:
             y = (out - target).detach().unsqueeze(0)  # empirical: ∂ℓ_b/∂x_b
         loss.backward()
@@ -135,7 +144,7 @@ def test_kronecker_linear_matches_hand_computation():
     with capture.active(block):
         out = block(x0)
         y = torch.randn(2, *out.shape, dtype=F64)
-        no.set_terminal_factors(out, y)
+        capture.set_terminal_factors(out, y)
         out.sum().backward()
 
     W1, b1 = l1.linear.weight, l1.linear.bias

@@ -19,10 +19,23 @@ intervals):
 
 at sample times t_j: the midpoints of ``ceil(|interval| / sample_dt)`` equal cells of every
 interval of the time grid, with weights ``w_j`` the cell length (midpoint rule, so Σ_j w_j is
-the horizon length). ``q_i`` are the terminal factors the consumer attached to the block
-output (see :func:`node_ocp.set_terminal_factors`), propagated backward; with none attached
-the adjoint ``a`` is the one factor per sample (the empirical source). Sums are raw: the
+the horizon length). ``q_i`` are the terminal factors the consumer set for the block output
+(:meth:`CurvatureCapture.set_terminal_factors`), propagated backward; with none set the
+adjoint ``a`` is the one factor per sample (the empirical source). Sums are raw: the
 consumer chooses the normalisation (batch size, horizon, locations) from the counters.
+
+Second-order factors: while attached, the capture keeps a :class:`~node_ocp.ode.factors.
+SolveRecord` of every block call made with grad enabled (``records``, in forward order). A
+consumer sets terminal factors for a call's output before ``backward`` and reads the factors
+the backward solve propagated to the call's input afterwards:
+
+    with capture.active(block):
+        out = block(x0)
+        capture.set_terminal_factors(out, y)      # y: (R, *out.shape)
+        loss.backward()
+        q0 = capture.propagated_factors(out)      # (R, *x0.shape)
+
+With ``kronecker=False, dense=False`` the capture only carries factors (no statistics).
 
 Dense statistics (``dense=True``, tiny fields): per block, per factor and per sample,
 ``p_{i,b} = ∫ (∂f_b/∂θ)ᵀ q_{i,b} dt`` integrated exactly inside the backward solve, so that
@@ -40,6 +53,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_type, bad_value, check_positive
+from ..ode.factors import SolveRecord
 from .taps import input_rows, output_rows, tapped_modules
 
 
@@ -94,7 +108,8 @@ class CurvatureCapture:
 
     Args:
         kronecker: gather Kronecker factors A, B for tapped layers at the sample grid.
-        dense: integrate per-sample parameter integrals p (tiny fields only).
+        dense: integrate per-sample parameter integrals p (tiny fields only). With both
+            False the capture only carries second-order factors through the blocks.
         sample_dt: spacing Δ of the sample grid (> 0). About 100 points on a unit horizon
             with the default 0.01.
         max_rows: at most this many rows (sample times × batch) go into one batched field
@@ -113,8 +128,6 @@ class CurvatureCapture:
             raise bad_type("kronecker", kronecker, "True or False")
         if not isinstance(dense, bool):
             raise bad_type("dense", dense, "True or False")
-        if not (kronecker or dense):
-            raise bad_value("kronecker/dense", (kronecker, dense), "at least one of them True")
         self.kronecker_enabled = kronecker
         self.dense_enabled = dense
         self.sample_dt = check_positive("sample_dt", sample_dt)
@@ -125,9 +138,7 @@ class CurvatureCapture:
         self.max_rows = max_rows
         self.kronecker: dict[nn.Module, KroneckerFactors] = {}
         self.dense: dict[nn.Module, DenseFactors] = {}
-        #: Records of the block calls made (with grad enabled) while attached, in forward
-        #: order; see :class:`node_ocp.ode.factors.SolveRecord`.
-        self.calls: list = []
+        self._records: list[SolveRecord] = []
         self._blocks: list[nn.Module] = []
 
     def __repr__(self) -> str:
@@ -162,21 +173,20 @@ class CurvatureCapture:
                     "Build the block with gradient='adjoint'.",
                 )
         for block in blocks:
-            block.capture = self
+            block.attach_capture(self)
         self._blocks = blocks
         return blocks
 
     def detach(self) -> None:
         """Switch capture off on the blocks it was attached to.
 
-        Statistics are kept; the recorded block calls (which hold the calls' input and output
-        tensors, and so their graphs) are dropped.
+        Statistics are kept; the records of the block calls (which hold the calls' input and
+        output tensors, and so their graphs) are dropped.
         """
         for block in self._blocks:
-            if block.capture is self:
-                block.capture = None
+            block.detach_capture(self)
         self._blocks = []
-        self.calls.clear()
+        self._records.clear()
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[CurvatureCapture]:
@@ -191,7 +201,52 @@ class CurvatureCapture:
         """Forget all statistics and recorded block calls."""
         self.kronecker.clear()
         self.dense.clear()
-        self.calls.clear()
+        self._records.clear()
+
+    # ------------------------------------------------------------------ factors
+    def record_call(self, record: SolveRecord, x0: torch.Tensor, out: torch.Tensor) -> None:
+        """Keep the record of a block call (called by :meth:`ODEBlock.forward`)."""
+        record.input = x0
+        record.output = out
+        self._records.append(record)
+
+    @property
+    def records(self) -> tuple[SolveRecord, ...]:
+        """The records of the block calls made with grad enabled while attached, in forward
+        order (cleared by :meth:`reset` and :meth:`detach`)."""
+        return tuple(self._records)
+
+    def record_of(self, output: torch.Tensor, name: str = "output") -> SolveRecord:
+        """The record of the call that returned ``output`` (the very tensor, not a view)."""
+        if not isinstance(output, torch.Tensor):
+            raise bad_type(name, output, "the tensor returned by an ODEBlock")
+        for record in reversed(self._records):
+            if record.output is output:
+                return record
+        raise bad_value(
+            name,
+            output,
+            "the tensor an ODEBlock returned while this capture was attached (grad enabled)",
+            "Set factors on the block output itself, not on a tensor computed from it.",
+        )
+
+    def set_terminal_factors(self, output: torch.Tensor, factors: torch.Tensor | None) -> None:
+        """Set terminal Hessian factors ``factors`` (``(R, *output.shape)``) for a block
+        output; ``None`` removes them. They are consumed by the next backward pass through
+        the block and must not require grad (they are detached)."""
+        self.record_of(output).set_terminal_factors(factors)
+
+    def propagated_factors(self, output: torch.Tensor) -> torch.Tensor:
+        """The factors ``q_i(t0)`` (``(R, *x0.shape)``) after backward through the block
+        call that returned ``output``; with no factors set, the adjoint ``a(t0)`` as a single
+        factor ``(1, *x0.shape)`` (the empirical source)."""
+        record = self.record_of(output)
+        if record.input_factors is None:
+            raise ValueError(
+                "output: no propagated factors yet; the backward pass through this block "
+                "output has not run. Call backward on a loss that depends on it first."
+            )
+        return record.input_factors
 
     # ------------------------------------------------------------------ sample grid
     def sample_grid(self, t_start: float, t_end: float, like: torch.Tensor):

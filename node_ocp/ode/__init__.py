@@ -1,7 +1,7 @@
 """ODE blocks, the own adjoint, solver settings and time-conditioned layers."""
 
 from .block import ODEBlock, SolverError
-from .factors import propagated_factors, set_terminal_factors
+from .factors import SolveRecord
 from .layers import (
     ConcatConv2d,
     ConcatLinear,
@@ -15,8 +15,7 @@ from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
 __all__ = [
     "ODEBlock",
     "SolverError",
-    "set_terminal_factors",
-    "propagated_factors",
+    "SolveRecord",
     "ConcatLinear",
     "ConcatSquashLinear",
     "ConcatConv2d",

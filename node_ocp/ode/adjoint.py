@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .block import FieldCall
+from .calls import FieldCall
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ def _per_sample_cotangents(q: torch.Tensor) -> torch.Tensor:
 def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
     """Backward solve of one block call. Returns ``(grad_x0, grad_t, *grad_params)``."""
     n_times = grid.numel()
-    capture = block.capture
+    capture = record.capture
     factors = record.factors_per_time(n_times)  # (R, T, B, ...) or None
     rank = record.rank
     kron = capture is not None and capture.kronecker_enabled

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .._errors import bad_type, bad_value, check_choice, describe
-from .factors import SolveRecord, attach_record
+from .adjoint import AdjointSolve
+from .calls import FieldCall
+from .factors import SolveRecord
 from .solvers import SolverSpec, as_time_grid, make_spec
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct")
@@ -17,30 +19,6 @@ ADJOINT_NORMS: tuple[str, ...] = ("seminorm", "state", "full")
 
 class SolverError(RuntimeError):
     """An integration failed (step-size underflow, too many steps, non-finite state)."""
-
-
-class FieldCall:
-    """Wraps ``field(t, x)`` for one solve: counts evaluations, checks output, keeps last t."""
-
-    def __init__(self, block: ODEBlock, counter: str):
-        self.block = block
-        self.counter = counter
-        self.last_t: float | None = None
-
-    def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        block = self.block
-        setattr(block, self.counter, getattr(block, self.counter) + 1)
-        self.last_t = t
-        dx = block.field(t, x)
-        if not isinstance(dx, torch.Tensor):
-            raise bad_type(f"field of {block.name}", dx, "a tensor f(t, x) shaped like x")
-        if dx.shape != x.shape or dx.dtype != x.dtype:
-            raise ValueError(
-                f"field of {block.name}: f(t, x) returned shape {tuple(dx.shape)} and dtype "
-                f"{dx.dtype} for a state of shape {tuple(x.shape)} and dtype {x.dtype}; "
-                "accepted: an output with exactly the shape and dtype of the state x."
-            )
-        return dx
 
 
 class ODEBlock(nn.Module):
@@ -122,7 +100,7 @@ class ODEBlock(nn.Module):
             raise bad_type("check_finite", check_finite, "True or False")
         self.check_finite = check_finite
         self.name = name if name is not None else f"ODEBlock({type(field).__name__})"
-        self.capture = None  # set by CurvatureCapture.attach
+        self._capture = None  # see attach_capture
         self.nfe_forward = 0
         self.nfe_backward = 0
         self.nfe_capture = 0
@@ -134,6 +112,28 @@ class ODEBlock(nn.Module):
             f"t={t}, method={self.solver.method!r}, rtol={self.solver.rtol}, "
             f"atol={self.solver.atol}, gradient={self.gradient!r}"
         )
+
+    @property
+    def capture(self):
+        """The :class:`~node_ocp.CurvatureCapture` attached to this block, or None."""
+        return self._capture
+
+    def attach_capture(self, capture) -> None:
+        """Let ``capture`` record the calls made with grad enabled and gather statistics in
+        their backward solves (``CurvatureCapture.attach`` calls this for every block)."""
+        if self.gradient != "adjoint":
+            raise bad_value(
+                f"{self.name}.gradient",
+                self.gradient,
+                "'adjoint' for curvature capture and second-order factors",
+                "Build the block with gradient='adjoint'.",
+            )
+        self._capture = capture
+
+    def detach_capture(self, capture) -> None:
+        """Undo :meth:`attach_capture` (a no-op if another capture has taken over)."""
+        if self._capture is capture:
+            self._capture = None
 
     def reset_nfe(self) -> None:
         """Set the evaluation counters to zero."""
@@ -160,22 +160,16 @@ class ODEBlock(nn.Module):
         grid = grid.to(device=x0.device, dtype=x0.dtype)
         grid_output = grid.numel() > 2
         if self.gradient == "adjoint":
-            from .adjoint import AdjointSolve
-
-            record = SolveRecord(self, x0.shape, grid_output)
+            capture = self._capture if torch.is_grad_enabled() else None
+            record = SolveRecord(self, grid_output, capture)
             params = tuple(p for p in self.field.parameters() if p.requires_grad)
             ys = AdjointSolve.apply(record, x0, grid, *params)
         else:
-            record = None
+            capture = None
             ys = self.solve(FieldCall(self, "nfe_forward"), x0, grid, self.solver, "forward")
         out = ys if grid_output else ys[-1]
-        if record is not None:
-            record.output_shape = out.shape
-            attach_record(out, record)
-            if self.capture is not None and torch.is_grad_enabled():
-                record.input = x0
-                record.kept = out
-                self.capture.calls.append(record)
+        if capture is not None:
+            capture.record_call(record, x0, out)
         return out
 
     # ------------------------------------------------------------------ solving

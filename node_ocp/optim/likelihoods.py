@@ -58,3 +58,37 @@ def output_factors(
         return eye.unsqueeze(1).expand(d, n, d).reshape(d, n, *feat).clone()
     noise = torch.randn((rank, *out.shape), generator=generator, dtype=out.dtype)
     return noise.to(out.device) / math.sqrt(rank)
+
+
+def gauss_newton_quadratic(
+    likelihood: str,
+    outputs: torch.Tensor,
+    delta: torch.Tensor,
+    grad_outputs: torch.Tensor | None = None,
+    loss_change: float | None = None,
+) -> float:
+    """``δᵀ H δ``: the curvature of the training loss in the outputs along ``delta``.
+
+    ``H`` is the Hessian of the loss (a mean over the batch) with respect to ``outputs`` at
+    ``outputs``; with ``delta = J e`` (or its secant ``o(θ−e) − o(θ)``) this is the
+    Gauss–Newton product ``eᵀ G e``.
+
+    - ``"categorical"``: mean softmax cross-entropy on logits ``(N, K)``:
+      ``mean_b [Σ_k p_k δ_k² − (Σ_k p_k δ_k)²]``.
+    - ``"standard_normal"``: the latent of a flow, loss ``mean_b ½‖z_b‖² + ...``:
+      ``mean_b ‖δ_b‖²``.
+    - ``"gaussian"``: any loss quadratic in the outputs (masked or weighted MSE under any
+      normalisation): from the loss's change ``ΔL`` over ``delta`` and its gradient
+      ``∇_o L`` at ``outputs``, ``δᵀHδ = 2 (ΔL − ∇_o L · δ)`` exactly; without them the
+      unmasked ``mean_b ‖δ_b‖²`` of ``½‖o − y‖²``.
+    """
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    d = delta.detach()
+    n = max(d.shape[0], 1)
+    if likelihood == "categorical":
+        p = torch.softmax(outputs.detach(), dim=1)
+        pd = (p * d).sum(1)
+        return float(((p * d * d).sum(1) - pd * pd).sum() / n)
+    if likelihood == "gaussian" and grad_outputs is not None and loss_change is not None:
+        return max(0.0, 2.0 * (loss_change - float((grad_outputs.detach() * d).sum())))
+    return float(d.pow(2).sum() / n)

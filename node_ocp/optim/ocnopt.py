@@ -1,81 +1,113 @@
 """OCNOpt: the second-order optimal-control optimizer for models with ODE blocks.
 
-Typical loop (the empirical factor source needs nothing more than ``loss.backward()``):
+The recommended loop hands the optimizer the loss and outputs of the step, and a closure that
+evaluates the same batch again (no backward; OCNOpt calls it at trial parameters):
 
-    opt = node_ocp.OCNOpt(model, lr=0.1)          # ekfac, refresh every 100 steps
-    for x, y in data:
+    opt = node_ocp.OCNOpt(model)                   # the one default: ekfac, adaptive damping,
+    for x, y in data:                              # steps from the quadratic model
         opt.zero_grad()
-        loss = loss_fn(model(x), y)               # a mean over the batch
-        opt.backward(loss, outputs=logits, likelihood="categorical")  # or loss.backward()
-        opt.step()
+        logits = model(x)
+        loss = loss_fn(logits, y)                  # a mean over the batch
+        opt.backward(loss, outputs=logits, likelihood="categorical")
+        opt.step(lambda: (loss_fn(model(x), y), model(x)))   # or return the loss alone
 
-On a *refresh* step (step 0, ``update_every``, ``2·update_every``, ...) the optimizer has
-curvature capture switched on for every ODE block of the model before the forward pass; the
-backward solve gathers time-joint Kronecker factors (or the dense Gauss–Newton integrals)
-for the layers of the vector fields, and hooks gather ordinary K-FAC factors for the tapped
-layers outside the blocks. ``step()`` turns them into eigenbases (``kfac``/``ekfac``) or a
-damped Gauss–Newton matrix (``dense``) and capture is switched off again until the next
-refresh. Between refreshes a step costs what a first-order step costs plus small matrix
-products per layer.
+One step runs these stages, each owned by one module:
 
-Losses are taken to be means over the batch (the usual reduction): the factor statistics are
-normalised with the batch size so that ``A ⊗ B`` approximates the Gauss–Newton matrix of the
-mean loss. For convolutions ``B`` is also divided by the number of output locations per
-sample (the KFC approximation of Grosse & Martens, 2016), so that the factors of a layer
-with many locations are not inflated by that count.
+1. **collect** (refresh steps: step 0, ``update_every``, ...): the capture of the blocks'
+   backward solves and the hooks on layers outside the blocks yield typed statistics
+   records (:mod:`.statistics`);
+2. **reduce** across processes and **decompose** into each unit's eigenbasis
+   (:mod:`.reduce`, the units of :mod:`.curvatures`);
+3. **precondition**: every unit maps its gradient to ``u = (C + λ)⁻¹ g`` with the damping λ
+   relative to its own curvature scale (π-balanced for kfac); heavy-ball momentum on the
+   directions, ``d = u + μ d_prev``;
+4. **step control** (:mod:`.step_control`): the scale η of ``δ = −η d`` from the quadratic
+   model, with Gauss–Newton curvature along the update measured on a trial forward solve
+   every ``adapt_every`` steps; the reduction ratio ρ of the same trial adapts λ
+   (Levenberg–Marquardt, :mod:`.damping`); ``kl_clip`` bounds the update taken;
+5. **base step**: ``θ ← θ + δ``.
+
+Which unit preconditions which parameters is decided once (:mod:`.units`): Kronecker layers
+inside the fields and outside the blocks, dense blocks, and a diagonal rule on the same scale
+for everything else.
+
+Losses are taken to be means over the batch (the usual reduction); statistics are normalised
+per sample (see :mod:`.statistics`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import dist
 from .._errors import bad_type, bad_value, check_choice, check_positive
-from ..curvature import CurvatureCapture, input_rows, is_tapped, output_rows, tapped_modules
-from ..ode.block import ODEBlock
-from ..ode.factors import propagated_factors, set_terminal_factors
+from ..curvature import CurvatureCapture
+from ..ode.block import ODEBlock, SolverError
+from .curvatures import VARIANTS, Damping, dot
+from .damping import LevenbergMarquardt
+from .factor_flow import FactorFlow
 from .hyper import check_hyper, check_int, value_at
-from .likelihoods import LIKELIHOODS, output_factors
-from .rules import (
-    DenseRule,
-    KroneckerRule,
-    diagonal_direction,
-    layer_gradient_matrix,
-    split_layer_matrix,
-)
+from .likelihoods import LIKELIHOODS, gauss_newton_quadratic
+from .reduce import ReduceReport, decompose, reduce_statistics
+from .statistics import OutsideCollector, from_capture
+from .step_control import STEP_MODES, Adaptation, StepControl, TrialOutcome, momentum_step
+from .units import build_units
 
-CURVATURES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac", "dense")
+CURVATURES: tuple[str, ...] = tuple(VARIANTS)
 FACTOR_SOURCES: tuple[str, ...] = ("empirical", "sampled", "exact")
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
+DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
+GROUP_KEYS: tuple[str, ...] = (
+    "params",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "alpha",
+    "outside",
+    "diag_beta",
+)
+
+#: The first step's held model promises at most this fraction of the loss (κ's start)...
+FIRST_DECREASE = 0.1
+#: ... and moves the parameters by at most this fraction of their norm.
+FIRST_LENGTH = 0.05
+
+#: The one default of OCNOpt (the constructor's keyword defaults, shared with the configs).
+DEFAULTS: dict = {
+    "lr": None,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "curvature": "ekfac",
+    "damping": 1e-2,
+    "update_every": 50,
+    "alpha": 0.75,
+    "sample_dt": 0.05,
+    "factors": "empirical",
+    "outside": "kfac",
+    "step": "model",
+    "adapt_every": 5,
+    "adapt_damping": True,
+    "damping_mode": "relative",
+    "kl_clip": None,
+}
 
 
-class _OutsideStats:
-    """Ordinary K-FAC sums for one tapped layer outside the ODE blocks."""
+@dataclass
+class _Observed:
+    """What ``backward`` learnt of this step's batch (for the step control)."""
 
-    def __init__(self):
-        self.A = None
-        self.B = None
-        self.samples = 0
-        self.rows = 0
-
-    def add_input(self, module, u):
-        rows = input_rows(module, u.detach())
-        flat = rows.reshape(-1, rows.shape[-1])
-        a_mat = flat.T @ flat
-        self.A = a_mat if self.A is None else self.A + a_mat
-        self.samples += u.shape[0]
-        self.rows += flat.shape[0]
-
-    def add_grad(self, module, g):
-        rows = output_rows(module, g.detach())
-        flat = rows.reshape(-1, rows.shape[-1])
-        b_mat = flat.T @ flat
-        self.B = b_mat if self.B is None else self.B + b_mat
+    loss: float
+    outputs: torch.Tensor | None = None
+    likelihood: str | None = None
+    grad_outputs: torch.Tensor | None = None
+    forward_nfe: int = 0
 
 
 class OCNOpt(torch.optim.Optimizer):
@@ -85,107 +117,133 @@ class OCNOpt(torch.optim.Optimizer):
         model: the whole model (an ``nn.Module``); its ODE blocks are found by ``isinstance``.
             Horizon parameters (an ``ODEBlock.t`` that is an ``nn.Parameter``) are left out:
             control them with :class:`~node_ocp.HorizonOptimizer`.
-        lr: learning rate (> 0); a number or a schedule ``step -> lr``.
-        momentum: heavy-ball momentum in [0, 1) applied after preconditioning.
+        lr: with ``step="model"``: an optional cap on the step scale η (None: no cap); with
+            ``step="fixed"``: the step scale itself (required). A number or a schedule
+            ``step -> value``.
+        momentum: heavy-ball momentum in [0, 1) on the preconditioned directions.
         weight_decay: L2 coefficient (>= 0), added to the gradient before preconditioning.
-        curvature: ``"identity"`` (exactly SGD with momentum), ``"diagonal"``
-            (RMSprop/Adam-like), ``"kfac"``, ``"ekfac"`` (default) or ``"dense"``.
-        damping: ε > 0 (Kronecker and dense rules).
-        update_every: refresh period of the curvature (>= 1).
+        curvature: ``"identity"``, ``"diagonal"``, ``"kfac"``, ``"ekfac"`` (default) or
+            ``"dense"`` (see :mod:`node_ocp.optim.curvatures`).
+        damping: the initial damping λ (> 0): relative to each unit's mean curvature
+            eigenvalue (``damping_mode="relative"``, default) or absolute.
+        update_every: refresh period of the curvature from the backward solves (>= 1).
         alpha: EKFAC running-average coefficient in (0, 1].
         sample_dt: spacing of the capture sample grid (> 0).
         factors: terminal-factor source: ``"empirical"`` (the adjoint itself; any loss),
             ``"sampled"`` or ``"exact"`` (these need :meth:`backward` with ``outputs`` and
             ``likelihood`` on refresh steps).
-        rank: number of Monte-Carlo factors per sample for ``factors="sampled"``.
+        step: ``"model"`` (default: η from the quadratic model, see
+            :mod:`node_ocp.optim.step_control`) or ``"fixed"`` (η = ``lr``).
+        adapt_every: a trial evaluation (through ``step(closure)``) every this many steps
+            adapts η and λ (>= 1).
+        adapt_damping: adapt λ from the reduction ratio (Levenberg–Marquardt).
+        damping_mode: ``"relative"`` or ``"absolute"``.
+        min_damping, max_damping: bounds of the adapted λ.
+        kl_clip: None (default) or a float > 0: scale the update taken so that its model
+            curvature ``δᵀ(C + λ)δ`` stays below ``kl_clip`` (the K-FAC safeguard).
+        rank: Monte-Carlo factors per sample for ``factors="sampled"``.
         outside: rule for tapped layers outside the ODE blocks (stems, heads): ``"kfac"``
-            (ordinary K-FAC statistics from the normal forward/backward, preconditioned like
-            the blocks' layers), ``"diagonal"`` or ``"sgd"`` (plain gradient). Other
-            parameters (GRU cells, norms, ...) use the diagonal rule, or the plain gradient
-            with ``"sgd"``. May be set per group.
-        diag_beta, diag_eps: the diagonal rule's running-average coefficient and epsilon.
-        max_dense_params: ``curvature="dense"`` refuses a block whose field has more
-            parameters than this.
-        kl_clip: None (default) or a float > 0: scale every update by
-            ``ν = min(1, sqrt(kl_clip / Σ_groups lr² Σ_p u_p·g_p))`` (``u`` the preconditioned
-            direction, ``g`` the gradient), so that the step ``Δ = -lr ν u`` has
-            ``Δᵀ F Δ = lr² ν² u·g <= kl_clip`` under the curvature ``F`` (``F u = g``) — the
-            usual K-FAC safeguard against oversized second-order steps when
-            the curvature is stale or small. Applied before momentum.
+            (ordinary K-FAC statistics from the forward/backward pass, preconditioned with
+            the variant), ``"diagonal"`` or ``"sgd"`` (plain gradient). Parameters of other
+            layer types (GRU cells, norms, ...) get the diagonal rule (plain gradient with
+            ``"sgd"``). May be set per group.
+        diag_beta: running-average coefficient of the diagonal rule in [0, 1).
+        stiff_ratio: a trial whose forward solve takes more than this many times the
+            function evaluations of the step's own forward solve is treated as a failure.
+        max_dense_params: ``curvature="dense"`` refuses a field with more parameters.
         nonfinite: ``"skip"`` (default: a step with a non-finite loss or gradient changes
             nothing, warns and counts in ``skipped_steps``) or ``"raise"``.
-        groups: optional list of parameter-group dicts (``{"params": [...], "lr": ...}``)
-            with per-group ``lr``, ``momentum``, ``weight_decay``, ``damping``, ``alpha``,
-            ``outside``; model parameters not listed go to a last, default group.
+        groups: optional list of parameter-group dicts with per-group ``lr``, ``momentum``,
+            ``weight_decay``, ``alpha``, ``outside``, ``diag_beta``; model parameters not
+            listed go to a last, default group.
         seed: seed of the optimizer's own generator (sampled factors).
-        distributed: average the curvature statistics over the processes of the default
-            torch.distributed group on refresh steps (None, the default: when a group with
-            more than one process is initialised). Use it with ``DistributedDataParallel``
-            and equal per-process batches: the factors and the update then equal those of
-            one process on the whole batch. The statistics of all layers travel in one
-            all-reduce (per dtype), after the backward solves.
-        eigh_spread_min_dim: under ``distributed``, a layer whose larger factor has at least
-            this many rows has its eigendecompositions computed by one process (layers are
-            dealt round-robin) and broadcast; smaller layers are decomposed on every process
-            (cheaper than a broadcast). Either way all processes hold the same state.
+        distributed: average statistics and trial measurements over the processes of the
+            default torch.distributed group (None: when a group with more than one process
+            is initialised). Use it with ``DistributedDataParallel`` and equal per-process
+            batches: every process then holds the same state, λ and η.
+        eigh_spread_min_dim: under ``distributed``, a unit whose larger factor has at least
+            this many rows is decomposed by one process and broadcast.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        lr,
-        momentum=0.9,
-        weight_decay=0.0,
-        curvature: str = "ekfac",
-        damping=0.05,
-        update_every: int = 100,
-        alpha=0.75,
-        sample_dt: float = 0.01,
-        factors: str = "empirical",
+        lr=DEFAULTS["lr"],
+        momentum=DEFAULTS["momentum"],
+        weight_decay=DEFAULTS["weight_decay"],
+        curvature: str = DEFAULTS["curvature"],
+        damping: float = DEFAULTS["damping"],
+        update_every: int = DEFAULTS["update_every"],
+        alpha: float = DEFAULTS["alpha"],
+        sample_dt: float = DEFAULTS["sample_dt"],
+        factors: str = DEFAULTS["factors"],
         *,
+        step: str = DEFAULTS["step"],
+        adapt_every: int = DEFAULTS["adapt_every"],
+        adapt_damping: bool = DEFAULTS["adapt_damping"],
+        damping_mode: str = DEFAULTS["damping_mode"],
+        min_damping: float = 1e-4,
+        max_damping: float = 1e4,
+        kl_clip: float | None = DEFAULTS["kl_clip"],
         rank: int = 1,
-        outside: str = "kfac",
-        diag_beta: float = 0.99,
-        diag_eps: float = 1e-8,
+        outside: str = DEFAULTS["outside"],
+        diag_beta: float = 0.95,
+        stiff_ratio: float = 3.0,
         max_dense_params: int = 4096,
         nonfinite: str = "skip",
         groups: list[dict] | None = None,
         seed: int = 0,
         distributed: bool | None = None,
         eigh_spread_min_dim: int = 512,
-        kl_clip: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise bad_type("model", model, "an nn.Module (the whole model)")
         self.curvature = check_choice("curvature", curvature, CURVATURES)
         self.factors = check_choice("factors", factors, FACTOR_SOURCES)
+        self.step_mode = check_choice("step", step, STEP_MODES)
         self.update_every = check_int("update_every", update_every, 1)
         self.rank = check_int("rank", rank, 1)
-        self.diag_beta = float(check_hyper("diag_beta", diag_beta, 0, 1, False, True, "in [0, 1)"))
-        self.diag_eps = check_positive("diag_eps", diag_eps)
         self.max_dense_params = check_int("max_dense_params", max_dense_params, 1)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.sample_dt = check_positive("sample_dt", sample_dt)
+        self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        if not isinstance(adapt_damping, bool):
+            raise bad_type("adapt_damping", adapt_damping, "True or False")
         if distributed is not None and not isinstance(distributed, bool):
             raise bad_type("distributed", distributed, "True, False or None (automatic)")
         self.distributed = distributed
         self.eigh_spread_min_dim = check_int("eigh_spread_min_dim", eigh_spread_min_dim, 1)
         self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
-        self.last_clip = 1.0
-        self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
+        low, high = (
+            check_positive("min_damping", min_damping),
+            check_positive("max_damping", max_damping),
+        )
+        damping = check_positive("damping", damping)
+        if not low <= damping <= high:
+            raise bad_value(
+                "damping", damping, f"a float in [min_damping, max_damping] = [{low}, {high}]"
+            )
+        if self.step_mode == "fixed" and lr is None:
+            raise bad_value(
+                "lr", lr, "a float > 0 with step='fixed' (the step scale)", "Or use step='model'."
+            )
         defaults = dict(
-            lr=check_hyper("lr", lr, 0, float("inf"), True, True, "a float > 0"),
+            lr=None
+            if lr is None
+            else check_hyper("lr", lr, 0, math.inf, True, True, "a float > 0"),
             momentum=check_hyper("momentum", momentum, 0, 1, False, True, "a float in [0, 1)"),
             weight_decay=check_hyper(
-                "weight_decay", weight_decay, 0, float("inf"), False, True, "a float >= 0"
+                "weight_decay", weight_decay, 0, math.inf, False, True, "a float >= 0"
             ),
-            damping=check_hyper("damping", damping, 0, float("inf"), True, True, "a float > 0"),
-            alpha=check_hyper("alpha", alpha, 0, 1, True, False, "a float in (0, 1]"),
+            alpha=float(check_hyper("alpha", alpha, 0, 1, True, False, "a float in (0, 1]")),
             outside=check_choice("outside", outside, OUTSIDE_RULES),
+            diag_beta=float(
+                check_hyper("diag_beta", diag_beta, 0, 1, False, True, "a float in [0, 1)")
+            ),
         )
         self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
-        if self.curvature in ("kfac", "ekfac", "dense") and not self.blocks:
+        if VARIANTS[self.curvature].needs is not None and not self.blocks:
             raise bad_value(
                 "model",
                 type(model).__name__,
@@ -194,177 +252,155 @@ class OCNOpt(torch.optim.Optimizer):
             )
         horizons = {id(b.t) for b in self.blocks if isinstance(b.t, nn.Parameter)}
         params = [p for p in model.parameters() if id(p) not in horizons]
-        super().__init__(self._build_groups(params, groups), defaults)
+        super().__init__(_build_groups(params, groups), defaults)
         for g in self.param_groups:
-            for key, spec in [
-                ("lr", ("a float > 0", True, float("inf"), True)),
-                ("damping", ("a float > 0", True, float("inf"), True)),
-                ("momentum", ("a float in [0, 1)", False, 1, True)),
-                ("weight_decay", ("a float >= 0", False, float("inf"), True)),
-                ("alpha", ("a float in (0, 1]", True, 1, False)),
-            ]:
-                accepted, low_open, high, high_open = spec
-                check_hyper(f"groups[...]['{key}']", g[key], 0, high, low_open, high_open, accepted)
-            check_choice("groups[...]['outside']", g["outside"], OUTSIDE_RULES)
-
+            _check_group(g, self.step_mode)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._build_rules()
+        self._units = build_units(
+            model, self.blocks, self.curvature, self._group_of, self.state, max_dense_params
+        )
+        self._collector = OutsideCollector(self._units.outside)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._flow = None
+        if self.factors != "empirical":
+            self._flow = FactorFlow(self.factors, self.rank, self._generator)
+        self._lm = LevenbergMarquardt(damping, low, high, enabled=adapt_damping)
+        self._control = StepControl(
+            self.step_mode,
+            adapt_every=check_int("adapt_every", adapt_every, 1),
+            stiff_ratio=check_positive("stiff_ratio", stiff_ratio),
+        )
         self._step = 0
         self.skipped_steps = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        self._samples = 1.0
         self._capture: CurvatureCapture | None = None
-        self._hooks: list = []
-        self._outside_stats: dict[nn.Module, _OutsideStats] = {}
-        self._collect_outside = True
         self._factors_given = False
+        self._observed: _Observed | None = None
+        self._nfe_mark = 0
+        self._warned_no_closure = False
+        self.last_clip = 1.0
+        self.last_reduce = ReduceReport().as_dict()
+        self.last_adaptation: Adaptation | None = None
         self._arm_if_due()
 
-    # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
-        if groups is None:
-            return [{"params": params}]
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise bad_type("groups", groups, "a list of dicts {'params': [...], ...}")
-        listed = set()
-        out = []
-        for g in groups:
-            if "params" not in g:
-                raise bad_value("groups", g, "dicts with a 'params' entry")
-            ps = list(g["params"]) if isinstance(g["params"], Iterable) else [g["params"]]
-            listed.update(id(p) for p in ps)
-            out.append({**g, "params": ps})
-        rest = [p for p in params if id(p) not in listed]
-        if rest:
-            out.append({"params": rest})
-        return out
-
-    def _build_rules(self) -> None:
-        """Assign every parameter to a unit: Kronecker layer, dense block or per-tensor rule."""
-        self._kron: dict[nn.Module, KroneckerRule] = {}
-        self._kron_inside: set[nn.Module] = set()
-        self._dense: dict[ODEBlock, DenseRule] = {}
-        covered: set = set()
-        owned = set(self._group_of)
-        ode_layers = {m for b in self.blocks for m in tapped_modules(b.field)}
-        if self.curvature == "dense":
-            for block in self.blocks:
-                ps = [p for p in block.field.parameters() if p.requires_grad]
-                n = sum(p.numel() for p in ps)
-                if n > self.max_dense_params:
-                    raise bad_value(
-                        "curvature",
-                        "dense",
-                        f"'dense' only for fields with at most max_dense_params="
-                        f"{self.max_dense_params} parameters ({block.name} has {n})",
-                        "Use curvature='ekfac' or 'kfac', or raise max_dense_params.",
-                    )
-                if ps and all(p in owned for p in ps):
-                    self._dense[block] = DenseRule(ps, self.state[ps[0]])
-                    covered.update(ps)
-        if self.curvature in ("kfac", "ekfac", "dense"):
-            for module in self.model.modules():
-                if not is_tapped(module) or module.weight not in owned:
-                    continue
-                if module.weight in covered:
-                    continue
-                inside = module in ode_layers
-                if self.curvature == "dense" and inside:
-                    continue
-                if not inside and self._group_of[module.weight]["outside"] != "kfac":
-                    continue
-                variant = "kfac" if self.curvature == "dense" else self.curvature
-                self._kron[module] = KroneckerRule(module, variant, self.state[module.weight])
-                if inside:
-                    self._kron_inside.add(module)
-                covered.add(module.weight)
-                if module.bias is not None:
-                    covered.add(module.bias)
-        self._covered = covered
-
+    # ------------------------------------------------------------------ introspection
     def __repr__(self) -> str:
+        u = self._units
         head = (
             f"OCNOpt(curvature={self.curvature!r}, factors={self.factors!r}, "
-            f"update_every={self.update_every}, sample_dt={self.sample_dt}, "
-            f"blocks={len(self.blocks)}, kronecker_layers={len(self._kron)} "
-            f"({len(self._kron_inside)} in ODE fields), dense_blocks={len(self._dense)}, "
-            f"step={self._step})"
+            f"step={self.step_mode!r}, update_every={self.update_every}, "
+            f"adapt_every={self._control.adapt_every}, damping={self.damping:.3g} "
+            f"({self.damping_mode}), kappa={self.calibration:.3g}, blocks={len(self.blocks)}, "
+            f"units={len(u.units)} ({len(u.inside)} layers in ODE fields, {len(u.outside)} "
+            f"outside, {len(u.blocks)} dense), step={self._step})"
         )
         lines = [head]
         for i, g in enumerate(self.param_groups):
-            hp = ", ".join(
-                f"{k}={g[k]}"
-                for k in ("lr", "momentum", "weight_decay", "damping", "alpha", "outside")
-            )
+            hp = ", ".join(f"{k}={g[k]}" for k in GROUP_KEYS[1:])
             n = sum(p.numel() for p in g["params"])
             lines.append(f"  group {i}: {len(g['params'])} tensors ({n} values), {hp}")
         return "\n".join(lines)
 
-    # ------------------------------------------------------------------ refresh control
     @property
     def steps_taken(self) -> int:
         """Number of steps applied so far (skipped steps not counted)."""
         return self._step
 
     @property
-    def capture(self) -> CurvatureCapture | None:
-        """The curvature capture of the coming refresh step (None between refreshes).
+    def damping(self) -> float:
+        """The current damping λ (relative or absolute, see ``damping_mode``)."""
+        return self._lm.value
 
-        Its statistics stay readable after ``step()`` through a reference kept by the caller.
-        """
+    @property
+    def step_scale(self) -> float:
+        """The step α of the last update along ``u`` (``step="model"``)."""
+        return self._control.alpha
+
+    @property
+    def calibration(self) -> float:
+        """κ: the held curvature's calibration to the Gauss–Newton curvature (NaN before
+        the first step)."""
+        kappa = self._control.kappa
+        return float("nan") if kappa is None else kappa
+
+    @property
+    def units(self) -> list:
+        """The curvature units, in model order (see :mod:`node_ocp.optim.units`)."""
+        return list(self._units.units)
+
+    def unit_of(self, module: nn.Module):
+        """The unit of a tapped layer or an ODE block, or None."""
+        u = self._units
+        return u.inside.get(module) or u.outside.get(module) or u.blocks.get(module)
+
+    @property
+    def capture(self) -> CurvatureCapture | None:
+        """The curvature capture of the coming refresh step (None between refreshes)."""
         return self._capture
 
     @property
     def refresh_due(self) -> bool:
         """True when the coming step gathers curvature."""
-        return self._capture is not None or bool(self._hooks)
+        return self._capture is not None or self._collector.armed
 
-    def _needs_capture(self) -> bool:
-        return self.curvature in ("kfac", "ekfac", "dense") and (
-            bool(self._kron_inside) or bool(self._dense)
-        )
+    @property
+    def adapt_due(self) -> bool:
+        """True when the coming step evaluates a trial (given a closure)."""
+        return self._control.due(self._step) and (self.step_mode == "model" or self._lm.enabled)
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator of the optimizer's own draws (sampled factors); in
+        ``state_dict``. Under torch.distributed each process has its own."""
+        return self._generator
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes held by the optimizer's state: per curvature variant and the momentum
+        buffers."""
+        out: dict[str, int] = {}
+        for unit in self._units.units:
+            key = type(unit).__name__
+            out[key] = out.get(key, 0) + unit.memory_bytes()
+        buffers = 0
+        for p in self._group_of:
+            for key in ("direction_buffer", "previous_update"):
+                buf = self.state[p].get(key)
+                if buf is not None:
+                    buffers += buf.numel() * buf.element_size()
+        out["momentum"] = buffers
+        out["total"] = sum(out.values())
+        return out
+
+    # ------------------------------------------------------------------ collect: arming
     def _arm_if_due(self) -> None:
         self._disarm()
         if self._step % self.update_every != 0:
             return
-        if self._needs_capture():
+        u = self._units
+        if u.needs_kronecker_capture or u.needs_dense_capture or self._flow is not None:
             self._capture = CurvatureCapture(
-                kronecker=bool(self._kron_inside),
-                dense=bool(self._dense),
+                kronecker=u.needs_kronecker_capture,
+                dense=u.needs_dense_capture,
                 sample_dt=self.sample_dt,
             )
             self._capture.attach(self.model)
-        for module in self._kron:
-            if module in self._kron_inside:
-                continue
-            stats = _OutsideStats()
-            self._outside_stats[module] = stats
-            self._hooks.append(module.register_forward_hook(self._make_forward_hook(stats)))
+        if u.outside:
+            self._collector.arm()
         self._factors_given = False
-
-    def _make_forward_hook(self, stats: _OutsideStats):
-        def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            stats.add_input(module, inputs[0])
-
-            def grad_hook(g):
-                if self._collect_outside:
-                    stats.add_grad(module, g)
-
-            output.register_hook(grad_hook)
-
-        return hook
 
     def _disarm(self) -> None:
         if self._capture is not None:
             self._capture.detach()
             self._capture = None
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._outside_stats = {}
+        self._collector.disarm()
+
+    def _forward_nfe(self) -> int:
+        return sum(b.nfe_forward for b in self.blocks)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``; also marks where this step's forward solves begin."""
+        self._nfe_mark = self._forward_nfe()
+        super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ backward
     def backward(
@@ -374,141 +410,369 @@ class OCNOpt(torch.optim.Optimizer):
         likelihood: str | None = None,
         retain_graph: bool = False,
     ) -> None:
-        """``loss.backward()``, handing the optimizer the terminal factors it needs.
+        """``loss.backward()``, handing the optimizer what its stages need.
 
         Args:
-            loss: the scalar training loss (a mean over the batch).
+            loss: the scalar training loss (a mean over the batch); the step control compares
+                the trial loss with it.
             outputs: the model output the likelihood is about (logits, predictions, or the
-                latent ``z`` of a flow). Needed on refresh steps with ``factors="sampled"``
-                or ``"exact"``; the factors pass through the layers between ``outputs`` and
-                the last ODE block, and from each block to the block before it.
+                latent ``z`` of a flow). With ``likelihood`` it gives the step control the
+                exact Gauss–Newton curvature along the update, and the sampled and exact
+                factor sources their factors on refresh steps (needed there).
             likelihood: ``"categorical"``, ``"gaussian"`` or ``"standard_normal"``.
-
-        With the empirical source, or between refreshes, this is exactly ``loss.backward()``.
         """
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise bad_type("loss", loss, "a scalar tensor")
-        capture = self._capture
-        if self.factors == "empirical" or capture is None:
-            loss.backward(retain_graph=retain_graph)
-            return
-        if outputs is None or likelihood is None:
-            raise bad_value(
-                "outputs/likelihood",
-                (outputs if outputs is None else "tensor", likelihood),
-                f"both given on refresh steps with factors={self.factors!r} "
-                f"(likelihood one of {', '.join(LIKELIHOODS)})",
-                "Or use factors='empirical', which needs only loss.backward().",
-            )
-        check_choice("likelihood", likelihood, LIKELIHOODS)
-        if not isinstance(outputs, torch.Tensor) or not outputs.requires_grad:
+        if likelihood is not None:
+            check_choice("likelihood", likelihood, LIKELIHOODS)
+        if outputs is not None and (
+            not isinstance(outputs, torch.Tensor) or not outputs.requires_grad
+        ):
             raise bad_value(
                 "outputs", outputs, "the model output tensor, part of the graph of the loss"
             )
-        calls = [c for c in capture.calls if c.tensor() is not None]
-        if not calls:
-            raise ValueError(
-                "outputs: no ODE block was called with grad enabled since the last step; "
-                f"factors={self.factors!r} needs the forward pass of this step between "
-                "opt.step() and opt.backward()."
+        observed = _Observed(float(loss.detach()), forward_nfe=self._forward_nfe() - self._nfe_mark)
+        self._observed = observed
+        retain = retain_graph
+        if self._flow is not None and self._capture is not None:
+            if outputs is None or likelihood is None:
+                raise bad_value(
+                    "outputs/likelihood",
+                    (outputs if outputs is None else "tensor", likelihood),
+                    f"both given on refresh steps with factors={self.factors!r} "
+                    f"(likelihood one of {', '.join(LIKELIHOODS)})",
+                    "Or use factors='empirical', which needs only loss.backward().",
+                )
+            retain = (
+                self._flow.hand_over(self._capture, outputs, likelihood, self._collector.paused)
+                or retain
             )
-        y = output_factors(outputs, likelihood, self.factors, self.rank, self._generator)
-        last = calls[-1].tensor()
-        self._collect_outside = False
+            self._factors_given = True
+        handle = None  # after the factor flow, whose pull-backs start at outputs
+        if outputs is not None and likelihood is not None:
+            observed.outputs = outputs.detach()
+            observed.likelihood = likelihood
+            if likelihood == "gaussian":
+
+                def keep(g):
+                    observed.grad_outputs = g.detach()
+
+                handle = outputs.register_hook(keep)
         try:
-            set_terminal_factors(last, _pull_back(outputs, last, y))
+            loss.backward(retain_graph=retain)
         finally:
-            self._collect_outside = True
-        for earlier, later in zip(calls[:-1], calls[1:]):
-            _chain_factors(earlier, later, self)
-        loss.backward(retain_graph=retain_graph or len(calls) > 1)
-        self._factors_given = True
+            if handle is not None:
+                handle.remove()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure=None):
-        """Apply one update. ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self._all_finite(loss):
-            return loss
+    def step(self, closure: Callable | None = None):
+        """Apply one update.
+
+        ``closure`` (optional, recommended): re-evaluates the loss of *this step's batch* at
+        the model's current parameters, without backward (OCNOpt calls it under
+        ``torch.no_grad`` at trial parameters every ``adapt_every`` steps), and returns the
+        loss or ``(loss, outputs)``. Returns the last trial loss, or None.
+        """
+        observed, self._observed = self._observed, None
+        if not self._all_finite():
+            return None
         step = self._step
         if self.refresh_due:
-            if (
-                self.factors != "empirical"
-                and self._capture is not None
-                and not self._factors_given
-            ):
+            if self._flow is not None and self._capture is not None and not self._factors_given:
                 raise ValueError(
                     f"factors={self.factors!r}: step {step} is a refresh step but no factors "
                     "were handed over; call opt.backward(loss, outputs=..., likelihood=...) "
                     "instead of loss.backward()."
                 )
             self._refresh()
-        directions = {}
+        grads = self._gradients(step)
+        damping = Damping(self._lm.value, self.damping_mode == "relative")
+        directions = self._precondition(grads, damping)
+        update = self._plan(grads, directions, step, observed)
+        trial_loss = None
+        if self.adapt_due and closure is not None:
+            update, trial_loss = self._adapt(closure, observed, grads, directions, update, step)
+        elif self.step_mode == "model" and closure is None:
+            self._warn_no_closure()
+        if update is not None:
+            if self.kl_clip is not None:
+                nu = self._clip(update, damping)
+                update = {p: d * nu for p, d in update.items()}
+            for p, d in update.items():
+                p.add_(d)
+                if self.step_mode == "model" and value_at(self._group_of[p]["momentum"], step):
+                    self.state[p]["previous_update"] = d.detach().clone()
+        self._step += 1
+        self._arm_if_due()
+        return trial_loss
+
+    # ------------------------------------------------------------------ stages
+    def _refresh(self) -> None:
+        """collect → reduce across processes → decompose."""
+        records = []
+        if self._capture is not None:
+            records += from_capture(
+                self._capture,
+                self._units.inside,
+                self._units.blocks,
+                self.factors == "empirical",
+            )
+        records += self._collector.statistics()
+        report = reduce_statistics(records) if self._reduces() else ReduceReport()
+        spread = self._reduces() and dist.world_size() > 1
+        report.spread_layers = decompose(records, spread, self.eigh_spread_min_dim)
+        self.last_reduce = report.as_dict()
+        if records:
+            self._samples = float(max(r.samples for r in records))
+        self._disarm()
+
+    def _reduces(self) -> bool:
+        return dist.is_distributed() if self.distributed is None else self.distributed
+
+    def _gradients(self, step: int) -> dict[torch.Tensor, torch.Tensor]:
+        grads = {}
         for group in self.param_groups:
             wd = value_at(group["weight_decay"], step)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
-                if wd != 0:
-                    d = d.add(p, alpha=wd)
-                directions[p] = d
-        updates = self._precondition(directions, step)
-        if self.kl_clip is not None:
-            self._clip(updates, directions, step)
-        for group in self.param_groups:
-            lr = value_at(group["lr"], step)
-            momentum = value_at(group["momentum"], step)
-            for p in group["params"]:
-                if p not in updates:
-                    continue
-                u = updates[p]
-                if momentum != 0:
+                grads[p] = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+        return grads
+
+    def _precondition(self, grads: dict, damping: Damping) -> dict:
+        """``u = (C + λ)⁻¹ g`` from every unit whose parameters have gradients."""
+        out = {}
+        for unit in self._units.units:
+            if not all(p in grads for p in unit.params):
+                continue
+            u = unit.direction([grads[p] for p in unit.params], damping, self._samples)
+            out.update(zip(unit.params, u))
+        return out
+
+    def _plan(self, grads: dict, directions: dict, step: int, observed) -> dict:
+        """The update ``δ`` of this step before the trial: ``−lr (u + μ d_prev)``
+        (``step="fixed"``) or ``−α u + μ δ_prev`` with α from the calibrated model."""
+        if self.step_mode == "fixed":
+            update = {}
+            for p, u in directions.items():
+                group = self._group_of[p]
+                mu = value_at(group["momentum"], step)
+                if mu != 0:
                     st = self.state[p]
-                    buf = st.get("momentum_buffer")
+                    buf = st.get("direction_buffer")
                     if buf is None:
-                        buf = torch.clone(u).detach()
-                        st["momentum_buffer"] = buf
+                        buf = st["direction_buffer"] = u.detach().clone()
                     else:
-                        buf.mul_(momentum).add_(u)
+                        buf.mul_(mu).add_(u)
                     u = buf
-                p.add_(u, alpha=-lr)
-        self._step += 1
-        self._arm_if_due()
-        return loss
+                update[p] = u * -value_at(group["lr"], step)
+            return update
+        control = self._control
+        if control.kappa is None:
+            control.kappa = self._first_kappa(grads, directions, observed)
+        damping = Damping(self._lm.value, self.damping_mode == "relative")
+        return self._model_update(grads, directions, step, control.kappa, damping)
 
-    def _clip(self, updates: dict, directions: dict, step: int) -> None:
-        """Scale all updates by ν = min(1, sqrt(kl_clip / Σ lr² u·g)) (see ``kl_clip``)."""
+    def _first_kappa(self, grads: dict, directions: dict, observed) -> float:
+        """κ of the first step: its held model promises at most ``FIRST_DECREASE`` of the
+        loss, and it moves the parameters by at most ``FIRST_LENGTH`` of their norm."""
+        params = list(directions)
+        gu = float(dot([grads[p] for p in params], [directions[p] for p in params]))
+        (loss,) = self._agree([abs(observed.loss) if observed is not None else 0.0])
+        kappa = max(1.0, gu / (2.0 * FIRST_DECREASE * max(loss, 1.0)))
+        u_norm = float(dot(list(directions.values()), list(directions.values()))) ** 0.5
+        theta = float(dot(params, params)) ** 0.5
+        if theta > 0:
+            kappa = max(kappa, u_norm / (FIRST_LENGTH * theta))
+        return kappa
+
+    def _model_update(
+        self, grads: dict, directions: dict, step: int, kappa: float, damping: Damping
+    ) -> dict:
+        """``δ = −α u + μ δ_prev`` with α from the calibrated model, kept inside the trust
+        radius of the step control (``κ δᵀPδ <= radius``)."""
+        control = self._control
+        params = list(directions)
+        gu = float(dot([grads[p] for p in params], [directions[p] for p in params]))
+        g_prev, prev = 0.0, {}
+        for p in params:
+            buf = self.state[p].get("previous_update")
+            mu = value_at(self._group_of[p]["momentum"], step)
+            if buf is not None and mu != 0:
+                prev[p] = buf * mu
+                g_prev += float((grads[p] * prev[p]).sum())
+        alpha, keep = momentum_step(gu, g_prev, kappa)
+        if not keep:
+            prev, g_prev = {}, 0.0
+        update = {}
+        for p in params:
+            cap = self._group_of[p]["lr"]
+            a = alpha if cap is None else min(alpha, value_at(cap, step))
+            d = directions[p] * -a
+            if p in prev:
+                d = d + prev[p]
+            update[p] = d
+        control.alpha = alpha
+        curvature = kappa * self._quadratic(update, damping)
+        length = float(dot(list(update.values()), list(update.values())))
+        scale = control.radius_scale(curvature, length)
+        if scale < 1.0:
+            update = {p: d * scale for p, d in update.items()}
+            control.alpha = alpha * scale
+        return update
+
+    def _quadratic(self, vectors: dict, damping: Damping) -> float:
+        """``Σ_units vᵀ(C + λ)v`` over the units whose parameters ``vectors`` holds."""
         total = 0.0
-        for group in self.param_groups:
-            lr = value_at(group["lr"], step)
-            inner = sum(
-                float((updates[p] * directions[p]).sum()) for p in group["params"] if p in updates
-            )
-            total += lr * lr * inner
-        nu = min(1.0, (self.kl_clip / total) ** 0.5) if total > 0 else 1.0
-        self.last_clip = nu
-        if nu < 1.0:
-            for p in updates:
-                updates[p] = updates[p] * nu
+        for unit in self._units.units:
+            if all(p in vectors for p in unit.params):
+                total += float(unit.quadratic([vectors[p] for p in unit.params], damping))
+        return total
 
-    def _all_finite(self, loss) -> bool:
+    def _warn_no_closure(self) -> None:
+        if not self._warned_no_closure:
+            self._warned_no_closure = True
+            warnings.warn(
+                "OCNOpt: step='model' without a closure keeps the curvature calibration "
+                "and the damping where they are; pass step(closure) (see OCNOpt.step) for "
+                "steps checked on the batch.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _adapt(self, closure, observed, grads, directions, update, step):
+        """The trial evaluation(s) of an adaptation step; returns (update or None, loss)."""
+        control = self._control
+        damping = Damping(self._lm.value, self.damping_mode == "relative")
+        zero = Damping(0.0, damping.relative)
+        params = list(update)
+        if observed is None:  # the loss of the batch at θ is unknown: one more evaluation
+            observed = self._evaluate_here(closure)
+        backup = [p.detach().clone() for p in params]
+        kappa = control.kappa
+        trial = update
+        outcome, trial_loss, trials = None, None, 0
+        while trials < (control.max_trials if self.step_mode == "model" else 1):
+            trials += 1
+            g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
+            held = self._quadratic(trial, damping)
+            damp_term = held - self._quadratic(trial, zero)
+            for p in params:
+                p.add_(trial[p])
+            trial_loss, gn, nfe = self._evaluate_trial(closure, observed)
+            for p, b in zip(params, backup):
+                p.copy_(b)
+            loss0, loss1, gn, nfe, fwd = self._agree(
+                [observed.loss, trial_loss, gn, nfe, observed.forward_nfe]
+            )
+            outcome = TrialOutcome(
+                g_delta=g_delta,
+                held=held,
+                kappa=kappa if self.step_mode == "model" else 1.0,
+                damping=damp_term,
+                actual=loss1 - loss0,
+                gauss_newton=gn,
+                stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
+                loss=abs(loss0),
+            )
+            if outcome.accepted or self.step_mode == "fixed":
+                break
+            trial = {p: d * control.shrink for p, d in trial.items()}
+        control.adaptations += 1
+        rho = outcome.rho
+        self._lm.update(rho)
+        control.again = not outcome.accepted
+        reason = "ok" if outcome.accepted else outcome.why_rejected
+        if not outcome.accepted:
+            control.failures += 1
+        if self.step_mode == "model":
+            if outcome.accepted:
+                # the step taken is the trial that was checked; κ and the trust radius
+                # are set for the steps until the next adaptation
+                control.kappa = control.calibrated(outcome, self._lm.low)
+                control.set_radius(
+                    control.kappa * outcome.held,
+                    float(dot(list(trial.values()), list(trial.values()))),
+                )
+                control.alpha = control.alpha * control.shrink ** (trials - 1)
+                update = trial
+            else:
+                control.kappa = kappa / control.shrink**trials
+                control.shrink_radius(control.shrink**2)
+                update = None
+        self.last_adaptation = Adaptation(
+            step=step,
+            kappa=control.kappa,
+            alpha=control.alpha,
+            rho=float("nan") if rho is None else rho,
+            damping=self._lm.value,
+            exact=outcome.exact,
+            trials=trials,
+            reason=reason,
+        )
+        return update, trial_loss
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """The mean of ``values`` over processes (NaN if any process has NaN there)."""
+        if not (self._reduces() and dist.world_size() > 1):
+            return values
+        finite = [v if math.isfinite(v) else 0.0 for v in values]
+        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
+        agreed = dist.all_reduce_sum_floats(finite + bad)
+        n, k = dist.world_size(), len(values)
+        return [a / n if b == 0 else float("nan") for a, b in zip(agreed[:k], agreed[k:])]
+
+    def _evaluate_here(self, closure) -> _Observed:
+        mark = self._forward_nfe()
+        loss, outputs = _loss_and_outputs(closure())
+        return _Observed(float(loss), outputs, None, None, self._forward_nfe() - mark)
+
+    def _evaluate_trial(self, closure, observed: _Observed) -> tuple[float, float, int]:
+        """``(trial loss, Gauss–Newton curvature along the trial or NaN, trial NFE)``."""
+        mark = self._forward_nfe()
+        try:
+            loss, outputs = _loss_and_outputs(closure())
+        except SolverError:
+            return float("nan"), float("nan"), self._forward_nfe() - mark
+        nfe = self._forward_nfe() - mark
+        loss = float(loss)
+        gn = float("nan")
+        if (
+            outputs is not None
+            and observed.outputs is not None
+            and observed.likelihood is not None
+            and outputs.shape == observed.outputs.shape
+        ):
+            delta = outputs - observed.outputs
+            if bool(torch.isfinite(delta).all()):
+                gn = gauss_newton_quadratic(
+                    observed.likelihood,
+                    observed.outputs,
+                    delta,
+                    observed.grad_outputs,
+                    loss - observed.loss,
+                )
+        return loss, gn, nfe
+
+    def _clip(self, update: dict, damping: Damping) -> float:
+        """``ν = min(1, sqrt(kl_clip / δᵀ(C + λ)δ))`` for the update ``δ`` about to be taken."""
+        quad = self._quadratic(update, damping)
+        nu = min(1.0, (self.kl_clip / quad) ** 0.5) if quad > 0 else 1.0
+        self.last_clip = nu
+        return nu
+
+    def _all_finite(self) -> bool:
         checks = [
             p.grad.isfinite().all()
             for g in self.param_groups
             for p in g["params"]
             if p.grad is not None
         ]
-        if loss is not None and isinstance(loss, torch.Tensor):
-            checks.append(loss.detach().isfinite().all())
         if not checks or bool(torch.stack(checks).all()):
             return True
         msg = (
-            f"OCNOpt: non-finite loss or gradient at step {self._step}; the step was skipped "
+            f"OCNOpt: non-finite gradient at step {self._step}; the step was skipped "
             "and the optimizer state is unchanged."
         )
         if self.nonfinite == "raise":
@@ -517,135 +781,9 @@ class OCNOpt(torch.optim.Optimizer):
         self.skipped_steps += 1
         if self._capture is not None:
             self._capture.reset()
-        for module in list(self._outside_stats):
-            self._outside_stats[module] = _OutsideStats()
+        self._collector.clear()
         self._factors_given = False
         return False
-
-    def _refresh(self) -> None:
-        """Turn this step's statistics into eigenbases / Gauss–Newton matrices.
-
-        Stages: collect the normalised statistics of every unit → average them over the
-        processes (distributed) → decompose (spread over processes for large layers).
-        """
-        jobs = self._collect_statistics()
-        if self._reduces():
-            self._reduce(jobs)
-        else:
-            self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
-        self._decompose(jobs)
-
-    def _reduces(self) -> bool:
-        return dist.is_distributed() if self.distributed is None else self.distributed
-
-    def _collect_statistics(self) -> list[list]:
-        """``[kind, rule, [matrices], n]`` per unit, matrices normalised per sample."""
-        empirical = self.factors == "empirical"
-        capture = self._capture
-        jobs: list[list] = []
-        if capture is not None:
-            for module, stats in capture.kronecker.items():
-                rule = self._kron.get(module)
-                if rule is None or stats.samples == 0:
-                    continue
-                n = stats.samples / stats.solves
-                scale_b = n if empirical else 1.0 / n
-                locations = stats.rows / stats.samples  # 1 for linear layers
-                jobs.append(["kron", rule, [stats.A / n, stats.B * scale_b / locations], n])
-            for block, rule in self._dense.items():
-                stats = capture.dense.get(block)
-                if stats is None:
-                    continue
-                n = stats.p.shape[1]
-                scale = n if empirical else 1.0 / n
-                jobs.append(["dense", rule, [stats.gauss_newton() * scale], n])
-        for module, stats in self._outside_stats.items():
-            if stats.A is None or stats.B is None or stats.samples == 0:
-                continue
-            n = stats.samples
-            locations = stats.rows / n
-            jobs.append(["kron", self._kron[module], [stats.A / n, stats.B * n / locations], n])
-        return jobs
-
-    def _reduce(self, jobs: list[list]) -> None:
-        """Average the per-sample statistics over processes; sum the sample counts."""
-        mats = [m for job in jobs for m in job[2]]
-        if not mats:  # every process built the same (empty) list: nothing to send
-            self.last_reduce = {"bytes": 0, "collectives": 0, "spread_layers": 0}
-            return
-        reduced = dist.all_reduce_bucket(mats, "mean")
-        device = mats[0].device if mats else None
-        counts = dist.all_reduce_sum_floats([job[3] for job in jobs], device=device)
-        it = iter(reduced)
-        for job, n in zip(jobs, counts):
-            job[2] = [next(it) for _ in job[2]]
-            job[3] = n
-        self.last_reduce = {
-            "bytes": sum(m.numel() * m.element_size() for m in mats) + 8 * len(jobs),
-            "collectives": len({(m.dtype, m.device) for m in mats}) + 1,
-            "spread_layers": 0,
-        }
-
-    def _decompose(self, jobs: list[list]) -> None:
-        spread = self._reduces() and dist.world_size() > 1
-        owner_of = 0
-        for kind, rule, mats, n in jobs:
-            if kind == "dense":
-                rule.refresh(mats[0])
-                continue
-            a_mat, b_mat = mats
-            if not spread or max(a_mat.shape[0], b_mat.shape[0]) < self.eigh_spread_min_dim:
-                rule.refresh(a_mat, b_mat, n)
-                continue
-            owner = owner_of % dist.world_size()
-            owner_of += 1
-            self.last_reduce["spread_layers"] += 1
-            if dist.rank() == owner:
-                rule.refresh(a_mat, b_mat, n)
-                eig = rule.eigen()
-            else:
-                eig = [
-                    a_mat.new_empty(a_mat.shape),
-                    b_mat.new_empty(b_mat.shape),
-                    a_mat.new_empty(a_mat.shape[0]),
-                    b_mat.new_empty(b_mat.shape[0]),
-                ]
-            dist.broadcast_(eig, src=owner)
-            if dist.rank() != owner:
-                rule.set_eigen(*eig, n)
-
-    def _precondition(self, directions: dict, step: int) -> dict:
-        updates: dict = {}
-        for module, rule in self._kron.items():
-            if module.weight not in directions:
-                continue
-            group = self._group_of[module.weight]
-            grad = layer_gradient_matrix(module, directions)
-            u = rule.direction(
-                grad, value_at(group["damping"], step), value_at(group["alpha"], step)
-            )
-            updates.update(split_layer_matrix(module, u))
-        for rule in self._dense.values():
-            if not all(p in directions for p in rule.params):
-                continue
-            group = self._group_of[rule.params[0]]
-            updates.update(rule.direction(directions, value_at(group["damping"], step)))
-        for p, d in directions.items():
-            if p in updates:
-                continue
-            group = self._group_of[p]
-            if self.curvature == "identity" or group["outside"] == "sgd":
-                updates[p] = d
-            else:
-                updates[p] = diagonal_direction(d, self.state[p], self.diag_beta, self.diag_eps)
-        return updates
-
-    @property
-    def generator(self) -> torch.Generator:
-        """The CPU generator of the optimizer's own draws (sampled factors); in
-        ``state_dict``. Under torch.distributed each process has its own: a training loop
-        that checkpoints every process's draws saves and restores this one per process."""
-        return self._generator
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -656,6 +794,12 @@ class OCNOpt(torch.optim.Optimizer):
             "generator": self._generator.get_state(),
             "curvature": self.curvature,
             "factors": self.factors,
+            "samples": self._samples,
+            "damping": self._lm.state_dict(),
+            "control": self._control.state_dict(),
+            "last_adaptation": None
+            if self.last_adaptation is None
+            else self.last_adaptation.as_dict(),
         }
         return sd
 
@@ -676,47 +820,70 @@ class OCNOpt(torch.optim.Optimizer):
         self._step = int(extra["step"])
         self.skipped_steps = int(extra["skipped_steps"])
         self._generator.set_state(extra["generator"])
+        self._samples = float(extra["samples"])
+        self._lm.load_state_dict(extra["damping"])
+        self._control.load_state_dict(extra["control"])
+        last = extra.get("last_adaptation")
+        self.last_adaptation = None if last is None else Adaptation(**last)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._build_rules()
+        self._units = build_units(
+            self.model,
+            self.blocks,
+            self.curvature,
+            self._group_of,
+            self.state,
+            self.max_dense_params,
+        )
+        self._collector = OutsideCollector(self._units.outside)
         self._arm_if_due()
 
 
-def _pull_back(outputs: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian products of ``outputs`` w.r.t. ``target`` with each of the R rows of y."""
-    if outputs is target:
-        return y
-    (vjp,) = torch.autograd.grad(
-        outputs,
-        target,
-        grad_outputs=y,
-        retain_graph=True,
-        is_grads_batched=True,
-        allow_unused=True,
+def _loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
+    """A closure's return value as ``(loss, outputs or None)``."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise bad_value("closure", value, "a closure returning loss or (loss, outputs)")
+        loss, outputs = value
+    else:
+        loss, outputs = value, None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise bad_type("closure", loss, "a closure returning a scalar loss tensor")
+    return float(loss.detach()), None if outputs is None else outputs.detach()
+
+
+def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
+    if groups is None:
+        return [{"params": params}]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad_type("groups", groups, "a list of dicts {'params': [...], ...}")
+    listed = set()
+    out = []
+    for g in groups:
+        if "params" not in g:
+            raise bad_value("groups", g, "dicts with a 'params' entry")
+        unknown = sorted(set(g) - set(GROUP_KEYS))
+        if unknown:
+            raise bad_value(
+                "groups[...]",
+                f"keys {unknown}",
+                "the keys " + ", ".join(repr(k) for k in GROUP_KEYS),
+            )
+        ps = list(g["params"]) if isinstance(g["params"], Iterable) else [g["params"]]
+        listed.update(id(p) for p in ps)
+        out.append({**g, "params": ps})
+    rest = [p for p in params if id(p) not in listed]
+    if rest:
+        out.append({"params": rest})
+    return out
+
+
+def _check_group(g: dict, step_mode: str) -> None:
+    if g["lr"] is not None or step_mode == "fixed":
+        check_hyper("groups[...]['lr']", g["lr"], 0, math.inf, True, True, "a float > 0")
+    check_hyper("groups[...]['momentum']", g["momentum"], 0, 1, False, True, "a float in [0, 1)")
+    check_hyper(
+        "groups[...]['weight_decay']", g["weight_decay"], 0, math.inf, False, True, "a float >= 0"
     )
-    if vjp is None:
-        raise ValueError(
-            "outputs: the model output does not depend on the last ODE block's output; the "
-            "factor source cannot provide factors for it. Use factors='empirical'."
-        )
-    return vjp
-
-
-def _chain_factors(earlier, later, opt: OCNOpt) -> None:
-    """When backward reaches ``earlier``'s output, hand it ``later``'s input factors."""
-    out = earlier.tensor()
-    if out is None:
-        return
-    later_out = later.tensor()
-    later_in = later.input
-
-    def hook(grad):
-        q = propagated_factors(later_out)
-        opt._collect_outside = False
-        try:
-            factors = q if later_in is out else _pull_back(later_in, out, q)
-        finally:
-            opt._collect_outside = True
-        set_terminal_factors(out, factors)
-        return grad
-
-    out.register_hook(hook)
+    check_hyper("groups[...]['alpha']", g["alpha"], 0, 1, True, False, "a float in (0, 1]")
+    check_hyper("groups[...]['diag_beta']", g["diag_beta"], 0, 1, False, True, "a float in [0, 1)")
+    check_choice("groups[...]['outside']", g["outside"], OUTSIDE_RULES)

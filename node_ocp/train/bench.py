@@ -4,8 +4,10 @@ Step times are measured on the *same* model state for every optimizer (each star
 same initial model with a learning rate so small that the model, and so the number of solver
 steps, does not change), with their steps interleaved so that drift in the machine's speed
 hits all alike; medians over the steps. OCNOpt's ordinary and refresh steps are timed
-separately and amortized over its ``update_every``. Peak memory comes from a short
-``node-ocp train`` run of each optimizer in its own process (covering one refresh step).
+separately, as are its *adapt* steps (the step control's trial forward solve on the same
+batch), and amortized over one cycle of ``update_every`` and ``adapt_every``. Peak memory
+comes from a short ``node-ocp train`` run of each optimizer in its own process (covering one
+refresh step).
 All figures are also given as ratios to Adam with the plain adjoint. On a CPU the peak is
 the process's peak resident memory (which includes the interpreter and torch); ``train MB``
 is its growth over the resident memory before the first step.
@@ -27,6 +29,7 @@ from ..io import atomic_write_json
 from ..optim import OCNOpt
 from .compare import train_in_process_args
 from .config import ConfigError, OptimizerConfig, RunConfig
+from .costs import KINDS, amortized, medians, step_kind
 from .loop import SUMMARY, RunError, prepare_out_dir, resolve_device
 from .optimizers import build_optimizer
 from .tasks import build_task
@@ -76,25 +79,26 @@ def bench(
         arms[name] = {
             "task": t,
             "opt": build_optimizer(cfg, t.model, FROZEN_LR, seed=config.train.seed),
-            "plain": [],
-            "refresh": [],
+            "times": {k: [] for k in KINDS},
             "nfe": [],
         }
     for _ in range(steps):
         for a in arms.values():
             t, opt = a["task"], a["opt"]
-            refresh = isinstance(opt, OCNOpt) and opt.refresh_due
+            ocn = isinstance(opt, OCNOpt)
+            kind = step_kind(ocn and opt.refresh_due, ocn and opt.adapt_due)
             _sync(dev)
             t0 = time.perf_counter()
             opt.zero_grad()
             outputs, loss = t.outputs_and_loss(batch)
-            if isinstance(opt, OCNOpt) and opt.factors != "empirical":
+            if ocn:
                 opt.backward(loss, outputs=outputs, likelihood=t.likelihood)
+                opt.step(lambda t=t: t.outputs_and_loss(batch)[::-1])
             else:
                 loss.backward()
-            opt.step()
+                opt.step()
             _sync(dev)
-            (a["refresh"] if refresh else a["plain"]).append(time.perf_counter() - t0)
+            a["times"][kind].append(time.perf_counter() - t0)
             fwd = sum(b.nfe_forward for b in t.blocks)
             bwd = sum(b.nfe_backward for b in t.blocks)
             for b in t.blocks:
@@ -103,18 +107,23 @@ def bench(
     rows = {}
     for name, a in arms.items():
         cfg = opts[name]
-        plain = a["plain"][1:] if len(a["plain"]) > 2 else a["plain"]  # first step warms up
-        step = statistics.median(plain) if plain else None
-        refresh = statistics.median(a["refresh"]) if a["refresh"] else None
-        k = cfg.update_every if cfg.kind == "ocnopt" else 1
-        amortized = step if refresh is None else (refresh + (k - 1) * (step or refresh)) / k
+        if len(a["times"]["plain"]) > 2:  # the first plain step warms up
+            a["times"]["plain"] = a["times"]["plain"][1:]
+        cost = medians(a["times"])
+        ocn = cfg.kind == "ocnopt"
+        k = cfg.update_every if ocn else 1
+        adapt_every = (
+            cfg.adapt_every if ocn and (cfg.step == "model" or cfg.adapt_damping) else None
+        )
         rows[name] = {
             "kind": cfg.kind,
-            "curvature": cfg.curvature if cfg.kind == "ocnopt" else None,
+            "curvature": cfg.curvature if ocn else None,
             "update_every": k,
-            "step_s": step,
-            "refresh_s": refresh,
-            "amortized_s": amortized,
+            "adapt_every": adapt_every,
+            "step_s": cost["plain"],
+            "adapt_s": cost["adapt"],
+            "refresh_s": cost["refresh+adapt"] or cost["refresh"],
+            "amortized_s": amortized(cost, k, adapt_every),
             "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
             "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
         }
@@ -125,6 +134,7 @@ def bench(
     base = rows[baseline]
     for r in rows.values():
         r["step_ratio"] = _ratio(r["step_s"], base["amortized_s"])
+        r["adapt_ratio"] = _ratio(r["adapt_s"], base["amortized_s"])
         r["refresh_ratio"] = _ratio(r["refresh_s"], base["amortized_s"])
         r["amortized_ratio"] = _ratio(r["amortized_s"], base["amortized_s"])
         r["memory_ratio"] = _ratio(r.get("peak_memory_mb"), base.get("peak_memory_mb"))
@@ -152,14 +162,15 @@ def format_bench(result: dict) -> str:
     lines = [
         f"{result['source']} on {result['device']}, batch {result['batch']}, "
         f"{result['steps']} interleaved steps per optimizer; ratios to {base} (plain adjoint)",
-        f"{'optimizer':<16} {'step ms':>8} {'refresh ms':>10} {'amortized ms':>12} "
-        f"{'x base':>7} {'refresh x':>9} {'NFE f/b':>10} {'NFE x':>6} {'peak MB':>8} {'mem x':>6} "
-        f"{'train MB':>8}",
+        f"{'optimizer':<16} {'step ms':>8} {'adapt ms':>8} {'refresh ms':>10} "
+        f"{'amortized ms':>12} {'x base':>7} {'adapt x':>7} {'refresh x':>9} {'NFE f/b':>10} "
+        f"{'NFE x':>6} {'peak MB':>8} {'mem x':>6} {'train MB':>8}",
     ]
     for name, r in result["optimizers"].items():
         lines.append(
-            f"{name:<16} {_ms(r['step_s']):>8} {_ms(r['refresh_s']):>10} "
-            f"{_ms(r['amortized_s']):>12} {_x(r['amortized_ratio']):>7} "
+            f"{name:<16} {_ms(r['step_s']):>8} {_ms(r.get('adapt_s')):>8} "
+            f"{_ms(r['refresh_s']):>10} {_ms(r['amortized_s']):>12} "
+            f"{_x(r['amortized_ratio']):>7} {_x(r.get('adapt_ratio')):>7} "
             f"{_x(r['refresh_ratio']):>9} "
             f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} {_x(r.get('nfe_ratio')):>6} "
             f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6} "
@@ -182,7 +193,7 @@ def _memory(config: RunConfig, name: str, cfg: OptimizerConfig, device) -> dict:
     steps = (cfg.update_every + 1) if cfg.kind == "ocnopt" else 2
     with tempfile.TemporaryDirectory() as tmp:
         cmd = train_in_process_args(
-            config.source, tmp, name, cfg.lr, config.train.seed, device, steps, None
+            config.source, tmp, name, cfg.learning_rate, config.train.seed, device, steps, None
         )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -107,7 +107,7 @@ def compare(
     plan = []
     for name in optimizers:
         opt = config.optimizers[name]
-        for lr in opt.grid if lr_grid else [opt.lr]:
+        for lr in opt.grid if lr_grid else [opt.learning_rate]:
             for i in range(seeds):
                 plan.append((name, lr, config.train.seed + i))
     bar = None

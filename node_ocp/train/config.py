@@ -204,34 +204,56 @@ class HorizonConfig:
             )
 
 
+def _ocnopt_default(key: str):
+    """OCNOpt's own default for ``key`` (the library is the one source of the defaults)."""
+    from ..optim.ocnopt import DEFAULTS
+
+    value = DEFAULTS[key]
+    return 0.0 if key == "kl_clip" and value is None else value
+
+
+#: The learning rate of a table that gives none: Adam's and SGD's usual defaults; for OCNOpt
+#: no cap on its step scale (``inf``: the step comes from the quadratic model).
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "ocnopt": math.inf}
+
+
 @dataclass
 class OptimizerConfig:
     """``[optimizers.NAME]``: one optimizer.
 
-    kind: ``adam``, ``sgd`` or ``ocnopt``. lr: learning rate; lr_grid: the learning rates
-    ``compare --lr-grid`` tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1).
-    The remaining keys are OCNOpt's (see :class:`~node_ocp.OCNOpt`); ``kl_clip = 0`` is off.
+    kind: ``adam``, ``sgd`` or ``ocnopt``. lr: learning rate (default: Adam 1e-3, SGD 1e-2;
+    OCNOpt: none, its step scale comes from its quadratic model and ``lr`` only caps it, or
+    is the step with ``step = "fixed"``); lr_grid: the learning rates ``compare --lr-grid``
+    tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1). The remaining keys are
+    OCNOpt's (see :class:`~node_ocp.OCNOpt`), with OCNOpt's own defaults: a table holding
+    only ``kind = "ocnopt"`` is the recommended setting. ``kl_clip = 0`` is off.
     """
 
     kind: str = "adam"
-    lr: float = 1e-2
+    lr: float | None = None
     lr_grid: list[float] = field(default_factory=list)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    curvature: str = "ekfac"
-    factors: str = "empirical"
-    update_every: int = 20
-    damping: float = 0.05
-    alpha: float = 0.75
-    sample_dt: float = 0.05
-    outside: str = "kfac"
-    kl_clip: float = 0.0
+    curvature: str = field(default_factory=lambda: _ocnopt_default("curvature"))
+    factors: str = field(default_factory=lambda: _ocnopt_default("factors"))
+    update_every: int = field(default_factory=lambda: _ocnopt_default("update_every"))
+    damping: float = field(default_factory=lambda: _ocnopt_default("damping"))
+    alpha: float = field(default_factory=lambda: _ocnopt_default("alpha"))
+    sample_dt: float = field(default_factory=lambda: _ocnopt_default("sample_dt"))
+    outside: str = field(default_factory=lambda: _ocnopt_default("outside"))
+    kl_clip: float = field(default_factory=lambda: _ocnopt_default("kl_clip"))
+    step: str = field(default_factory=lambda: _ocnopt_default("step"))
+    adapt_every: int = field(default_factory=lambda: _ocnopt_default("adapt_every"))
+    adapt_damping: bool = field(default_factory=lambda: _ocnopt_default("adapt_damping"))
+    damping_mode: str = field(default_factory=lambda: _ocnopt_default("damping_mode"))
 
     def check(self, where: str) -> None:
+        from ..optim import DAMPING_MODES, STEP_MODES
         from ..optim.ocnopt import CURVATURES, FACTOR_SOURCES, OUTSIDE_RULES
 
         _choice(f"{where}.kind", self.kind, OPTIMIZER_KINDS)
-        _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
+        if self.lr is not None:
+            _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
         for lr in self.lr_grid:
             _in_range(f"{where}.lr_grid[...]", lr, 0.0, math.inf, "floats > 0", low_open=True)
         _in_range(f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True)
@@ -239,16 +261,29 @@ class OptimizerConfig:
         _choice(f"{where}.curvature", self.curvature, CURVATURES)
         _choice(f"{where}.factors", self.factors, FACTOR_SOURCES)
         _choice(f"{where}.outside", self.outside, OUTSIDE_RULES)
+        _choice(f"{where}.step", self.step, STEP_MODES)
+        _choice(f"{where}.damping_mode", self.damping_mode, DAMPING_MODES)
         _at_least(f"{where}.update_every", self.update_every, 1)
+        _at_least(f"{where}.adapt_every", self.adapt_every, 1)
         _in_range(f"{where}.damping", self.damping, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.alpha", self.alpha, 0.0, 1.0, "a float in (0, 1]", low_open=True)
         _in_range(f"{where}.sample_dt", self.sample_dt, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.kl_clip", self.kl_clip, 0.0, math.inf, "a float >= 0 (0: off)")
+        if self.kind == "ocnopt" and self.step == "fixed" and self.lr is None:
+            raise ConfigError(
+                f"{where}.lr: received nothing with step = 'fixed'; accepted: a float > 0 "
+                "(the step scale), or step = 'model'"
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the kind's default (``inf`` for OCNOpt: no cap)."""
+        return DEFAULT_LR[self.kind] if self.lr is None else self.lr
 
     @property
     def grid(self) -> list[float]:
-        """The learning rates of a grid search (just ``lr`` when no grid is given)."""
-        return list(self.lr_grid) if self.lr_grid else [self.lr]
+        """The learning rates of a grid search (just the learning rate when no grid is given)."""
+        return list(self.lr_grid) if self.lr_grid else [self.learning_rate]
 
 
 @dataclass

@@ -34,7 +34,8 @@ from ..io import atomic_write, atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
 from .config import ConfigError, RunConfig
-from .optimizers import build_horizon, build_optimizer, current_lr
+from .costs import KINDS, amortized, medians, step_kind
+from .optimizers import build_horizon, build_optimizer, current_lr, optimizer_metrics
 from .tasks import Task, build_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -233,10 +234,14 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     opt_cfg = config.optimizer(name)
     if o.lr is not None:
         lr = float(o.lr)
+    elif name == before.get("optimizer"):
+        lr = before.get("lr", opt_cfg.learning_rate)
     else:
-        lr = before.get("lr", opt_cfg.lr) if name == before.get("optimizer") else opt_cfg.lr
-    if o.lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"--lr: received {lr!r}; accepted: a finite float > 0")
+        lr = opt_cfg.learning_rate
+    no_cap = opt_cfg.kind == "ocnopt" and opt_cfg.step == "model"
+    if o.lr is not None and not (lr > 0 and (math.isfinite(lr) or no_cap)):
+        accepted = "a float > 0 (inf: no cap)" if no_cap else "a finite float > 0"
+        raise ConfigError(f"--lr: received {lr!r}; accepted: {accepted}")
     seed = int(before.get("seed", config.train.seed)) if o.seed is None else int(o.seed)
     steps = config.train.steps if o.max_steps is None else int(o.max_steps)
     max_time = config.train.max_seconds if o.max_time is None else float(o.max_time)
@@ -308,8 +313,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "loss_count": 0,
         "nfe_f": 0,
         "nfe_b": 0,
-        "step_times": [],
-        "refresh_times": [],
+        "step_times": {k: [] for k in KINDS},
         "diverged": False,
     }
     history: list[dict] = []
@@ -368,6 +372,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             "nfe_backward": nfe_b / n if state["loss_count"] else None,
             "t1": t1(),
             "lr": current_lr(opt),
+            **optimizer_metrics(opt),
         }
         if step % config.train.eval_every == 0:
             # a line off the schedule (the run's last step, a time budget's stop) leaves the
@@ -417,7 +422,9 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             break
         idx = sampler.next()[dist.rank() :: world]  # this process's share of the batch
         batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
-        refresh = isinstance(opt, OCNOpt) and opt.refresh_due
+        kind = step_kind(
+            isinstance(opt, OCNOpt) and opt.refresh_due, isinstance(opt, OCNOpt) and opt.adapt_due
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         memory.before_step()
@@ -425,6 +432,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         try:
             opt.zero_grad()
             failure = None
+            rng = _draw_state(device)  # the trial of OCNOpt's step control draws the same
             try:
                 outputs, loss = task.outputs_and_loss(batch)
                 if not torch.isfinite(loss):
@@ -437,11 +445,12 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                     failure = "another process failed (non-finite loss or solver error)"
             if failure is not None:
                 raise _Diverged(failure)
-            if isinstance(opt, OCNOpt) and opt.factors != "empirical":
+            if isinstance(opt, OCNOpt):
                 opt.backward(loss, outputs=outputs, likelihood=task.likelihood)
+                opt.step(_same_batch_closure(task, batch, rng, device))
             else:
                 loss.backward()
-            opt.step()
+                opt.step()
             if horizon is not None:
                 horizon.step()
         except (SolverError, FloatingPointError) as exc:
@@ -462,7 +471,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         memory.after_step()
         state["train_clock"] += dt
         state["step"] += 1
-        (state["refresh_times"] if refresh else state["step_times"]).append(dt)
+        state["step_times"][kind].append(dt)
         f, b = _nfe(task)
         state["loss_sum"] += float(loss.detach())
         state["loss_count"] += 1
@@ -493,6 +502,30 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             atomic_write_json(out / SUMMARY, summary)
     dist.barrier()
     return summary
+
+
+def _draw_state(device) -> dict:
+    """The random state the next forward pass draws from (Hutchinson probes, ...)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _same_batch_closure(task: Task, batch, rng: dict, device):
+    """OCNOpt's closure: the loss and outputs of ``batch`` at the current parameters, with
+    the draws of the step's own forward pass and the training's random stream left alone."""
+
+    def closure():
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            outputs, loss = task.outputs_and_loss(batch)
+        return loss, outputs
+
+    return closure
 
 
 def _gather_rng(device, opt=None) -> dict:
@@ -537,13 +570,15 @@ def _finish(
         _nfe(task)
     vals = [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
     best = (max if task.higher_is_better else min)(vals) if vals else None
-    k = opt_cfg.update_every if opt_cfg.kind == "ocnopt" else 1
-    step_t = statistics.median(state["step_times"]) if state["step_times"] else None
-    refresh_t = statistics.median(state["refresh_times"]) if state["refresh_times"] else None
-    if step_t is not None and refresh_t is not None:
-        amortized = (refresh_t + (k - 1) * step_t) / k
+    cost = medians(state["step_times"])
+    if opt_cfg.kind == "ocnopt":
+        adapt_every = (
+            opt_cfg.adapt_every if opt_cfg.step == "model" or opt_cfg.adapt_damping else None
+        )
+        amortized_s = amortized(cost, opt_cfg.update_every, adapt_every)
     else:
-        amortized = step_t if step_t is not None else refresh_t
+        amortized_s = amortized(cost)
+    every = [t for ts in state["step_times"].values() for t in ts]
     nfe = [(r["nfe_forward"], r["nfe_backward"]) for r in records if r["nfe_forward"] is not None]
     summary = {
         **{k2: run_info[k2] for k2 in ("optimizer", "optimizer_kind", "lr", "seed", "device")},
@@ -560,9 +595,11 @@ def _finish(
         "best_val": best,
         "test": test,
         "test_metric": test[metric],
-        "step_time_s": step_t,
-        "refresh_time_s": refresh_t,
-        "amortized_step_s": amortized,
+        "step_time_s": cost["plain"],
+        "adapt_time_s": cost["adapt"],
+        "refresh_time_s": cost["refresh+adapt"] or cost["refresh"],
+        "amortized_step_s": amortized_s,
+        "mean_step_s": statistics.mean(every) if every else None,
         "world_size": run_info["world_size"],
         "nfe_forward": statistics.mean(f for f, _ in nfe) if nfe else None,
         "nfe_backward": statistics.mean(b for _, b in nfe) if nfe else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
 
     ``lr`` overrides ``cfg.lr`` (grid searches). Adam uses ``momentum`` as its beta1.
     """
-    lr = cfg.lr if lr is None else lr
+    lr = cfg.learning_rate if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.kind == "adam":
         return torch.optim.Adam(
@@ -25,7 +27,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return OCNOpt(
         model,
-        lr=lr,
+        lr=None if math.isinf(lr) else lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         curvature=cfg.curvature,
@@ -34,6 +36,10 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         alpha=cfg.alpha,
         sample_dt=cfg.sample_dt,
         factors=cfg.factors,
+        step=cfg.step,
+        adapt_every=cfg.adapt_every,
+        adapt_damping=cfg.adapt_damping,
+        damping_mode=cfg.damping_mode,
         outside=cfg.outside,
         kl_clip=cfg.kl_clip or None,
         seed=seed,
@@ -60,4 +66,14 @@ def build_horizon(cfg: HorizonConfig | None, model: nn.Module) -> HorizonOptimiz
 
 
 def current_lr(opt) -> float:
+    """The step scale of the first group: its ``lr`` (OCNOpt with ``step="model"``: η)."""
+    if isinstance(opt, OCNOpt) and opt.step_mode == "model":
+        return opt.step_scale
     return float(opt.param_groups[0]["lr"])
+
+
+def optimizer_metrics(opt) -> dict:
+    """What a metrics line records of the optimizer's own state (OCNOpt: damping λ)."""
+    if isinstance(opt, OCNOpt):
+        return {"damping": opt.damping}
+    return {}

@@ -1,0 +1,109 @@
+"""The interface every curvature variant implements: one :class:`CurvatureUnit` per unit.
+
+A *unit* is the set of parameters one curvature block describes. Its ``scope`` says which:
+
+- ``"tensor"``: one parameter tensor (identity, diagonal);
+- ``"layer"``: an ``nn.Linear`` / ``nn.Conv2d`` layer, weight and bias together (kfac, ekfac);
+- ``"block"``: all parameters of one ODE block's field (dense).
+
+A unit holds the curvature ``C`` of its parameters as the optimizer last estimated it and
+answers three questions (``grads``/``v`` are lists of tensors in the order of ``params``):
+
+- :meth:`direction` ``(C + λ)⁻¹ g`` for this step's gradient (a unit with per-step
+  statistics, such as EKFAC's diagonal, updates them here, once per step);
+- :meth:`quadratic` ``vᵀ (C + λ) v``, the unit's share of the quadratic model;
+- :meth:`scale`: the mean eigenvalue of ``C``, the reference of relative damping.
+
+The damping ``λ`` of the unit comes as a :class:`Damping` (relative to :meth:`scale` or
+absolute). Units whose ``C`` comes from the backward solves declare the statistics they need
+(``needs = "kronecker"`` or ``"dense"``); the optimizer hands them a reduced statistics record
+in :meth:`refresh`. Every tensor of a unit's state lives in ``state``, the optimizer's state
+dict of ``params[0]``, so ``OCNOpt.state_dict()`` carries it.
+
+A new variant is one module with a subclass of :class:`CurvatureUnit` and one line in
+:data:`node_ocp.optim.curvatures.VARIANTS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Damping:
+    """The damping of one step: ``value`` times a unit's :meth:`~CurvatureUnit.scale`
+    (``relative=True``) or ``value`` itself (``relative=False``)."""
+
+    value: float
+    relative: bool = True
+
+    def of(self, scale: float) -> float:
+        """The absolute damping λ of a unit whose curvature has mean eigenvalue ``scale``."""
+        return self.value * scale if self.relative else self.value
+
+
+class CurvatureUnit(ABC):
+    """Preconditioning of one unit of parameters (see the module docstring).
+
+    Args:
+        params: the unit's parameter tensors.
+        state: the optimizer's per-parameter state dict of ``params[0]``.
+        module: the layer (``scope = "layer"``) or ODE block (``"block"``), else None.
+    """
+
+    #: "tensor", "layer" or "block": what one unit covers.
+    scope: ClassVar[str] = "tensor"
+    #: None, "kronecker" or "dense": the statistics :meth:`refresh` takes.
+    needs: ClassVar[str | None] = None
+
+    def __init__(self, params: list[torch.Tensor], state: dict, module=None):
+        self.params = list(params)
+        self.state = state
+        self.module = module
+
+    @classmethod
+    def from_group(cls, params, state: dict, module, group: dict) -> CurvatureUnit:
+        """The unit for ``params`` with the hyper-parameters of their param group."""
+        return cls(params, state, module)
+
+    @property
+    def ready(self) -> bool:
+        """True once the unit holds a curvature estimate (else :meth:`direction` is ``g``)."""
+        return True
+
+    def refresh(self, stats) -> None:
+        """Install the curvature from a reduced statistics record (units with ``needs``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no statistics")
+
+    @abstractmethod
+    def scale(self) -> float:
+        """Mean eigenvalue of the held curvature (1.0 before there is one)."""
+
+    @abstractmethod
+    def direction(
+        self, grads: list[torch.Tensor], damping: Damping, samples: float
+    ) -> list[torch.Tensor]:
+        """``(C + λ)⁻¹ g`` for this step's gradient; called once per step.
+
+        ``samples`` is the number of examples behind one gradient (the batch size of the
+        last refresh), which turns a squared mean gradient into a per-sample second moment.
+        """
+
+    @abstractmethod
+    def quadratic(self, v: list[torch.Tensor], damping: Damping) -> torch.Tensor:
+        """``vᵀ (C + λ) v`` as a 0-dim tensor (the damping of this step, as in direction)."""
+
+    def memory_bytes(self) -> int:
+        """Bytes of the unit's state tensors."""
+        return sum(
+            t.numel() * t.element_size() for t in self.state.values() if isinstance(t, torch.Tensor)
+        )
+
+
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_i a_i · b_i`` over lists of tensors, as a 0-dim tensor."""
+    return sum((x * y).sum() for x, y in zip(a, b))

@@ -1,0 +1,57 @@
+"""``ekfac``: the Kronecker eigenbasis with its diagonal re-estimated every step
+(George et al., 2018).
+
+In the eigenbasis of ``A`` and ``B`` the gradient matrix is ``G̃ = Q_Bᵀ G Q_A``. The diagonal
+``s`` starts at every refresh from the Kronecker eigenvalues ``λ_B λ_Aᵀ`` and is re-estimated
+every step as ``s ← α s + (1 − α) n G̃²`` (``n`` the samples behind the refresh, so that it
+estimates the same per-sample second moment). Direction ``Q_B [G̃ / (s + λ)] Q_Aᵀ``, with
+``λ`` relative to the mean Kronecker eigenvalue ``m_A m_B`` of the last refresh.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Damping
+from .kronecker import KroneckerUnit, layer_matrix, split_layer_matrix
+
+
+class EKFACUnit(KroneckerUnit):
+    """A layer preconditioned in its Kronecker eigenbasis (see the module docstring).
+
+    Args:
+        alpha: running-average coefficient of the diagonal in (0, 1] (1: K-FAC's eigenvalues
+            kept until the next refresh).
+    """
+
+    def __init__(self, params, state, module=None, alpha: float = 0.75):
+        super().__init__(params, state, module)
+        self.alpha = alpha
+
+    @classmethod
+    def from_group(cls, params, state, module, group):
+        return cls(params, state, module, alpha=float(group["alpha"]))
+
+    def set_decomposition(self, tensors, samples: float) -> None:
+        super().set_decomposition(tensors, samples)
+        st = self.state
+        st["kron_s"] = st["kron_eB"][:, None] * st["kron_eA"][None, :]
+
+    def direction(self, grads, damping: Damping, samples: float) -> list[torch.Tensor]:
+        if not self.ready:
+            return list(grads)
+        st = self.state
+        mat = layer_matrix(self.module, grads)
+        proj = self._project(mat)
+        s = st["kron_s"].to(mat.dtype)
+        st["kron_s"] = s.mul(self.alpha).add_(proj * proj, alpha=(1.0 - self.alpha) * st["kron_n"])
+        proj = proj / (st["kron_s"] + damping.of(self.scale()))
+        return split_layer_matrix(self.module, self._unproject(proj))
+
+    def quadratic(self, v, damping: Damping) -> torch.Tensor:
+        mat = layer_matrix(self.module, v)
+        if not self.ready:
+            return (mat * mat).sum()
+        proj = self._project(mat)
+        s = self.state["kron_s"].to(mat.dtype)
+        return ((s + damping.of(self.scale())) * proj * proj).sum()

@@ -1,0 +1,102 @@
+"""From ``opt.backward`` to the backward solves: the terminal factors of a factor source.
+
+With ``factors="sampled"`` or ``"exact"`` the optimizer draws (or builds) factors ``y`` of
+the loss Hessian at the model output (:mod:`.likelihoods`) on refresh steps, pulls them back
+through the layers between the output and the last ODE block call, and sets them on that
+call's output through the capture. From each block call to the one before it the factors
+travel the same way: when the backward pass reaches the earlier call's output, the factors
+the later call propagated to its input are pulled back to it and set there. All of it goes
+through the capture's records; nothing is attached to tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from ..curvature import CurvatureCapture
+from ..ode.factors import SolveRecord
+from .likelihoods import output_factors
+
+
+class FactorFlow:
+    """Terminal factors of one source for the block calls of a step.
+
+    Args:
+        source: ``"sampled"`` or ``"exact"``.
+        rank: Monte-Carlo factors per sample (``"sampled"``).
+        generator: the optimizer's generator (sampled draws).
+    """
+
+    def __init__(self, source: str, rank: int, generator: torch.Generator):
+        self.source = source
+        self.rank = rank
+        self.generator = generator
+
+    def hand_over(
+        self,
+        capture: CurvatureCapture,
+        outputs: torch.Tensor,
+        likelihood: str,
+        pause: Callable[[], AbstractContextManager],
+    ) -> bool:
+        """Set the factors for the last block call and chain the earlier ones.
+
+        ``pause()`` gives a context in which the outside layers' statistics stop (while
+        factors are pulled back).
+        Returns True when the loss's backward must retain the graph (chained calls).
+        """
+        records = list(capture.records)
+        if not records:
+            raise ValueError(
+                "outputs: no ODE block was called with grad enabled since the last step; "
+                f"factors={self.source!r} needs the forward pass of this step between "
+                "opt.step() and opt.backward()."
+            )
+        y = output_factors(outputs, likelihood, self.source, self.rank, self.generator)
+        last = records[-1]
+        with pause():
+            last.set_terminal_factors(pull_back(outputs, last.output, y))
+        for earlier, later in zip(records[:-1], records[1:]):
+            _chain(earlier, later, pause)
+        return len(records) > 1
+
+
+def pull_back(outputs: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian products of ``outputs`` w.r.t. ``target`` with each of the R rows
+    of ``y`` (``(R, *outputs.shape)`` -> ``(R, *target.shape)``)."""
+    if outputs is target:
+        return y
+    (vjp,) = torch.autograd.grad(
+        outputs,
+        target,
+        grad_outputs=y,
+        retain_graph=True,
+        is_grads_batched=True,
+        allow_unused=True,
+    )
+    if vjp is None:
+        raise ValueError(
+            "outputs: the model output does not depend on the last ODE block's output; the "
+            "factor source cannot provide factors for it. Use factors='empirical'."
+        )
+    return vjp
+
+
+def _chain(
+    earlier: SolveRecord, later: SolveRecord, pause: Callable[[], AbstractContextManager]
+) -> None:
+    """When backward reaches ``earlier``'s output, hand it ``later``'s input factors."""
+    out = earlier.output
+
+    def hook(grad):
+        q = later.input_factors
+        if q is not None:
+            with pause():
+                factors = q if later.input is out else pull_back(later.input, out, q)
+            earlier.set_terminal_factors(factors)
+        return grad
+
+    out.register_hook(hook)
