@@ -188,11 +188,17 @@ def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     rows = result["optimizers"]
     assert rows["adam"]["amortized_ratio"] == pytest.approx(1.0)
     assert rows["ocnopt"]["refresh_s"] is not None and rows["ocnopt"]["step_s"] is not None
-    k = rows["ocnopt"]["update_every"]
-    want = (rows["ocnopt"]["refresh_s"] + (k - 1) * rows["ocnopt"]["step_s"]) / k
+    # refresh every 3 steps, a trial every 5: over 15 steps one step does both, 4 more
+    # refresh, 2 more adapt and 8 are plain
+    assert (rows["ocnopt"]["update_every"], rows["ocnopt"]["adapt_every"]) == (3, 5)
+    c = rows["ocnopt"]["kind_s"]
+    want = (c["refresh+adapt"] + 4 * c["refresh"] + 2 * c["adapt"] + 8 * c["plain"]) / 15
     assert rows["ocnopt"]["amortized_s"] == pytest.approx(want)
-    # same model state for both: equal function evaluations
-    assert rows["adam"]["nfe_forward"] == rows["ocnopt"]["nfe_forward"]
+    assert c["adapt"] > c["plain"]  # the trial's forward solve is its own cost
+    # same model state for both: equal function evaluations per solve; OCNOpt's trials at
+    # steps 0 and 5 of the 7 add a forward solve each
+    assert rows["ocnopt"]["nfe_forward"] == pytest.approx(rows["adam"]["nfe_forward"] * 9 / 7)
+    assert rows["ocnopt"]["nfe_backward"] == rows["adam"]["nfe_backward"]
     assert rows["adam"]["peak_memory_mb"] > 0 and rows["ocnopt"]["memory_ratio"] > 0
     want_nfe = (rows["ocnopt"]["nfe_forward"] + rows["ocnopt"]["nfe_backward"]) / (
         rows["adam"]["nfe_forward"] + rows["adam"]["nfe_backward"]

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,7 @@ def _load(name: str):
 
 
 def test_quickstart_main_runs(capsys):
-    result = _load("quickstart").main(["--steps", "4", "--batch", "16", "--capture-every", "2"])
+    result = _load("quickstart").main(["--steps", "6", "--batch", "16", "--capture-every", "2"])
     out = capsys.readouterr().out
     assert "Adam, plain adjoint" in out and "OCNOpt (ekfac)" in out
     assert result["captured"]["capture"].kronecker  # factors were gathered
@@ -35,32 +37,32 @@ def test_bench_memory_main_runs(tmp_path):
     assert adjoint[8] == adjoint[4]  # the adjoint stores nothing per step
 
 
-def test_bench_ocnopt_main_runs(tmp_path):
-    out = tmp_path / "bench.json"
-    result = _load("bench_ocnopt").main(
-        [
-            "--steps",
-            "3",
-            "--batch",
-            "16",
-            "--hidden",
-            "4",
-            "--eval-every",
-            "1",
-            "--update-every",
-            "2",
-            "--cost-steps",
-            "4",
-            "--grid",
-            "single",
-            "--out",
-            str(out),
-        ]
-    )
-    saved = json.loads(out.read_text())
-    assert set(saved["summary"]) == {"adam", "sgd", "ocnopt"}
-    assert saved["costs"]["refresh_ratio"] > 0 and result["costs"]["amortized_ratio"] > 0
-    assert len(saved["runs"][0]["curve"]) == 4  # steps 0..3
+def test_bench_default_main_runs_every_arm_and_saves_the_table(tmp_path):
+    from train_helpers import tiny, write_toml
+
+    cfg = write_toml(tmp_path / "tiny_task.toml", tiny(**{"train.eval_every": 2}))
+    out = tmp_path / "bench"
+    argv = ["--configs", str(cfg), "--budget", "1.5", "--seeds", "2", "--out", str(out)]
+    argv += ["--adam-grid", "0.01", "0.05", "--tuned-grid", "0.05"]
+    result = _load("bench_default").main(argv)
+    saved = json.loads((out / "summary.json").read_text())
+    task = saved["results"]["tiny_task"]
+    assert set(task["arms"]) == {"ocnopt", "ocnopt-tuned", "adam", "ocnopt-identity"}
+    adam = task["arms"]["adam"]
+    assert set(adam["grid"]) == {"0.01", "0.05"} and adam["lr"] in (0.01, 0.05)
+    # the choice is the better seed-0 validation metric of the grid (nll: lower)
+    assert adam["grid"][repr(adam["lr"])] == min(adam["grid"].values())
+    assert all(len(a["test_per_seed"]) == 2 for a in task["arms"].values())
+    assert task["arms"]["ocnopt"]["lr"] == float("inf")  # the default: no grid, no cap
+    # the target is Adam's median final validation metric; its own ratio is 1 or never
+    assert task["target"] == pytest.approx(sum(adam["val_per_seed"]) / 2)
+    assert "| tiny_task | nll ↓ | ocnopt | default |" in result["table"]
+    assert "OCNOpt's default reached" in (out / "summary.md").read_text()
+    # finished runs are kept: a second call trains nothing
+    runs = sorted((out / "tiny_task").rglob("summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    _load("bench_default").main(argv)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
 
 
 def test_compare_all_main_collects_one_summary_table(tmp_path):

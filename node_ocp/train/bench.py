@@ -124,6 +124,7 @@ def bench(
             "adapt_s": cost["adapt"],
             "refresh_s": cost["refresh+adapt"] or cost["refresh"],
             "amortized_s": amortized(cost, k, adapt_every),
+            "kind_s": cost,
             "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
             "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
         }
