@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import mlp_field
+from conftest import mlp_field, ocnopt_step
 from torch import nn
 from torchdiffeq import odeint
 
@@ -629,3 +629,35 @@ def test_model_errors():
         ValueError, match=r"'dense' only for fields with at most max_dense_params=4096"
     ):
         no.OCNOpt(big, curvature="dense")
+
+
+def test_standard_ekfac_baseline_takes_one_statistic_per_solver_evaluation():
+    """time_joint=False: the field's layers get ordinary K-FAC hooks under backprop through
+    the solver; A is the mean over every evaluation's inputs (checked by a hook of our own)."""
+    torch.manual_seed(0)
+    field = mlp_field(3, 6)
+    block = no.ODEBlock(
+        field, (0.0, 1.0), method="rk4", options=dict(step_size=0.25), gradient="direct"
+    )
+    model = nn.Sequential(block, nn.Linear(3, 2)).to(torch.float64)
+    opt = no.OCNOpt(model, curvature="kfac", time_joint=False)
+    first = next(m for m in field.modules() if isinstance(m, no.ConcatSquashLinear)).linear
+    assert first in opt._units.outside and not opt._units.inside
+    seen = []
+    handle = first.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    x, t = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    opt.zero_grad()
+    o = model(x)
+    loss = 0.5 * (o - t).pow(2).sum(1).mean()
+    opt.backward(loss)
+    handle.remove()
+    (stats,) = [s for s in opt._collector.statistics() if s.unit is opt._units.outside[first]]
+    rows = torch.cat([torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype)], 1) for u in seen])
+    assert len(seen) == 16 == block.nfe_forward  # rk4, 4 steps: one statistic per evaluation
+    torch.testing.assert_close(stats.A, rows.T @ rows / rows.shape[0])
+    before = float(loss)
+    for _ in range(5):
+        ocnopt_step(opt, lambda: ((0.5 * (model(x) - t).pow(2).sum(1).mean()), None))
+    assert float(0.5 * (model(x) - t).pow(2).sum(1).mean()) < before
+    with pytest.raises(ValueError, match="time_joint"):
+        no.OCNOpt(nn.Sequential(no.ODEBlock(mlp_field(3, 6)), nn.Linear(3, 2)), time_joint=False)

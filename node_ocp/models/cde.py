@@ -142,6 +142,12 @@ class NeuralCDE(nn.Module):
             time_channel[b, idx, 0] = grid[idx]
         return grid, torch.cat([time_channel, values, counts], 2)
 
+    def feedback_stages(self) -> list[nn.Module]:
+        """The stages of OCNOpt's feedback policies: initial map, CDE block, (decoder,) head.
+        A stage called once per query time takes the open-loop step."""
+        extra = [] if self.decoder is None else [self.decoder]
+        return [self.initial, self.ode, *extra, self.head]
+
     def forward(self, batch: IrregularBatch, query_times: torch.Tensor | None = None):
         if not isinstance(batch, IrregularBatch):
             raise bad_type("batch", batch, "an IrregularBatch (see node_ocp.data)")

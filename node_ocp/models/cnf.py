@@ -157,6 +157,10 @@ class CNF(nn.Module):
                     e = torch.randn_like(x)
                 block.field.probe = e
 
+    def feedback_stages(self) -> list[nn.Module]:
+        """The stages of OCNOpt's feedback policies: the chained ODE blocks."""
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise bad_value("x", x, f"a batch of shape (N, {self.dim})")

@@ -50,5 +50,9 @@ class ODEImageClassifier(nn.Module):
             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * channels, classes)
         )
 
+    def feedback_stages(self) -> list[nn.Module]:
+        """The stages of OCNOpt's feedback policies: stem, ODE block, head."""
+        return [self.stem, self.ode, self.head]
+
     def forward(self, x):
         return self.head(self.ode(self.stem(x)))

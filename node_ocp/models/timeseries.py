@@ -67,6 +67,12 @@ class ODERNN(nn.Module):
         self.head = nn.Linear(hidden, outputs)
         self.hidden = hidden
 
+    def feedback_stages(self) -> list[nn.Module]:
+        """The stages of OCNOpt's feedback policies: GRU cell, ODE block, head. The cell and
+        the block are called once per observation interval and take the open-loop step (see
+        :mod:`node_ocp.optim.feedback`); the head takes a gain when called once."""
+        return [self.gru, self.ode, self.head]
+
     def forward(self, batch: IrregularBatch, query_times: torch.Tensor | None = None):
         if not isinstance(batch, IrregularBatch):
             raise bad_type("batch", batch, "an IrregularBatch (see node_ocp.data)")

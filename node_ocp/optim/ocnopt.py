@@ -25,7 +25,8 @@ One step runs these stages, each owned by one module:
    model, with Gauss–Newton curvature along the update measured on a trial forward solve
    every ``adapt_every`` steps; the reduction ratio ρ of the same trial adapts λ
    (Levenberg–Marquardt, :mod:`.damping`); ``kl_clip`` bounds the update taken;
-5. **base step**: ``θ ← θ + δ``.
+5. **base step**: ``θ ← θ + δ``; with ``feedback`` on, applied stage by stage in one forward
+   sweep that adds each stage's gain term ``K_s δx_s`` (:mod:`.feedback`).
 
 Which unit preconditions which parameters is decided once (:mod:`.units`): Kronecker layers
 inside the fields and outside the blocks, dense blocks, and a diagonal rule on the same scale
@@ -40,6 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +54,19 @@ from ..ode.block import ODEBlock, SolverError
 from .curvatures import VARIANTS, Damping, dot
 from .damping import LevenbergMarquardt
 from .factor_flow import FactorFlow
+from .feedback import (
+    FEEDBACK_MODES,
+    FeedbackReport,
+    FeedbackSweep,
+    StageRecorder,
+    empirical_factors,
+    find_stages,
+    pulled_factors,
+    warn_open_loop,
+)
+from .feedback_dense import DenseFeedback
 from .hyper import check_hyper, check_int, value_at
-from .likelihoods import LIKELIHOODS, gauss_newton_quadratic
+from .likelihoods import LIKELIHOODS, gauss_newton_quadratic, output_factors
 from .reduce import ReduceReport, decompose, reduce_statistics
 from .statistics import OutsideCollector, from_capture
 from .step_control import STEP_MODES, Adaptation, StepControl, TrialOutcome, momentum_step
@@ -96,6 +109,9 @@ DEFAULTS: dict = {
     "adapt_damping": True,
     "damping_mode": "relative",
     "kl_clip": None,
+    "feedback": "off",
+    "feedback_every": 1,
+    "feedback_clip": 1.0,
 }
 
 
@@ -156,6 +172,19 @@ class OCNOpt(torch.optim.Optimizer):
         groups: optional list of parameter-group dicts with per-group ``lr``, ``momentum``,
             ``weight_decay``, ``alpha``, ``outside``, ``diag_beta``; model parameters not
             listed go to a last, default group.
+        feedback: ``"off"`` (default: every parameter takes the open-loop step),
+            ``"gauss_newton"`` (feedback policies ``δθ_s = k_s + K_s δx_s`` across the
+            model's stages with gains from the factor source, see :mod:`.feedback`; needs
+            :meth:`backward` and ``step(closure)``) or ``"dense"`` (exact matrices and the
+            backward Riccati recursion; tiny chain models, see :mod:`.feedback_dense`).
+        feedback_every: a feedback sweep every this many steps (>= 1); the others are
+            open-loop.
+        feedback_clip: None, or the largest ratio (default 1) of a stage's gain term to its
+            open-loop step in the held metric ``C + λ``; ignored by ``"dense"``.
+        time_joint: True (default): the field layers' curvature is the time-joint one of the
+            backward solves. False: the "standard EKFAC" baseline: ordinary K-FAC hooks on
+            the field's layers, one statistic per solver evaluation, which needs blocks with
+            ``gradient="direct"`` (backprop through the solver).
         seed: seed of the optimizer's own generator (sampled factors).
         distributed: average statistics and trial measurements over the processes of the
             default torch.distributed group (None: when a group with more than one process
@@ -192,6 +221,10 @@ class OCNOpt(torch.optim.Optimizer):
         max_dense_params: int = 4096,
         nonfinite: str = "skip",
         groups: list[dict] | None = None,
+        feedback: str = DEFAULTS["feedback"],
+        feedback_every: int = DEFAULTS["feedback_every"],
+        feedback_clip: float | None = DEFAULTS["feedback_clip"],
+        time_joint: bool = True,
         seed: int = 0,
         distributed: bool | None = None,
         eigh_spread_min_dim: int = 512,
@@ -207,6 +240,14 @@ class OCNOpt(torch.optim.Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.sample_dt = check_positive("sample_dt", sample_dt)
         self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        self.feedback = check_choice("feedback", feedback, FEEDBACK_MODES)
+        self.feedback_every = check_int("feedback_every", feedback_every, 1)
+        self.feedback_clip = (
+            None if feedback_clip is None else check_positive("feedback_clip", feedback_clip)
+        )
+        if not isinstance(time_joint, bool):
+            raise bad_type("time_joint", time_joint, "True or False")
+        self.time_joint = time_joint
         if not isinstance(adapt_damping, bool):
             raise bad_type("adapt_damping", adapt_damping, "True or False")
         if distributed is not None and not isinstance(distributed, bool):
@@ -243,6 +284,16 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
+        adjoint = [b.name for b in self.blocks if b.gradient == "adjoint"]
+        if not time_joint and adjoint:
+            raise bad_value(
+                "time_joint",
+                False,
+                "False only for models whose ODE blocks use gradient='direct' (the ordinary "
+                f"K-FAC hooks see the field only in backprop through the solver); {adjoint[0]} "
+                "uses 'adjoint'",
+                "Build the blocks with gradient='direct', or keep time_joint=True.",
+            )
         if VARIANTS[self.curvature].needs is not None and not self.blocks:
             raise bad_value(
                 "model",
@@ -257,7 +308,13 @@ class OCNOpt(torch.optim.Optimizer):
             _check_group(g, self.step_mode)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._units = build_units(
-            model, self.blocks, self.curvature, self._group_of, self.state, max_dense_params
+            model,
+            self.blocks,
+            self.curvature,
+            self._group_of,
+            self.state,
+            max_dense_params,
+            time_joint,
         )
         self._collector = OutsideCollector(self._units.outside)
         self._generator = torch.Generator().manual_seed(seed)
@@ -272,6 +329,10 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self._step = 0
         self.skipped_steps = 0
+        self.feedback_steps = 0
+        self.feedback_failures = 0
+        self._stage_factors: dict | None = None
+        self._dense: DenseFeedback | None = None
         self._samples = 1.0
         self._capture: CurvatureCapture | None = None
         self._factors_given = False
@@ -281,6 +342,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.last_clip = 1.0
         self.last_reduce = ReduceReport().as_dict()
         self.last_adaptation: Adaptation | None = None
+        self._setup_feedback()
         self._arm_if_due()
 
     # ------------------------------------------------------------------ introspection
@@ -372,8 +434,40 @@ class OCNOpt(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ collect: arming
+    def _setup_feedback(self) -> None:
+        self._recorder: StageRecorder | None = None
+        self._feedback_ready = False
+        self._warned_feedback = False
+        self.last_feedback: FeedbackReport | None = None
+        if self.feedback == "off":
+            return
+        if self.feedback == "dense" and self.step_mode != "fixed":
+            raise bad_value(
+                "feedback",
+                self.feedback,
+                "'dense' with step='fixed' (its step is the policy η k + K δx with η = lr)",
+                "Or use feedback='gauss_newton'.",
+            )
+        stages, reason = find_stages(self.model)
+        if not stages:
+            if self.feedback == "dense":
+                raise bad_value("model", type(self.model).__name__, "stages", reason)
+            warn_open_loop(reason)
+            return
+        self._recorder = StageRecorder(stages)
+
+    @property
+    def feedback_due(self) -> bool:
+        """True if this step is a feedback sweep (``feedback`` on, every ``feedback_every``)."""
+        return self._recorder is not None and self._step % self.feedback_every == 0
+
     def _arm_if_due(self) -> None:
         self._disarm()
+        self._feedback_ready = False
+        if self._recorder is not None:
+            self._recorder.clear()
+            if self.feedback_due:
+                self._recorder.arm(keep_grads=True)
         if self._step % self.update_every != 0:
             return
         u = self._units
@@ -434,6 +528,11 @@ class OCNOpt(torch.optim.Optimizer):
         observed = _Observed(float(loss.detach()), forward_nfe=self._forward_nfe() - self._nfe_mark)
         self._observed = observed
         retain = retain_graph
+        feedback = self._recorder is not None and bool(self._recorder.records)
+        if feedback:
+            self._recorder.disarm()
+            if self.feedback == "dense" or self.factors != "empirical":
+                retain = True  # factors or Jacobians come from this graph after backward
         if self._flow is not None and self._capture is not None:
             if outputs is None or likelihood is None:
                 raise bad_value(
@@ -444,8 +543,7 @@ class OCNOpt(torch.optim.Optimizer):
                     "Or use factors='empirical', which needs only loss.backward().",
                 )
             retain = (
-                self._flow.hand_over(self._capture, outputs, likelihood, self._collector.paused)
-                or retain
+                self._flow.hand_over(self._capture, outputs, likelihood, self._paused) or retain
             )
             self._factors_given = True
         handle = None  # after the factor flow, whose pull-backs start at outputs
@@ -463,6 +561,48 @@ class OCNOpt(torch.optim.Optimizer):
         finally:
             if handle is not None:
                 handle.remove()
+        if feedback:
+            self._recorder.stop_grads()
+            self._prepare_feedback(outputs, likelihood)
+
+    @contextmanager
+    def _paused(self):
+        """Statistics of the outside layers and kept stage gradients stop inside."""
+        with self._collector.paused():
+            if self._recorder is None:
+                yield
+            else:
+                with self._recorder.paused():
+                    yield
+
+    def _prepare_feedback(self, outputs, likelihood) -> None:
+        """What the sweep needs from this step's graph, taken before any parameter moves:
+        the factors at the stage boundaries (or the dense variant's Jacobians)."""
+        records = self._recorder.ordered()
+        self._stage_factors = None
+        self._dense = None
+        if self.feedback == "dense":
+            if outputs is None or likelihood is None:
+                raise bad_value(
+                    "outputs/likelihood",
+                    (outputs if outputs is None else "tensor", likelihood),
+                    "both given to opt.backward on feedback steps with feedback='dense'",
+                )
+            self._dense = DenseFeedback(records, outputs, likelihood, self._stage_params)
+            self._dense.prepare(self.max_dense_params)
+        elif self.factors == "empirical":
+            self._stage_factors = empirical_factors(records)
+        else:
+            if outputs is None or likelihood is None:
+                raise bad_value(
+                    "outputs/likelihood",
+                    (outputs if outputs is None else "tensor", likelihood),
+                    f"both given to opt.backward on feedback steps with factors={self.factors!r}",
+                    "Or use factors='empirical'.",
+                )
+            y = output_factors(outputs, likelihood, self.factors, self.rank, self._generator)
+            self._stage_factors = pulled_factors(records, outputs, y)
+        self._feedback_ready = True
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -499,13 +639,85 @@ class OCNOpt(torch.optim.Optimizer):
             if self.kl_clip is not None:
                 nu = self._clip(update, damping)
                 update = {p: d * nu for p, d in update.items()}
+            update, sweep_loss = self._apply(update, closure, observed, damping, step)
+            trial_loss = trial_loss if sweep_loss is None else sweep_loss
             for p, d in update.items():
-                p.add_(d)
                 if self.step_mode == "model" and value_at(self._group_of[p]["momentum"], step):
                     self.state[p]["previous_update"] = d.detach().clone()
+        if self._recorder is not None:
+            self._recorder.clear()
+        self._stage_factors = self._dense = None
         self._step += 1
         self._arm_if_due()
         return trial_loss
+
+    # ------------------------------------------------------------------ base step
+    def _apply(self, update: dict, closure, observed, damping: Damping, step: int):
+        """``θ ← θ + δ``, through the feedback sweep on feedback steps.
+
+        Returns ``(the update taken per parameter, the sweep's loss or None)``.
+        """
+        records = [] if self._recorder is None else self._recorder.ordered()
+        reason = None
+        if not records:
+            reason = "no stage was called with grad enabled in this step's forward"
+        elif not self._feedback_ready:
+            reason = "the step's backward was not opt.backward(loss, ...)"
+        elif closure is None:
+            reason = "step() got no closure"
+        if self._recorder is None or not self.feedback_due or reason is not None:
+            if self._recorder is not None and self.feedback_due and not self._warned_feedback:
+                self._warned_feedback = True
+                warn_open_loop(reason)
+            for p, d in update.items():
+                p.add_(d)
+            return update, None
+        backup = {p: p.detach().clone() for p in update}
+        report = FeedbackReport(step=step)
+        try:
+            if self.feedback == "dense":
+                taken, value, fields = self._dense_sweep(records, closure, update, observed)
+            else:
+                taken, value, fields = self._gn_sweep(records, closure, update, observed, damping)
+            loss, _ = _loss_and_outputs(value)
+            report.__dict__.update(fields, loss=loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError("the sweep's loss is not finite")
+        except (SolverError, FloatingPointError) as exc:
+            for p, b in backup.items():
+                p.copy_(b).add_(update[p])
+            report.reason = f"fell back to open-loop: {exc}".split("\n")[0]
+            taken, loss = update, None
+        self.feedback_steps += 1
+        if report.reason != "ok":
+            self.feedback_failures += 1
+        self.last_feedback = report
+        return taken, loss
+
+    def _gain_scale(self, step: int) -> Callable:
+        if self.step_mode == "fixed":
+            return lambda p: value_at(self._group_of[p]["lr"], step)
+        kappa = self._control.kappa or 1.0
+        return lambda p: 1.0 / kappa
+
+    def _gn_sweep(self, records, closure, update, observed, damping):
+        sweep = FeedbackSweep(
+            records,
+            self._stage_factors,
+            self._units.units,
+            damping,
+            self._gain_scale(self._step),
+            self._reduces(),
+            self.feedback_clip,
+        )
+        return sweep.run(closure, update, self._stage_params)
+
+    def _dense_sweep(self, records, closure, update, observed):
+        self._dense.solve(self._lm.value, self.damping_mode == "relative")
+        return self._dense.run(closure, update, self._gain_scale(self._step))
+
+    def _stage_params(self, module: nn.Module) -> set:
+        return {p for p in module.parameters() if p in self._group_of}
 
     # ------------------------------------------------------------------ stages
     def _refresh(self) -> None:
@@ -525,6 +737,9 @@ class OCNOpt(torch.optim.Optimizer):
         self.last_reduce = report.as_dict()
         if records:
             self._samples = float(max(r.samples for r in records))
+        if self._capture is not None and self.feedback_due:
+            for rec in self._capture.records:  # the sweep's backward passes gather nothing
+                rec.capture, rec.terminal_factors = None, None
         self._disarm()
 
     def _reduces(self) -> bool:
@@ -791,6 +1006,11 @@ class OCNOpt(torch.optim.Optimizer):
         sd["ocnopt"] = {
             "step": self._step,
             "skipped_steps": self.skipped_steps,
+            "feedback": self.feedback,
+            "feedback_every": self.feedback_every,
+            "feedback_steps": self.feedback_steps,
+            "feedback_failures": self.feedback_failures,
+            "last_feedback": None if self.last_feedback is None else self.last_feedback.as_dict(),
             "generator": self._generator.get_state(),
             "curvature": self.curvature,
             "factors": self.factors,
@@ -819,6 +1039,16 @@ class OCNOpt(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._step = int(extra["step"])
         self.skipped_steps = int(extra["skipped_steps"])
+        if extra.get("feedback", "off") != self.feedback:
+            raise bad_value(
+                "state_dict",
+                f"feedback={extra.get('feedback', 'off')!r}",
+                f"the feedback of this optimizer ({self.feedback!r})",
+            )
+        self.feedback_steps = int(extra.get("feedback_steps", 0))
+        self.feedback_failures = int(extra.get("feedback_failures", 0))
+        last_fb = extra.get("last_feedback")
+        self.last_feedback = None if last_fb is None else FeedbackReport(**last_fb)
         self._generator.set_state(extra["generator"])
         self._samples = float(extra["samples"])
         self._lm.load_state_dict(extra["damping"])
@@ -833,6 +1063,7 @@ class OCNOpt(torch.optim.Optimizer):
             self._group_of,
             self.state,
             self.max_dense_params,
+            self.time_joint,
         )
         self._collector = OutsideCollector(self._units.outside)
         self._arm_if_due()

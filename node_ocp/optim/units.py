@@ -58,13 +58,17 @@ def build_units(
     group_of: dict[torch.Tensor, dict],
     state,
     max_dense_params: int,
+    time_joint: bool = True,
 ) -> UnitTable:
-    """Assign every parameter in ``group_of`` to exactly one unit."""
+    """Assign every parameter in ``group_of`` to exactly one unit.
+
+    With ``time_joint=False`` the field layers are treated like layers outside the blocks
+    (ordinary K-FAC hooks, one statistic per solver evaluation)."""
     cls = VARIANTS[variant]
     fallback = IdentityUnit if cls is IdentityUnit else FALLBACK
     table = UnitTable()
     covered: set[torch.Tensor] = set()
-    ode_layers = {m for b in blocks for m in tapped_modules(b.field)}
+    ode_layers = {m for b in blocks for m in tapped_modules(b.field)} if time_joint else set()
 
     def unit_for(kind: type[CurvatureUnit], params, module=None) -> CurvatureUnit:
         unit = kind.from_group(params, state[params[0]], module, group_of[params[0]])

@@ -227,6 +227,9 @@ class OptimizerConfig:
     tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1). The remaining keys are
     OCNOpt's (see :class:`~node_ocp.OCNOpt`), with OCNOpt's own defaults: a table holding
     only ``kind = "ocnopt"`` is the recommended setting. ``kl_clip = 0`` is off.
+    ``gradient`` (any kind): ``adjoint`` or ``direct`` for this optimizer's runs, overriding
+    ``[solver].gradient``; ``time_joint = false`` with ``gradient = "direct"`` is the
+    standard-EKFAC baseline (K-FAC hooks per solver evaluation, not time-joint).
     """
 
     kind: str = "adam"
@@ -246,9 +249,15 @@ class OptimizerConfig:
     adapt_every: int = field(default_factory=lambda: _ocnopt_default("adapt_every"))
     adapt_damping: bool = field(default_factory=lambda: _ocnopt_default("adapt_damping"))
     damping_mode: str = field(default_factory=lambda: _ocnopt_default("damping_mode"))
+    feedback: str = field(default_factory=lambda: _ocnopt_default("feedback"))
+    feedback_every: int = field(default_factory=lambda: _ocnopt_default("feedback_every"))
+    feedback_clip: float = field(default_factory=lambda: _ocnopt_default("feedback_clip"))
+    time_joint: bool = True
+    gradient: str | None = None
 
     def check(self, where: str) -> None:
         from ..optim import DAMPING_MODES, STEP_MODES
+        from ..optim.feedback import FEEDBACK_MODES
         from ..optim.ocnopt import CURVATURES, FACTOR_SOURCES, OUTSIDE_RULES
 
         _choice(f"{where}.kind", self.kind, OPTIMIZER_KINDS)
@@ -265,6 +274,23 @@ class OptimizerConfig:
         _choice(f"{where}.damping_mode", self.damping_mode, DAMPING_MODES)
         _at_least(f"{where}.update_every", self.update_every, 1)
         _at_least(f"{where}.adapt_every", self.adapt_every, 1)
+        _choice(f"{where}.feedback", self.feedback, FEEDBACK_MODES)
+        _at_least(f"{where}.feedback_every", self.feedback_every, 1)
+        _in_range(
+            f"{where}.feedback_clip", self.feedback_clip, 0.0, math.inf, "a float >= 0 (0: off)"
+        )
+        if not isinstance(self.time_joint, bool):
+            raise ConfigError(
+                f"{where}.time_joint: received {self.time_joint!r}; accepted: true or false"
+            )
+        if self.gradient is not None:
+            _choice(f"{where}.gradient", self.gradient, ("adjoint", "direct"))
+        if self.kind == "ocnopt" and not self.time_joint and self.gradient != "direct":
+            raise ConfigError(
+                f"{where}.time_joint: received false without gradient = 'direct'; accepted: "
+                "time_joint = false with gradient = 'direct' in the same table (the standard "
+                "EKFAC baseline: K-FAC hooks per solver evaluation under backprop)"
+            )
         _in_range(f"{where}.damping", self.damping, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.alpha", self.alpha, 0.0, 1.0, "a float in (0, 1]", low_open=True)
         _in_range(f"{where}.sample_dt", self.sample_dt, 0.0, math.inf, "a float > 0", low_open=True)

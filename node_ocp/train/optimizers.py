@@ -15,8 +15,14 @@ from .config import HorizonConfig, OptimizerConfig
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = None, seed=0):
     """``torch.optim.Adam`` / ``SGD`` or :class:`~node_ocp.OCNOpt` for ``model``.
 
-    ``lr`` overrides ``cfg.lr`` (grid searches). Adam uses ``momentum`` as its beta1.
+    ``lr`` overrides ``cfg.lr`` (grid searches). Adam uses ``momentum`` as its beta1. A table
+    with ``gradient`` sets every ODE block of ``model`` to it first (an arm that backprops
+    through the solver, such as the standard-EKFAC baseline, beside adjoint arms).
     """
+    if cfg.gradient is not None:
+        for block in model.modules():
+            if isinstance(block, ODEBlock):
+                block.gradient = cfg.gradient
     lr = cfg.learning_rate if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.kind == "adam":
@@ -42,6 +48,10 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         damping_mode=cfg.damping_mode,
         outside=cfg.outside,
         kl_clip=cfg.kl_clip or None,
+        feedback=cfg.feedback,
+        feedback_every=cfg.feedback_every,
+        feedback_clip=cfg.feedback_clip or None,
+        time_joint=cfg.time_joint,
         seed=seed,
     )
 
@@ -73,7 +83,11 @@ def current_lr(opt) -> float:
 
 
 def optimizer_metrics(opt) -> dict:
-    """What a metrics line records of the optimizer's own state (OCNOpt: damping λ)."""
+    """What a metrics line records of the optimizer's own state (OCNOpt: damping λ; with
+    feedback, the last sweep's gain ratio ‖Σ K δx‖ / ‖open-loop step‖)."""
     if isinstance(opt, OCNOpt):
-        return {"damping": opt.damping}
+        out = {"damping": opt.damping}
+        if opt.last_feedback is not None:
+            out["feedback_gain"] = opt.last_feedback.gain_ratio
+        return out
     return {}

@@ -59,6 +59,10 @@ class AugmentedODEClassifier(nn.Module):
         self.ode = ODEBlock(TimeSequential(*layers), (0.0, horizon), **solver, name="ODE block")
         self.head = nn.Linear(state, classes)
 
+    def feedback_stages(self) -> list[nn.Module]:
+        """The stages of OCNOpt's feedback policies: ODE block, head."""
+        return [self.ode, self.head]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, x.new_zeros(x.shape[0], self.augment)], dim=1)
         return self.head(self.ode(x))

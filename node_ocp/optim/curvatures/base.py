@@ -93,6 +93,14 @@ class CurvatureUnit(ABC):
         last refresh), which turns a squared mean gradient into a per-sample second moment.
         """
 
+    def solve(self, v: list[torch.Tensor], damping: Damping) -> list[torch.Tensor]:
+        """``(C + λ)⁻¹ v`` with the held curvature, changing nothing (the feedback gains).
+
+        The default is :meth:`direction`, right for units whose direction keeps no running
+        statistics; units that update statistics in :meth:`direction` override it.
+        """
+        return self.direction(v, damping, 1.0)
+
     @abstractmethod
     def quadratic(self, v: list[torch.Tensor], damping: Damping) -> torch.Tensor:
         """``vᵀ (C + λ) v`` as a 0-dim tensor (the damping of this step, as in direction)."""

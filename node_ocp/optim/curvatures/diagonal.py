@@ -56,6 +56,12 @@ class DiagonalUnit(CurvatureUnit):
         s = self._corrected()
         return [g / (s + damping.of(self.scale()))]
 
+    def solve(self, v, damping: Damping) -> list[torch.Tensor]:
+        (x,) = v
+        if not self.ready:
+            return [x]
+        return [x / (self._corrected() + damping.of(self.scale()))]
+
     def quadratic(self, v, damping: Damping) -> torch.Tensor:
         (x,) = v
         if not self.ready:

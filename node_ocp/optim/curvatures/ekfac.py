@@ -48,6 +48,14 @@ class EKFACUnit(KroneckerUnit):
         proj = proj / (st["kron_s"] + damping.of(self.scale()))
         return split_layer_matrix(self.module, self._unproject(proj))
 
+    def solve(self, v, damping: Damping) -> list[torch.Tensor]:
+        if not self.ready:
+            return list(v)
+        mat = layer_matrix(self.module, v)
+        s = self.state["kron_s"].to(mat.dtype)
+        proj = self._project(mat) / (s + damping.of(self.scale()))
+        return split_layer_matrix(self.module, self._unproject(proj))
+
     def quadratic(self, v, damping: Damping) -> torch.Tensor:
         mat = layer_matrix(self.module, v)
         if not self.ready:
