@@ -93,3 +93,41 @@ def test_compare_all_main_collects_one_summary_table(tmp_path):
     row = saved["results"]["tiny_task"]["optimizers"]
     assert set(row) == {"adam", "ocnopt"} and row["adam"]["seeds"] == 1
     assert (out / "tiny_task" / "report.md").exists()
+
+
+def test_feedback_ablation_main_runs_both_arms_with_gains(tmp_path):
+    out = tmp_path / "ablation"
+    argv = ["--tasks", "spirals", "--budget", "2", "--seeds", "1", "--out", str(out)]
+    result = _load("feedback_ablation").main(argv)
+    (task,) = result["tasks"]
+    assert set(task["arms"]) == {"open-loop", "feedback"}
+    assert all(len(a["test_per_seed"]) == 1 and not a["failed"] for a in task["arms"].values())
+    assert task["arms"]["open-loop"]["mean_gain_ratio"] is None  # no feedback: no gains
+    assert task["arms"]["feedback"]["mean_gain_ratio"] > 0  # the sweep added gain terms
+    assert (out / "spirals.png").stat().st_size > 0
+    assert "| spirals | accuracy | feedback |" in (out / "summary.md").read_text()
+
+
+def test_feedback_price_main_times_the_three_arms(tmp_path):
+    out = tmp_path / "price"
+    argv = ["--tasks", "spirals", "--steps", "21", "--no-memory", "--out", str(out)]
+    result = _load("feedback_price").main(argv)
+    (row,) = result["tasks"]
+    assert row["amortized_x_adam"]["adam"] == pytest.approx(1.0)
+    assert row["feedback_x_open_loop"] > 0
+    # the sweep's forward and the stages' re-forwards are counted
+    assert row["feedback_nfe"][0] > row["open_loop_nfe"][0]
+    assert "| spirals |" in (out / "summary.md").read_text()
+
+
+def test_lr_robustness_main_covers_every_arm_and_rate(tmp_path):
+    out = tmp_path / "lr"
+    argv = ["--tasks", "spirals", "--lrs", "0.01", "10", "--seeds", "1", "--budget", "1.5"]
+    result = _load("lr_robustness").main(argv + ["--out", str(out)])
+    (task,) = result["tasks"]
+    assert set(task["arms"]) == {"sgd", "adam", "ocnopt", "ocnopt-feedback"}  # the default
+    for arm in task["arms"].values():
+        assert set(arm["by_lr"]) == {"0.01", "10.0"}
+        assert all(len(r["test_per_seed"]) + r["diverged"] >= 1 for r in arm["by_lr"].values())
+    assert (out / "spirals.png").stat().st_size > 0
+    assert "| spirals | adam |" in (out / "summary.md").read_text()

@@ -78,6 +78,15 @@ def test_the_issue_s_task_list_has_a_config_each():
         ({"train": {"optimizer": "lbfgs"}}, r"\[train\]\.optimizer: received 'lbfgs'"),
         ({"optimizers": {"x": {"kind": "rmsprop"}}}, r"\[optimizers\.x\]\.kind: received"),
         ({"optimizers": {"x": {"kind": "ocnopt", "curvature": "full"}}}, r"curvature"),
+        (
+            {"optimizers": {"x": {"kind": "ocnopt", "feedback": "on"}}},
+            r"\[optimizers\.x\]\.feedback: received 'on'; accepted: one of 'off', 'gauss_newton'",
+        ),
+        (
+            {"optimizers": {"x": {"kind": "ocnopt", "time_joint": False}}},
+            r"\[optimizers\.x\]\.time_joint: received false without gradient = 'direct'",
+        ),
+        ({"optimizers": {"x": {"gradient": "backprop"}}}, r"\[optimizers\.x\]\.gradient"),
         ({"horizon": {"beta": 1.0}}, r"\[horizon\]\.beta: received 1\.0; accepted"),
     ],
 )
