@@ -123,9 +123,12 @@ def test_feedback_price_main_times_the_three_arms(tmp_path):
 def test_lr_robustness_main_covers_every_arm_and_rate(tmp_path):
     out = tmp_path / "lr"
     argv = ["--tasks", "spirals", "--lrs", "0.01", "10", "--seeds", "1", "--budget", "1.5"]
-    result = _load("lr_robustness").main(argv + ["--out", str(out)])
+    argv += ["--arms", "adam", "ocnopt-feedback"]
+    module = _load("lr_robustness")
+    assert module.DEFAULT_ARMS == ["sgd", "adam", "ocnopt", "ocnopt-feedback"]
+    result = module.main(argv + ["--out", str(out)])
     (task,) = result["tasks"]
-    assert set(task["arms"]) == {"sgd", "adam", "ocnopt", "ocnopt-feedback"}  # the default
+    assert set(task["arms"]) == {"adam", "ocnopt-feedback"}
     for arm in task["arms"].values():
         assert set(arm["by_lr"]) == {"0.01", "10.0"}
         assert all(len(r["test_per_seed"]) + r["diverged"] >= 1 for r in arm["by_lr"].values())
