@@ -179,10 +179,8 @@ class DenseFeedback:
                 fb_sq[0] += float(fb @ fb)
                 step = step + fb
             open_sq[0] += float(self.k[i] @ self.k[i])
-            offs = 0
-            for p in params:
-                d = step[offs : offs + p.numel()].view_as(p).to(p.dtype)
-                offs += p.numel()
+            for p, d in zip(params, step.split([p.numel() for p in params])):
+                d = d.view_as(p).to(p.dtype)
                 p.add_(d)
                 taken[p] = d
 

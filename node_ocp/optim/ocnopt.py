@@ -581,25 +581,22 @@ class OCNOpt(torch.optim.Optimizer):
         records = self._recorder.ordered()
         self._stage_factors = None
         self._dense = None
+        needs = "feedback='dense'" if self.feedback == "dense" else f"factors={self.factors!r}"
+        if (self.feedback == "dense" or self.factors != "empirical") and (
+            outputs is None or likelihood is None
+        ):
+            raise bad_value(
+                "outputs/likelihood",
+                (outputs if outputs is None else "tensor", likelihood),
+                f"both given to opt.backward on feedback steps with {needs}",
+                "Or use factors='empirical' with feedback='gauss_newton'.",
+            )
         if self.feedback == "dense":
-            if outputs is None or likelihood is None:
-                raise bad_value(
-                    "outputs/likelihood",
-                    (outputs if outputs is None else "tensor", likelihood),
-                    "both given to opt.backward on feedback steps with feedback='dense'",
-                )
             self._dense = DenseFeedback(records, outputs, likelihood, self._stage_params)
             self._dense.prepare(self.max_dense_params)
         elif self.factors == "empirical":
             self._stage_factors = empirical_factors(records)
         else:
-            if outputs is None or likelihood is None:
-                raise bad_value(
-                    "outputs/likelihood",
-                    (outputs if outputs is None else "tensor", likelihood),
-                    f"both given to opt.backward on feedback steps with factors={self.factors!r}",
-                    "Or use factors='empirical'.",
-                )
             y = output_factors(outputs, likelihood, self.factors, self.rank, self._generator)
             self._stage_factors = pulled_factors(records, outputs, y)
         self._feedback_ready = True
@@ -639,7 +636,7 @@ class OCNOpt(torch.optim.Optimizer):
             if self.kl_clip is not None:
                 nu = self._clip(update, damping)
                 update = {p: d * nu for p, d in update.items()}
-            update, sweep_loss = self._apply(update, closure, observed, damping, step)
+            update, sweep_loss = self._apply(update, closure, damping, step)
             trial_loss = trial_loss if sweep_loss is None else sweep_loss
             for p, d in update.items():
                 if self.step_mode == "model" and value_at(self._group_of[p]["momentum"], step):
@@ -652,23 +649,24 @@ class OCNOpt(torch.optim.Optimizer):
         return trial_loss
 
     # ------------------------------------------------------------------ base step
-    def _apply(self, update: dict, closure, observed, damping: Damping, step: int):
+    def _apply(self, update: dict, closure, damping: Damping, step: int):
         """``θ ← θ + δ``, through the feedback sweep on feedback steps.
 
         Returns ``(the update taken per parameter, the sweep's loss or None)``.
         """
-        records = [] if self._recorder is None else self._recorder.ordered()
+        records = self._recorder.ordered() if self.feedback_due else []
         reason = None
-        if not records:
-            reason = "no stage was called with grad enabled in this step's forward"
-        elif not self._feedback_ready:
-            reason = "the step's backward was not opt.backward(loss, ...)"
-        elif closure is None:
-            reason = "step() got no closure"
-        if self._recorder is None or not self.feedback_due or reason is not None:
-            if self._recorder is not None and self.feedback_due and not self._warned_feedback:
+        if self.feedback_due:
+            if not records:
+                reason = "no stage was called with grad enabled in this step's forward"
+            elif not self._feedback_ready:
+                reason = "the step's backward was not opt.backward(loss, ...)"
+            elif closure is None:
+                reason = "step() got no closure"
+            if reason is not None and not self._warned_feedback:
                 self._warned_feedback = True
                 warn_open_loop(reason)
+        if not records or reason is not None:
             for p, d in update.items():
                 p.add_(d)
             return update, None
@@ -676,9 +674,9 @@ class OCNOpt(torch.optim.Optimizer):
         report = FeedbackReport(step=step)
         try:
             if self.feedback == "dense":
-                taken, value, fields = self._dense_sweep(records, closure, update, observed)
+                taken, value, fields = self._dense_sweep(closure, update)
             else:
-                taken, value, fields = self._gn_sweep(records, closure, update, observed, damping)
+                taken, value, fields = self._gn_sweep(records, closure, update, damping)
             loss, _ = _loss_and_outputs(value)
             report.__dict__.update(fields, loss=loss)
             if not math.isfinite(loss):
@@ -700,7 +698,7 @@ class OCNOpt(torch.optim.Optimizer):
         kappa = self._control.kappa or 1.0
         return lambda p: 1.0 / kappa
 
-    def _gn_sweep(self, records, closure, update, observed, damping):
+    def _gn_sweep(self, records, closure, update, damping):
         sweep = FeedbackSweep(
             records,
             self._stage_factors,
@@ -712,7 +710,7 @@ class OCNOpt(torch.optim.Optimizer):
         )
         return sweep.run(closure, update, self._stage_params)
 
-    def _dense_sweep(self, records, closure, update, observed):
+    def _dense_sweep(self, closure, update):
         self._dense.solve(self._lm.value, self.damping_mode == "relative")
         return self._dense.run(closure, update, self._gain_scale(self._step))
 
