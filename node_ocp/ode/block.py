@@ -11,9 +11,10 @@ from .._errors import bad_type, bad_value, check_choice, describe
 from .adjoint import AdjointSolve
 from .calls import FieldCall
 from .factors import SolveRecord
+from .reference import torchdiffeq_solve
 from .solvers import SolverSpec, as_time_grid, make_spec
 
-GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct")
+GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
 ADJOINT_NORMS: tuple[str, ...] = ("seminorm", "state", "full")
 
 
@@ -35,8 +36,9 @@ class ODEBlock(nn.Module):
             anything else becomes a buffer.
         method, rtol, atol, options: passed to ``torchdiffeq.odeint`` for the forward solve.
         gradient: ``"adjoint"`` (own adjoint, O(1) memory in solver steps, supports
-            second-order factors and curvature capture) or ``"direct"`` (backprop through
-            the solver's operations).
+            second-order factors and curvature capture), ``"direct"`` (backprop through
+            the solver's operations) or ``"torchdiffeq"`` (``torchdiffeq.odeint_adjoint``,
+            a reference and baseline; see :mod:`node_ocp.ode.reference`).
         adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: settings of the
             backward solve (default: those of the forward solve).
         adjoint_norm: error norm of the adaptive backward solve over the augmented state
@@ -164,6 +166,11 @@ class ODEBlock(nn.Module):
             record = SolveRecord(self, grid_output, capture)
             params = tuple(p for p in self.field.parameters() if p.requires_grad)
             ys = AdjointSolve.apply(record, x0, grid, *params)
+        elif self.gradient == "torchdiffeq":
+            capture = None
+            ys = torchdiffeq_solve(self, x0, grid)
+            if self.check_finite:
+                self._check_solution(ys, grid, self.solver, "forward")
         else:
             capture = None
             ys = self.solve(FieldCall(self, "nfe_forward"), x0, grid, self.solver, "forward")
