@@ -185,6 +185,8 @@ class OCNOpt(torch.optim.Optimizer):
             backward solves. False: the "standard EKFAC" baseline: ordinary K-FAC hooks on
             the field's layers, one statistic per solver evaluation, which needs blocks with
             ``gradient="direct"`` (backprop through the solver).
+        schedule: None, or a callable ``step -> factor`` that multiplies every step taken
+            (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
         distributed: average statistics and trial measurements over the processes of the
             default torch.distributed group (None: when a group with more than one process
@@ -225,6 +227,7 @@ class OCNOpt(torch.optim.Optimizer):
         feedback_every: int = DEFAULTS["feedback_every"],
         feedback_clip: float | None = DEFAULTS["feedback_clip"],
         time_joint: bool = True,
+        schedule: Callable[[int], float] | None = None,
         seed: int = 0,
         distributed: bool | None = None,
         eigh_spread_min_dim: int = 512,
@@ -248,6 +251,9 @@ class OCNOpt(torch.optim.Optimizer):
         if not isinstance(time_joint, bool):
             raise bad_type("time_joint", time_joint, "True or False")
         self.time_joint = time_joint
+        if schedule is not None and not callable(schedule):
+            raise bad_type("schedule", schedule, "None or a callable step -> factor")
+        self.schedule = schedule
         if not isinstance(adapt_damping, bool):
             raise bad_type("adapt_damping", adapt_damping, "True or False")
         if distributed is not None and not isinstance(distributed, bool):
@@ -779,13 +785,17 @@ class OCNOpt(torch.optim.Optimizer):
                     else:
                         buf.mul_(mu).add_(u)
                     u = buf
-                update[p] = u * -value_at(group["lr"], step)
+                update[p] = u * -(value_at(group["lr"], step) * self._factor(step))
             return update
         control = self._control
         if control.kappa is None:
             control.kappa = self._first_kappa(grads, directions, observed)
         damping = Damping(self._lm.value, self.damping_mode == "relative")
         return self._model_update(grads, directions, step, control.kappa, damping)
+
+    def _factor(self, step: int) -> float:
+        """The schedule's factor at ``step`` (1 without a schedule)."""
+        return 1.0 if self.schedule is None else float(self.schedule(step))
 
     def _first_kappa(self, grads: dict, directions: dict, observed) -> float:
         """κ of the first step: its held model promises at most ``FIRST_DECREASE`` of the
@@ -816,6 +826,7 @@ class OCNOpt(torch.optim.Optimizer):
                 prev[p] = buf * mu
                 g_prev += float((grads[p] * prev[p]).sum())
         alpha, keep = momentum_step(gu, g_prev, kappa)
+        alpha *= self._factor(step)
         if not keep:
             prev, g_prev = {}, 0.0
         update = {}

@@ -34,6 +34,7 @@ MODELS_FOR_TASK = {
     "forecast": ("odernn", "cde"),
 }
 OPTIMIZER_KINDS = ("adam", "sgd", "ocnopt")
+SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -123,7 +124,9 @@ class ModelConfig:
 
 @dataclass
 class SolverConfig:
-    """``[solver]``: every ODE block's solver. ``gradient``: ``adjoint`` or ``direct``."""
+    """``[solver]``: every ODE block's solver. ``gradient``: ``adjoint`` (the own adjoint),
+    ``direct`` (backprop through the solver) or ``torchdiffeq`` (torchdiffeq's
+    ``odeint_adjoint``; first-order optimizers only)."""
 
     method: str = "dopri5"
     rtol: float = 1e-3
@@ -131,12 +134,13 @@ class SolverConfig:
     gradient: str = "adjoint"
 
     def check(self, where: str) -> None:
+        from ..ode.block import GRADIENT_MODES
         from ..ode.solvers import METHODS
 
         _choice(f"{where}.method", self.method, tuple(METHODS))
         _in_range(f"{where}.rtol", self.rtol, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.atol", self.atol, 0.0, math.inf, "a float > 0", low_open=True)
-        _choice(f"{where}.gradient", self.gradient, ("adjoint", "direct"))
+        _choice(f"{where}.gradient", self.gradient, GRADIENT_MODES)
 
 
 @dataclass
@@ -221,11 +225,17 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "ocnopt": math.inf}
 class OptimizerConfig:
     """``[optimizers.NAME]``: one optimizer.
 
-    kind: ``adam``, ``sgd`` or ``ocnopt``. lr: learning rate (default: Adam 1e-3, SGD 1e-2;
-    OCNOpt: none, its step scale comes from its quadratic model and ``lr`` only caps it, or
-    is the step with ``step = "fixed"``); lr_grid: the learning rates ``compare --lr-grid``
-    tries. momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1). The remaining keys are
-    OCNOpt's (see :class:`~node_ocp.OCNOpt`), with OCNOpt's own defaults: a table holding
+    kind: ``adam``, ``sgd``, ``ocnopt``, or the class path of any ``torch.optim.Optimizer``
+    (``"torch.optim.AdamW"``, ``"pytorch_optimizer.SOAP"``; aliases ``adamw``, ``soap``,
+    ``shampoo``) whose keyword arguments go in ``args = {...}`` (checked against the class's
+    signature). lr: learning rate (default: Adam 1e-3, SGD 1e-2, a class path: the class's
+    own default; OCNOpt: none, its step scale comes from its quadratic model and ``lr`` only
+    caps it, or is the step with ``step = "fixed"``); lr_grid: the learning rates
+    ``compare --lr-grid`` tries. schedule: ``constant``, ``cosine`` or ``linear`` decay of
+    every step (OCNOpt's included) to ``final_lr_factor`` times its start over the run's
+    ``[train].steps``, after a linear warm-up of ``warmup`` steps.
+    momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1; default 0.9). The remaining keys
+    are OCNOpt's (see :class:`~node_ocp.OCNOpt`), with OCNOpt's own defaults: a table holding
     only ``kind = "ocnopt"`` is the recommended setting. ``kl_clip = 0`` is off.
     ``gradient`` (any kind): ``adjoint`` or ``direct`` for this optimizer's runs, overriding
     ``[solver].gradient``; ``time_joint = false`` with ``gradient = "direct"`` is the
@@ -235,8 +245,12 @@ class OptimizerConfig:
     kind: str = "adam"
     lr: float | None = None
     lr_grid: list[float] = field(default_factory=list)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    args: dict = field(default_factory=dict)
+    schedule: str = "constant"
+    warmup: int = 0
+    final_lr_factor: float = 0.0
+    momentum: float | None = None
+    weight_decay: float | None = None
     curvature: str = field(default_factory=lambda: _ocnopt_default("curvature"))
     factors: str = field(default_factory=lambda: _ocnopt_default("factors"))
     update_every: int = field(default_factory=lambda: _ocnopt_default("update_every"))
@@ -259,14 +273,30 @@ class OptimizerConfig:
         from ..optim import DAMPING_MODES, STEP_MODES
         from ..optim.feedback import FEEDBACK_MODES
         from ..optim.ocnopt import CURVATURES, FACTOR_SOURCES, OUTSIDE_RULES
+        from . import classpath
 
-        _choice(f"{where}.kind", self.kind, OPTIMIZER_KINDS)
+        if classpath.is_class_path(self.kind):
+            self._check_class_path(where)
+        else:
+            _choice(f"{where}.kind", self.kind, (*OPTIMIZER_KINDS, "a class path"))
+            if self.args:
+                raise ConfigError(
+                    f"{where}.args: received {self.args!r} with kind {self.kind!r}; accepted: "
+                    "args only with a class-path kind such as 'torch.optim.AdamW'"
+                )
+        _choice(f"{where}.schedule", self.schedule, SCHEDULES)
+        _at_least(f"{where}.warmup", self.warmup, 0)
+        _in_range(f"{where}.final_lr_factor", self.final_lr_factor, 0.0, 1.0, "a float in [0, 1]")
         if self.lr is not None:
             _in_range(f"{where}.lr", self.lr, 0.0, math.inf, "a float > 0", low_open=True)
         for lr in self.lr_grid:
             _in_range(f"{where}.lr_grid[...]", lr, 0.0, math.inf, "floats > 0", low_open=True)
-        _in_range(f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True)
-        _in_range(f"{where}.weight_decay", self.weight_decay, 0.0, math.inf, "a float >= 0")
+        if self.momentum is not None:
+            _in_range(
+                f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True
+            )
+        if self.weight_decay is not None:
+            _in_range(f"{where}.weight_decay", self.weight_decay, 0.0, math.inf, "a float >= 0")
         _choice(f"{where}.curvature", self.curvature, CURVATURES)
         _choice(f"{where}.factors", self.factors, FACTOR_SOURCES)
         _choice(f"{where}.outside", self.outside, OUTSIDE_RULES)
@@ -283,8 +313,10 @@ class OptimizerConfig:
             raise ConfigError(
                 f"{where}.time_joint: received {self.time_joint!r}; accepted: true or false"
             )
+        from ..ode.block import GRADIENT_MODES
+
         if self.gradient is not None:
-            _choice(f"{where}.gradient", self.gradient, ("adjoint", "direct"))
+            _choice(f"{where}.gradient", self.gradient, GRADIENT_MODES)
         if self.kind == "ocnopt" and not self.time_joint and self.gradient != "direct":
             raise ConfigError(
                 f"{where}.time_joint: received false without gradient = 'direct'; accepted: "
@@ -301,10 +333,52 @@ class OptimizerConfig:
                 "(the step scale), or step = 'model'"
             )
 
+    def _check_class_path(self, where: str) -> None:
+        import torch
+
+        from . import classpath
+
+        for key in ("momentum", "weight_decay"):
+            if getattr(self, key) is not None:
+                raise ConfigError(
+                    f"{where}.{key}: received {getattr(self, key)!r} with kind {self.kind!r}; "
+                    f"accepted: a class-path optimizer's keywords in args = {{{key} = ...}}"
+                )
+        try:
+            probe = torch.nn.Parameter(torch.zeros(2, 2))
+            classpath.build(self.kind, [probe], self.lr, self.args)
+        except classpath.ClassPathError as exc:
+            raise ConfigError(f"{where}.{exc.key}: {exc}") from None
+
+    @property
+    def is_class_path(self) -> bool:
+        """Whether ``kind`` names an optimizer class rather than adam / sgd / ocnopt."""
+        from . import classpath
+
+        return classpath.is_class_path(self.kind)
+
     @property
     def learning_rate(self) -> float:
-        """``lr``, or the kind's default (``inf`` for OCNOpt: no cap)."""
-        return DEFAULT_LR[self.kind] if self.lr is None else self.lr
+        """``lr``, or the kind's default (``inf`` for OCNOpt: no cap; a class path: the
+        class's own default, 1e-3 when it has none)."""
+        if self.lr is not None:
+            return self.lr
+        if self.is_class_path:
+            from . import classpath
+
+            default = classpath.default_lr(self.kind)
+            return 1e-3 if default is None else default
+        return DEFAULT_LR[self.kind]
+
+    @property
+    def beta(self) -> float:
+        """``momentum`` or its default 0.9 (heavy-ball momentum; Adam's beta1)."""
+        return 0.9 if self.momentum is None else self.momentum
+
+    @property
+    def decay(self) -> float:
+        """``weight_decay`` or its default 0."""
+        return 0.0 if self.weight_decay is None else self.weight_decay
 
     @property
     def grid(self) -> list[float]:
@@ -332,10 +406,18 @@ class RunConfig:
         if not self.optimizers:
             raise ConfigError(
                 "[optimizers]: received no optimizer tables; accepted: at least one "
-                "[optimizers.NAME] table with kind = 'adam' | 'sgd' | 'ocnopt'"
+                "[optimizers.NAME] table with kind = 'adam' | 'sgd' | 'ocnopt' | a class path"
             )
         for name, opt in self.optimizers.items():
             opt.check(f"[optimizers.{name}]")
+            gradient = opt.gradient or self.solver.gradient
+            if opt.kind == "ocnopt" and gradient == "torchdiffeq":
+                raise ConfigError(
+                    f"[optimizers.{name}].gradient: received 'torchdiffeq' (from "
+                    f"{'the table' if opt.gradient else '[solver].gradient'}) for OCNOpt; "
+                    "accepted: 'adjoint' (time-joint curvature) or 'direct' with "
+                    "time_joint = false; torchdiffeq's odeint_adjoint is for first-order runs"
+                )
         allowed = MODELS_FOR_TASK[self.task.kind]
         if self.model.kind not in allowed:
             raise ConfigError(
@@ -439,6 +521,10 @@ def _type_name(tp) -> str:
 
 def _coerce(where: str, value, tp):
     origin = typing.get_origin(tp)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: received {value!r}; accepted: a table of keys")
+        return dict(value)
     if origin in (types.UnionType, typing.Union):
         if value is None:
             return None

@@ -35,7 +35,13 @@ from ..ode.block import SolverError
 from ..optim import OCNOpt
 from .config import ConfigError, RunConfig
 from .costs import KINDS, amortized, medians, step_kind
-from .optimizers import build_horizon, build_optimizer, current_lr, optimizer_metrics
+from .optimizers import (
+    build_horizon,
+    build_optimizer,
+    build_schedule,
+    current_lr,
+    optimizer_metrics,
+)
 from .tasks import Task, build_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -299,6 +305,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     if world > 1:  # same model everywhere; random draws (probes, sampled factors) per process
         torch.manual_seed(seed + 1000 * dist.rank())
     opt = build_optimizer(opt_cfg, task.model, lr, seed=seed + 1000 * dist.rank())
+    scheduler = build_schedule(opt_cfg, opt, config.train.steps)
     horizon = build_horizon(config.horizon, task.model)
     sampler = BatchSampler(len(task.data.train), config.train.batch_size, seed)
     if sampler.batch % world != 0:
@@ -320,6 +327,8 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     if checkpoint is not None:
         task.model.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         if horizon is not None:
             horizon.load_state_dict(checkpoint["horizon"])
         sampler.load_state_dict(checkpoint["sampler"])
@@ -402,6 +411,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
                 "run": run_info,
                 "model": task.model.state_dict(),
                 "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "horizon": horizon.state_dict() if horizon is not None else None,
                 "sampler": sampler.state_dict(),
                 "state": saved,
@@ -451,6 +461,8 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
             else:
                 loss.backward()
                 opt.step()
+            if scheduler is not None:
+                scheduler.step()
             if horizon is not None:
                 horizon.step()
         except (SolverError, FloatingPointError) as exc:

@@ -9,11 +9,14 @@ from torch import nn
 
 from ..ode.block import ODEBlock
 from ..optim import HorizonOptimizer, OCNOpt
-from .config import HorizonConfig, OptimizerConfig
+from . import classpath
+from .config import ConfigError, HorizonConfig, OptimizerConfig
+from .schedules import ScheduleFactor, attach_schedule
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = None, seed=0):
-    """``torch.optim.Adam`` / ``SGD`` or :class:`~node_ocp.OCNOpt` for ``model``.
+    """``torch.optim.Adam`` / ``SGD``, an optimizer by class path, or
+    :class:`~node_ocp.OCNOpt` for ``model``.
 
     ``lr`` overrides ``cfg.lr`` (grid searches). Adam uses ``momentum`` as its beta1. A table
     with ``gradient`` sets every ODE block of ``model`` to it first (an arm that backprops
@@ -25,17 +28,20 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
                 block.gradient = cfg.gradient
     lr = cfg.learning_rate if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.is_class_path:
+        try:
+            return classpath.build(cfg.kind, params, lr, cfg.args)
+        except classpath.ClassPathError as exc:
+            raise ConfigError(f"[optimizers].{exc.key}: {exc}") from None
     if cfg.kind == "adam":
-        return torch.optim.Adam(
-            params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
-        )
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.beta, 0.999), weight_decay=cfg.decay)
     if cfg.kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.beta, weight_decay=cfg.decay)
     return OCNOpt(
         model,
         lr=None if math.isinf(lr) else lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
+        momentum=cfg.beta,
+        weight_decay=cfg.decay,
         curvature=cfg.curvature,
         damping=cfg.damping,
         update_every=cfg.update_every,
@@ -54,6 +60,13 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         time_joint=cfg.time_joint,
         seed=seed,
     )
+
+
+def build_schedule(cfg: OptimizerConfig, opt, total_steps: int):
+    """The table's schedule on ``opt`` over ``total_steps``; the ``LambdaLR`` to step after
+    every optimizer step, or None (constant, or OCNOpt, which applies it itself)."""
+    factor = ScheduleFactor(cfg.schedule, max(1, total_steps), cfg.warmup, cfg.final_lr_factor)
+    return attach_schedule(opt, factor)
 
 
 def build_horizon(cfg: HorizonConfig | None, model: nn.Module) -> HorizonOptimizer | None:
