@@ -12,7 +12,14 @@ saved for backward (the memory that grows with solver steps when it is not O(1))
 medians over repeats, and every figure is also given as a ratio to the plain adjoint with
 the same number of steps.
 
+With ``--solver-loop`` it also prints and saves (key ``"solver_loop"``) the solver-loop table
+of :func:`node_ocp.ode.cost.solver_loop_table`: seconds per function evaluation of a training
+step of the own adjoint and of ``torchdiffeq.odeint_adjoint`` against the floor (the field's
+evaluations and vector-Jacobian products at the same points, with no solver around them),
+timed interleaved in this process; ``--solver-loop-only`` skips the memory rows.
+
     python experiments/bench_memory.py [--steps 10 40 160] [--out runs/bench_memory.json]
+    python experiments/bench_memory.py --solver-loop-only [--solver-loop-repeats 15]
 """
 
 from __future__ import annotations
@@ -117,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     p.add_argument("--out", default="runs/bench_memory.json", help="where to save the JSON")
+    p.add_argument(
+        "--solver-loop", action="store_true", help="also time the solver loop against its floor"
+    )
+    p.add_argument(
+        "--solver-loop-only", action="store_true", help="only the solver-loop table (no memory)"
+    )
+    p.add_argument("--solver-loop-repeats", type=int, default=15, help="interleaved repeats")
+    p.add_argument(
+        "--solver-loop-fields", nargs="+", default=["mlp", "conv"], help="fields (mlp, conv)"
+    )
+    p.add_argument(
+        "--solver-loop-methods", nargs="+", default=["dopri5", "rk4"], help="methods (dopri5, rk4)"
+    )
     p.add_argument("--child", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
     return p
 
@@ -130,11 +150,8 @@ def _cuda() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
-    if args.child:
-        print(json.dumps(_one(args.child[0], int(args.child[1]), args)))
-        return {}
+def _memory_rows(args) -> list[dict]:
+    """One child process per (steps, mode); prints the memory table and returns its rows."""
     rows = []
     passthrough = [
         f"--batch={args.batch}",
@@ -165,7 +182,28 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['steps']:>5} {r['mode']:<16} {r['time_s']:>8.4f} {r['time_ratio']:>6.2f} "
             f"{r['peak_MB']:>8.1f} {r['peak_ratio']:>6.2f} {r['saved_MB']:>9.2f} {nfe:>12}"
         )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(_one(args.child[0], int(args.child[1]), args)))
+        return {}
+    rows = [] if args.solver_loop_only else _memory_rows(args)
     result = {"config": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
+    if args.solver_loop or args.solver_loop_only:
+        from node_ocp.ode.cost import format_solver_loop, solver_loop_table
+
+        result["solver_loop"] = solver_loop_table(
+            fields=args.solver_loop_fields,
+            methods=args.solver_loop_methods,
+            repeats=args.solver_loop_repeats,
+            device=args.device,
+        )
+        print("solver loop (seconds per NFE of one training step; floor = field evaluations")
+        print("and VJPs at the same points, no solver; interleaved, medians over repeats):")
+        print(format_solver_loop(result["solver_loop"]))
     print(f"saved {atomic_write_json(args.out, result)}")
     return result
 

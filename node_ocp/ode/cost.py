@@ -1,0 +1,227 @@
+"""What a training step of an ODE block costs against its floor, per function evaluation.
+
+The *floor* of one step at a given number of evaluations (NFE) is the field's own work at
+the points the solves visit, with no solver around it: one ``field(t, x)`` under
+``no_grad`` per forward evaluation, and one ``field(t, x)`` with a graph plus one
+``torch.autograd.grad`` (w.r.t. ``x`` and the parameters, one graph per evaluation) per
+backward evaluation. The points are recorded from one step of the own adjoint.
+
+:func:`solver_loop_table` times, in one process and interleaved (each repeat runs the three
+in a rotating order; medians over repeats):
+
+- ``floor``: the loop above;
+- ``own``: a step of the own adjoint (``gradient="adjoint"``: forward + ``loss.backward()``);
+- ``torchdiffeq``: the same step through ``torchdiffeq.odeint_adjoint``
+  (``gradient="torchdiffeq"``),
+
+and reports each as seconds per NFE (forward + backward evaluations of that step) and the
+ratios own/floor, own/torchdiffeq and torchdiffeq/floor. :func:`format_solver_loop` prints
+the rows. Fields: ``"mlp"`` (concat-squash MLP 2-64-64-2, softplus, batch 256) and
+``"conv"`` (the vector field of :class:`~node_ocp.models.ODEImageClassifier`, 8x8 images,
+batch 64); methods: ``"dopri5"`` (rtol 1e-3, atol 1e-4) and ``"rk4"`` (step 0.1), horizon 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .._errors import bad_type, bad_value, check_choice
+from .block import ODEBlock
+from .layers import ConcatConv2d, ConcatSquashLinear, TimeSequential
+
+#: The fields of the table: name -> (builder of the field, shape of the batch ``(B, *feat)``).
+FIELDS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {}
+#: The solver settings of the table: name -> ``ODEBlock`` keyword arguments.
+SOLVERS: dict[str, dict] = {
+    "dopri5": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-4},
+    "rk4": {"method": "rk4", "options": {"step_size": 0.1}},
+}
+#: The timed variants, in the order of a repeat's rotation.
+VARIANTS: tuple[str, ...] = ("floor", "own", "torchdiffeq")
+
+
+def mlp_field(dim: int = 2, hidden: int = 64) -> nn.Module:
+    """Concat-squash MLP ``dim -> hidden -> hidden -> dim`` with softplus: ``(B, dim)``."""
+    return TimeSequential(
+        ConcatSquashLinear(dim, hidden),
+        nn.Softplus(),
+        ConcatSquashLinear(hidden, hidden),
+        nn.Softplus(),
+        ConcatSquashLinear(hidden, dim),
+    )
+
+
+def conv_field(channels: int = 8) -> nn.Module:
+    """The image classifier's field (concat-conv, tanh, concat-conv): ``(B, C, H, W)``."""
+    return TimeSequential(
+        ConcatConv2d(channels, channels, 3, padding=1),
+        nn.Tanh(),
+        ConcatConv2d(channels, channels, 3, padding=1),
+    )
+
+
+FIELDS["mlp"] = (mlp_field, (256, 2))
+FIELDS["conv"] = (conv_field, (64, 8, 8, 8))
+
+
+class _Recorder(nn.Module):
+    """Wraps a field and keeps the ``(t, x)`` of every call; a call with grad enabled (the
+    own adjoint's backward solve) is a backward point, any other (its forward solve, run
+    inside ``autograd.Function.forward``) a forward one."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+        self.forward_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.backward_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, t, x):
+        points = self.backward_points if torch.is_grad_enabled() else self.forward_points
+        points.append((t.detach().clone(), x.detach().clone()))
+        return self.field(t, x)
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).mean()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Case:
+    """One (field, method): the blocks, the data and the recorded points of one step."""
+
+    def __init__(self, field_name: str, method: str, device: torch.device, seed: int):
+        build, shape = FIELDS[field_name]
+        torch.manual_seed(seed)
+        self.field = build().to(device)
+        self.params = [p for p in self.field.parameters() if p.requires_grad]
+        self.x0 = torch.randn(shape, device=device).requires_grad_(True)
+        self.target = torch.randn(shape, device=device)
+        self.device = device
+        kw = SOLVERS[method]
+        self.blocks = {
+            "own": ODEBlock(self.field, (0.0, 1.0), gradient="adjoint", **kw),
+            "torchdiffeq": ODEBlock(self.field, (0.0, 1.0), gradient="torchdiffeq", **kw),
+        }
+        recorder = _Recorder(self.field)
+        _loss(ODEBlock(recorder, (0.0, 1.0), **kw)(self.x0), self.target).backward()
+        self.forward_points = recorder.forward_points
+        # leaves that require grad, and a cotangent per point: one graph per evaluation
+        self.backward_points = [
+            (t, x.requires_grad_(True), torch.randn_like(x)) for t, x in recorder.backward_points
+        ]
+        self.nfe = {"floor": (len(self.forward_points), len(self.backward_points))}
+
+    def _clear(self) -> None:
+        self.x0.grad = None
+        for p in self.params:
+            p.grad = None
+
+    def run(self, variant: str) -> float:
+        """One step of ``variant``; returns its seconds."""
+        self._clear()
+        _sync(self.device)
+        start = time.perf_counter()
+        if variant == "floor":
+            field, params = self.field, self.params
+            with torch.no_grad():
+                for t, x in self.forward_points:
+                    field(t, x)
+            for t, x, v in self.backward_points:
+                torch.autograd.grad(field(t, x), (x, *params), v)
+        else:
+            block = self.blocks[variant]
+            block.reset_nfe()
+            _loss(block(self.x0), self.target).backward()
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        if variant != "floor":
+            self.nfe[variant] = (block.nfe_forward, block.nfe_backward)
+        return seconds
+
+
+def solver_loop_table(
+    fields: Sequence[str] = ("mlp", "conv"),
+    methods: Sequence[str] = ("dopri5", "rk4"),
+    repeats: int = 15,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> list[dict]:
+    """Time the floor, the own adjoint and torchdiffeq's adjoint; one row per (field, method).
+
+    Args:
+        fields: names in :data:`FIELDS` (``"mlp"``, ``"conv"``).
+        methods: names in :data:`SOLVERS` (``"dopri5"``, ``"rk4"``).
+        repeats: timed steps of each variant (after one warm-up step of each), interleaved.
+        device: where the fields run (float32).
+        seed: seed of the field's initialisation and of the data.
+
+    Returns:
+        A list of dicts, one per (field, method), with ``field``, ``method``, ``repeats``,
+        for each variant ``v`` in :data:`VARIANTS`: ``{v}_s`` (median seconds per step),
+        ``{v}_s_per_nfe``, ``{v}_nfe_forward``, ``{v}_nfe_backward``; and the ratios of
+        seconds per NFE ``own_over_floor``, ``own_over_torchdiffeq``,
+        ``torchdiffeq_over_floor``.
+    """
+    if isinstance(fields, str) or not isinstance(fields, Sequence):
+        raise bad_type("fields", fields, f"a sequence of names from {tuple(FIELDS)}")
+    if isinstance(methods, str) or not isinstance(methods, Sequence):
+        raise bad_type("methods", methods, f"a sequence of names from {tuple(SOLVERS)}")
+    for name in fields:
+        check_choice("fields[...]", name, tuple(FIELDS))
+    for name in methods:
+        check_choice("methods[...]", name, tuple(SOLVERS))
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise bad_value("repeats", repeats, "an int >= 1")
+    device = torch.device(device)
+    rows = []
+    for field_name in fields:
+        for method in methods:
+            case = _Case(field_name, method, device, seed)
+            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for v in VARIANTS:  # warm-up
+                case.run(v)
+            for r in range(repeats):
+                k = r % len(VARIANTS)
+                for v in VARIANTS[k:] + VARIANTS[:k]:
+                    times[v].append(case.run(v))
+            row: dict = {"field": field_name, "method": method, "repeats": repeats}
+            per_nfe = {}
+            for v in VARIANTS:
+                nf, nb = case.nfe[v]
+                row[f"{v}_s"] = statistics.median(times[v])
+                per_nfe[v] = row[f"{v}_s"] / max(nf + nb, 1)
+                row[f"{v}_s_per_nfe"] = per_nfe[v]
+                row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"] = nf, nb
+            row["own_over_floor"] = per_nfe["own"] / per_nfe["floor"]
+            row["own_over_torchdiffeq"] = per_nfe["own"] / per_nfe["torchdiffeq"]
+            row["torchdiffeq_over_floor"] = per_nfe["torchdiffeq"] / per_nfe["floor"]
+            rows.append(row)
+    return rows
+
+
+def format_solver_loop(rows: list[dict]) -> str:
+    """The rows of :func:`solver_loop_table` as a text table (µs per NFE, NFE f+b, ratios)."""
+    head = (
+        f"{'field':<5} {'method':<6} {'floor us/nfe':>12} {'own us/nfe':>10} "
+        f"{'tdq us/nfe':>10} {'own/floor':>9} {'own/tdq':>7} {'tdq/floor':>9}  "
+        f"{'nfe f+b floor / own / tdq':<28}"
+    )
+    lines = [head]
+    for r in rows:
+        nfe = " / ".join(f"{r[f'{v}_nfe_forward']}+{r[f'{v}_nfe_backward']}" for v in VARIANTS)
+        lines.append(
+            f"{r['field']:<5} {r['method']:<6} {1e6 * r['floor_s_per_nfe']:>12.1f} "
+            f"{1e6 * r['own_s_per_nfe']:>10.1f} {1e6 * r['torchdiffeq_s_per_nfe']:>10.1f} "
+            f"{r['own_over_floor']:>9.3f} {r['own_over_torchdiffeq']:>7.3f} "
+            f"{r['torchdiffeq_over_floor']:>9.3f}  {nfe:<28}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The solver-loop table (node_ocp.ode.cost): its rows, its checks, bench_memory's section."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from node_ocp.models import ODEImageClassifier
+from node_ocp.ode import cost
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
+    (row,) = cost.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
+    assert (row["field"], row["method"], row["repeats"]) == ("mlp", method, 1)
+    nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in cost.VARIANTS}
+    # the floor replays the points of the own adjoint; torchdiffeq takes the same steps
+    assert nfe["floor"] == nfe["own"] == nfe["torchdiffeq"]
+    if method == "rk4":  # step 0.1 over [0, 1], 4 evaluations per step
+        assert nfe["own"] == (40, 40)
+    for v in cost.VARIANTS:
+        assert row[f"{v}_s"] > 0
+        assert row[f"{v}_s_per_nfe"] == pytest.approx(row[f"{v}_s"] / sum(nfe[v]))
+    per = {v: row[f"{v}_s_per_nfe"] for v in cost.VARIANTS}
+    assert row["own_over_floor"] == pytest.approx(per["own"] / per["floor"])
+    assert row["own_over_torchdiffeq"] == pytest.approx(per["own"] / per["torchdiffeq"])
+    assert row["torchdiffeq_over_floor"] == pytest.approx(per["torchdiffeq"] / per["floor"])
+    text = cost.format_solver_loop([row])
+    assert text.splitlines()[1].startswith(f"mlp   {method}")
+
+
+def test_conv_field_is_the_image_classifiers_field():
+    model = ODEImageClassifier(channels=8)
+    assert repr(cost.conv_field(8)) == repr(model.ode.field)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match=r"fields\[...\]: received 'resnet'"):
+        cost.solver_loop_table(fields=("resnet",))
+    with pytest.raises(TypeError, match="methods: received an object of type str"):
+        cost.solver_loop_table(methods="rk4")
+    with pytest.raises(ValueError, match="repeats: received 0"):
+        cost.solver_loop_table(repeats=0)
+
+
+def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory", ROOT / "experiments" / "bench_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench.json"
+    argv = ["--solver-loop-only", "--solver-loop-repeats", "1", "--out", str(out)]
+    argv += ["--solver-loop-fields", "conv", "--solver-loop-methods", "rk4", "--device", "cpu"]
+    module.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == []
+    assert [(r["field"], r["method"]) for r in saved["solver_loop"]] == [("conv", "rk4")]
+    assert "own/floor" in capsys.readouterr().out
