@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description="Time each optimizer's steps on the same model state (interleaved; "
         "OCNOpt's refresh step separately and amortized), count function evaluations, and "
-        "measure peak memory in a short run per optimizer; print and save JSON.",
+        "measure each step's memory (optimizer state + transient peak); print and save JSON.",
     )
     b.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
     b.add_argument(
@@ -175,10 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="device (default: [train].device)",
     )
     b.add_argument(
-        "--no-memory", action="store_true", help="skip the peak-memory runs (default: off)"
+        "--no-memory", action="store_true", help="skip the memory measure (default: off)"
     )
     b.add_argument(
         "--out", default=None, help="JSON output (default: runs/bench-<config name>.json)"
+    )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even when it is not an earlier bench output (default: off)",
     )
 
     pl = sub.add_parser(
@@ -279,6 +284,7 @@ def run(args) -> int:
             device=args.device,
             memory=not args.no_memory,
             out=args.out or f"runs/bench-{_stem(args.config)}.json",
+            force=args.force,
         )
         return 0
     from .train.loop import RunError

@@ -5,12 +5,13 @@ same initial model with a learning rate so small that the model, and so the numb
 steps, does not change), with their steps interleaved so that drift in the machine's speed
 hits all alike; medians over the steps. OCNOpt's ordinary and refresh steps are timed
 separately, as are its *adapt* steps (the step control's trial forward solve on the same
-batch), and amortized over one cycle of ``update_every`` and ``adapt_every``. Peak memory
-comes from a short ``node-ocp train`` run of each optimizer in its own process (covering one
-refresh step).
-All figures are also given as ratios to Adam with the plain adjoint. On a CPU the peak is
-the process's peak resident memory (which includes the interpreter and torch); ``train MB``
-is its growth over the resident memory before the first step.
+batch), and amortized over one cycle of ``update_every`` and ``adapt_every``.
+
+Memory (see :mod:`node_ocp.train.memory`): for each optimizer, its first plain step after
+its first step and its first refresh step after that (OCNOpt), each the optimizer's state
+plus the step's transient peak (CUDA allocator peak; on Linux CPUs the resident high-water
+mark reset at the step's start). Those steps are left out of the timing medians.
+All figures are also given as ratios to Adam with the plain adjoint.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +26,15 @@ import torch
 
 from ..io import atomic_write_json
 from ..optim import OCNOpt
-from .compare import train_in_process_args
 from .config import ConfigError, OptimizerConfig, RunConfig
 from .costs import KINDS, amortized, medians, step_kind
-from .loop import SUMMARY, RunError, prepare_out_dir, resolve_device
+from .loop import RunError, prepare_out_dir, resolve_device
+from .memory import StepMemory, state_mb
 from .optimizers import build_optimizer
 from .tasks import build_task
 
 FROZEN_LR = 1e-12
+FORMAT = "node-ocp bench"  # marks the JSON files bench writes (and may overwrite)
 
 
 def bench(
@@ -44,8 +44,13 @@ def bench(
     device: str | None = None,
     memory: bool = True,
     out=None,
+    force: bool = False,
 ) -> dict:
-    """Measure and print the figures; save them as JSON to ``out`` when given."""
+    """Measure and print the figures; save them as JSON to ``out`` when given.
+
+    ``out`` may replace an earlier ``bench`` output; any other existing file only with
+    ``force``.
+    """
     names = optimizers or list(config.optimizers)
     for n in names:
         config.optimizer(n, "--optimizers")
@@ -64,7 +69,7 @@ def bench(
         raise ConfigError(f"--steps: received {steps}; accepted: an int >= 2")
     dev = resolve_device(device or config.train.device)
     if out is not None:
-        _check_writable(Path(out))  # before minutes of timing, not after
+        _check_writable(Path(out), force)  # before minutes of timing, not after
 
     torch.manual_seed(config.train.seed)
     task = build_task(config, dev)
@@ -80,13 +85,19 @@ def bench(
             "task": t,
             "opt": build_optimizer(cfg, t.model, FROZEN_LR, seed=config.train.seed),
             "times": {k: [] for k in KINDS},
+            "measured_times": {k: [] for k in KINDS},
+            "memory": {},
             "nfe": [],
         }
-    for _ in range(steps):
+    meter = StepMemory(dev) if memory else None
+    for i in range(steps):
         for a in arms.values():
             t, opt = a["task"], a["opt"]
             ocn = isinstance(opt, OCNOpt)
             kind = step_kind(ocn and opt.refresh_due, ocn and opt.adapt_due)
+            measure = meter is not None and i > 0 and kind not in a["memory"]
+            if measure:
+                meter.start()
             _sync(dev)
             t0 = time.perf_counter()
             opt.zero_grad()
@@ -98,7 +109,12 @@ def bench(
                 loss.backward()
                 opt.step()
             _sync(dev)
-            a["times"][kind].append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if measure:  # malloc_trim before it: its page faults are not a step's cost
+                a["memory"][kind] = meter.stop() + state_mb(opt)
+                a["measured_times"][kind].append(dt)
+            else:
+                a["times"][kind].append(dt)
             fwd = sum(b.nfe_forward for b in t.blocks)
             bwd = sum(b.nfe_backward for b in t.blocks)
             for b in t.blocks:
@@ -109,7 +125,11 @@ def bench(
         cfg = opts[name]
         if len(a["times"]["plain"]) > 2:  # the first plain step warms up
             a["times"]["plain"] = a["times"]["plain"][1:]
+        for k, ts in a["measured_times"].items():  # a kind seen only once
+            if ts and not a["times"][k]:
+                a["times"][k] = ts
         cost = medians(a["times"])
+        mem = a["memory"]
         ocn = cfg.kind == "ocnopt"
         k = cfg.update_every if ocn else 1
         adapt_every = (
@@ -127,28 +147,30 @@ def bench(
             "kind_s": cost,
             "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
             "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
+            "step_memory_mb": mem.get("plain"),
+            "refresh_memory_mb": mem.get("refresh+adapt", mem.get("refresh")),
+            "train_memory_mb": max(mem.values()) if mem else None,
         }
-    if memory:
-        for name in rows:
-            if name in config.optimizers:
-                rows[name].update(_memory(config, name, opts[name], device))
     base = rows[baseline]
     for r in rows.values():
         r["step_ratio"] = _ratio(r["step_s"], base["amortized_s"])
         r["adapt_ratio"] = _ratio(r["adapt_s"], base["amortized_s"])
         r["refresh_ratio"] = _ratio(r["refresh_s"], base["amortized_s"])
         r["amortized_ratio"] = _ratio(r["amortized_s"], base["amortized_s"])
-        r["memory_ratio"] = _ratio(r.get("peak_memory_mb"), base.get("peak_memory_mb"))
+        r["memory_ratio"] = _ratio(r.get("step_memory_mb"), base.get("step_memory_mb"))
+        r["refresh_memory_ratio"] = _ratio(r.get("refresh_memory_mb"), base.get("step_memory_mb"))
         r["nfe_ratio"] = _ratio(
             r["nfe_forward"] + r["nfe_backward"], base["nfe_forward"] + base["nfe_backward"]
         )
     result = {
+        "format": FORMAT,
         "source": config.source,
         "device": str(dev),
         "torch": torch.__version__,
         "batch": len(idx),
         "steps": steps,
         "baseline": baseline,
+        "memory_method": meter.method if meter is not None else None,
         "optimizers": rows,
     }
     print(format_bench(result))
@@ -165,7 +187,7 @@ def format_bench(result: dict) -> str:
         f"{result['steps']} interleaved steps per optimizer; ratios to {base} (plain adjoint)",
         f"{'optimizer':<16} {'step ms':>8} {'adapt ms':>8} {'refresh ms':>10} "
         f"{'amortized ms':>12} {'x base':>7} {'adapt x':>7} {'refresh x':>9} {'NFE f/b':>10} "
-        f"{'NFE x':>6} {'peak MB':>8} {'mem x':>6} {'train MB':>8}",
+        f"{'NFE x':>6} {'step MB':>8} {'mem x':>6} {'refresh MB':>10} {'mem x':>6}",
     ]
     for name, r in result["optimizers"].items():
         lines.append(
@@ -174,33 +196,35 @@ def format_bench(result: dict) -> str:
             f"{_x(r['amortized_ratio']):>7} {_x(r.get('adapt_ratio')):>7} "
             f"{_x(r['refresh_ratio']):>9} "
             f"{r['nfe_forward']:>4.0f}/{r['nfe_backward']:<5.0f} {_x(r.get('nfe_ratio')):>6} "
-            f"{_mb(r.get('peak_memory_mb')):>8} {_x(r.get('memory_ratio')):>6} "
-            f"{_mb(r.get('train_memory_mb')):>8}"
+            f"{_mb(r.get('step_memory_mb')):>8} {_x(r.get('memory_ratio')):>6} "
+            f"{_mb(r.get('refresh_memory_mb')):>10} {_x(r.get('refresh_memory_ratio')):>6}"
+        )
+    if result.get("memory_method"):
+        lines.append(
+            f"memory: optimizer state + the step's transient peak ({result['memory_method']}); "
+            f"ratios to {base}'s plain step"
         )
     return "\n".join(lines)
 
 
-def _check_writable(path: Path) -> None:
-    """Raise RunError unless the JSON file ``path`` can be written (its folder is probed)."""
+def _check_writable(path: Path, force: bool = False) -> None:
+    """Raise RunError unless the JSON file ``path`` can be written (its folder is probed):
+    an existing file must be an earlier bench output, or ``force`` given."""
     if path.is_dir():
         raise RunError(f"--out: {str(path)!r} is a folder; accepted: a JSON file path")
+    if path.exists() and not force and not _is_bench_output(path):
+        raise RunError(
+            f"--out: {str(path)!r} exists and is not a node-ocp bench output; accepted: a new "
+            "path, an earlier bench output, or --force to replace it"
+        )
     prepare_out_dir(path.parent)
 
 
-def _memory(config: RunConfig, name: str, cfg: OptimizerConfig, device) -> dict:
-    """Peak memory of a short training run of optimizer ``name`` in a fresh process."""
-    if not Path(config.source).is_file():
-        return {}
-    steps = (cfg.update_every + 1) if cfg.kind == "ocnopt" else 2
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = train_in_process_args(
-            config.source, tmp, name, cfg.learning_rate, config.train.seed, device, steps, None
-        )
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RunError(f"memory run of {name} failed:\n{proc.stderr.strip()[-2000:]}")
-        s = json.loads((Path(tmp) / SUMMARY).read_text())
-    return {"peak_memory_mb": s["peak_memory_mb"], "train_memory_mb": s["train_memory_mb"]}
+def _is_bench_output(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _clone_task(task, state):
@@ -228,4 +252,4 @@ def _x(v):
 
 
 def _mb(v):
-    return "-" if v is None else f"{v:.0f}"
+    return "-" if v is None else f"{v:.1f}"

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from ..ode.block import SolverError
 from ..optim import OCNOpt
 from .config import ConfigError, RunConfig
 from .costs import KINDS, amortized, medians, step_kind
+from .memory import StepMemory, process_peak_mb, state_mb
 from .optimizers import (
     build_horizon,
     build_optimizer,
@@ -128,47 +127,41 @@ class BatchSampler:
 
 
 class _Memory:
-    """Peak memory of the training steps.
+    """Memory of the training steps (see :mod:`node_ocp.train.memory`).
 
-    CUDA: the allocator's peak over the training steps only (reset before each step, so
-    evaluation does not count). CPU: the process's peak resident memory (which also covers
-    evaluation and data loading) and its growth over the memory in use before training.
+    The first step of each kind (plain, refresh, ...) after the run's first step is
+    measured: the optimizer's state plus the step's transient peak. The process's peak
+    (CUDA allocator peak / peak resident memory) is reported beside it.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, measured: dict):
         self.device = device
-        self.peak = 0.0
-        if device.type == "cuda":
-            self.base = torch.cuda.memory_allocated(device) / 2**20
-        else:
-            self.base = _rss_mb()
+        self.meter = StepMemory(device)
+        self.measured = measured  # kind -> MB, part of the run state (survives resume)
+        self.active: str | None = None
 
-    def before_step(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def before_step(self, kind: str, step: int) -> None:
+        self.active = None
+        if step > 0 and kind not in self.measured:
+            self.active = kind
+            self.meter.start()
 
-    def after_step(self) -> None:
-        if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
+    def after_step(self, opt) -> None:
+        if self.active is not None:
+            self.measured[self.active] = self.meter.stop() + state_mb(opt)
 
-    def peak_mb(self) -> dict:
-        if self.device.type == "cuda":
-            return {"peak_memory_mb": self.peak, "train_memory_mb": self.peak - self.base}
-        peak = _max_rss_mb()
-        return {"peak_memory_mb": peak, "train_memory_mb": max(0.0, peak - self.base)}
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return _max_rss_mb()
-
-
-def _max_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    def summary(self) -> dict:
+        m = self.measured
+        plain = m.get("plain")
+        refresh = m.get("refresh+adapt", m.get("refresh"))
+        steps = [v for v in m.values() if v is not None]
+        return {
+            "peak_memory_mb": process_peak_mb(self.device),
+            "train_memory_mb": max(steps) if steps else None,
+            "step_memory_mb": plain,
+            "refresh_memory_mb": refresh,
+            "memory_method": self.meter.method,
+        }
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -356,7 +349,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
 
     metric = task.metric
     chunk = config.train.eval_batch
-    memory = _Memory(device)
+    memory = _Memory(device, state.setdefault("memory", {}))
 
     def t1() -> float | None:
         return horizon.t1 if horizon is not None else None
@@ -437,7 +430,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        memory.before_step()
+        memory.before_step(kind, state["step"])
         t0 = time.perf_counter()
         try:
             opt.zero_grad()
@@ -480,7 +473,7 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        memory.after_step()
+        memory.after_step(opt)
         state["train_clock"] += dt
         state["step"] += 1
         state["step_times"][kind].append(dt)
@@ -616,7 +609,7 @@ def _finish(
         "nfe_forward": statistics.mean(f for f, _ in nfe) if nfe else None,
         "nfe_backward": statistics.mean(b for _, b in nfe) if nfe else None,
         "t1": records[-1].get("t1") if records else None,
-        **memory.peak_mb(),
+        **memory.summary(),
     }
     if dist.rank() == 0:
         atomic_write_json(out / SUMMARY, summary)
