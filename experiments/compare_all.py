@@ -4,7 +4,10 @@ For every config in ``configs/`` (or those given with ``--configs``) this runs
 ``node-ocp compare`` (same model, data, solver and tolerances per optimizer; seeds; optional
 learning-rate grids), keeps each task's report folder, and writes ``summary.md`` and
 ``summary.json`` with, per task, the test metric of each optimizer (mean ± std over seeds)
-and the time-to-target ratio of each optimizer to Adam.
+and the time-to-target ratio of each optimizer to Adam, then, for every OCNOpt table against
+every baseline, the tasks it won, tied and lost (by the seed-paired 95% interval of the test
+metric, see ``node_ocp.train.stats.verdict``) and the tasks where it reached the target
+faster or slower, each with a two-sided sign test over the tasks (ties left out).
 
     python experiments/compare_all.py --quick          # minutes on a CPU: few steps, 1 seed
     python experiments/compare_all.py                  # each config's full length, 3 seeds
@@ -26,6 +29,7 @@ from node_ocp.train.compare import COMPARISON, aggregate, compare
 from node_ocp.train.config import ConfigError, load_config
 from node_ocp.train.loop import RunError
 from node_ocp.train.report import write_report
+from node_ocp.train.stats import sign_test
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("quickstart",)  # the README's config duplicates cnf_8gaussians
@@ -123,6 +127,51 @@ def summarize(results: dict[str, dict], optimizers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def tally(results: dict[str, dict]) -> list[dict]:
+    """Per (OCNOpt table, baseline): wins/ties/losses on the test metric and faster/slower
+    to the target over the tasks, each with its sign-test p-value."""
+    pairs: dict[tuple[str, str], dict] = {}
+    for stem, r in results.items():
+        for v in r.get("verdicts", []):
+            t = pairs.setdefault(
+                (v["name"], v["baseline"]),
+                {"win": [], "tie": [], "loss": [], "faster": [], "slower": [], "untimed": []},
+            )
+            t[v["outcome"]].append(stem)
+            ratio = v["time_ratio"][0]
+            if ratio is None or not math.isfinite(ratio):
+                t["untimed"].append(stem)
+            else:
+                t["faster" if ratio < 1 else "slower"].append(stem)
+    out = []
+    for (name, base), t in pairs.items():
+        out.append(
+            {
+                "name": name,
+                "baseline": base,
+                **{k: len(v) for k, v in t.items()},
+                "tasks": t,
+                "p_test": sign_test(len(t["win"]), len(t["loss"])),
+                "p_time": sign_test(len(t["faster"]), len(t["slower"])),
+            }
+        )
+    return out
+
+
+def tally_table(rows: list[dict]) -> str:
+    lines = [
+        "| OCNOpt table | against | wins | ties | losses | sign test p | faster | slower "
+        "| sign test p (time) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in rows:
+        lines.append(
+            f"| {t['name']} | {t['baseline']} | {t['win']} | {t['tie']} | {t['loss']} "
+            f"| {t['p_test']:.3g} | {t['faster']} | {t['slower']} | {t['p_time']:.3g} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -177,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
-    table = summarize(results, optimizers)
+    rows = tally(results)
+    table = summarize(results, optimizers) + "\n\n" + tally_table(rows)
     setup = (
         f"seeds {seeds}; optimizers {', '.join(optimizers)}; "
         f"{'lr grid' if args.lr_grid else 'each optimizer at its config lr'}; "
@@ -192,9 +242,12 @@ def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
     text = (
         "# Optimizer comparison over the bundled tasks\n\n"
         f"{setup}. Test metrics are mean ± std over seeds; time-to-target is the median "
-        "training wall-clock to reach what Adam reaches in every seed (its least good final "
-        "validation metric), as a ratio to Adam's ('never': most seeds did not). "
-        "Per-task reports: `<task>/report.md`.\n\n"
+        "training wall-clock to reach the task's target (the median final validation metric "
+        "of its best first-order baseline, or [train].target), as a ratio to Adam's "
+        "('never': most seeds did not). Wins, ties and losses: the seed-paired 95% interval "
+        "of the test-metric difference excludes 0 (or not); faster/slower: the geometric "
+        "mean time-to-target ratio over the seeds both reached; p: two-sided sign test over "
+        "the tasks. Per-task reports: `<task>/report.md`.\n\n"
         f"{table}\n"
     )
     atomic_write_text(out / "summary.md", text)
@@ -202,10 +255,18 @@ def _write(out: Path, results, optimizers, args, seeds, max_steps) -> str:
         out / "summary.json",
         {
             "setup": setup,
+            "tally": rows,
             "results": {
                 k: {
                     kk: v[kk]
-                    for kk in ("metric", "higher_is_better", "target", "optimizers", "failed")
+                    for kk in (
+                        "metric",
+                        "higher_is_better",
+                        "target",
+                        "verdicts",
+                        "optimizers",
+                        "failed",
+                    )
                     if kk in v
                 }
                 for k, v in results.items()

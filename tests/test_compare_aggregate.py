@@ -1,4 +1,4 @@
-"""Comparison aggregation on hand-made run folders: lr choice, mean ± std, time-to-target."""
+"""Comparison aggregation on hand-made run folders: lr choice, intervals, target, verdicts."""
 
 import json
 import math
@@ -69,15 +69,27 @@ def test_aggregate_chooses_lrs_on_validation_and_times_the_target(tmp_path):
     adam, ocn = r["optimizers"]["adam"], r["optimizers"]["ocnopt"]
     assert adam["lr"] == 0.1 and ocn["lr"] == 0.1
     assert ocn["grid"]["0.3"]["diverged"] == 1 and math.isinf(ocn["grid"]["0.3"]["mean_val"])
-    assert r["target"] == 3.2  # Adam's least good final validation NLL: every seed reaches it
+    # the median over seeds of the best baseline's final validation NLL (3.0, 3.2): 3.1
+    assert r["best_baseline"] == "adam" and r["target"] == pytest.approx(3.1)
     assert adam["test"][0] == pytest.approx(3.2) and adam["test"][1] == pytest.approx(
         statistics.stdev([3.1, 3.3])
     )
-    # adam reaches 3.2 at 2.0 s and 3.0 s: median 2.5; ocnopt at 0.4 s and never (3.3 > 3.2)
-    assert adam["time_to_target_s"] == pytest.approx(2.5) and adam["reached"] == "2/2"
-    assert ocn["time_to_target_s"] is None and ocn["reached"] == "1/2"  # median of (0.4, inf)
+    half = 12.7062 * statistics.stdev([3.1, 3.3]) / math.sqrt(2)  # t_{0.975, 1}
+    assert adam["test_ci"][1:3] == pytest.approx([3.2 - half, 3.2 + half])
+    assert adam["per_seed_test"] == {0: 3.1, 1: 3.3}
+    # adam reaches 3.1 at 2.0 s in seed 0 only; ocnopt at 0.4 s in seed 0 only
+    assert adam["per_seed_time_to_target_s"] == {0: 2.0, 1: None}
+    assert adam["time_to_target_s"] is None and adam["reached"] == "1/2"  # median(2.0, inf)
+    assert ocn["per_seed_time_to_target_s"] == {0: 0.4, 1: None} and ocn["reached"] == "1/2"
     assert ocn["step_cost_ratio"] == pytest.approx(1.2)
-    assert adam["time_to_target_ratio"] == pytest.approx(1.0)
+    # seed-paired verdict: test differences -0.3 and +0.1 -> no difference detected; the
+    # time ratio over the one seed both reached: 0.4 / 2.0
+    (v,) = r["verdicts"]
+    assert (v["name"], v["baseline"], v["outcome"]) == ("ocnopt", "adam", "tie")
+    assert v["test_difference"][0] == pytest.approx(-0.1)
+    assert v["time_ratio"][0] == pytest.approx(0.2)
+    assert r["headline"].startswith("ocnopt reached the target in 0.2× adam's time, 1/2 seeds")
+    assert "no difference detected at 2 seeds" in r["headline"]
 
 
 def test_time_to_target_direction_and_missing_values():

@@ -93,6 +93,27 @@ def test_compare_all_main_collects_one_summary_table(tmp_path):
     row = saved["results"]["tiny_task"]["optimizers"]
     assert set(row) == {"adam", "ocnopt"} and row["adam"]["seeds"] == 1
     assert (out / "tiny_task" / "report.md").exists()
+    (t,) = saved["tally"]
+    assert (t["name"], t["baseline"]) == ("ocnopt", "adam")
+    assert t["win"] + t["tie"] + t["loss"] == 1  # one task that ran
+
+
+def test_compare_all_tally_counts_outcomes_and_runs_the_sign_test():
+    def v(outcome, ratio):
+        return {"name": "ocnopt", "baseline": "adam", "outcome": outcome, "time_ratio": [ratio]}
+
+    results = {
+        f"task{i}": {"verdicts": [v(o, r)]}
+        for i, (o, r) in enumerate(
+            [("win", 0.5), ("win", 0.8), ("win", 1.2), ("tie", 0.9), ("loss", None), ("win", 0.7)]
+        )
+    }
+    results["broken"] = {"failed": "x"}
+    (t,) = _load("compare_all").tally(results)
+    assert (t["win"], t["tie"], t["loss"]) == (4, 1, 1)
+    assert (t["faster"], t["slower"], t["untimed"]) == (4, 1, 1)
+    assert t["p_test"] == pytest.approx(2 * (1 + 5) / 32)  # 4 wins, 1 loss: 2 P(X <= 1)
+    assert t["tasks"]["loss"] == ["task4"]
 
 
 def test_feedback_ablation_main_runs_both_arms_with_gains(tmp_path):

@@ -10,11 +10,17 @@ each data-parallel over all processes. The comparison folder holds::
 
 Aggregation: for every optimizer the learning rate with the best mean final *validation*
 metric over seeds is chosen (a diverged run counts as the worst), and test metrics are
-reported at that learning rate as mean ± std over seeds. The target of time-to-target is
-``[train].target`` or else what the baseline (Adam) reaches in every seed: its least good
-final validation metric over seeds. Each optimizer's time to it is the median over seeds of
-the first training wall-clock (evaluation excluded) at which its validation metric reaches
-it, a seed that never does counting as infinitely late.
+reported at that learning rate per seed and as means with 95% t intervals. The target of
+time-to-target is ``[train].target`` or else the median over seeds of the final validation
+metric of the best first-order baseline (the non-OCNOpt optimizer with the best mean final
+validation metric), which that baseline reaches in about half of its seeds: no optimizer
+reaches it by construction. Each optimizer's time to it is the median over seeds (with a
+bootstrap interval) of the first training wall-clock (evaluation excluded) at which its
+validation metric reaches it, a seed that never does counting as infinitely late.
+
+Verdicts (:func:`node_ocp.train.stats.verdict`): every OCNOpt table against every other
+optimizer, seeds paired: the test-metric difference with its 95% interval (a win or loss
+only when the interval excludes 0) and the geometric-mean time-to-target ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 
 from .. import dist
 from ..io import atomic_write_json
+from . import stats
 from .config import ConfigError, RunConfig
 from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
 
@@ -288,8 +295,13 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             "lr": pick,
             "grid": {repr(float(lr)): g for lr, g in grid.items()},
             "runs": [r["dir"] for r in best],
+            "seed_list": [r["seed"] for r in best],
+            "per_seed_val": {r["seed"]: r["final_val"] for r in best},
+            "per_seed_test": {r["seed"]: r["test_metric"] for r in best},
             "val": _mean_std([r["final_val"] for r in best]),
             "test": _mean_std([r["test_metric"] for r in best]),
+            "val_ci": list(_ci([r["final_val"] for r in best])),
+            "test_ci": list(_ci([r["test_metric"] for r in best])),
             "diverged": sum(r["diverged"] for r in best),
             "seeds": len(best),
             "train_seconds": statistics.fmean(r["train_seconds"] for r in best),
@@ -299,44 +311,51 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             "nfe_forward": _median([r["nfe_forward"] for r in best]),
             "nfe_backward": _median([r["nfe_backward"] for r in best]),
             "peak_memory_mb": _median([r["peak_memory_mb"] for r in best]),
-            "train_memory_mb": _median([r["train_memory_mb"] for r in best]),
+            "train_memory_mb": _median([r.get("train_memory_mb") for r in best]),
+            "step_memory_mb": _median([r.get("step_memory_mb") for r in best]),
+            "refresh_memory_mb": _median([r.get("refresh_memory_mb") for r in best]),
             "t1": _median([r["t1"] for r in best]),
         }
     baseline = next((n for n in optimizers if per_opt.get(n, {}).get("kind") == "adam"), None)
     baseline = baseline or next(iter(per_opt))
+    first_order = [n for n, a in per_opt.items() if a["kind"] != "ocnopt"] or list(per_opt)
+    best_base = (max if higher else min)(
+        first_order, key=lambda n: _score(per_opt[n]["val_ci"][0], higher)
+    )
     target = config.train.target
     target_source = "[train].target"
     if target is None:
-        # what the baseline reaches in every seed: its least good final validation metric
-        finals = [
-            v
-            for v in per_opt[baseline]["grid"][repr(float(per_opt[baseline]["lr"]))]["vals"]
-            if v is not None and math.isfinite(v)
-        ]
-        target = (min if higher else max)(finals) if finals else math.nan
-        target_source = f"{baseline}'s final validation {metric}, least good seed"
+        finals = stats.finite(per_opt[best_base]["per_seed_val"].values())
+        target = statistics.median(finals) if finals else math.nan
+        target_source = (
+            f"median over seeds of the final validation {metric} of {best_base}, the best "
+            "first-order baseline"
+        )
     for agg in per_opt.values():
-        hits = []
+        times, steps_to = {}, {}
         for rdir in agg["runs"]:
             r = next(x for x in runs if x["dir"] == rdir)
             hit = (
                 time_to_target(r["records"], key, target, higher) if math.isfinite(target) else None
             )
-            hits.append(hit)
+            times[r["seed"]] = hit[0] if hit else math.inf
+            steps_to[r["seed"]] = hit[1] if hit else math.inf
         # a seed that never got there counts as +inf: the median is "never" unless more
         # than half of the seeds reached the target
-        reached = [h for h in hits if h is not None]
-        t_med = statistics.median(h[0] if h else math.inf for h in hits)
-        s_med = statistics.median(h[1] if h else math.inf for h in hits)
-        agg["time_to_target_s"] = t_med if math.isfinite(t_med) else None
+        med = stats.median_interval(list(times.values()))
+        s_med = statistics.median(steps_to.values()) if steps_to else math.inf
+        agg["per_seed_time_to_target_s"] = {s: _none_if_inf(t) for s, t in times.items()}
+        agg["time_to_target_s"] = _none_if_inf(med.value)
+        agg["time_to_target_ci"] = [_none_if_inf(med.lo), _none_if_inf(med.hi)]
         agg["steps_to_target"] = s_med if math.isfinite(s_med) else None
-        agg["reached"] = f"{len(reached)}/{len(hits)}"
+        agg["reached"] = f"{sum(math.isfinite(t) for t in times.values())}/{len(times)}"
     base = per_opt[baseline]
     for agg in per_opt.values():
         agg["time_to_target_ratio"] = _ratio(agg["time_to_target_s"], base["time_to_target_s"])
         agg["step_cost_ratio"] = _ratio(agg["amortized_step_s"], base["amortized_step_s"])
         agg["refresh_cost_ratio"] = _ratio(agg["refresh_time_s"], base["amortized_step_s"])
-        agg["memory_ratio"] = _ratio(agg["peak_memory_mb"], base["peak_memory_mb"])
+        agg["memory_ratio"] = _ratio(agg["train_memory_mb"], base["train_memory_mb"])
+    verdicts = _verdicts(per_opt, best_base, metric, higher)
     result = {
         "config": config.to_dict(),
         "source": config.source,
@@ -348,11 +367,67 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
         "baseline": baseline,
         "target": target,
         "target_source": target_source,
+        "best_baseline": best_base,
+        "verdicts": verdicts,
+        "headline": verdicts[0]["text"] if verdicts else None,
         "optimizers": per_opt,
         "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs],
     }
     atomic_write_json(out / COMPARISON, result)
     return result
+
+
+def _ci(xs) -> tuple:
+    """``(mean, lo, hi, n)``: the 95% t interval of the finite values."""
+    i = stats.mean_interval(xs)
+    return i.value, i.lo, i.hi, i.n
+
+
+def _none_if_inf(v):
+    return None if v is None or not math.isfinite(v) else v
+
+
+def _verdicts(per_opt: dict, best_base: str, metric: str, higher: bool) -> list[dict]:
+    """Each OCNOpt table against the best first-order baseline first, then against every
+    other optimizer (without OCNOpt tables: every optimizer against the best baseline)."""
+    focus = [n for n, a in per_opt.items() if a["kind"] == "ocnopt"]
+    if not focus:
+        focus = [n for n in per_opt if n != best_base]
+    out = []
+    for name in focus:
+        others = [best_base] + [n for n in per_opt if n not in (best_base, name)]
+        if not any(a["kind"] == "ocnopt" for a in per_opt.values()):
+            others = [best_base]
+        for base in others:
+            if base == name:
+                continue
+            a, b = per_opt[name], per_opt[base]
+            v = stats.verdict(
+                name,
+                base,
+                metric,
+                higher,
+                a["per_seed_test"],
+                b["per_seed_test"],
+                _inf_times(a),
+                _inf_times(b),
+            )
+            out.append(
+                {
+                    "name": name,
+                    "baseline": base,
+                    "outcome": v.outcome,
+                    "text": v.text,
+                    "test_difference": [v.difference.value, v.difference.lo, v.difference.hi],
+                    "time_ratio": [v.time_ratio.value, v.time_ratio.lo, v.time_ratio.hi],
+                    "seeds": v.difference.n,
+                }
+            )
+    return out
+
+
+def _inf_times(agg: dict) -> dict:
+    return {s: math.inf if t is None else t for s, t in agg["per_seed_time_to_target_s"].items()}
 
 
 def _median(xs):

@@ -43,6 +43,31 @@ def _num(v, fmt="{:.2f}", none="–") -> str:
     return none if v is None else fmt.format(v)
 
 
+def _ci_cell(ci, digits=4) -> str:
+    """``mean [lo, hi]`` of a ``(mean, lo, hi, n)`` interval."""
+    m, lo, hi = ci[0], ci[1], ci[2]
+    if not _finite(m):
+        return "diverged"
+    if not _finite(lo):
+        return f"{m:.{digits}g}"
+    return f"{m:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
+def _time_cell(a) -> str:
+    t = a["time_to_target_s"]
+    if t is None:
+        return "never"
+    lo, hi = a.get("time_to_target_ci", [None, None])
+    if lo is None and hi is None:
+        return f"{t:.1f}"
+    return f"{t:.1f} [{_num(lo, '{:.1f}', 'never')}, {_num(hi, '{:.1f}', 'never')}]"
+
+
+def verdict_lines(result: dict) -> list[str]:
+    """The verdicts in words, the headline (OCNOpt against the best baseline) first."""
+    return [v["text"] + "." for v in result.get("verdicts", [])]
+
+
 def write_report(out, result: dict) -> Path:
     """Write ``report.md`` and the figures of a comparison folder; returns the report path."""
     out = Path(out)
@@ -50,21 +75,24 @@ def write_report(out, result: dict) -> Path:
     metric, opts = result["metric"], result["optimizers"]
     better = "higher" if result["higher_is_better"] else "lower"
     base = result["baseline"]
+    verdicts = verdict_lines(result)
     lines = [
         f"# {result['task']} on {result['dataset']}: optimizer comparison",
         "",
+        f"**{verdicts[0]}**" if verdicts else "No verdict: a single optimizer ran.",
+        "",
         f"Config `{result['source']}` · device {result['device']} · metric **{metric}** "
-        f"({better} is better) · baseline **{base}** · "
-        f"target {result['target']:.4g} ({result['target_source']})",
+        f"({better} is better) · target {result['target']:.4g} ({result['target_source']}) "
+        f"· ratios to **{base}**",
         "",
         "Every optimizer trained the same model, data, solver and tolerances; each is shown at "
-        "the learning rate with the best mean final validation metric. Times are training "
-        "wall-clock (evaluation excluded) on this machine; ratios are to the baseline in the "
-        "same comparison.",
+        "the learning rate with the best mean final validation metric. Intervals are 95%: "
+        "t intervals of means, bootstrap intervals of medians. Times are training wall-clock "
+        "(evaluation excluded) on this machine; ratios are to the baseline in the same "
+        "comparison.",
         "",
-        f"| optimizer | lr | test {metric} (mean ± std) | val {metric} | time to target s "
-        f"| × {base} | reached | step cost × {base} | refresh step × {base} "
-        f"| peak memory MB | × {base} | training memory MB | NFE fwd/bwd |",
+        "| optimizer | lr | seeds | test | val | to target s | reached | time ratio "
+        "| step cost | refresh cost | memory MB | memory ratio | NFE f/b |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in opts.items():
@@ -73,17 +101,29 @@ def write_report(out, result: dict) -> Path:
             if a["nfe_forward"] is not None
             else "–"
         )
-        test = _fmt(a["test"])
+        test = _ci_cell(a["test_ci"])
         if a["diverged"]:
             test += f" ({a['diverged']}/{a['seeds']} diverged)"
         lines.append(
-            f"| {name} | {a['lr']:g} | {test} | {_fmt(a['val'])} "
-            f"| {_num(a['time_to_target_s'], '{:.1f}', 'never')} "
-            f"| {_num(a['time_to_target_ratio'])} | {a['reached']} "
+            f"| {name} | {a['lr']:g} | {a['seeds']} | {test} | {_ci_cell(a['val_ci'])} "
+            f"| {_time_cell(a)} | {a['reached']} | {_num(a['time_to_target_ratio'])} "
             f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
-            f"| {_num(a['peak_memory_mb'], '{:.0f}')} | {_num(a['memory_ratio'])} "
-            f"| {_num(a['train_memory_mb'], '{:.0f}')} | {nfe} |"
+            f"| {_num(a.get('train_memory_mb'), '{:.1f}')} | {_num(a['memory_ratio'])} "
+            f"| {nfe} |"
         )
+    lines += ["", "## Verdicts", ""]
+    lines += [f"- {v}" for v in verdicts] or ["- (one optimizer: nothing to compare)"]
+    lines += ["", f"## Per seed (final test {metric}, seconds to the target)", ""]
+    lines += ["| optimizer | seed | test | val | to target s |", "|---|---|---|---|---|"]
+    for name, a in opts.items():
+        for seed in a.get("seed_list", []):
+            key = str(seed) if str(seed) in a["per_seed_test"] else seed
+            t = a["per_seed_time_to_target_s"].get(key)
+            lines.append(
+                f"| {name} | {seed} | {_num(a['per_seed_test'][key], '{:.4g}', 'nan')} "
+                f"| {_num(a['per_seed_val'][key], '{:.4g}', 'nan')} "
+                f"| {_num(t, '{:.1f}', 'never')} |"
+            )
     lines += ["", "## Learning-rate grid (mean final validation metric over seeds)", ""]
     lines += ["| optimizer | lr | mean val | per seed | diverged |", "|---|---|---|---|---|"]
     for name, a in opts.items():
@@ -99,16 +139,22 @@ def write_report(out, result: dict) -> Path:
         "",
         "## How to read this",
         "",
-        "- *time to target*: median over seeds of the first training second at which the "
+        "- *verdict*: seeds paired; a win or a loss only when the 95% interval of the "
+        "test-metric difference excludes 0, otherwise 'no difference detected' at that many "
+        "seeds. The time ratio is the geometric mean over the seeds where both reached the "
+        "target.",
+        "- *to target s*: median over seeds of the first training second at which the "
         "validation metric reached the target (a seed that never did counts as infinitely "
-        "late: 'never' unless most seeds got there); *reached* counts the seeds that did.",
+        "late: 'never' unless most seeds got there); *reached* counts the seeds that did; "
+        "*time ratio* is that median over the baseline's.",
         "- *step cost*: median training step time, amortized over OCNOpt's refresh period "
-        "(the refresh step, with curvature capture and eigendecompositions, separately). Both "
-        "are measured while training, so they include the solver's NFE changing as the field "
-        "changes; `node-ocp bench` measures them on one model state.",
-        "- *peak memory*: CUDA allocator peak on a GPU; on a CPU the peak resident memory "
-        "of the run's process (interpreter and torch included). *training memory*: its "
-        "growth over the memory in use before the first step.",
+        "(the refresh step, with curvature capture and eigendecompositions, separately), as "
+        "ratios to the baseline's. Both are measured while training, so they include the "
+        "solver's NFE changing as the field changes; `node-ocp bench` measures them on one "
+        "model state.",
+        "- *memory MB*: the optimizer's state plus the transient peak of a training step (the "
+        "larger of a plain and a refresh step), each run in its own process: CUDA allocator "
+        "peak on a GPU, the resident high-water mark reset at the step's start on Linux.",
         "",
         "## Figures",
         "",
@@ -361,19 +407,22 @@ def plot(run_dir) -> list[str]:
 
 
 def format_summary(result: dict) -> str:
-    """A plain-text table of a comparison for the terminal."""
+    """A plain-text table of a comparison for the terminal: the verdicts first."""
     metric, base = result["metric"], result["baseline"]
-    lines = [
-        f"{result['dataset']} ({result['task']}), target {metric} {result['target']:.4g} "
-        f"({result['target_source']})",
-        f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>20} {'t->target s':>12} "
-        f"{'x ' + base:>8} {'step x':>7} {'mem MB':>7}",
-    ]
+    lines = [*verdict_lines(result)]
+    lines.append(
+        f"{result['dataset']} ({result['task']}): target {metric} {result['target']:.4g} "
+        f"({result['target_source']}); intervals 95%; ratios to {base}"
+    )
+    head = (
+        f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>28} {'to target s':>20} "
+        f"{'reached':>7} {'time ratio':>10} {'step cost':>9} {'memory MB':>9}"
+    )
+    lines.append(head)
     for name, a in result["optimizers"].items():
         lines.append(
-            f"{name:<16} {a['lr']:>8g} {_fmt(a['test']):>20} "
-            f"{_num(a['time_to_target_s'], '{:.1f}', 'never'):>12} "
-            f"{_num(a['time_to_target_ratio']):>8} {_num(a['step_cost_ratio']):>7} "
-            f"{_num(a['peak_memory_mb'], '{:.0f}'):>7}"
+            f"{name:<16} {a['lr']:>8g} {_ci_cell(a['test_ci']):>28} {_time_cell(a):>20} "
+            f"{a['reached']:>7} {_num(a['time_to_target_ratio']):>10} "
+            f"{_num(a['step_cost_ratio']):>9} {_num(a.get('train_memory_mb'), '{:.1f}'):>9}"
         )
     return "\n".join(lines)
