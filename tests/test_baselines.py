@@ -58,7 +58,6 @@ def test_class_path_without_lr_takes_the_class_default_and_alias_resolves():
     "table, key, words",
     [
         ({"kind": "torch.optim.AdamQ"}, "[optimizers.x].kind", "no attribute 'AdamQ'"),
-        ({"kind": "nopackage.Opt"}, "[optimizers.x].kind", "cannot be imported"),
         ({"kind": "torch.nn.Linear"}, "[optimizers.x].kind", "not a torch.optim.Optimizer"),
         ({"kind": "torch.optim.AdamW", "args": {"betaz": 1}}, "[optimizers.x].args.betaz", "betas"),
         ({"kind": "torch.optim.AdamW", "args": {"lr": 1}}, "[optimizers.x].args.lr", "lr key"),
@@ -192,3 +191,23 @@ def test_torchdiffeq_gradient_mode_for_first_order_runs_only(tmp_path):
     # the same gradients up to solver tolerance: the same training to a few digits
     assert tdq["nfe_backward"] > 0
     assert tdq["final_val"] == pytest.approx(own["final_val"], rel=1e-2)
+
+
+def test_class_paths_on_the_command_line_need_no_table(tmp_path):
+    run = config_from_dict(tiny())
+    table = run.optimizer("torch.optim.AdamW", "--optimizers")
+    assert table.kind == "torch.optim.AdamW" and table.learning_rate == 1e-3
+    assert "torch.optim.AdamW" not in run.to_dict()["optimizers"]  # not part of the file
+    s = train(run, tmp_path, RunOptions(optimizer="adamw", max_steps=2, progress=False))
+    assert s["optimizer"] == "adamw" and s["optimizer_kind"] == "adamw"
+    with pytest.raises(ConfigError, match=r"^--optimizers: received 'adamq'; accepted: .*alias"):
+        run.optimizer("adamq", "--optimizers")
+
+
+def test_a_table_of_a_missing_package_loads_and_fails_only_when_used(tmp_path):
+    cfg = tiny()
+    cfg["optimizers"]["other"] = {"kind": "not_installed_pkg.Optim"}
+    run = config_from_dict(cfg)  # the other optimizers still run
+    train(run, tmp_path / "a", RunOptions(optimizer="adam", max_steps=1, progress=False))
+    with pytest.raises(ConfigError, match=r"^\[optimizers\.other\]\.kind: .*cannot be imported"):
+        run.optimizer("other")

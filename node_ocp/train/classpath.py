@@ -30,9 +30,10 @@ class ClassPathError(ValueError):
     ``key`` names the config key at fault: ``kind``, ``args`` or ``args.NAME``.
     """
 
-    def __init__(self, message: str, key: str = "kind"):
+    def __init__(self, message: str, key: str = "kind", missing: bool = False):
         super().__init__(message)
         self.key = key
+        self.missing = missing  # the class's package is not installed
 
 
 def is_class_path(kind: str) -> bool:
@@ -53,7 +54,8 @@ def resolve(kind: str) -> type:
         hint = f" ({EXTRAS[top]})" if top in EXTRAS else ""
         raise ClassPathError(
             f"received {kind!r}, but module {module_name!r} cannot be imported ({exc}){hint}; "
-            "accepted: a class path of an installed package, e.g. 'torch.optim.AdamW'"
+            "accepted: a class path of an installed package, e.g. 'torch.optim.AdamW'",
+            missing=True,
         ) from None
     cls = getattr(module, name, None)
     if cls is None:

@@ -348,6 +348,8 @@ class OptimizerConfig:
             probe = torch.nn.Parameter(torch.zeros(2, 2))
             classpath.build(self.kind, [probe], self.lr, self.args)
         except classpath.ClassPathError as exc:
+            if exc.missing:  # checked again when this optimizer is used: a config may name
+                return  # an optional package's optimizer and still run the others
             raise ConfigError(f"{where}.{exc.key}: {exc}") from None
 
     @property
@@ -397,6 +399,8 @@ class RunConfig:
     optimizers: dict[str, OptimizerConfig]
     horizon: HorizonConfig | None = None
     source: str = "<dict>"
+    #: tables made from class paths named on the command line (not part of the file)
+    adhoc: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         for name in ("task", "model", "solver", "train"):
@@ -427,19 +431,40 @@ class RunConfig:
         self.optimizer(self.train.optimizer, "[train].optimizer")
 
     def optimizer(self, name: str, where: str = "--optimizer") -> OptimizerConfig:
-        """The ``[optimizers.NAME]`` table called ``name``; a clear error for unknown names."""
+        """The ``[optimizers.NAME]`` table called ``name``, or for a name the config has no
+        table for, a table of the class path or alias ``name`` with the class's defaults
+        (``--optimizers adam,torch.optim.AdamW,soap``); a clear error for anything else.
+
+        The optimizer's package must be importable (checked here, before any run).
+        """
+        from . import classpath
+
+        if name not in self.optimizers and classpath.is_class_path(name):
+            table = OptimizerConfig(kind=name)
+            table.check(f"{where} {name}")
+            self.optimizers[name] = table
+            self.adhoc.append(name)
         if name not in self.optimizers:
             raise ConfigError(
                 f"{where}: received {name!r}; accepted: an optimizer table of "
-                f"{self.source}: {', '.join(map(repr, self.optimizers))}"
+                f"{self.source}: {', '.join(map(repr, self.optimizers))}, or a class path "
+                f"such as 'torch.optim.AdamW' (aliases: {', '.join(classpath.ALIASES)})"
             )
-        return self.optimizers[name]
+        table = self.optimizers[name]
+        if table.is_class_path:
+            try:
+                classpath.resolve(table.kind)
+            except classpath.ClassPathError as exc:
+                raise ConfigError(f"[optimizers.{name}].kind: {exc}") from None
+        return table
 
     def to_dict(self) -> dict:
         out = {
             k: dataclasses.asdict(getattr(self, k)) for k in ("task", "model", "solver", "train")
         }
-        out["optimizers"] = {k: dataclasses.asdict(v) for k, v in self.optimizers.items()}
+        out["optimizers"] = {
+            k: dataclasses.asdict(v) for k, v in self.optimizers.items() if k not in self.adhoc
+        }
         if self.horizon is not None:
             out["horizon"] = dataclasses.asdict(self.horizon)
         return out
