@@ -1,13 +1,18 @@
-"""The solver-loop table (node_ocp.ode.cost): its rows, its checks, bench_memory's section."""
+"""The solver-loop table (node_ocp.ode.cost): its rows, its checks, bench_memory's section;
+the flat state of the backward solve (node_ocp.ode.state) and a user's norm over it."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import mlp_field
 
+import node_ocp as no
 from node_ocp.models import ODEImageClassifier
 from node_ocp.ode import cost
+from node_ocp.ode.state import StateLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +65,38 @@ def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
     assert saved["rows"] == []
     assert [(r["field"], r["method"]) for r in saved["solver_loop"]] == [("conv", "rk4")]
     assert "own/floor" in capsys.readouterr().out
+
+
+def test_state_layout_round_trip_and_views():
+    layout = StateLayout([(2, 3), (), (4,), (0,)])
+    parts = [torch.randn(2, 3), torch.tensor(5.0), torch.randn(4), torch.zeros(0)]
+    flat = layout.join(parts)
+    assert flat.shape == (layout.numel,) == (11,)
+    for got, want in zip(layout.split(flat), parts):
+        assert torch.equal(got, want)
+    rows = torch.stack([flat, 2 * flat])  # (T, N) solutions split into (T, *shape) views
+    assert layout.split(rows)[0].shape == (2, 2, 3)
+    assert torch.equal(layout.part(rows, 2)[1], 2 * parts[2])
+    norm = layout.rms_norm(3)  # the empty part is skipped
+    want = max(p.pow(2).mean().sqrt() for p in parts[:3])
+    assert torch.equal(norm(flat), want)
+
+
+def test_a_users_adjoint_norm_gets_the_tuple_of_parts():
+    seen = []
+
+    def user_norm(parts):  # the own seminorm, written on the tuple (x, a, *acc)
+        seen.append(tuple(p.shape for p in parts))
+        return torch.stack([p.pow(2).mean().sqrt() for p in parts[:2]]).max()
+
+    field = mlp_field()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    kw = dict(rtol=1e-8, atol=1e-8)
+    plain = no.ODEBlock(field, (0.0, 0.7), **kw)
+    mine = no.ODEBlock(field, (0.0, 0.7), adjoint_options={"norm": user_norm}, **kw)
+    want = torch.autograd.grad(plain(x0).pow(2).sum(), list(field.parameters()))
+    got = torch.autograd.grad(mine(x0).pow(2).sum(), list(field.parameters()))
+    assert seen and seen[0] == ((4, 3), (4, 3), *(p.shape for p in field.parameters()))
+    assert plain.nfe_backward == mine.nfe_backward
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)

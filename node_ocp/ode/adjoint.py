@@ -4,7 +4,9 @@
     [x, a, q_1..q_R, ∫(∂f/∂θ)ᵀa dt  (, per-sample ∫(∂f/∂θ)ᵀq dt for dense curvature)]
 
 backward in time, one interval of the time grid at a time, re-starting ``x`` from the
-forward solution at each grid time. Memory is O(1) in the number of solver steps.
+forward solution at each grid time. Memory is O(1) in the number of solver steps. The state
+is one flat tensor (:class:`~node_ocp.ode.state.StateLayout`), so that torchdiffeq does not
+slice and re-concatenate a tuple at every evaluation.
 
 Dynamics (integrated from t_k down to t_{k-1}):
     dx/dt = f,   da/dt = -(∂f/∂x)ᵀ a,   dq_i/dt = -(∂f/∂x)ᵀ q_i,   dg/dt = -(∂f/∂θ)ᵀ a
@@ -18,109 +20,124 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .calls import FieldCall
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
+from .state import StateLayout
 
 
 class AugmentedDynamics:
-    """Right-hand side of the backward solve.
+    """Right-hand side of the backward solve, on a flat state laid out by :attr:`layout`.
+
+    The parts, in order: ``x`` and ``a`` (each shaped like the state ``(B, *feat)``), the
+    factors ``q`` ``(R, B, *feat)`` when ``rank > 0``, one accumulator per parameter (shaped
+    like it), and the per-sample integrals ``(max(R, 1), B, P)`` when ``dense``.
 
     Args:
         call: the counted field ``f(t, x)``.
         params: the field parameters whose gradient is accumulated.
+        x_shape: the shape ``(B, *feat)`` of the state.
         rank: number of attached factors R (0: plain adjoint).
         dense: integrate per-sample, per-factor parameter integrals as well.
     """
 
-    def __init__(self, call: FieldCall, params: tuple, rank: int, dense: bool):
+    def __init__(self, call: FieldCall, params: tuple, x_shape, rank: int, dense: bool):
         self.call = call
         self.params = params
         self.rank = rank
         self.dense = dense
-        self.last_t = None
+        x_shape = torch.Size(x_shape)
+        shapes = [x_shape, x_shape]
+        if rank:
+            shapes.append((rank, *x_shape))
+        shapes.extend(p.shape for p in params)
+        if dense:
+            n_par = sum(p.numel() for p in params)
+            shapes.append((max(rank, 1), x_shape[0], n_par))
+        self.layout = StateLayout(shapes)
+        self.n_x = x_shape.numel()
+        self.x_shape = x_shape
+        self.acc_start = 2 + (rank > 0)
+        self._zeros: dict[int, torch.Tensor] = {}  # flat zeros for unused parameters
 
-    def pack(self, x, a, q, acc, dense_acc) -> tuple:
-        state = [x, a]
+    @property
+    def last_t(self):
+        return self.call.last_t
+
+    def pack(self, x, a, q, acc, dense_acc) -> torch.Tensor:
+        """The parts -> one flat state ``(N,)``."""
+        parts = [x, a]
         if self.rank:
-            state.append(q)
-        state.extend(acc)
+            parts.append(q)
+        parts.extend(acc)
         if self.dense:
-            state.append(dense_acc)
-        return tuple(state)
+            parts.append(dense_acc)
+        return self.layout.join(parts)
 
-    def unpack(self, state):
-        x, a = state[0], state[1]
-        i = 2
-        q = None
-        if self.rank:
-            q = state[2]
-            i = 3
-        acc = list(state[i : i + len(self.params)])
-        dense_acc = state[-1] if self.dense else None
-        return x, a, q, acc, dense_acc
+    def unpack(self, state: torch.Tensor):
+        """A flat state ``(..., N)`` -> ``(x, a, q, acc, dense_acc)`` (views)."""
+        parts = self.layout.split(state)
+        q = parts[2] if self.rank else None
+        acc = parts[self.acc_start : self.acc_start + len(self.params)]
+        return parts[0], parts[1], q, acc, parts[-1] if self.dense else None
 
-    def norm(self, kind: str):
-        """Error norm over the tuple state: ``seminorm``, ``state`` or ``full``."""
-        keep = 2 + (self.rank > 0) if kind == "seminorm" else 2
+    def norm(self, kind: str, user=None):
+        """Error norm over the flat state: ``seminorm`` (x, a, q), ``state`` (x, a) or
+        ``full`` (every part); ``user``, a norm of the tuple of parts, replaces it."""
+        if user is not None:
+            return self.layout.tuple_norm(user)
+        n_parts = {"seminorm": self.acc_start, "state": 2}.get(kind, len(self.layout.shapes))
+        return self.layout.rms_norm(n_parts)
 
-        def _norm(state):
-            parts = state if kind == "full" else state[:keep]
-            return torch.stack([_rms(p) for p in parts]).max()
+    def _flat_zeros(self, p: torch.Tensor) -> torch.Tensor:
+        z = self._zeros.get(id(p))
+        if z is None:
+            z = self._zeros[id(p)] = p.new_zeros(p.numel())
+        return z
 
-        return _norm
-
-    def __call__(self, t: torch.Tensor, state: tuple) -> tuple:
-        self.last_t = t
-        x, a, q, acc, dense_acc = self.unpack(state)
+    def __call__(self, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        n = self.n_x
+        x, a = state[: 2 * n].view(2, *self.x_shape).unbind(0)
+        batched = self.rank > 0 or self.dense
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             f = self.call(t, xg)
             inputs = (xg, *self.params)
-            batched = self.rank > 0 or self.dense
             if not f.requires_grad:
                 grads = (None,) * len(inputs)
             elif not batched:
-                grads = torch.autograd.grad(f, inputs, a, allow_unused=True)
+                # cotangent -a: the derivatives -(∂f/∂x)ᵀa, -(∂f/∂θ)ᵀa come out signed
+                grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
             else:
                 cot = [a.unsqueeze(0)]
                 if self.rank:
-                    cot.append(q)
+                    cot.append(self.layout.part(state, 2))
                 if self.dense:
-                    cot.append(_per_sample_cotangents(q if self.rank else a.unsqueeze(0)))
+                    q = self.layout.part(state, 2) if self.rank else a.unsqueeze(0)
+                    cot.append(_per_sample_cotangents(q))
                 grads = torch.autograd.grad(
-                    f, inputs, torch.cat(cot), allow_unused=True, is_grads_batched=True
+                    f, inputs, -torch.cat(cot), allow_unused=True, is_grads_batched=True
                 )
         n_lead = 1 + self.rank
+        out = [f.reshape(-1)]
         vx = grads[0]
         if vx is None:
-            vx = x.new_zeros((n_lead, *x.shape)) if batched else torch.zeros_like(x)
-        if batched:
-            da = -vx[0]
-            dq = -vx[1:n_lead] if self.rank else None
+            out.append(state.new_zeros(n_lead * n))
         else:
-            da = -vx
-            dq = None
-        dacc = []
+            out.append((vx[:n_lead] if batched else vx).reshape(-1))
         dense_rows = []
         for p, g in zip(self.params, grads[1:]):
             if g is None:
-                dacc.append(torch.zeros_like(p))
+                out.append(self._flat_zeros(p))
                 if self.dense:
-                    rows = dense_acc.shape[0] * dense_acc.shape[1]
+                    rows = max(self.rank, 1) * self.x_shape[0]
                     dense_rows.append(p.new_zeros((rows, p.numel())))
-                continue
-            if batched:
-                dacc.append(-g[0])
+            elif batched:
+                out.append(g[0].reshape(-1))
                 if self.dense:
-                    dense_rows.append(-g[n_lead:].reshape(g.shape[0] - n_lead, -1))
+                    dense_rows.append(g[n_lead:].reshape(g.shape[0] - n_lead, -1))
             else:
-                dacc.append(-g)
-        ddense = None
+                out.append(g.reshape(-1))
         if self.dense:
-            ddense = torch.cat(dense_rows, dim=1).reshape(dense_acc.shape)
-        return self.pack(f, da, dq, dacc, ddense)
+            out.append(torch.cat(dense_rows, dim=1).reshape(-1))
+        return torch.cat(out)
 
 
 def _per_sample_cotangents(q: torch.Tensor) -> torch.Tensor:
@@ -139,8 +156,10 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
     kron = capture is not None and capture.kronecker_enabled
     dense = capture is not None and capture.dense_enabled
     call = FieldCall(block, "nfe_backward")
-    dyn = AugmentedDynamics(call, params, rank, dense)
-    norm = dyn.norm(block.adjoint_norm)
+    dyn = AugmentedDynamics(call, params, ys.shape[1:], rank, dense)
+    spec = block.adjoint_solver
+    norm = dyn.norm(block.adjoint_norm, user=spec.options.get("norm"))
+    layout = dyn.layout
 
     grad_ys = grad_ys.to(ys.dtype)
     a = grad_ys[-1]
@@ -148,36 +167,34 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
     acc = [torch.zeros_like(p) for p in params]
     dense_acc = None
     if dense:
-        batch = ys.shape[1]
-        n_par = sum(p.numel() for p in params)
-        dense_acc = ys.new_zeros((max(rank, 1), batch, n_par))
+        dense_acc = ys.new_zeros(layout.shapes[-1])
     grad_t = torch.zeros_like(grid) if need_t else None
+    state = dyn.pack(ys[-1], a, q, acc, dense_acc)
 
     for k in range(n_times - 1, 0, -1):
-        x = ys[k]
         if need_t:
             with torch.no_grad():
-                grad_t[k] = (grad_ys[k] * call(grid[k], x)).sum()
+                grad_t[k] = (grad_ys[k] * call(grid[k], ys[k])).sum()
         if kron:
             samples, weight = capture.sample_grid(grid[k], grid[k - 1], like=grid)
             times = torch.cat([grid[k : k + 1], samples, grid[k - 1 : k]])
         else:
             times = grid[[k, k - 1]]
-        state = dyn.pack(x, a, q, acc, dense_acc)
-        sol = block.solve(
-            dyn, state, times, block.adjoint_solver, "backward", norm=norm, keep_grid=True
-        )
+        sol = block.solve(dyn, state, times, spec, "backward", norm=norm, keep_grid=True)
         if kron:
-            xs = sol[0][1:-1]
-            qs = sol[2][1:-1] if rank else sol[1][1:-1].unsqueeze(1)
+            inner = sol[1:-1]  # (S, N) at the sample times
+            xs = layout.part(inner, 0)
+            qs = layout.part(inner, 2) if rank else layout.part(inner, 1).unsqueeze(1)
             block.nfe_capture += capture.accumulate_kronecker(block.field, samples, weight, xs, qs)
-        x, a, q, acc, dense_acc = dyn.unpack(tuple(s[-1] for s in sol))
+        _, a, q, acc, dense_acc = dyn.unpack(sol[-1])
         if need_t and k == 1:
             with torch.no_grad():
                 grad_t[0] = -(a * call(grid[0], ys[0])).sum()
         a = a + grad_ys[k - 1]
         if rank:
             q = q + factors[:, k - 1]
+        if k > 1:
+            state = dyn.pack(ys[k - 1], a, q, acc, dense_acc)
 
     record.input_factors = q if rank else a.unsqueeze(0)
     if dense:

@@ -15,6 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class FieldCall:
     """Wraps ``field(t, x)`` for one solve: counts evaluations, checks output, keeps last t.
 
+    The output's type, shape and dtype are checked on the first call only: within one
+    solve every call gets a state of the same shape and dtype.
+
     Args:
         block: the block whose field is called (its counter ``counter`` is incremented).
         counter: ``"nfe_forward"`` or ``"nfe_backward"``.
@@ -24,12 +27,15 @@ class FieldCall:
         self.block = block
         self.counter = counter
         self.last_t: float | None = None
+        self.checked = False
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         block = self.block
         setattr(block, self.counter, getattr(block, self.counter) + 1)
         self.last_t = t
         dx = block.field(t, x)
+        if self.checked:
+            return dx
         if not isinstance(dx, torch.Tensor):
             raise bad_type(f"field of {block.name}", dx, "a tensor f(t, x) shaped like x")
         if dx.shape != x.shape or dx.dtype != x.dtype:
@@ -38,4 +44,5 @@ class FieldCall:
                 f"{dx.dtype} for a state of shape {tuple(x.shape)} and dtype {x.dtype}; "
                 "accepted: an output with exactly the shape and dtype of the state x."
             )
+        self.checked = True
         return dx

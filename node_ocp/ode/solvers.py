@@ -49,13 +49,15 @@ class SolverSpec:
     def odeint_options(self, norm: Callable | None = None, keep_grid: bool = False) -> dict:
         """Options for ``torchdiffeq.odeint``.
 
-        ``norm`` replaces the error norm of adaptive methods (tuple states). ``keep_grid``
+        ``norm`` replaces the error norm of adaptive methods (and any ``norm`` in the
+        options: the backward solve passes one for its flat state, built from the user's
+        norm of the tuple of parts where one was given). ``keep_grid``
         asks a fixed-grid method without a ``step_size`` to step only between the first and
         last requested time, so that extra output times (the curvature sample grid) are
         interpolated and never change the steps taken.
         """
         opts = dict(self.options)
-        if self.adaptive and norm is not None and "norm" not in opts:
+        if self.adaptive and norm is not None:
             opts["norm"] = norm
         if (
             keep_grid
