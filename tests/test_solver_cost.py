@@ -33,8 +33,14 @@ def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
     assert row["own_over_floor"] == pytest.approx(per["own"] / per["floor"])
     assert row["own_over_torchdiffeq"] == pytest.approx(per["own"] / per["torchdiffeq"])
     assert row["torchdiffeq_over_floor"] == pytest.approx(per["torchdiffeq"] / per["floor"])
+    # repeats=1: the phases add up to the step; the backward ratios are of that phase alone
+    for v in cost.VARIANTS:
+        assert row[f"{v}_forward_s"] + row[f"{v}_backward_s"] == pytest.approx(row[f"{v}_s"])
+    bwd = {v: row[f"{v}_backward_s"] / nfe[v][1] for v in cost.VARIANTS}
+    assert row["backward_own_over_floor"] == pytest.approx(bwd["own"] / bwd["floor"])
+    assert row["backward_own_over_torchdiffeq"] == pytest.approx(bwd["own"] / bwd["torchdiffeq"])
     text = cost.format_solver_loop([row])
-    assert text.splitlines()[1].startswith(f"mlp   {method}")
+    assert text.splitlines()[2].startswith(f"mlp   {method}")
 
 
 def test_conv_field_is_the_image_classifiers_field():

@@ -15,10 +15,12 @@ in a rotating order; medians over repeats):
   (``gradient="torchdiffeq"``),
 
 and reports each as seconds per NFE (forward + backward evaluations of that step) and the
-ratios own/floor, own/torchdiffeq and torchdiffeq/floor. :func:`format_solver_loop` prints
-the rows. Fields: ``"mlp"`` (concat-squash MLP 2-64-64-2, softplus, batch 256) and
-``"conv"`` (the vector field of :class:`~node_ocp.models.ODEImageClassifier`, 8x8 images,
-batch 64); methods: ``"dopri5"`` (rtol 1e-3, atol 1e-4) and ``"rk4"`` (step 0.1), horizon 1.
+ratios own/floor, own/torchdiffeq and torchdiffeq/floor, for the whole step and for its
+backward phase alone (the forward solve of the own adjoint is a plain ``torchdiffeq.odeint``).
+:func:`format_solver_loop` prints the rows. Fields: ``"mlp"`` (concat-squash MLP
+2-64-64-2, softplus, batch 256) and ``"conv"`` (the vector field of
+:class:`~node_ocp.models.ODEImageClassifier`, 8 channels, 8x8 images, batch 64); methods:
+``"dopri5"`` (rtol 1e-3, atol 1e-4) and ``"rk4"`` (step 0.1); horizon 1; float32.
 """
 
 from __future__ import annotations
@@ -125,8 +127,8 @@ class _Case:
         for p in self.params:
             p.grad = None
 
-    def run(self, variant: str) -> float:
-        """One step of ``variant``; returns its seconds."""
+    def run(self, variant: str) -> tuple[float, float]:
+        """One step of ``variant``; returns the seconds of its forward and backward phases."""
         self._clear()
         _sync(self.device)
         start = time.perf_counter()
@@ -135,17 +137,22 @@ class _Case:
             with torch.no_grad():
                 for t, x in self.forward_points:
                     field(t, x)
+            _sync(self.device)
+            middle = time.perf_counter()
             for t, x, v in self.backward_points:
                 torch.autograd.grad(field(t, x), (x, *params), v)
         else:
             block = self.blocks[variant]
             block.reset_nfe()
-            _loss(block(self.x0), self.target).backward()
+            loss = _loss(block(self.x0), self.target)
+            _sync(self.device)
+            middle = time.perf_counter()
+            loss.backward()
         _sync(self.device)
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         if variant != "floor":
             self.nfe[variant] = (block.nfe_forward, block.nfe_backward)
-        return seconds
+        return middle - start, end - middle
 
 
 def solver_loop_table(
@@ -167,9 +174,13 @@ def solver_loop_table(
     Returns:
         A list of dicts, one per (field, method), with ``field``, ``method``, ``repeats``,
         for each variant ``v`` in :data:`VARIANTS`: ``{v}_s`` (median seconds per step),
-        ``{v}_s_per_nfe``, ``{v}_nfe_forward``, ``{v}_nfe_backward``; and the ratios of
+        ``{v}_forward_s`` and ``{v}_backward_s`` (medians of its two phases: the forward
+        solve, or the floor's forward evaluations; then ``loss.backward()``, or the floor's
+        VJPs), ``{v}_s_per_nfe``, ``{v}_nfe_forward``, ``{v}_nfe_backward``; the ratios of
         seconds per NFE ``own_over_floor``, ``own_over_torchdiffeq``,
-        ``torchdiffeq_over_floor``.
+        ``torchdiffeq_over_floor``; and those of the backward phase alone (per backward
+        NFE), ``backward_own_over_floor`` and ``backward_own_over_torchdiffeq``, where the
+        own adjoint differs from a plain ``torchdiffeq.odeint`` forward solve.
     """
     if isinstance(fields, str) or not isinstance(fields, Sequence):
         raise bad_type("fields", fields, f"a sequence of names from {tuple(FIELDS)}")
@@ -186,7 +197,7 @@ def solver_loop_table(
     for field_name in fields:
         for method in methods:
             case = _Case(field_name, method, device, seed)
-            times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
             for v in VARIANTS:  # warm-up
                 case.run(v)
             for r in range(repeats):
@@ -194,34 +205,41 @@ def solver_loop_table(
                 for v in VARIANTS[k:] + VARIANTS[:k]:
                     times[v].append(case.run(v))
             row: dict = {"field": field_name, "method": method, "repeats": repeats}
-            per_nfe = {}
+            per_nfe, per_bwd = {}, {}
             for v in VARIANTS:
                 nf, nb = case.nfe[v]
-                row[f"{v}_s"] = statistics.median(times[v])
+                row[f"{v}_s"] = statistics.median(f + b for f, b in times[v])
+                row[f"{v}_forward_s"] = statistics.median(f for f, _ in times[v])
+                row[f"{v}_backward_s"] = statistics.median(b for _, b in times[v])
                 per_nfe[v] = row[f"{v}_s"] / max(nf + nb, 1)
+                per_bwd[v] = row[f"{v}_backward_s"] / max(nb, 1)
                 row[f"{v}_s_per_nfe"] = per_nfe[v]
                 row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"] = nf, nb
             row["own_over_floor"] = per_nfe["own"] / per_nfe["floor"]
             row["own_over_torchdiffeq"] = per_nfe["own"] / per_nfe["torchdiffeq"]
             row["torchdiffeq_over_floor"] = per_nfe["torchdiffeq"] / per_nfe["floor"]
+            row["backward_own_over_floor"] = per_bwd["own"] / per_bwd["floor"]
+            row["backward_own_over_torchdiffeq"] = per_bwd["own"] / per_bwd["torchdiffeq"]
             rows.append(row)
     return rows
 
 
 def format_solver_loop(rows: list[dict]) -> str:
-    """The rows of :func:`solver_loop_table` as a text table (µs per NFE, NFE f+b, ratios)."""
+    """The rows of :func:`solver_loop_table` as a text table: µs per NFE, the ratios of the
+    whole step and of its backward phase, and the NFE (forward+backward) of each variant."""
     head = (
-        f"{'field':<5} {'method':<6} {'floor us/nfe':>12} {'own us/nfe':>10} "
-        f"{'tdq us/nfe':>10} {'own/floor':>9} {'own/tdq':>7} {'tdq/floor':>9}  "
-        f"{'nfe f+b floor / own / tdq':<28}"
+        f"{'field':<5} {'method':<6} {'floor':>7} {'own':>7} {'tdq':>7} "
+        f"{'own/floor':>9} {'own/tdq':>7} {'tdq/floor':>9} {'bwd own/floor':>13} "
+        f"{'bwd own/tdq':>11}  nfe f+b floor / own / tdq"
     )
-    lines = [head]
+    lines = [f"{'':<12} {'us per NFE':^23}", head]
     for r in rows:
         nfe = " / ".join(f"{r[f'{v}_nfe_forward']}+{r[f'{v}_nfe_backward']}" for v in VARIANTS)
         lines.append(
-            f"{r['field']:<5} {r['method']:<6} {1e6 * r['floor_s_per_nfe']:>12.1f} "
-            f"{1e6 * r['own_s_per_nfe']:>10.1f} {1e6 * r['torchdiffeq_s_per_nfe']:>10.1f} "
+            f"{r['field']:<5} {r['method']:<6} {1e6 * r['floor_s_per_nfe']:>7.1f} "
+            f"{1e6 * r['own_s_per_nfe']:>7.1f} {1e6 * r['torchdiffeq_s_per_nfe']:>7.1f} "
             f"{r['own_over_floor']:>9.3f} {r['own_over_torchdiffeq']:>7.3f} "
-            f"{r['torchdiffeq_over_floor']:>9.3f}  {nfe:<28}"
+            f"{r['torchdiffeq_over_floor']:>9.3f} {r['backward_own_over_floor']:>13.3f} "
+            f"{r['backward_own_over_torchdiffeq']:>11.3f}  {nfe}"
         )
     return "\n".join(lines)
