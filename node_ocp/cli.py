@@ -30,6 +30,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"received {text!r}; accepted: an int >= 0") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"received {v}; accepted: an int >= 0")
+    return v
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -181,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="JSON output (default: runs/bench-<config name>.json)"
     )
     b.add_argument(
+        "--solver-loop",
+        type=_nonneg_int,
+        default=15,
+        metavar="REPEATS",
+        help="repeats of the solver-loop table (own adjoint vs floor vs torchdiffeq per NFE; "
+        "0: skip it)",
+    )
+    b.add_argument(
         "--force",
         action="store_true",
         help="replace --out even when it is not an earlier bench output (default: off)",
@@ -285,6 +303,7 @@ def run(args) -> int:
             memory=not args.no_memory,
             out=args.out or f"runs/bench-{_stem(args.config)}.json",
             force=args.force,
+            solver_loop=args.solver_loop,
         )
         return 0
     from .train.loop import RunError

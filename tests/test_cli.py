@@ -186,10 +186,14 @@ def test_compare_writes_report_figures_and_picks_lrs(tmp_path, cfg_path, capsys)
 
 def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", str(cfg_path), "--steps", "7", "--out", str(out)]) == 0
+    argv = ["bench", str(cfg_path), "--steps", "7", "--out", str(out), "--solver-loop", "1"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "ratios to adam" in printed and "ocnopt" in printed
     result = json.loads(out.read_text())
+    loop = {(r["field"], r["method"]) for r in result["solver_loop"]}
+    assert loop == {("mlp", "dopri5"), ("mlp", "rk4"), ("conv", "dopri5"), ("conv", "rk4")}
+    assert "solver loop" in printed and "own/floor" in printed
     rows = result["optimizers"]
     assert rows["adam"]["amortized_ratio"] == pytest.approx(1.0)
     assert rows["ocnopt"]["refresh_s"] is not None and rows["ocnopt"]["step_s"] is not None
@@ -219,6 +223,7 @@ def test_bench_without_adam_uses_the_config_s_adam_and_checks_out_first(tmp_path
     assert msg.startswith("node-ocp: error: --out: cannot write to")
     out = tmp_path / "b.json"
     args = ["bench", str(cfg_path), "--optimizers", "ocnopt", "--steps", "4", "--out", str(out)]
+    args += ["--solver-loop", "0"]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["baseline"] == "adam" and set(result["optimizers"]) == {"adam", "ocnopt"}

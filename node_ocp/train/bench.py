@@ -45,8 +45,13 @@ def bench(
     memory: bool = True,
     out=None,
     force: bool = False,
+    solver_loop: int = 0,
 ) -> dict:
     """Measure and print the figures; save them as JSON to ``out`` when given.
+
+    ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.cost.
+    solver_loop_table`: time per NFE of the own adjoint against the floor and torchdiffeq's
+    ``odeint_adjoint``, MLP and conv fields, dopri5 and rk4), 0 to skip it.
 
     ``out`` may replace an earlier ``bench`` output; any other existing file only with
     ``force``.
@@ -173,6 +178,10 @@ def bench(
         "memory_method": meter.method if meter is not None else None,
         "optimizers": rows,
     }
+    if solver_loop:
+        from ..ode.cost import solver_loop_table
+
+        result["solver_loop"] = solver_loop_table(repeats=solver_loop, device=dev)
     print(format_bench(result))
     if out is not None:
         path = atomic_write_json(out, result)
@@ -204,6 +213,15 @@ def format_bench(result: dict) -> str:
             f"memory: optimizer state + the step's transient peak ({result['memory_method']}); "
             f"ratios to {base}'s plain step"
         )
+    if result.get("solver_loop"):
+        from ..ode.cost import format_solver_loop
+
+        lines += [
+            "",
+            "solver loop: a step's time per NFE against the floor (the field's evaluations "
+            "and VJPs alone) and torchdiffeq's odeint_adjoint, interleaved",
+            format_solver_loop(result["solver_loop"]),
+        ]
     return "\n".join(lines)
 
 
