@@ -20,6 +20,7 @@ timed interleaved in this process; ``--solver-loop-only`` skips the memory rows.
 
     python experiments/bench_memory.py [--steps 10 40 160] [--out runs/bench_memory.json]
     python experiments/bench_memory.py --solver-loop-only [--solver-loop-repeats 15]
+        [--solver-loop-clock wall|process]
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--solver-loop-repeats", type=int, default=15, help="interleaved repeats")
     p.add_argument(
+        "--solver-loop-clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="wall time, or CPU time of the process (steadier on a shared CPU)",
+    )
+    p.add_argument(
         "--solver-loop-fields", nargs="+", default=["mlp", "conv"], help="fields (mlp, conv)"
     )
     p.add_argument(
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             methods=args.solver_loop_methods,
             repeats=args.solver_loop_repeats,
             device=args.device,
+            clock=args.solver_loop_clock,
         )
         print("solver loop (seconds per NFE of one training step; floor = field evaluations")
         print("and VJPs at the same points, no solver; interleaved, medians over repeats):")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
     (row,) = cost.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
-    assert (row["field"], row["method"], row["repeats"]) == ("mlp", method, 1)
+    assert (row["field"], row["method"], row["repeats"], row["clock"]) == ("mlp", method, 1, "wall")
     nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in cost.VARIANTS}
     # the floor replays the points of the own adjoint; torchdiffeq takes the same steps
     assert nfe["floor"] == nfe["own"] == nfe["torchdiffeq"]
@@ -55,6 +55,8 @@ def test_bad_arguments_are_named():
         cost.solver_loop_table(methods="rk4")
     with pytest.raises(ValueError, match="repeats: received 0"):
         cost.solver_loop_table(repeats=0)
+    with pytest.raises(ValueError, match="clock: received 'cpu'; accepted: one of 'wall'"):
+        cost.solver_loop_table(clock="cpu")
 
 
 def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
@@ -66,10 +68,13 @@ def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--solver-loop-only", "--solver-loop-repeats", "1", "--out", str(out)]
     argv += ["--solver-loop-fields", "conv", "--solver-loop-methods", "rk4", "--device", "cpu"]
+    argv += ["--solver-loop-clock", "process"]
     module.main(argv)
     saved = json.loads(out.read_text())
     assert saved["rows"] == []
-    assert [(r["field"], r["method"]) for r in saved["solver_loop"]] == [("conv", "rk4")]
+    assert [(r["field"], r["method"], r["clock"]) for r in saved["solver_loop"]] == [
+        ("conv", "rk4", "process")
+    ]
     assert "own/floor" in capsys.readouterr().out
 
 

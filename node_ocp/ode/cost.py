@@ -45,6 +45,10 @@ SOLVERS: dict[str, dict] = {
 }
 #: The timed variants, in the order of a repeat's rotation.
 VARIANTS: tuple[str, ...] = ("floor", "own", "torchdiffeq")
+#: Clocks: ``"wall"`` (``time.perf_counter``) or ``"process"`` (``time.process_time``, the
+#: CPU time of this process: on a CPU shared with other jobs it leaves out the time spent
+#: waiting for a core; meaningless for work queued on a GPU).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def mlp_field(dim: int = 2, hidden: int = 64) -> nn.Module:
@@ -100,7 +104,10 @@ def _sync(device: torch.device) -> None:
 class _Case:
     """One (field, method): the blocks, the data and the recorded points of one step."""
 
-    def __init__(self, field_name: str, method: str, device: torch.device, seed: int):
+    def __init__(
+        self, field_name: str, method: str, device: torch.device, seed: int, clock=time.perf_counter
+    ):
+        self.clock = clock
         build, shape = FIELDS[field_name]
         torch.manual_seed(seed)
         self.field = build().to(device)
@@ -131,14 +138,15 @@ class _Case:
         """One step of ``variant``; returns the seconds of its forward and backward phases."""
         self._clear()
         _sync(self.device)
-        start = time.perf_counter()
+        clock = self.clock
+        start = clock()
         if variant == "floor":
             field, params = self.field, self.params
             with torch.no_grad():
                 for t, x in self.forward_points:
                     field(t, x)
             _sync(self.device)
-            middle = time.perf_counter()
+            middle = clock()
             for t, x, v in self.backward_points:
                 torch.autograd.grad(field(t, x), (x, *params), v)
         else:
@@ -146,10 +154,10 @@ class _Case:
             block.reset_nfe()
             loss = _loss(block(self.x0), self.target)
             _sync(self.device)
-            middle = time.perf_counter()
+            middle = clock()
             loss.backward()
         _sync(self.device)
-        end = time.perf_counter()
+        end = clock()
         if variant != "floor":
             self.nfe[variant] = (block.nfe_forward, block.nfe_backward)
         return middle - start, end - middle
@@ -161,6 +169,7 @@ def solver_loop_table(
     repeats: int = 15,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    clock: str = "wall",
 ) -> list[dict]:
     """Time the floor, the own adjoint and torchdiffeq's adjoint; one row per (field, method).
 
@@ -170,6 +179,7 @@ def solver_loop_table(
         repeats: timed steps of each variant (after one warm-up step of each), interleaved.
         device: where the fields run (float32).
         seed: seed of the field's initialisation and of the data.
+        clock: ``"wall"`` or ``"process"`` (see :data:`CLOCKS`; ``"wall"`` on a GPU).
 
     Returns:
         A list of dicts, one per (field, method), with ``field``, ``method``, ``repeats``,
@@ -192,11 +202,14 @@ def solver_loop_table(
         check_choice("methods[...]", name, tuple(SOLVERS))
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise bad_value("repeats", repeats, "an int >= 1")
+    check_choice("clock", clock, tuple(CLOCKS))
     device = torch.device(device)
+    if clock == "process" and device.type != "cpu":
+        raise bad_value("clock", clock, "'wall' on a GPU (CPU time misses queued GPU work)")
     rows = []
     for field_name in fields:
         for method in methods:
-            case = _Case(field_name, method, device, seed)
+            case = _Case(field_name, method, device, seed, CLOCKS[clock])
             times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
             for v in VARIANTS:  # warm-up
                 case.run(v)
@@ -204,7 +217,12 @@ def solver_loop_table(
                 k = r % len(VARIANTS)
                 for v in VARIANTS[k:] + VARIANTS[:k]:
                     times[v].append(case.run(v))
-            row: dict = {"field": field_name, "method": method, "repeats": repeats}
+            row: dict = {
+                "field": field_name,
+                "method": method,
+                "repeats": repeats,
+                "clock": clock,
+            }
             per_nfe, per_bwd = {}, {}
             for v in VARIANTS:
                 nf, nb = case.nfe[v]
