@@ -22,6 +22,21 @@ def test_quickstart_main_runs(capsys):
     assert "Adam, plain adjoint" in out and "OCNOpt (ekfac)" in out
     assert result["captured"]["capture"].kronecker  # factors were gathered
     assert result["captured"]["refresh_step_time"] is not None
+    assert "Measured:" in out and result["plain"]["steps"] <= 6
+
+
+def test_quickstart_conclusion_states_what_was_measured():
+    conclusion = _load("quickstart").conclusion
+    adam = {"reached": (100, 20.0), "time_per_step": 0.2, "best_acc": 0.96, "steps": 100}
+    ocn = {"reached": (40, 10.0), "time_per_step": 0.25, "best_acc": 0.97, "steps": 40}
+    text = conclusion(adam, ocn, 0.95)
+    assert (
+        "in 40 steps against Adam's 100" in text and "0.50x Adam's training time (faster)" in text
+    )
+    slow = dict(ocn, reached=None, best_acc=0.6, steps=300)
+    assert conclusion(adam, slow, 0.95).startswith("Measured: only Adam reached 0.95")
+    none = conclusion(dict(adam, reached=None, lr=0.01), slow, 0.95)
+    assert "neither reached 0.95" in none and "OCNOpt 0.600" in none
 
 
 def test_bench_memory_main_runs(tmp_path):
