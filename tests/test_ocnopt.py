@@ -661,3 +661,55 @@ def test_standard_ekfac_baseline_takes_one_statistic_per_solver_evaluation():
     assert float(0.5 * (model(x) - t).pow(2).sum(1).mean()) < before
     with pytest.raises(ValueError, match="time_joint"):
         no.OCNOpt(nn.Sequential(no.ODEBlock(mlp_field(3, 6)), nn.Linear(3, 2)), time_joint=False)
+
+
+def test_standard_ekfac_factors_of_one_rk4_step_equal_a_hand_computation():
+    """One rk4 step (torchdiffeq's 3/8 rule) of f(x) = tanh(W x + b), written out by hand:
+    A = Σ_s [u_s, 1][u_s, 1]ᵀ / (4N) over the four stage inputs, B = 4N Σ_s g_s g_sᵀ with
+    g_s the gradient of the mean loss at the stage's pre-activation W u_s + b."""
+
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, t, x):
+            return torch.tanh(self.lin(x))
+
+    torch.manual_seed(3)
+    field = Field().double()
+    block = no.ODEBlock(field, (0.0, 1.0), method="rk4", options=dict(step_size=1.0))
+    block.gradient = "direct"
+    head = nn.Linear(3, 2).double()
+    model = nn.Sequential(block, head)
+    opt = no.OCNOpt(model, curvature="kfac", time_joint=False)
+    n = 5
+    x0, y = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+    opt.zero_grad()
+    loss = 0.5 * (model(x0) - y).pow(2).sum(1).mean()
+    opt.backward(loss)
+    (stats,) = [s for s in opt._collector.statistics() if s.unit is opt._units.outside[field.lin]]
+
+    w, b = field.lin.weight.detach(), field.lin.bias.detach()
+    pre, inputs = [], []
+
+    def f(u):
+        inputs.append(u.detach())
+        z = u @ w.T + b
+        z.retain_grad()
+        pre.append(z)
+        return torch.tanh(z)
+
+    u0 = x0.clone().requires_grad_(True)  # a graph through the stages
+    k1 = f(u0)
+    k2 = f(u0 + k1 / 3)
+    k3 = f(u0 + (k2 - k1 / 3))
+    k4 = f(u0 + (k1 - k2 + k3))
+    x1 = u0 + (k1 + 3 * (k2 + k3) + k4) / 8
+    out = x1 @ head.weight.detach().T + head.bias.detach()
+    (0.5 * (out - y).pow(2).sum(1).mean()).backward()
+    rows = torch.cat([torch.cat([u, torch.ones(n, 1, dtype=u.dtype)], 1) for u in inputs])
+    grads = torch.cat([z.grad for z in pre])
+    assert block.nfe_forward == 4
+    torch.testing.assert_close(stats.A, rows.T @ rows / (4 * n), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(stats.B, grads.T @ grads * (4 * n), rtol=1e-10, atol=1e-14)
