@@ -22,8 +22,8 @@ def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
     (row,) = cost.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
     assert (row["field"], row["method"], row["repeats"], row["clock"]) == ("mlp", method, 1, "wall")
     nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in cost.VARIANTS}
-    # the floor replays the points of the own adjoint; torchdiffeq takes the same steps
-    assert nfe["floor"] == nfe["own"] == nfe["torchdiffeq"]
+    # the floor and the solver replay the own adjoint's step; torchdiffeq takes the same steps
+    assert nfe["floor"] == nfe["solver"] == nfe["own"] == nfe["torchdiffeq"]
     if method == "rk4":  # step 0.1 over [0, 1], 4 evaluations per step
         assert nfe["own"] == (40, 40)
     for v in cost.VARIANTS:
@@ -39,6 +39,9 @@ def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
     bwd = {v: row[f"{v}_backward_s"] / nfe[v][1] for v in cost.VARIANTS}
     assert row["backward_own_over_floor"] == pytest.approx(bwd["own"] / bwd["floor"])
     assert row["backward_own_over_torchdiffeq"] == pytest.approx(bwd["own"] / bwd["torchdiffeq"])
+    bound = per["floor"] + per["solver"]
+    assert row["floor_plus_solver_over_floor"] == pytest.approx(bound / per["floor"])
+    assert row["own_over_floor_plus_solver"] == pytest.approx(per["own"] / bound)
     text = cost.format_solver_loop([row])
     assert text.splitlines()[2].startswith(f"mlp   {method}")
 
