@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             clock=args.solver_loop_clock,
         )
-        print("solver loop (seconds per NFE of one training step; floor = field evaluations")
-        print("and VJPs at the same points, no solver; interleaved, medians over repeats):")
+        print(
+            f"solver loop: one training step per NFE, {args.solver_loop_clock} clock, "
+            f"interleaved, medians over {args.solver_loop_repeats} repeats"
+        )
         print(format_solver_loop(result["solver_loop"]))
     print(f"saved {atomic_write_json(args.out, result)}")
     return result
