@@ -92,3 +92,19 @@ def test_horizon_modes_and_errors():
     new = h.step()
     assert new == pytest.approx(max(1.0 - 0.1 * (g + 1.0), 0.2))
     assert all(p is not block.t for p in block.parameters())
+
+
+def test_load_state_dict_refuses_another_model_s_snapshots():
+    def controller(width):
+        field = mlp_field(2, width)
+        block = no.ODEBlock(field, (0.0, 1.0))
+        return no.HorizonOptimizer(block, field.parameters(), lr=0.1, penalty=0.01)
+
+    saved = controller(8).state_dict()
+    with pytest.raises(ValueError) as err:
+        controller(16).load_state_dict(saved)
+    text = str(err.value)
+    assert text.startswith("state_dict: received") and "parameter #0" in text
+    first = tuple(next(mlp_field(2, 16).parameters()).shape)
+    assert f"accepted: shape {first}" in text
+    controller(8).load_state_dict(saved)  # the same model loads

@@ -713,3 +713,27 @@ def test_standard_ekfac_factors_of_one_rk4_step_equal_a_hand_computation():
     assert block.nfe_forward == 4
     torch.testing.assert_close(stats.A, rows.T @ rows / (4 * n), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(stats.B, grads.T @ grads * (4 * n), rtol=1e-10, atol=1e-14)
+
+
+def test_load_state_dict_names_the_parameter_whose_shape_differs():
+    def model(width):
+        torch.manual_seed(0)
+        return nn.Sequential(no.ODEBlock(mlp_field(3, width)), nn.Linear(3, 2)).double()
+
+    small, wide = model(16), model(32)
+    opt = no.OCNOpt(small)
+    x, t = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ocnopt_step(opt, lambda: ((0.5 * (small(x) - t).pow(2).sum(1).mean()), None))
+    saved = opt.state_dict()
+    with pytest.raises(ValueError) as err:
+        no.OCNOpt(wide).load_state_dict(saved)
+    text = str(err.value)
+    shapes = {n: p.shape for n, p in small.named_parameters()}
+    name = next(n for n, p in wide.named_parameters() if p.shape != shapes[n])
+    assert text.startswith('state_dict: received "parameter') and f"'{name}'" in text
+    assert "accepted: shape (32, 3)" in text
+    assert "\n" not in text
+    old = {**saved, "ocnopt": {k: v for k, v in saved["ocnopt"].items() if k != "param_shapes"}}
+    with pytest.raises(ValueError, match='state_dict: received "parameter'):
+        no.OCNOpt(wide).load_state_dict(old)  # older state dicts: the momentum buffers tell
+    no.OCNOpt(model(16)).load_state_dict(saved)  # the same model loads

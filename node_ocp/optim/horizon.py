@@ -187,6 +187,21 @@ class HorizonOptimizer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        prev = state.get("prev", [])
+        if len(prev) != len(self._prev):
+            raise bad_value(
+                "state_dict",
+                f"{len(prev)} parameter snapshots",
+                f"the {len(self._prev)} parameters of this controller (another model?)",
+            )
+        for i, (mine, saved) in enumerate(zip(self._prev, prev)):
+            if tuple(mine.shape) != tuple(saved.shape):
+                raise bad_value(
+                    "state_dict",
+                    f"the snapshot of parameter #{i} (of params) with shape {tuple(saved.shape)}",
+                    f"shape {tuple(mine.shape)} (this model's; the state comes from another "
+                    "model or width)",
+                )
         self.steps = int(state["steps"])
         self.avg = dict(state["avg"])
         with torch.no_grad():

@@ -1029,8 +1029,35 @@ class OCNOpt(torch.optim.Optimizer):
             "last_adaptation": None
             if self.last_adaptation is None
             else self.last_adaptation.as_dict(),
+            "param_shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
         }
         return sd
+
+    def _check_shapes(self, extra: dict, state: dict) -> None:
+        """The saved parameters' shapes against this model's; the first that differs named."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        names = {p: n for n, p in self.model.named_parameters()}
+        saved = extra.get("param_shapes")
+        if saved is None:  # an older state dict: the param-shaped buffers tell
+            saved = [None] * len(params)
+            for i, st in state.get("state", {}).items():
+                for key in ("direction_buffer", "previous_update"):
+                    if key in st and int(i) < len(saved):
+                        saved[int(i)] = list(st[key].shape)
+        if len(saved) != len(params):
+            raise bad_value(
+                "state_dict",
+                f"{len(saved)} parameters",
+                f"the {len(params)} parameters of this optimizer (another model?)",
+            )
+        for p, shape in zip(params, saved):
+            if shape is not None and list(p.shape) != list(shape):
+                raise bad_value(
+                    "state_dict",
+                    f"parameter {names.get(p, '?')!r} of shape {tuple(shape)}",
+                    f"shape {tuple(p.shape)}, this model's (the state comes from another "
+                    "model or width)",
+                )
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
@@ -1045,6 +1072,7 @@ class OCNOpt(torch.optim.Optimizer):
                 f"curvature={extra['curvature']!r}",
                 f"the curvature of this optimizer ({self.curvature!r})",
             )
+        self._check_shapes(extra, state_dict)
         super().load_state_dict(state_dict)
         self._step = int(extra["step"])
         self.skipped_steps = int(extra["skipped_steps"])
