@@ -114,3 +114,33 @@ def test_a_users_adjoint_norm_gets_the_tuple_of_parts():
     assert plain.nfe_backward == mine.nfe_backward
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_time_options_keep_torchdiffeqs_reversal_and_results():
+    field = mlp_field()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    kw = dict(rtol=1e-10, atol=1e-10)
+    mine = no.ODEBlock(field, (0.0, 0.7), **kw)  # the backward solve reversed by the block
+    step_t = torch.tensor([0.35], dtype=torch.float64)
+    theirs = no.ODEBlock(field, (0.0, 0.7), adjoint_options={"step_t": step_t}, **kw)
+    want = torch.autograd.grad(mine(x0).pow(2).sum(), list(field.parameters()))
+    got = torch.autograd.grad(theirs(x0).pow(2).sum(), list(field.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)  # other steps, same answer
+
+
+def test_a_failing_backward_solve_names_the_true_times():
+    class NanInBackward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, t, x):
+            return self.w * x * (float("nan") if torch.is_grad_enabled() else 1.0)
+
+    block = no.ODEBlock(
+        NanInBackward(), (0.0, 0.5), method="rk4", options={"step_size": 0.1}, name="nan block"
+    )
+    out = block(torch.randn(3, 2))
+    with pytest.raises(no.SolverError, match=r"nan block: in the backward solve.*at t=0\b"):
+        out.sum().backward()

@@ -36,10 +36,23 @@ class AugmentedDynamics:
         x_shape: the shape ``(B, *feat)`` of the state.
         rank: number of attached factors R (0: plain adjoint).
         dense: integrate per-sample, per-factor parameter integrals as well.
+        reverse: called with ``s = -t`` and returning the derivative in ``s`` (the solver
+            then steps forward in ``s``). This is what ``torchdiffeq.odeint`` does itself for
+            decreasing times, but the sign is folded into the cotangent here, saving a pass
+            over the whole state at every evaluation; the steps and values are the same.
     """
 
-    def __init__(self, call: FieldCall, params: tuple, x_shape, rank: int, dense: bool):
+    def __init__(
+        self,
+        call: FieldCall,
+        params: tuple,
+        x_shape,
+        rank: int,
+        dense: bool,
+        reverse: bool = False,
+    ):
         self.call = call
+        self.reverse = reverse
         self.params = params
         self.rank = rank
         self.dense = dense
@@ -96,15 +109,16 @@ class AugmentedDynamics:
         n = self.n_x
         x, a = state[: 2 * n].view(2, *self.x_shape).unbind(0)
         batched = self.rank > 0 or self.dense
+        reverse = self.reverse
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            f = self.call(t, xg)
+            f = self.call(-t if reverse else t, xg)
             inputs = (xg, *self.params)
             if not f.requires_grad:
                 grads = (None,) * len(inputs)
             elif not batched:
-                # cotangent -a: the derivatives -(∂f/∂x)ᵀa, -(∂f/∂θ)ᵀa come out signed
-                grads = torch.autograd.grad(f, inputs, -a, allow_unused=True)
+                # cotangent -a (+a in reversed time): -(∂f/∂x)ᵀa, -(∂f/∂θ)ᵀa come out signed
+                grads = torch.autograd.grad(f, inputs, a if reverse else -a, allow_unused=True)
             else:
                 cot = [a.unsqueeze(0)]
                 if self.rank:
@@ -112,11 +126,12 @@ class AugmentedDynamics:
                 if self.dense:
                     q = self.layout.part(state, 2) if self.rank else a.unsqueeze(0)
                     cot.append(_per_sample_cotangents(q))
+                cot = torch.cat(cot)
                 grads = torch.autograd.grad(
-                    f, inputs, -torch.cat(cot), allow_unused=True, is_grads_batched=True
+                    f, inputs, cot if reverse else -cot, allow_unused=True, is_grads_batched=True
                 )
         n_lead = 1 + self.rank
-        out = [f.reshape(-1)]
+        out = [(-f if reverse else f).reshape(-1)]
         vx = grads[0]
         if vx is None:
             out.append(state.new_zeros(n_lead * n))
@@ -147,6 +162,10 @@ def _per_sample_cotangents(q: torch.Tensor) -> torch.Tensor:
     return (q.unsqueeze(2) * eye).reshape(r * b, b, *q.shape[2:])
 
 
+#: Solver options that hold times (torchdiffeq flips or wraps them for decreasing times).
+_TIME_OPTIONS = ("step_t", "jump_t", "grid_constructor")
+
+
 def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
     """Backward solve of one block call. Returns ``(grad_x0, grad_t, *grad_params)``."""
     n_times = grid.numel()
@@ -156,8 +175,10 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
     kron = capture is not None and capture.kronecker_enabled
     dense = capture is not None and capture.dense_enabled
     call = FieldCall(block, "nfe_backward")
-    dyn = AugmentedDynamics(call, params, ys.shape[1:], rank, dense)
     spec = block.adjoint_solver
+    # backward in time (an increasing grid): solve forward in s = -t, like odeint would
+    reverse = bool(grid[0] < grid[-1]) and not any(k in spec.options for k in _TIME_OPTIONS)
+    dyn = AugmentedDynamics(call, params, ys.shape[1:], rank, dense, reverse=reverse)
     norm = dyn.norm(block.adjoint_norm, user=spec.options.get("norm"))
     layout = dyn.layout
 
@@ -180,7 +201,9 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
             times = torch.cat([grid[k : k + 1], samples, grid[k - 1 : k]])
         else:
             times = grid[[k, k - 1]]
-        sol = block.solve(dyn, state, times, spec, "backward", norm=norm, keep_grid=True)
+        sol = block.solve(
+            dyn, state, times, spec, "backward", reverse=reverse, norm=norm, keep_grid=True
+        )
         if kron:
             inner = sol[1:-1]  # (S, N) at the sample times
             xs = layout.part(inner, 0)

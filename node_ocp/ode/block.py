@@ -180,10 +180,16 @@ class ODEBlock(nn.Module):
         return out
 
     # ------------------------------------------------------------------ solving
-    def solve(self, func, y0, grid: torch.Tensor, spec: SolverSpec, phase: str, **kw):
-        """``spec.integrate`` with failures turned into :class:`SolverError` naming the block."""
+    def solve(
+        self, func, y0, grid: torch.Tensor, spec: SolverSpec, phase: str, reverse=False, **kw
+    ):
+        """``spec.integrate`` with failures turned into :class:`SolverError` naming the block.
+
+        ``reverse``: integrate over ``-grid`` (``func`` takes ``s = -t`` and returns the
+        derivative in ``s``); messages name the times of ``grid``.
+        """
         try:
-            ys = spec.integrate(func, y0, grid, **kw)
+            ys = spec.integrate(func, y0, -grid if reverse else grid, **kw)
         except AssertionError as err:
             raise self._solver_error(err, func, grid, spec, phase) from err
         if self.check_finite:
