@@ -69,6 +69,7 @@ class AugmentedDynamics:
         self.x_shape = x_shape
         self.acc_start = 2 + (rank > 0)
         self._zeros: dict[int, torch.Tensor] = {}  # flat zeros for unused parameters
+        self._is_flat = tuple(p.dim() == 1 for p in params)  # gradients cat as they are
 
     @property
     def last_t(self):
@@ -138,7 +139,7 @@ class AugmentedDynamics:
         else:
             out.append((vx[:n_lead] if batched else vx).reshape(-1))
         dense_rows = []
-        for p, g in zip(self.params, grads[1:]):
+        for p, g, is_flat in zip(self.params, grads[1:], self._is_flat):
             if g is None:
                 out.append(self._flat_zeros(p))
                 if self.dense:
@@ -149,7 +150,7 @@ class AugmentedDynamics:
                 if self.dense:
                     dense_rows.append(g[n_lead:].reshape(g.shape[0] - n_lead, -1))
             else:
-                out.append(g.reshape(-1))
+                out.append(g if is_flat else g.reshape(-1))
         if self.dense:
             out.append(torch.cat(dense_rows, dim=1).reshape(-1))
         return torch.cat(out)
