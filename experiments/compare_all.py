@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
         help="skip tasks already compared and keep finished runs of the others",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the comparisons already in --out (default: off: such a task fails)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: re-aggregate each task's finished runs and rewrite "
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                 max_time=args.max_time,
                 progress=False,
                 resume=args.resume,
+                overwrite=args.overwrite,
             )
         except (ConfigError, RunError, ImportError, ValueError) as exc:
             # one task that cannot run (a missing extra, a failed run) does not stop the rest

@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "unless given (default: off)",
     )
     t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (default: off: a folder holding a run is refused)",
+    )
+    t.add_argument(
         "--optimizer",
         default=None,
         help="name of an [optimizers.NAME] table (default: [train].optimizer)",
@@ -154,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="keep the runs already finished in --out and run only the others (default: off)",
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the comparison already in --out (default: off: refused)",
     )
     c.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
 
@@ -227,6 +237,7 @@ def _stem(path) -> str:
 
 def run(args) -> int:
     from .train import RunOptions, train
+    from .train.loop import EXIT_DIVERGED
 
     if args.command == "train":
         cfg = _config(args.config)
@@ -242,11 +253,12 @@ def run(args) -> int:
                 max_steps=args.max_steps,
                 max_time=args.max_time,
                 resume=args.resume,
+                overwrite=args.overwrite,
                 progress=not args.no_progress,
             ),
         )
         if _rank() != 0:
-            return 0
+            return EXIT_DIVERGED if summary["diverged"] else 0
         m = summary["metric"]
         state = "diverged" if summary["diverged"] else "done"
         print(
@@ -254,6 +266,9 @@ def run(args) -> int:
             f"val {m} {summary['final_val']:.4g}, test {m} {summary['test_metric']:.4g}; "
             f"run folder {out}"
         )
+        if summary["diverged"]:
+            print(f"diverged: {summary.get('diverged_reason')}; exit status {EXIT_DIVERGED}")
+            return EXIT_DIVERGED
         return 0
     if args.command == "compare":
         from .train.compare import compare
@@ -275,6 +290,7 @@ def run(args) -> int:
             max_time=args.max_time,
             progress=not args.no_progress,
             resume=args.resume,
+            overwrite=args.overwrite,
         )
         if _rank() != 0:
             return 0

@@ -9,6 +9,7 @@ import torch
 from train_helpers import tiny, write_toml
 
 from node_ocp.cli import EXIT_USAGE, main
+from node_ocp.train.loop import EXIT_DIVERGED
 
 
 @pytest.fixture
@@ -244,3 +245,55 @@ def test_compare_resume_keeps_finished_runs(tmp_path, cfg_path, capsys):
     assert main([*args, "--seeds", "1", "--resume", "--max-steps", "3"]) == 0
     assert first.stat().st_mtime_ns != stamp
     assert json.loads((first.parent / "config.json").read_text())["max_steps"] == 3
+
+
+def test_a_run_folder_is_never_overwritten_without_resume_or_overwrite(tmp_path, cfg_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", str(cfg_path), "--out", str(out), "--no-progress", "--optimizer", "adam"]
+    assert main(base) == 0
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "summary.json", "config.json")}
+    msg = _error(capsys, base + ["--lr", "0.01"])
+    assert msg.startswith(f"node-ocp: error: --out: {str(out)!r} already holds a run (")
+    assert "--resume" in msg and "--overwrite" in msg
+    assert {f: (out / f).read_bytes() for f in before} == before  # nothing lost
+    assert main(base + ["--lr", "0.01", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+
+
+def test_resume_on_a_missing_folder_creates_nothing(tmp_path, cfg_path, capsys):
+    out = tmp_path / "nothing" / "here"
+    msg = _error(capsys, ["train", str(cfg_path), "--out", str(out), "--resume"])
+    assert msg.startswith("node-ocp: error: --resume: no checkpoint in")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_compare_refuses_a_folder_holding_a_comparison(tmp_path, cfg_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg_path), "--optimizers", "adam", "--seeds", "1"]
+    argv += ["--out", str(out), "--no-progress", "--max-steps", "2"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_bytes()
+    msg = _error(capsys, argv)
+    assert "already holds a comparison (comparison.json, report.md, runs)" in msg
+    assert (out / "report.md").read_bytes() == report
+    assert main(argv + ["--resume"]) == 0 and main(argv + ["--overwrite"]) == 0
+
+
+def test_batch_larger_than_the_training_split_is_an_error(tmp_path, capsys):
+    path = write_toml(tmp_path / "big.toml", tiny(**{"train.batch_size": 1000}))
+    msg = _error(capsys, ["train", str(path), "--out", str(tmp_path / "r")])
+    assert msg == (
+        "node-ocp: error: [train].batch_size: received 1000 for a training split of 256 "
+        "examples; accepted: an int <= 256"
+    )
+
+
+def test_a_diverged_run_exits_with_its_documented_status(tmp_path, capsys):
+    cfg = tiny(**{"train.steps": 6})
+    cfg["optimizers"]["adam"]["lr"] = 1e6  # blows up the flow
+    path = write_toml(tmp_path / "wild.toml", cfg)
+    out = tmp_path / "r"
+    code = main(["train", str(path), "--optimizer", "adam", "--out", str(out), "--no-progress"])
+    assert code == EXIT_DIVERGED == 3
+    assert json.loads((out / "summary.json").read_text())["diverged"] is True
+    assert "exit status 3" in capsys.readouterr().out

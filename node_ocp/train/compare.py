@@ -62,6 +62,7 @@ def train_in_process_args(config_path, out, name, lr, seed, device, max_steps, m
         "--seed",
         str(seed),
         "--no-progress",
+        "--overwrite",  # the caller owns the run folder (an unfinished run is run again)
     ]
     if device is not None:
         cmd += ["--device", device]
@@ -83,11 +84,13 @@ def compare(
     max_time: float | None = None,
     progress: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run every optimizer (× learning rate × seed) on ``config`` and write the report.
 
     ``resume``: keep the runs that already finished in ``out_dir`` (their summary.json
-    exists) and run only the others.
+    exists) and run only the others. ``overwrite``: replace the comparison already in
+    ``out_dir``; without it or ``resume``, a folder holding one is refused.
     """
     if not optimizers:
         raise ConfigError("--optimizers: received nothing; accepted: names like adam,sgd,ocnopt")
@@ -101,6 +104,13 @@ def compare(
     from .tasks import check_dataset
 
     check_dataset(config.task)
+    held = [p for p in (COMPARISON, "report.md", "runs") if (Path(out_dir) / p).exists()]
+    if held and not resume and not overwrite:
+        raise RunError(
+            f"--out: {str(out_dir)!r} already holds a comparison ({', '.join(held)}); "
+            "accepted: a new folder, --resume to keep its finished runs, or --overwrite to "
+            "replace it"
+        )
     dev = resolve_device(device or config.train.device)  # no GPU: an error before any run
     if dist.launched_by_torchrun():  # join the group now: rank decides who writes
         dev = dist.init_from_env(dev.type) or dev
@@ -142,6 +152,7 @@ def compare(
                     device=device,
                     max_steps=max_steps,
                     max_time=max_time,
+                    overwrite=True,
                     progress=False,
                 ),
             )

@@ -68,7 +68,15 @@ class RunOptions:
     max_steps: int | None = None
     max_time: float | None = None
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
+
+
+#: Exit status of ``node-ocp train`` when the run diverged (non-finite loss or metric, or a
+#: solver failure): its folder holds the log and the last checkpoint up to the failure.
+EXIT_DIVERGED = 3
+
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -228,6 +236,18 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     o = options or RunOptions()
     # --resume continues with the optimizer, lr and seed of the checkpoint unless told otherwise
     checkpoint = _read_checkpoint(Path(out_dir) / CHECKPOINT) if o.resume else None
+    if o.resume and checkpoint is None:  # before anything is created
+        raise RunError(
+            f"--resume: no checkpoint in {str(out_dir)!r} (expected {CHECKPOINT}); accepted: "
+            "the --out folder of an earlier run of this config"
+        )
+    if not o.resume and not o.overwrite:
+        found = [f for f in RUN_FILES if (Path(out_dir) / f).exists()]
+        if found:
+            raise RunError(
+                f"--out: {str(out_dir)!r} already holds a run ({', '.join(found)}); accepted: "
+                "a new folder, --resume to continue that run, or --overwrite to replace it"
+            )
     before = checkpoint["run"] if checkpoint is not None else {}
     name = o.optimizer or before.get("optimizer") or config.train.optimizer
     opt_cfg = config.optimizer(name)
@@ -280,11 +300,6 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "max_time": max_time,
     }
     if o.resume:
-        if checkpoint is None:
-            raise RunError(
-                f"--resume: no checkpoint in {str(out)!r} (expected {CHECKPOINT}); accepted: "
-                "the --out folder of an earlier run of this config"
-            )
         if _comparable(checkpoint["run"]) != _comparable(run_info):
             raise RunError(
                 f"--resume: the checkpoint in {str(out)!r} was written by another config or "
@@ -300,6 +315,11 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
     opt = build_optimizer(opt_cfg, task.model, lr, seed=seed + 1000 * dist.rank())
     scheduler = build_schedule(opt_cfg, opt, config.train.steps)
     horizon = build_horizon(config.horizon, task.model)
+    if config.train.batch_size > len(task.data.train):
+        raise ConfigError(
+            f"[train].batch_size: received {config.train.batch_size} for a training split of "
+            f"{len(task.data.train)} examples; accepted: an int <= {len(task.data.train)}"
+        )
     sampler = BatchSampler(len(task.data.train), config.train.batch_size, seed)
     if sampler.batch % world != 0:
         raise ConfigError(
