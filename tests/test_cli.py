@@ -297,3 +297,9 @@ def test_a_diverged_run_exits_with_its_documented_status(tmp_path, capsys):
     assert code == EXIT_DIVERGED == 3
     assert json.loads((out / "summary.json").read_text())["diverged"] is True
     assert "exit status 3" in capsys.readouterr().out
+
+
+def test_plot_on_a_corrupt_comparison_names_the_file(tmp_path, capsys):
+    (tmp_path / "comparison.json").write_text('{"optimizers": ')
+    msg = _error(capsys, ["plot", str(tmp_path)])
+    assert repr(str(tmp_path / "comparison.json")) in msg and "not a readable comparison" in msg

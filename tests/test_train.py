@@ -314,8 +314,57 @@ def test_resume_and_device_errors(tmp_path):
     with pytest.raises(RunError, match=r"--out: cannot write to"):
         train(cfg, blocker / "sub", RunOptions(progress=False))
     train(cfg, tmp_path / "a", RunOptions(max_steps=4, progress=False))
-    with pytest.raises(RunError, match=r"written by another config"):
+    with pytest.raises(RunError, match=r"written with lr = 0.05, this run has 0.5;"):
         train(cfg, tmp_path / "a", RunOptions(resume=True, lr=0.5, progress=False))
+
+
+@pytest.mark.parametrize("damage", ["half", "empty", "random", "text", "foreign", "schema"])
+def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
+    cfg = config_from_dict(tiny())
+    train(cfg, tmp_path, RunOptions(max_steps=4, progress=False))
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    if damage == "half":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()))
+    elif damage == "text":
+        path.write_text("not a checkpoint\n")
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        ckpt = torch.load(path, weights_only=False)
+        torch.save({**ckpt, "schema": 99}, path)
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunError) as err:
+        train(cfg, tmp_path, RunOptions(resume=True, progress=False))
+    text = str(err.value)
+    assert "\n" not in text and repr(str(path)) in text, text
+    words = {"foreign": "not a node-ocp checkpoint", "schema": "checkpoint schema 99"}
+    assert words.get(damage, "is not a readable checkpoint") in text
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics  # nothing lost
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny())
+    train(cfg, tmp_path, RunOptions(max_steps=4, progress=False))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RunError) as err:
+        train(cfg, tmp_path, RunOptions(max_steps=8, resume=True, progress=False))
+    monkeypatch.setattr(torch, "save", real_save)
+    text = str(err.value)
+    assert text.startswith("checkpoint: cannot write") and "No space left on device" in text
+    assert "\n" not in text and "previous checkpoint is kept" in text
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert train(cfg, tmp_path, RunOptions(max_steps=8, resume=True, progress=False))["steps"] == 8
 
 
 @pytest.mark.parametrize(

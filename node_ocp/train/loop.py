@@ -172,9 +172,21 @@ class _Memory:
         }
 
 
+#: Version of the checkpoint layout (``run``, ``model``, ``optimizer``, ``scheduler``,
+#: ``horizon``, ``sampler``, ``state``, ``rng``); a checkpoint of another version is refused.
+CHECKPOINT_SCHEMA = 1
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    """``torch.save`` through a temporary file and an atomic rename; a failed write (a full
+    disk) is one :class:`RunError` line and leaves the previous checkpoint as it was."""
+    try:
+        atomic_write(path, lambda f: torch.save({**state, "schema": CHECKPOINT_SCHEMA}, f), True)
+    except OSError as exc:
+        raise RunError(
+            f"checkpoint: cannot write {str(path)!r} ({exc.strerror or exc}); the previous "
+            "checkpoint is kept: free space and continue with --resume"
+        ) from None
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -219,12 +231,48 @@ def _comparable(cfg: dict) -> dict:
     return c
 
 
+def _first_difference(a, b, where: str = ""):
+    """``(key path, a's value, b's value)`` of the first place ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            sub = f"{where}.{k}" if where else str(k)
+            if k not in a or k not in b:
+                return sub, a.get(k, "<missing>"), b.get(k, "<missing>")
+            d = _first_difference(a[k], b[k], sub)
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (where, a, b)
+
+
 def _read_checkpoint(path: Path) -> dict | None:
     """The checkpoint at ``path`` (None when there is none), loaded onto the CPU."""
     if not path.is_file():
         return None
     # on the CPU: generator states must stay CPU tensors; load_state_dict moves the rest
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, empty, random bytes, text: torch raises many kinds
+        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise RunError(
+            f"--resume: {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: "
+            f"{why}); accepted: a checkpoint.pt written by node-ocp train (or --overwrite to "
+            "start the run again)"
+        ) from None
+    keys = ("run", "model", "optimizer", "sampler", "state", "rng")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise RunError(
+            f"--resume: {str(path)!r} is not a node-ocp checkpoint (it lacks "
+            f"{', '.join(k for k in keys if not isinstance(ckpt, dict) or k not in ckpt)}); "
+            "accepted: a checkpoint.pt written by node-ocp train"
+        )
+    schema = ckpt.get("schema", 1)  # checkpoints before the field were version 1
+    if schema != CHECKPOINT_SCHEMA:
+        raise RunError(
+            f"--resume: {str(path)!r} has checkpoint schema {schema!r}; accepted: schema "
+            f"{CHECKPOINT_SCHEMA} (written by this version of node-ocp)"
+        )
+    return ckpt
 
 
 def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict:
@@ -300,10 +348,13 @@ def train(config: RunConfig, out_dir, options: RunOptions | None = None) -> dict
         "max_time": max_time,
     }
     if o.resume:
-        if _comparable(checkpoint["run"]) != _comparable(run_info):
+        differs = _first_difference(_comparable(checkpoint["run"]), _comparable(run_info))
+        if differs is not None:
+            key, was, now = differs
             raise RunError(
-                f"--resume: the checkpoint in {str(out)!r} was written by another config or "
-                "optimizer/lr/seed; accepted: the same config and choices (budgets may change)"
+                f"--resume: the checkpoint in {str(out)!r} was written with {key} = {was!r}, "
+                f"this run has {now!r}; accepted: the same config and choices (budgets may "
+                "change)"
             )
 
     torch.manual_seed(seed)

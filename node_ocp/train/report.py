@@ -395,7 +395,17 @@ def plot(run_dir) -> list[str]:
 
     d = Path(run_dir)
     if (d / COMPARISON).exists():
-        result = json.loads((d / COMPARISON).read_text())
+        try:
+            result = json.loads((d / COMPARISON).read_text())
+            if not isinstance(result, dict) or "optimizers" not in result:
+                raise ValueError("no 'optimizers' table")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunError(
+                f"RUN_DIR: {str(d / COMPARISON)!r} is not a readable comparison ({why}); "
+                "accepted: the comparison.json node-ocp compare wrote (run compare again "
+                "with --resume to rebuild it from the finished runs)"
+            ) from None
         write_report(d, result)
         return ["report.md", *[f for f in FIGURES if (d / f).exists()]]
     if (d / METRICS).exists() and (d / CONFIG).exists():
