@@ -20,24 +20,25 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' line breaks; every option's help states its default."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"received {text!r}; accepted: an int >= 1") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"received {v}; accepted: an int >= 1")
-    return v
+def _int_at_least(low: int):
+    """An argparse type: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"received {text!r}; accepted: an int >= {low}"
+            ) from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"received {v}; accepted: an int >= {low}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"received {text!r}; accepted: an int >= 0") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"received {v}; accepted: an int >= 0")
-    return v
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 def _nonneg_float(text: str) -> float:
