@@ -303,3 +303,43 @@ def test_plot_on_a_corrupt_comparison_names_the_file(tmp_path, capsys):
     (tmp_path / "comparison.json").write_text('{"optimizers": ')
     msg = _error(capsys, ["plot", str(tmp_path)])
     assert repr(str(tmp_path / "comparison.json")) in msg and "not a readable comparison" in msg
+
+
+def _children_running(marker: str) -> list[int]:
+    import os
+
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if " train " in cmd and marker in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_to_compare_reaches_its_child_run(tmp_path):
+    import signal
+    import time
+
+    path = write_toml(tmp_path / "long.toml", tiny(**{"train.steps": 100000}))
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node_ocp", "compare", str(path), "--optimizers", "adam"]
+        + ["--seeds", "1", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not list(out.glob("runs/*/*/*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _children_running(str(out)), "the child train never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert _children_running(str(out)) == []  # no orphan left training

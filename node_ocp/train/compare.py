@@ -162,7 +162,7 @@ def compare(
             cmd = train_in_process_args(
                 config.source, target, name, lr, seed, device, max_steps, max_time
             )
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = run_child(cmd)
             if proc.returncode != 0:
                 lines = (proc.stderr or proc.stdout).strip().splitlines()
                 said = [ln for ln in lines if ln.startswith("node-ocp: error: ")]
@@ -197,6 +197,37 @@ def compare(
             problem = exc
     _stop_together(problem, dev, "compare: process 0 could not write the report")
     return result
+
+
+def run_child(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a ``node-ocp train``) to completion, capturing its output. A SIGINT or
+    SIGTERM to this process is passed on to the child, which is waited for (its checkpoint
+    stays valid), and then ends this process as the signal would (KeyboardInterrupt /
+    exit status 128 + signal)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # no handlers off main
+        return subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out, err = proc.communicate()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if got:
+        if got[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + got[0])
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _finished(target: Path, config: RunConfig, name, lr, seed, max_steps, max_time) -> bool:
