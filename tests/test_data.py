@@ -130,3 +130,51 @@ def test_user_image_files(tmp_path):
     np.savez(tmp_path / "f.npz", x=np.zeros((3, 4, 4), dtype=np.float32), y=np.arange(2))
     with pytest.raises(ValueError, match=r"labels: shape \(2,\) for 3 images"):
         load_image_file(tmp_path / "f.npz")
+
+
+@pytest.mark.parametrize(
+    "text, header, shape, first",
+    [
+        ("1,2,3\n4,5,6\n", "auto", (2, 3), 1.0),  # no header: nothing dropped
+        ("a,b,c\n1,2,3\n", "auto", (1, 3), 1.0),  # every cell non-numeric: a header
+        ("1,2,3\n4,5,6\n", True, (1, 3), 4.0),  # told: the first row goes
+        ("1\n2\n3\n", "auto", (3, 1), 1.0),  # a single column
+        ("x\n2\n3\n", "auto", (2, 1), 2.0),
+        ("1,2\n\n3,4\n", False, (2, 2), 1.0),  # blank lines are not rows
+    ],
+)
+def test_csv_header_handling_never_drops_data(tmp_path, text, header, shape, first):
+    (tmp_path / "t.csv").write_text(text)
+    t = load_tabular_file(tmp_path / "t.csv", header=header)
+    assert tuple(t.shape) == shape and float(t[0, 0]) == first
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("1,x,3\n4,5,6\n", "t.csv line 1 column 2: cannot read 'x' as a number"),  # not a header
+        ("a,b\n1,2\n3,q\n", "t.csv line 3 column 2: cannot read 'q'"),
+        ("1,2,3\n4,5\n", "t.csv line 2 has 2 columns, line 1 has 3"),
+        ("", "holds no rows"),
+    ],
+)
+def test_csv_errors_name_file_line_and_column(tmp_path, text, words):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_tabular_file(tmp_path / "t.csv")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_complex_object_and_1d_arrays(tmp_path):
+    np.save(tmp_path / "c.npy", np.ones((3, 2), dtype=np.complex64))
+    with pytest.raises(ValueError, match=r"c.npy holds a complex64 array; accepted: real"):
+        load_tabular_file(tmp_path / "c.npy")
+    np.save(tmp_path / "o.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"o.npy holds an object \(pickled\) array"):
+        load_tabular_file(tmp_path / "o.npy")
+    np.save(tmp_path / "v.npy", np.arange(4.0))
+    assert load_tabular_file(tmp_path / "v.npy").shape == (4, 1)
+    with pytest.raises(
+        ValueError, match=r"header: received 'yes'; accepted: 'auto', True or False"
+    ):
+        load_tabular_file(tmp_path / "v.npy", header="yes")

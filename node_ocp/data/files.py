@@ -27,33 +27,105 @@ def _finite(name: str, arr: np.ndarray, path: Path) -> None:
         )
 
 
-def load_tabular_file(path, delimiter: str = ",") -> torch.Tensor:
-    """A ``(N, D)`` float32 table from ``.csv`` (no header, or a non-numeric first row),
-    ``.npy``, or ``.npz`` (its array ``x``, or its only array)."""
+HEADERS = ("auto", True, False)
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _read_csv(p: Path, delimiter: str, header) -> np.ndarray:
+    """Parse a delimited text table; every bad cell is an error naming line and column."""
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"path: {p.name} is not a text file; accepted: a UTF-8 CSV") from None
+    rows = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not rows:
+        raise ValueError(f"path: {p.name} holds no rows; accepted: a table with >= 1 row")
+    first = [c.strip() for c in rows[0][1].split(delimiter)]
+    if header == "auto":
+        header = all(_number(c) is None for c in first)
+    if header:
+        rows = rows[1:]
+        if not rows:
+            raise ValueError(f"path: {p.name} holds a header and no data rows")
+    width = len(rows[0][1].split(delimiter))
+    out = np.empty((len(rows), width), dtype=np.float64)
+    for r, (line_no, line) in enumerate(rows):
+        cells = [c.strip() for c in line.split(delimiter)]
+        if len(cells) != width:
+            raise ValueError(
+                f"path: {p.name} line {line_no} has {len(cells)} columns, line "
+                f"{rows[0][0]} has {width}; accepted: every row with the same columns"
+            )
+        for c, cell in enumerate(cells):
+            v = _number(cell)
+            if v is None:
+                raise ValueError(
+                    f"path: {p.name} line {line_no} column {c + 1}: cannot read {cell!r} as a "
+                    "number; accepted: numbers (a header only as the first line, with every "
+                    "cell non-numeric, or header=True)"
+                )
+            out[r, c] = v
+    return out
+
+
+def load_tabular_file(path, delimiter: str = ",", header="auto") -> torch.Tensor:
+    """A ``(N, D)`` float32 table from ``.csv``, ``.npy``, or ``.npz`` (its array ``x``, or
+    its only array). A single column (or a 1-D array) is ``(N, 1)``.
+
+    header (CSV): ``"auto"`` (the first row is a header when every one of its cells is
+    non-numeric), ``True`` (the first row is a header) or ``False`` (none). A cell that is
+    not a number, or a row of another width, is an error naming the file, line and column;
+    nothing is dropped. Complex, object and string arrays are refused.
+    """
     p = _path(path)
+    if header not in HEADERS or isinstance(header, int) and not isinstance(header, bool):
+        raise bad_value("header", header, "'auto', True or False")
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        try:
-            arr = np.loadtxt(p, delimiter=delimiter, dtype=np.float64)
-        except ValueError:
-            arr = np.loadtxt(p, delimiter=delimiter, dtype=np.float64, skiprows=1)
+        arr = _read_csv(p, delimiter, header)
     elif suffix == ".npy":
-        arr = np.load(p)
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except ValueError:  # an object array needs pickle
+            _refuse_object(p)
     elif suffix == ".npz":
-        with np.load(p) as z:
+        with np.load(p, allow_pickle=False) as z:
             key = "x" if "x" in z.files else (z.files[0] if len(z.files) == 1 else None)
             if key is None:
                 raise bad_value("path", str(p), "an .npz with an array 'x' or a single array")
-            arr = z[key]
+            try:
+                arr = z[key]
+            except ValueError:
+                _refuse_object(p)
     else:
         raise bad_value("path", str(p), "a .csv, .npy or .npz file")
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(
+            f"path: {p.name} holds a {arr.dtype} array; accepted: real numbers (float or int; "
+            "complex, object and string arrays are refused, not converted)"
+        )
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
         raise ValueError(
             f"path: {p.name} holds an array of shape {arr.shape}; accepted: a 2-D table "
-            "(rows = samples, columns = features)."
+            "(rows = samples, columns = features) or a single column."
         )
     _finite("values", arr, p)
-    return torch.as_tensor(arr, dtype=torch.float32)
+    return torch.as_tensor(arr.astype(np.float64), dtype=torch.float32)
+
+
+def _refuse_object(p: Path):
+    raise ValueError(
+        f"path: {p.name} holds an object (pickled) array; accepted: real numbers (float or "
+        "int arrays)"
+    )
 
 
 def _read_idx(p: Path) -> np.ndarray:
