@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import tiny, write_toml  # noqa: I001  (tests/ is on sys.path)
@@ -422,3 +423,53 @@ def test_every_task_kind_trains_and_evaluates(tmp_path, over):
         assert 0.0 <= s["test_metric"] <= 1.0
     else:
         assert 0.0 < s["test_metric"] < 100.0
+
+
+def _file_cfg(tmp_path, kind, path, **task):
+    cfg = tiny()
+    model = task.pop("model", "ode_mlp")
+    cfg["task"] = {"kind": kind, "dataset": "file", "path": path, **task}
+    if kind == "classification":
+        cfg["model"] = {"kind": model, "hidden": [8], "width": 2}
+    cfg["train"]["batch_size"] = 16
+    return load_config(write_toml(tmp_path / "own.toml", cfg))
+
+
+def test_own_data_files_from_a_config(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(60, 3))
+    np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="a,b,c", comments="")
+    s = train(
+        _file_cfg(tmp_path, "density", "d.csv"),
+        tmp_path / "r1",
+        RunOptions(max_steps=2, progress=False),
+    )
+    assert s["dataset"] == "file" and math.isfinite(s["test_metric"])
+    task = build_task(_file_cfg(tmp_path, "density", "d.csv"), "cpu")
+    n = len(task.data.train) + len(task.data.val) + len(task.data.test)
+    assert n == 60 and task.data.train.x.shape[1] == 3  # the header went, no row did
+    labels = rng.integers(0, 3, size=(60, 1)) * 5  # classes 0, 5, 10 -> 0, 1, 2
+    np.savetxt(tmp_path / "c.csv", np.hstack([table[:, :2], labels]), delimiter=",")
+    task = build_task(_file_cfg(tmp_path, "classification", "c.csv"), "cpu")
+    assert task.data.info["classes"] == 3 and set(task.data.train.y.tolist()) <= {0, 1, 2}
+    np.savez(tmp_path / "im.npz", x=rng.random((40, 6, 6)), y=rng.integers(0, 2, 40))
+    task = build_task(_file_cfg(tmp_path, "classification", "im.npz", model="image"), "cpu")
+    assert tuple(task.data.train.x.shape[1:]) == (1, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "kind, path, task, words",
+    [
+        ("density", "missing.csv", {}, "[task].path: no file at"),
+        ("density", "bad.csv", {}, "[task].path: bad.csv line 3 column 2: cannot read 'q'"),
+        ("classification", "bad2.csv", {"label_column": 5}, "[task].label_column: received 5"),
+        ("forecast", "bad.csv", {}, "[task].dataset: received 'file' for kind 'forecast'"),
+    ],
+)
+def test_own_data_errors_are_one_line_naming_the_key(tmp_path, kind, path, task, words):
+    (tmp_path / "bad.csv").write_text("1,2\n3,4\n5,q\n")
+    (tmp_path / "bad2.csv").write_text("".join(f"{i},{i % 2}\n" for i in range(20)))
+    with pytest.raises(ConfigError) as err:
+        cfg = _file_cfg(tmp_path, kind, path, **task)
+        build_task(cfg, "cpu")
+    assert str(err.value).startswith(words) and "\n" not in str(err.value), str(err.value)

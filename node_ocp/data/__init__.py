@@ -4,7 +4,7 @@ Nothing here downloads anything.
 """
 
 from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density, uea_series
-from .files import load_image_file, load_tabular_file
+from .files import file_classification, file_density, load_image_file, load_tabular_file
 from .forecast import PROCEDURAL, procedural_forecast, procedural_series, uea_forecast
 from .irregular import IrregularBatch, collate_irregular
 from .splits import Split, TaskData, split_indices, standardize
@@ -26,6 +26,8 @@ __all__ = [
     "IrregularBatch",
     "collate_irregular",
     "load_tabular_file",
+    "file_density",
+    "file_classification",
     "load_image_file",
     "Split",
     "TaskData",

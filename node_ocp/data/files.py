@@ -188,3 +188,89 @@ def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor 
             )
         y = torch.as_tensor(labels.astype(np.int64))
     return x, y
+
+
+def file_density(path, header="auto", seed: int = 0, fractions=(0.8, 0.1, 0.1)):
+    """A user table as density-estimation splits (float32 ``(N, D)``), seeded 80/10/10,
+    standardised with the training split's statistics."""
+    from .splits import Split, TaskData, split_indices, standardize
+
+    x = load_tabular_file(path, header=header)
+    _enough_rows(path, x.shape[0])
+    tr, va, te = split_indices(x.shape[0], fractions, seed)
+    (xtr, xva, xte), (mean, std) = standardize(x[tr], x[va], x[te])
+    info = {"name": Path(path).name, "dim": x.shape[1], "mean": mean, "std": std}
+    return TaskData(Split(xtr), Split(xva), Split(xte), info)
+
+
+def file_classification(
+    path,
+    header="auto",
+    label_column: int = -1,
+    labels_path=None,
+    seed: int = 0,
+    fractions=(0.8, 0.1, 0.1),
+):
+    """A user table with a label column as classification splits: features float32
+    ``(N, D)`` standardised with training statistics, labels int64 ``(N,)`` (the column's
+    distinct values in sorted order as classes 0..K-1). ``.idx``/``.gz`` images or an
+    ``.npz`` with ``x`` (``(N, H, W)`` or ``(N, C, H, W)``) and ``y`` give image splits
+    (IDX images take their labels from ``labels_path``)."""
+    from .splits import Split, TaskData, split_indices, standardize
+
+    p = _path(path)
+    if p.suffix.lower() in (".gz", ".idx", ".ubyte") or _npz_images(p):
+        images, labels = load_image_file(p, labels_path)
+        if labels is None:
+            raise ValueError(
+                f"path: {p.name} holds images without labels; accepted: an .npz "
+                "with arrays 'x' and 'y'"
+            )
+        _enough_rows(path, images.shape[0])
+        tr, va, te = split_indices(images.shape[0], fractions, seed)
+        classes = int(labels.max()) + 1
+        info = {"name": p.name, "classes": classes, "shape": tuple(images.shape[1:])}
+        return TaskData(
+            Split(images[tr], labels[tr]),
+            Split(images[va], labels[va]),
+            Split(images[te], labels[te]),
+            info,
+        )
+    table = load_tabular_file(p, header=header)
+    cols = table.shape[1]
+    if not -cols <= label_column < cols or cols < 2:
+        raise ValueError(
+            f"label_column: received {label_column} for {p.name} with {cols} columns; "
+            f"accepted: an int in [{-cols}, {cols - 1}] on a table with >= 2 columns"
+        )
+    col = label_column % cols
+    raw = table[:, col]
+    if not torch.equal(raw, raw.round()):
+        raise ValueError(
+            f"label_column: column {col + 1} of {p.name} holds non-integer values; accepted: "
+            "integer class labels"
+        )
+    values, labels = torch.unique(raw, sorted=True, return_inverse=True)
+    if len(values) < 2:
+        raise ValueError(f"label_column: column {col + 1} of {p.name} holds one class only")
+    x = torch.cat([table[:, :col], table[:, col + 1 :]], dim=1)
+    _enough_rows(path, x.shape[0])
+    tr, va, te = split_indices(x.shape[0], fractions, seed)
+    (xtr, xva, xte), _ = standardize(x[tr], x[va], x[te])
+    info = {"name": p.name, "dim": x.shape[1], "classes": len(values)}
+    return TaskData(Split(xtr, labels[tr]), Split(xva, labels[va]), Split(xte, labels[te]), info)
+
+
+def _npz_images(p: Path) -> bool:
+    if p.suffix.lower() != ".npz":
+        return False
+    with np.load(p, allow_pickle=False) as z:
+        return "x" in z.files and "y" in z.files and z["x"].ndim >= 3
+
+
+def _enough_rows(path, n: int) -> None:
+    if n < 10:
+        raise ValueError(
+            f"path: {Path(path).name} holds {n} rows; accepted: >= 10 (train, validation "
+            "and test splits of 80/10/10%)"
+        )

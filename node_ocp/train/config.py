@@ -58,6 +58,13 @@ class TaskConfig:
         predicts the time points after it.
     length: forecast: time points per procedural series.
     noise: observation noise of procedural data.
+    path: with ``dataset = "file"``: the user's data file (relative paths are read from the
+        config file's folder). density: a table (``.csv``, ``.npy``, ``.npz``), rows =
+        samples; classification: a table with a label column (``label_column``, default the
+        last), or images (``.npz`` with ``x`` and ``y``; IDX with ``labels_path``). Split
+        80/10/10 with a fixed seed, features standardised with training statistics.
+    header: CSV header row: ``auto`` (when every cell of the first row is non-numeric),
+        ``true`` or ``false``.
     """
 
     kind: str = "density"
@@ -69,9 +76,30 @@ class TaskConfig:
     observe: float = 0.75
     length: int = 40
     noise: float = 0.02
+    path: str = ""
+    labels_path: str = ""
+    header: str = "auto"
+    label_column: int = -1
 
     def check(self, where: str) -> None:
         _choice(f"{where}.kind", self.kind, TASK_KINDS)
+        _choice(f"{where}.header", self.header, ("auto", "true", "false"))
+        if self.dataset == "file":
+            if self.kind == "forecast":
+                raise ConfigError(
+                    f"{where}.dataset: received 'file' for kind 'forecast'; accepted: 'file' "
+                    "for density or classification (own time series: not yet)"
+                )
+            if not self.path:
+                raise ConfigError(
+                    f"{where}.path: received nothing with dataset = 'file'; accepted: the "
+                    "path of a .csv, .npy or .npz file (or IDX images with labels_path)"
+                )
+        elif self.path:
+            raise ConfigError(
+                f"{where}.path: received {self.path!r} with dataset {self.dataset!r}; "
+                "accepted: a path only with dataset = 'file'"
+            )
         for key in ("n_train", "n_val", "n_test", "length"):
             _at_least(f"{where}.{key}", getattr(self, key), 2)
         _in_range(f"{where}.drop", self.drop, 0.0, 1.0, "a fraction in [0, 1)", high_open=True)

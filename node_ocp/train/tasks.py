@@ -26,6 +26,8 @@ from ..data import (
     TaskData,
     bundled_uea_names,
     digits_images,
+    file_classification,
+    file_density,
     procedural_forecast,
     tabular_density,
     toy_2d,
@@ -171,15 +173,18 @@ def dataset_names(kind: str) -> tuple[str, ...]:
     except ImportError:
         uea = ()
     if kind == "density":
-        return (*TOYS, *TABULAR)
+        return (*TOYS, *TABULAR, "file")
     if kind == "classification":
-        return ("spirals", "digits", *uea)
+        return ("spirals", "digits", "file", *uea)
     return (*PROCEDURAL, *uea)
 
 
 def check_dataset(t) -> None:
     """Raise :class:`ConfigError` unless ``t.dataset`` (a TaskConfig) names a data set."""
-    static = {"density": (*TOYS, *TABULAR), "classification": ("spirals", "digits")}
+    static = {
+        "density": (*TOYS, *TABULAR, "file"),
+        "classification": ("spirals", "digits", "file"),
+    }
     static["forecast"] = PROCEDURAL
     names = static[t.kind] if t.dataset in static[t.kind] else dataset_names(t.kind)
     if t.dataset not in names:
@@ -196,6 +201,8 @@ def load_data(config: RunConfig) -> TaskData:
     """The :class:`TaskData` of ``config.task`` (nothing is downloaded)."""
     t = config.task
     check_dataset(t)
+    if t.dataset == "file":
+        return _file_data(config)
     if t.kind == "density":
         if t.dataset in TOYS:
             parts = [
@@ -227,6 +234,33 @@ def load_data(config: RunConfig) -> TaskData:
             seed=DATA_SEED,
         )
     return uea_forecast(t.dataset, observe=t.observe, drop=t.drop, seed=DATA_SEED)
+
+
+def _file_data(config: RunConfig) -> TaskData:
+    """``[task] dataset = "file"``: the user's file, read relative to the config's folder;
+    its problems are one ConfigError line naming the key."""
+    from pathlib import Path
+
+    t = config.task
+    base = Path(config.source).parent if Path(config.source).is_file() else Path(".")
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base / q
+
+    header = {"auto": "auto", "true": True, "false": False}[t.header]
+    try:
+        if t.kind == "density":
+            return file_density(resolve(t.path), header=header, seed=DATA_SEED)
+        labels = resolve(t.labels_path) if t.labels_path else None
+        return file_classification(
+            resolve(t.path), header, t.label_column, labels_path=labels, seed=DATA_SEED
+        )
+    except (OSError, ValueError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        key = "label_column" if text.startswith("label_column") else "path"
+        text = text.split(": ", 1)[1] if text.split(": ", 1)[0] in ("path", key) else text
+        raise ConfigError(f"[task].{key}: {text}") from None
 
 
 def build_model(config: RunConfig, data: TaskData) -> nn.Module:
