@@ -473,3 +473,13 @@ def test_own_data_errors_are_one_line_naming_the_key(tmp_path, kind, path, task,
         cfg = _file_cfg(tmp_path, kind, path, **task)
         build_task(cfg, "cpu")
     assert str(err.value).startswith(words) and "\n" not in str(err.value), str(err.value)
+
+
+def test_build_model_raises_for_a_kind_it_does_not_handle():
+    from node_ocp.train.tasks import build_model, load_data
+
+    cfg = config_from_dict(tiny())
+    data = load_data(cfg)
+    cfg.model.kind = "transformer"  # past the config's own check
+    with pytest.raises(ConfigError, match=r"^\[model\]\.kind: received 'transformer'"):
+        build_model(cfg, data)

@@ -37,8 +37,7 @@ from ..io import atomic_write_json
 from . import stats
 from .config import ConfigError, RunConfig
 from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
-
-COMPARISON = "comparison.json"
+from .report import COMPARISON, write_report
 
 
 def run_dir(out: Path, name: str, lr: float, seed: int) -> Path:
@@ -186,8 +185,6 @@ def compare(
         bar.close()
     result, problem = {}, None
     if dist.rank() == 0:
-        from .report import write_report
-
         try:
             result = aggregate(
                 out, config, optimizers, plan={(n, float(lr), s) for n, lr, s in plan}

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 from .loop import CHECKPOINT, CONFIG, read_metrics
 
+COMPARISON = "comparison.json"  # written by node_ocp.train.compare
 FIGURES = ("curves_steps.png", "curves_time.png", "lr_sensitivity.png", "density.png", "t1.png")
 
 
@@ -390,7 +391,6 @@ def _std(v):
 
 def plot(run_dir) -> list[str]:
     """Redraw a comparison folder (report and figures) or a single run's figures."""
-    from .compare import COMPARISON
     from .loop import METRICS, RunError
 
     d = Path(run_dir)

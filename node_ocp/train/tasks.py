@@ -38,7 +38,7 @@ from ..data import (
 from ..models import CNF, ODERNN, NeuralCDE, ODEImageClassifier, standard_normal_logprob
 from ..ode.block import ODEBlock, SolverError
 from ..ode.layers import ConcatSquashLinear, TimeSequential
-from .config import ConfigError, RunConfig
+from .config import MODEL_KINDS, ConfigError, RunConfig
 
 METRICS = {"density": "nll", "classification": "accuracy", "forecast": "mse"}
 HIGHER_IS_BETTER = {"nll": False, "accuracy": True, "mse": False}
@@ -266,6 +266,8 @@ def _file_data(config: RunConfig) -> TaskData:
 def build_model(config: RunConfig, data: TaskData) -> nn.Module:
     """The model of ``config.model`` sized for ``data``."""
     m, s, kind = config.model, config.solver, config.task.kind
+    if m.kind not in MODEL_KINDS:
+        raise _unhandled(m.kind)
     solver = {"method": s.method, "rtol": s.rtol, "atol": s.atol, "gradient": s.gradient}
     x = data.train.x
     if m.kind == "cnf":
@@ -314,14 +316,23 @@ def build_model(config: RunConfig, data: TaskData) -> nn.Module:
         return ODERNN(
             channels, outputs, hidden=m.width, field_hidden=tuple(m.hidden), task=task, **solver
         )
-    return NeuralCDE(
-        channels,
-        outputs,
-        hidden=m.width,
-        field_hidden=tuple(m.hidden),
-        interpolation=m.interpolation,
-        task=task,
-        **solver,
+    if m.kind == "cde":
+        return NeuralCDE(
+            channels,
+            outputs,
+            hidden=m.width,
+            field_hidden=tuple(m.hidden),
+            interpolation=m.interpolation,
+            task=task,
+            **solver,
+        )
+    raise _unhandled(m.kind)
+
+
+def _unhandled(kind: str) -> ConfigError:
+    return ConfigError(
+        f"[model].kind: received {kind!r}, which build_model does not handle; accepted: "
+        f"{', '.join(MODEL_KINDS)}"
     )
 
 
