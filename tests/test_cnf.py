@@ -180,5 +180,45 @@ def test_cnf_with_ocnopt_exact_factors_for_the_normal_base():
         ocnopt_step(opt, compute, "standard_normal")
     with torch.no_grad():
         assert flow.nll(x).item() < first
-    # On refresh steps both blocks got factors: the last from z, the first through the chain.
-    assert opt.steps_taken == 8 and opt.capture is not None
+    # On refresh steps both blocks got factors: the last from z, the first through the chain;
+    # every field layer of both blocks has a decomposed B with a positive eigenvalue.
+    assert opt.steps_taken == 8
+    units = {u.module: u for u in opt.units if getattr(u, "module", None) is not None}
+    for block in flow.blocks:
+        layers = [m for m in block.field.modules() if isinstance(m, nn.Linear)]
+        assert layers and all(m in units and units[m].ready for m in layers)
+        assert all(float(units[m].state["kron_eB"].max()) > 0 for m in layers)
+
+
+def test_cnf_regularisers_and_divergence_equal_quadratures_along_the_trajectory():
+    """reg = w_k ∫‖f‖² dt + w_j ∫‖εᵀ∂f/∂z‖² dt and Δlogp = −∫tr(∂f/∂z) dt, against Simpson's
+    rule on a dense grid of the field's own trajectory (float64, tight tolerances)."""
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    flow = CNF(2, hidden=(8,), kinetic=0.3, jacobian=0.7, rtol=1e-10, atol=1e-10).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    z1, dlogp, reg = flow(x)
+    probe = flow.blocks[0].field.probe
+    net = flow.blocks[0].field.net
+    grid = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
+    with torch.no_grad():
+        zs = odeint(net, x, grid, rtol=1e-11, atol=1e-11)
+    kin, jac, tr = [], [], []
+    for t, z in zip(grid, zs):
+        z = z.detach().requires_grad_(True)
+        f = net(t, z)
+        rows = [torch.autograd.grad(f[:, i].sum(), z, retain_graph=True)[0] for i in range(2)]
+        jmat = torch.stack(rows, 1)  # (N, 2, 2): ∂f_i/∂z_j
+        kin.append(f.detach().pow(2).sum(1))
+        jac.append(torch.einsum("ni,nij->nj", probe, jmat).pow(2).sum(1))
+        tr.append(jmat.diagonal(dim1=1, dim2=2).sum(1))
+
+    def simpson(vals):
+        v = torch.stack(vals)
+        h = float(grid[1] - grid[0])
+        return h / 3 * (v[0] + v[-1] + 4 * v[1:-1:2].sum(0) + 2 * v[2:-1:2].sum(0))
+
+    torch.testing.assert_close(z1, zs[-1], rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(reg, 0.3 * simpson(kin) + 0.7 * simpson(jac), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dlogp, -simpson(tr), rtol=1e-6, atol=1e-8)
