@@ -108,3 +108,32 @@ def test_load_state_dict_refuses_another_model_s_snapshots():
     first = tuple(next(mlp_field(2, 16).parameters()).shape)
     assert f"accepted: shape {first}" in text
     controller(8).load_state_dict(saved)  # the same model loads
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_horizon_converges_to_the_analytic_optimum_of_the_linear_problem(beta):
+    """dx/dt = a x with a fixed, J(t1) = ½ x(t1)² + (λ/2) t1²: J'(t*) = a x0² e^{2a t*} + λ t*
+    = 0, found by bisection; the controller (averages of memory beta) settles there."""
+    a, x0v, lam = -0.8, 1.5, 0.1
+
+    def dj(t):
+        return a * x0v**2 * torch.exp(torch.tensor(2 * a * t, dtype=F64)).item() + lam * t
+
+    lo, hi = 0.0, 5.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if dj(mid) < 0 else (lo, mid)
+    t_star = (lo + hi) / 2
+
+    class Linear1(nn.Module):
+        def forward(self, t, x):
+            return a * x
+
+    block = no.ODEBlock(Linear1(), (0.0, 0.5), **TIGHT)
+    horizon = no.HorizonOptimizer(block, mode="open_loop", lr=0.5, penalty=lam, beta=beta)
+    x0 = torch.tensor([[x0v]], dtype=F64)
+    for _ in range(400):
+        (0.5 * block(x0) ** 2).sum().backward()
+        horizon.step()
+    assert horizon.t1 == pytest.approx(t_star, abs=1e-4)
+    assert abs(dj(horizon.t1)) < 1e-4 and 1.0 < t_star < 2.5

@@ -737,3 +737,27 @@ def test_load_state_dict_names_the_parameter_whose_shape_differs():
     with pytest.raises(ValueError, match='state_dict: received "parameter'):
         no.OCNOpt(wide).load_state_dict(old)  # older state dicts: the momentum buffers tell
     no.OCNOpt(model(16)).load_state_dict(saved)  # the same model loads
+
+
+def test_diagonal_rule_step_equals_the_hand_formula():
+    """s ← β s + (1−β) n g², ŝ = s / (1 − βᵗ), δ = −lr g / (ŝ + λ mean(ŝ)) (relative λ)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    opt = no.OCNOpt(
+        model, lr=0.1, step="fixed", momentum=0.0, curvature="diagonal", adapt_damping=False
+    )
+    beta, lam, n = 0.95, 1e-2, opt._samples
+    x, t = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    s = {p: torch.zeros_like(p) for p in model.parameters()}
+    for step in range(1, 4):
+        opt.zero_grad()
+        (0.5 * (model(x) - t).pow(2).sum(1).mean()).backward()
+        want = {}
+        for p in model.parameters():
+            g = p.grad.detach().clone()
+            s[p] = beta * s[p] + (1 - beta) * n * g * g
+            hat = s[p] / (1 - beta**step)
+            want[p] = p.detach() - 0.1 * g / (hat + lam * hat.mean())
+        opt.step()
+        for p in model.parameters():
+            torch.testing.assert_close(p.detach(), want[p], rtol=1e-12, atol=1e-14)

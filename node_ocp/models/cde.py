@@ -47,7 +47,17 @@ class CDEField(nn.Module):
         layers += [nn.Linear(a, hidden * path_channels), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.hidden, self.path_channels = hidden, path_channels
-        self.path = None
+        self._path_box: list = [None]  # a list, not a submodule: the path is the batch's
+
+    @property
+    def path(self):
+        """The control path of the current batch (a torchcde interpolation), or None."""
+        return self._path_box[0]
+
+    def set_path(self, path) -> None:
+        """Use ``path`` (``derivative(t) -> (N, C_path)``) until the next call. It is not
+        registered as a submodule, so its coefficients stay out of ``state_dict()``."""
+        self._path_box[0] = path
 
     def forward(self, t, z):
         if self.path is None:
@@ -165,7 +175,7 @@ class NeuralCDE(nn.Module):
             path = cde.LinearInterpolation(coeffs, t=grid)
         # The block's backward solve reads the field's path too: a forward pass is followed by
         # its backward before the next forward, as in any training loop.
-        self.field.path = path
+        self.field.set_path(path)
         z = self.initial(path.evaluate(grid[0]))
         if grid.numel() >= 2:
             if self.ode.solver.adaptive:
