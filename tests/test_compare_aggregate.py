@@ -102,3 +102,18 @@ def test_time_to_target_direction_and_missing_values():
     assert time_to_target(recs, "val_accuracy", 0.95, higher=True) is None
     assert time_to_target(recs, "val_accuracy", 0.5, higher=False) == (0.0, 0)
     assert time_to_target(recs, "val_accuracy", math.nan, higher=False) is None
+
+
+def test_the_standard_ekfac_table_is_a_baseline_not_the_method_judged(tmp_path):
+    raw = tiny()
+    raw["optimizers"]["ekfac"] = {"kind": "ocnopt", "time_joint": False, "gradient": "direct"}
+    cfg = config_from_dict(raw)
+    for seed, (a, o, e) in enumerate([(3.0, 2.8, 4.0), (3.2, 3.0, 4.2), (3.1, 2.9, 4.1)]):
+        _run(tmp_path, "adam", "adam", 0.1, seed, [(0, 5.0), (1.0, a)], a)
+        _run(tmp_path, "ocnopt", "ocnopt", 0.1, seed, [(0, 5.0), (0.5, o)], o)
+        _run(tmp_path, "ekfac", "ocnopt", 0.1, seed, [(0, 5.0), (0.7, e)], e)
+    r = aggregate(tmp_path, cfg, ["adam", "ekfac", "ocnopt"])
+    assert [v["name"] for v in r["verdicts"]] == ["ocnopt", "ocnopt"]
+    assert [v["baseline"] for v in r["verdicts"]] == ["adam", "ekfac"]
+    assert r["headline"].startswith("ocnopt reached the target in 0.5× adam's time")
+    assert "test nll lower by 0.2 ±" in r["headline"] and r["verdicts"][0]["outcome"] == "win"
