@@ -116,7 +116,8 @@ def state_mb(opt) -> float:
     visit(opt.state)
     usage = getattr(opt, "memory_usage", None)  # OCNOpt: curvature held outside .state
     if callable(usage):
-        return (total + usage()["total"] - usage()["momentum"]) / _MB
+        held = usage()
+        total += held["total"] - held["momentum"]  # its momentum buffers are in .state
     return total / _MB
 
 
@@ -137,9 +138,4 @@ def _max_rss_mb() -> float:
     return rss / _MB if sys.platform == "darwin" else rss / 1024
 
 
-def rss_mb() -> float:
-    """The resident memory now (MB)."""
-    return _rss_mb()
-
-
-__all__ = ["StepMemory", "state_mb", "process_peak_mb", "rss_mb"]
+__all__ = ["StepMemory", "state_mb", "process_peak_mb"]

@@ -33,13 +33,6 @@ def _plt():
     return plt
 
 
-def _fmt(mean_std, digits=4) -> str:
-    m, s = mean_std
-    if m is None or not math.isfinite(m):
-        return "diverged"
-    return f"{m:.{digits}g} ± {s:.2g}"
-
-
 def _num(v, fmt="{:.2f}", none="–") -> str:
     return none if v is None else fmt.format(v)
 

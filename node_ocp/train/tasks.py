@@ -258,9 +258,10 @@ def _file_data(config: RunConfig) -> TaskData:
         )
     except (OSError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key = "label_column" if text.startswith("label_column") else "path"
-        text = text.split(": ", 1)[1] if text.split(": ", 1)[0] in ("path", key) else text
-        raise ConfigError(f"[task].{key}: {text}") from None
+        key, _, rest = text.partition(": ")  # the file readers name their argument first
+        if key not in ("path", "label_column") or not rest:
+            key, rest = "path", text
+        raise ConfigError(f"[task].{key}: {rest}") from None
 
 
 def build_model(config: RunConfig, data: TaskData) -> nn.Module:
