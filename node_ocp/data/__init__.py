@@ -7,6 +7,14 @@ from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density,
 from .files import file_classification, file_density, load_image_file, load_tabular_file
 from .forecast import PROCEDURAL, procedural_forecast, procedural_series, uea_forecast
 from .irregular import IrregularBatch, collate_irregular
+from .series_files import (
+    SeriesSet,
+    file_series_classification,
+    file_series_forecast,
+    load_series_file,
+    read_long_csv,
+    read_ts_file,
+)
 from .splits import Split, TaskData, split_indices, standardize
 from .toys import TOYS, toy_2d, two_spirals
 
@@ -29,6 +37,12 @@ __all__ = [
     "file_density",
     "file_classification",
     "load_image_file",
+    "SeriesSet",
+    "read_long_csv",
+    "read_ts_file",
+    "load_series_file",
+    "file_series_classification",
+    "file_series_forecast",
     "Split",
     "TaskData",
     "split_indices",
