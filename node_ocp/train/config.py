@@ -61,10 +61,19 @@ class TaskConfig:
     path: with ``dataset = "file"``: the user's data file (relative paths are read from the
         config file's folder). density: a table (``.csv``, ``.npy``, ``.npz``), rows =
         samples; classification: a table with a label column (``label_column``, default the
-        last), or images (``.npz`` with ``x`` and ``y``; IDX with ``labels_path``). Split
-        80/10/10 with a fixed seed, features standardised with training statistics.
-    header: CSV header row: ``auto`` (when every cell of the first row is non-numeric),
-        ``true`` or ``false``.
+        last), images (``.npz`` with ``x`` and ``y``; IDX with ``labels_path``), or time
+        series; forecast: time series. Series files are a long CSV (columns ``series``,
+        ``time``, one per channel, optionally ``label``) or an sktime/UEA ``.ts`` file (a
+        ``*_TRAIN.ts`` brings its ``*_TEST.ts`` sibling as the test split); see
+        :mod:`node_ocp.data.series_files`. Split 80/10/10 (by series) with a fixed seed,
+        features standardised with training statistics.
+    format: how ``path`` is read: ``auto``, ``table``, ``images``, ``long`` (a long CSV of
+        series) or ``ts``. ``auto``: a ``.ts`` file is ``ts``; for forecast, or for
+        classification with model kind ``odernn``/``cde``, a long CSV; otherwise a table or
+        images as the file says. density: ``auto`` or ``table``; forecast: ``auto``,
+        ``long`` or ``ts``.
+    header: CSV header row of a table: ``auto`` (when every cell of the first row is
+        non-numeric), ``true`` or ``false`` (a long CSV of series always has one).
     """
 
     kind: str = "density"
@@ -80,25 +89,39 @@ class TaskConfig:
     labels_path: str = ""
     header: str = "auto"
     label_column: int = -1
+    format: str = "auto"
 
     def check(self, where: str) -> None:
         _choice(f"{where}.kind", self.kind, TASK_KINDS)
         _choice(f"{where}.header", self.header, ("auto", "true", "false"))
+        every = ("auto", "table", "images", "long", "ts")
+        _choice(f"{where}.format", self.format, every)
         if self.dataset == "file":
-            if self.kind == "forecast":
-                raise ConfigError(
-                    f"{where}.dataset: received 'file' for kind 'forecast'; accepted: 'file' "
-                    "for density or classification (own time series: not yet)"
-                )
             if not self.path:
                 raise ConfigError(
                     f"{where}.path: received nothing with dataset = 'file'; accepted: the "
-                    "path of a .csv, .npy or .npz file (or IDX images with labels_path)"
+                    "path of a .csv, .npy or .npz table, images (.npz, or IDX with "
+                    "labels_path), or time series (a long .csv or a .ts file)"
+                )
+            formats = {
+                "density": ("auto", "table"),
+                "classification": every,
+                "forecast": ("auto", "long", "ts"),
+            }[self.kind]
+            if self.format not in formats:
+                raise ConfigError(
+                    f"{where}.format: received {self.format!r} for kind {self.kind!r}; "
+                    f"accepted: {', '.join(map(repr, formats))}"
                 )
         elif self.path:
             raise ConfigError(
                 f"{where}.path: received {self.path!r} with dataset {self.dataset!r}; "
                 "accepted: a path only with dataset = 'file'"
+            )
+        elif self.format != "auto":
+            raise ConfigError(
+                f"{where}.format: received {self.format!r} with dataset {self.dataset!r}; "
+                "accepted: 'auto', or another format only with dataset = 'file'"
             )
         for key in ("n_train", "n_val", "n_test", "length"):
             _at_least(f"{where}.{key}", getattr(self, key), 2)

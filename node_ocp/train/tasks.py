@@ -28,6 +28,8 @@ from ..data import (
     digits_images,
     file_classification,
     file_density,
+    file_series_classification,
+    file_series_forecast,
     procedural_forecast,
     tabular_density,
     toy_2d,
@@ -176,7 +178,7 @@ def dataset_names(kind: str) -> tuple[str, ...]:
         return (*TOYS, *TABULAR, "file")
     if kind == "classification":
         return ("spirals", "digits", "file", *uea)
-    return (*PROCEDURAL, *uea)
+    return (*PROCEDURAL, "file", *uea)
 
 
 def check_dataset(t) -> None:
@@ -185,7 +187,7 @@ def check_dataset(t) -> None:
         "density": (*TOYS, *TABULAR, "file"),
         "classification": ("spirals", "digits", "file"),
     }
-    static["forecast"] = PROCEDURAL
+    static["forecast"] = (*PROCEDURAL, "file")
     names = static[t.kind] if t.dataset in static[t.kind] else dataset_names(t.kind)
     if t.dataset not in names:
         hint = ""
@@ -238,7 +240,11 @@ def load_data(config: RunConfig) -> TaskData:
 
 def _file_data(config: RunConfig) -> TaskData:
     """``[task] dataset = "file"``: the user's file, read relative to the config's folder;
-    its problems are one ConfigError line naming the key."""
+    its problems are one ConfigError line naming the key.
+
+    ``format = "auto"``: a ``.ts`` file is read as series; so is a forecast's file, and a
+    classification file for an ``odernn``/``cde`` model (a long CSV); any other file is a
+    table or images."""
     from pathlib import Path
 
     t = config.task
@@ -248,8 +254,25 @@ def _file_data(config: RunConfig) -> TaskData:
         q = Path(p).expanduser()
         return q if q.is_absolute() else base / q
 
+    fmt = t.format
+    if fmt == "auto":
+        if Path(t.path).suffix.lower() == ".ts":
+            fmt = "ts"
+        elif t.kind == "forecast" or config.model.kind in ("odernn", "cde"):
+            fmt = "long"
     header = {"auto": "auto", "true": True, "false": False}[t.header]
     try:
+        if fmt in ("long", "ts"):
+            if t.kind == "forecast":
+                return file_series_forecast(
+                    resolve(t.path), fmt, observe=t.observe, drop=t.drop, seed=DATA_SEED
+                )
+            if t.kind == "classification":
+                return file_series_classification(resolve(t.path), fmt, drop=t.drop, seed=DATA_SEED)
+            raise ConfigError(
+                f"[task].format: received {fmt!r} for kind {t.kind!r}; accepted: series "
+                "files for classification or forecast"
+            )
         if t.kind == "density":
             return file_density(resolve(t.path), header=header, seed=DATA_SEED)
         labels = resolve(t.labels_path) if t.labels_path else None
@@ -257,6 +280,8 @@ def _file_data(config: RunConfig) -> TaskData:
             resolve(t.path), header, t.label_column, labels_path=labels, seed=DATA_SEED
         )
     except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         key, _, rest = text.partition(": ")  # the file readers name their argument first
         if key not in ("path", "label_column") or not rest:
