@@ -8,6 +8,7 @@ folder, ``--resume`` without a checkpoint, ``--device cuda`` without a GPU) prin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,19 @@ EXIT_INTERRUPTED = 130
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' line breaks; every option's help states its default."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line like every other error (no usage block): ``node-ocp:
+    error: argument --max-steps: received 0; accepted: ... (see node-ocp train --help)``,
+    exit status 2."""
+
+    commands: tuple[str, ...] = ()
+
+    def error(self, message: str):
+        if self.commands and message.endswith("required: COMMAND"):
+            message += f"; accepted: one of {', '.join(self.commands)}"
+        self.exit(EXIT_USAGE, f"node-ocp: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_at_least(low: int):
@@ -79,7 +93,7 @@ def _run_options(p: argparse.ArgumentParser, per_run: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="node-ocp",
         description="Train Neural ODEs, CNFs and time-series ODE models with OCNOpt (a "
         "second-order optimal-control optimizer) or first-order adjoint training, and "
@@ -223,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "figures are rewritten) or a train run folder (with metrics.jsonl).",
     )
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run or comparison folder")
+    p.commands = tuple(sub.choices)
     return p
 
 
@@ -332,9 +347,41 @@ def run(args) -> int:
             f"RUN_DIR: {str(d)!r} is not a folder; accepted: a run or comparison "
             "folder written by node-ocp train/compare"
         )
-    for name in plot(d):
+    for name in _plot(d, plot, RunError):
         print(d / name)
     return 0
+
+
+def _plot(d: Path, plot, RunError) -> list[str]:
+    """``plot(d)``; a file it cannot read (a comparison.json of another shape, a run's
+    corrupt config.json or empty log) is one RunError line naming that file."""
+    from ._errors import first_line
+    from .train.report import COMPARISON
+
+    if not (d / COMPARISON).exists() and (d / "config.json").exists():
+        what, accepted = d / "config.json", "the config.json node-ocp train wrote"
+        try:
+            json.loads(what.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RunError(
+                f"RUN_DIR: {str(what)!r} is not readable JSON ({first_line(exc)}); accepted: "
+                f"{accepted}"
+            ) from None
+    try:
+        return plot(d)
+    except RunError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        if os.environ.get("NODE_OCP_TRACEBACK"):
+            raise
+        if (d / COMPARISON).exists():
+            what, accepted = d / COMPARISON, "the comparison.json node-ocp compare wrote"
+        else:
+            what, accepted = d / "metrics.jsonl", "the metrics.jsonl node-ocp train wrote"
+        raise RunError(
+            f"RUN_DIR: {str(what)!r} is not a readable {what.stem} ({type(exc).__name__}: "
+            f"{first_line(exc)}); accepted: {accepted}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import RunError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named with the command whose options were expected
+        parser.exit(
+            EXIT_USAGE,
+            f"node-ocp: error: unrecognized arguments: {' '.join(extra)}; accepted: the "
+            f"options of node-ocp {args.command} (see node-ocp {args.command} --help)\n",
+        )
     try:
         return run(args)
     except (ConfigError, RunError) as exc:
@@ -368,6 +421,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except SystemExit as exc:  # compare ends as a SIGTERM would, after its child stopped
+        if not (isinstance(exc.code, int) and exc.code > 128):
+            raise
+        import signal
+
+        try:
+            name = signal.Signals(exc.code - 128).name
+        except ValueError:
+            name = f"signal {exc.code - 128}"
+        print(
+            f"node-ocp: stopped by {name}; the running child was stopped and waited for, "
+            "finished runs and checkpoints are kept (--resume continues)",
+            file=sys.stderr,
+        )
+        return exc.code
     finally:
         import torch.distributed as tdist
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,19 +92,13 @@ def load_tabular_file(path, delimiter: str = ",", header="auto") -> torch.Tensor
     if suffix == ".csv":
         arr = _read_csv(p, delimiter, header)
     elif suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError:  # an object array needs pickle
-            _refuse_object(p)
+        arr = _numpy_read(p, lambda: np.load(p, allow_pickle=False))
     elif suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
+        with _open_npz(p) as z:
             key = "x" if "x" in z.files else (z.files[0] if len(z.files) == 1 else None)
             if key is None:
                 raise bad_value("path", str(p), "an .npz with an array 'x' or a single array")
-            try:
-                arr = z[key]
-            except ValueError:
-                _refuse_object(p)
+            arr = _numpy_read(p, lambda: z[key])
     else:
         raise bad_value("path", str(p), "a .csv, .npy or .npz file")
     if arr.dtype.kind not in "fiub":
@@ -128,12 +124,53 @@ def _refuse_object(p: Path):
     )
 
 
+def _unreadable(p: Path, exc: BaseException, accepted: str):
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    kind = "IDX" if accepted.startswith("an IDX") else p.suffix.lower()
+    raise ValueError(
+        f"path: {p.name} is not a readable {kind} file ({type(exc).__name__}: {why}); "
+        f"accepted: {accepted}"
+    ) from None
+
+
+_NUMPY_FILE = {".npy": "a file written by numpy.save", ".npz": "a file written by numpy.savez"}
+
+
+def _numpy_read(p: Path, read):
+    """``read()`` (np.load of an .npy, or an array of an .npz): an object array is refused,
+    a damaged or foreign file is one ValueError naming it (never "object array" for a
+    truncated file)."""
+    try:
+        return read()
+    except ValueError as exc:
+        if "Object arrays cannot be loaded" in str(exc):  # numpy's words for allow_pickle
+            _refuse_object(p)
+        _unreadable(p, exc, _NUMPY_FILE[p.suffix.lower()])
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        _unreadable(p, exc, _NUMPY_FILE[p.suffix.lower()])
+
+
+def _open_npz(p: Path):
+    """``np.load`` of an .npz; a file that is not a zip archive is one ValueError naming it."""
+    if not zipfile.is_zipfile(p):
+        _unreadable(p, ValueError("not a zip archive"), _NUMPY_FILE[".npz"])
+    return _numpy_read(p, lambda: np.load(p, allow_pickle=False))
+
+
 def _read_idx(p: Path) -> np.ndarray:
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rb") as f:
-        data = f.read()
+    try:
+        with opener(p, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # a .gz that is not gzip, or truncated
+        _unreadable(p, exc, "an IDX file (MNIST format), gzipped when its name ends in .gz")
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise bad_value("path", str(p), "an IDX file (MNIST format: magic 0x0000, type, ndim)")
+    if len(data) < 4 + 4 * data[3]:
+        raise ValueError(
+            f"path: {p.name} ends inside its IDX header ({len(data)} bytes for {data[3]} "
+            "dimensions); accepted: an IDX file (MNIST format), not truncated"
+        )
     dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}.get(
         data[2]
     )
@@ -160,11 +197,11 @@ def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor 
     p = _path(path)
     labels = None
     if p.suffix.lower() == ".npz":
-        with np.load(p) as z:
+        with _open_npz(p) as z:
             if "x" not in z.files:
                 raise bad_value("path", str(p), "an .npz with an image array 'x' (and labels 'y')")
-            images = z["x"]
-            labels = z["y"] if "y" in z.files else None
+            images = _numpy_read(p, lambda: z["x"])
+            labels = _numpy_read(p, lambda: z["y"]) if "y" in z.files else None
     else:
         images = _read_idx(p)
     if labels_path is not None:
@@ -219,7 +256,7 @@ def file_classification(
     from .splits import Split, TaskData, split_indices, standardize
 
     p = _path(path)
-    if p.suffix.lower() in (".gz", ".idx", ".ubyte") or _npz_images(p):
+    if _is_idx(p) or _npz_images(p):
         images, labels = load_image_file(p, labels_path)
         if labels is None:
             raise ValueError(
@@ -261,11 +298,18 @@ def file_classification(
     return TaskData(Split(xtr, labels[tr]), Split(xva, labels[va]), Split(xte, labels[te]), info)
 
 
+def _is_idx(p: Path) -> bool:
+    """An IDX file by its name: ``.gz``, ``.idx``, or MNIST's own ``train-images-idx3-ubyte``
+    / ``train-images.idx3-ubyte`` (the last suffix is then not ``.ubyte``)."""
+    name = p.name.lower().removesuffix(".gz")
+    return p.suffix.lower() in (".gz", ".idx") or name.endswith("ubyte")
+
+
 def _npz_images(p: Path) -> bool:
     if p.suffix.lower() != ".npz":
         return False
-    with np.load(p, allow_pickle=False) as z:
-        return "x" in z.files and "y" in z.files and z["x"].ndim >= 3
+    with _open_npz(p) as z:
+        return "x" in z.files and "y" in z.files and _numpy_read(p, lambda: z["x"]).ndim >= 3
 
 
 def _enough_rows(path, n: int) -> None:
