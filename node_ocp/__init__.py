@@ -9,6 +9,9 @@ Public API (stable names):
   (``capture.set_terminal_factors``, ``capture.propagated_factors``).
 - Time-conditioned layers: :class:`ConcatLinear`, :class:`ConcatSquashLinear`,
   :class:`ConcatConv2d`, :class:`ConcatSquashConv2d`, :class:`TimeSequential`.
+- :func:`train_step` — one training step of any optimizer (OCNOpt's backward with outputs
+  and likelihood, its trial closure, schedule and horizon steps, time and NFE measured);
+  ``node-ocp train`` and ``bench`` take the same step.
 """
 
 from .curvature import CurvatureCapture, DenseFactors, KroneckerFactors
@@ -23,6 +26,7 @@ from .ode import (
     TimeSequential,
 )
 from .optim import HorizonOptimizer, OCNOpt
+from .train.step import StepFailed, StepResult, train_step
 
 __version__ = "0.1.0"
 
@@ -40,5 +44,8 @@ __all__ = [
     "ConcatSquashConv2d",
     "TimeConditioned",
     "TimeSequential",
+    "train_step",
+    "StepResult",
+    "StepFailed",
     "__version__",
 ]

@@ -636,6 +636,7 @@ CASES: list[Case] = [
         setup=config(**{"train.batch_size": 1000}),
         names="[train].batch_size: received 1000 for a training split of 64 examples",
         accepts="accepted: an int <= 64",
+        creates_nothing=True,
         why="batch_size larger than the data",
     ),
     # --- flags
@@ -800,7 +801,6 @@ CASES: list[Case] = [
             accepts=accepts,
             preserved=("bad.toml",),
             creates_nothing=True,
-            leaves_empty="r" if "task.dataset" in over else None,  # read after --out is made
         )
         for what, over, names, accepts in [
             ("an unknown table", {"trian.steps": 3}, "unknown table [trian]", "[task]"),
@@ -892,7 +892,6 @@ CASES: list[Case] = [
         names="[task].path: no file at",
         accepts="an existing file",
         creates_nothing=True,
-        leaves_empty="r",
         why="no own data on the command line",
     ),
     Case(
@@ -963,7 +962,6 @@ CASES: list[Case] = [
             accepts=accepts,
             preserved=("own.toml", path),
             creates_nothing=True,
-            leaves_empty="r",  # the data is read after --out is made (see the report)
             why=why,
         )
         for what, kind, path, write, task, names, accepts, why in [

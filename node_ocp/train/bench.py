@@ -19,18 +19,18 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from ..io import atomic_write_json
-from ..optim import OCNOpt
 from .config import ConfigError, OptimizerConfig, RunConfig
-from .costs import KINDS, amortized, medians, step_kind
-from .loop import RunError, prepare_out_dir, resolve_device
+from .costs import KINDS, amortized_for, cycle, medians
+from .errors import RunError
+from .loop import prepare_out_dir, resolve_device
 from .memory import StepMemory, state_mb
 from .optimizers import build_optimizer
+from .step import kind_of, train_step
 from .tasks import build_task
 
 FROZEN_LR = 1e-12
@@ -98,33 +98,22 @@ def bench(
     for i in range(steps):
         for a in arms.values():
             t, opt = a["task"], a["opt"]
-            ocn = isinstance(opt, OCNOpt)
-            kind = step_kind(ocn and opt.refresh_due, ocn and opt.adapt_due)
+            kind = kind_of(opt)
             measure = meter is not None and i > 0 and kind not in a["memory"]
             if measure:
                 meter.start()
-            _sync(dev)
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            outputs, loss = t.outputs_and_loss(batch)
-            if ocn:
-                opt.backward(loss, outputs=outputs, likelihood=t.likelihood)
-                opt.step(lambda t=t: t.outputs_and_loss(batch)[::-1])
-            else:
-                loss.backward()
-                opt.step()
-            _sync(dev)
-            dt = time.perf_counter() - t0
+            r = train_step(
+                opt,
+                lambda t=t: t.outputs_and_loss(batch),
+                blocks=t.blocks,
+                likelihood=t.likelihood,
+            )
             if measure:  # malloc_trim before it: its page faults are not a step's cost
                 a["memory"][kind] = meter.stop() + state_mb(opt)
-                a["measured_times"][kind].append(dt)
+                a["measured_times"][kind].append(r.seconds)
             else:
-                a["times"][kind].append(dt)
-            fwd = sum(b.nfe_forward for b in t.blocks)
-            bwd = sum(b.nfe_backward for b in t.blocks)
-            for b in t.blocks:
-                b.reset_nfe()
-            a["nfe"].append((fwd, bwd))
+                a["times"][kind].append(r.seconds)
+            a["nfe"].append((r.nfe_forward, r.nfe_backward))
     rows = {}
     for name, a in arms.items():
         cfg = opts[name]
@@ -136,19 +125,16 @@ def bench(
         cost = medians(a["times"])
         mem = a["memory"]
         ocn = cfg.kind == "ocnopt"
-        k = cfg.update_every if ocn else 1
-        adapt_every = (
-            cfg.adapt_every if ocn and (cfg.step == "model" or cfg.adapt_damping) else None
-        )
+        k, adapt_every = cycle(cfg)
         rows[name] = {
             "kind": cfg.kind,
             "curvature": cfg.curvature if ocn else None,
-            "update_every": k,
+            "update_every": k or 1,  # 1: every step is alike
             "adapt_every": adapt_every,
             "step_s": cost["plain"],
             "adapt_s": cost["adapt"],
             "refresh_s": cost["refresh+adapt"] or cost["refresh"],
-            "amortized_s": amortized(cost, k, adapt_every),
+            "amortized_s": amortized_for(cfg, cost),
             "kind_s": cost,
             "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
             "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
@@ -250,11 +236,6 @@ def _clone_task(task, state):
     t.model = copy.deepcopy(task.model)
     t.model.load_state_dict(state)
     return t
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _ratio(a, b):

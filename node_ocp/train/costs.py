@@ -4,6 +4,9 @@ OCNOpt's steps come in four kinds: plain, *adapt* (with the step control's trial
 solve), *refresh* (curvature capture and decompositions) and both at once. Over one cycle of
 ``lcm(update_every, adapt_every)`` steps each kind occurs a known number of times; the
 amortised cost is the mean over the cycle. Adam and SGD have only plain steps.
+
+This module is the one place where function evaluations are read (:func:`take_nfe`) and
+where an optimizer table's cycle (:func:`cycle`) and amortised cost are worked out.
 """
 
 from __future__ import annotations
@@ -12,6 +15,32 @@ import math
 import statistics
 
 KINDS: tuple[str, ...] = ("plain", "adapt", "refresh", "refresh+adapt")
+
+
+def take_nfe(blocks) -> tuple[int, int]:
+    """``(forward, backward)`` function evaluations the ODE ``blocks`` counted since their
+    last reset, summed; the counters are reset."""
+    f = sum(b.nfe_forward for b in blocks)
+    b = sum(b.nfe_backward for b in blocks)
+    for block in blocks:
+        block.reset_nfe()
+    return f, b
+
+
+def cycle(table) -> tuple[int | None, int | None]:
+    """``(update_every, adapt_every)`` of an optimizer table (an :class:`OptimizerConfig`):
+    OCNOpt refreshes every ``update_every`` steps and runs a trial every ``adapt_every``
+    steps when its step comes from the quadratic model or its damping adapts; every other
+    optimizer has only plain steps, ``(None, None)``."""
+    if table.kind != "ocnopt":
+        return None, None
+    adapt = table.step == "model" or table.adapt_damping
+    return table.update_every, (table.adapt_every if adapt else None)
+
+
+def amortized_for(table, cost: dict[str, float | None]) -> float | None:
+    """:func:`amortized` over the cycle of the optimizer table ``table``."""
+    return amortized(cost, *cycle(table))
 
 
 def step_kind(refresh: bool, adapt: bool) -> str:
@@ -27,9 +56,10 @@ def medians(times: dict[str, list[float]]) -> dict[str, float | None]:
 
 
 def amortized(
-    cost: dict[str, float | None], update_every: int = 1, adapt_every: int | None = None
+    cost: dict[str, float | None], update_every: int | None = None, adapt_every: int | None = None
 ) -> float | None:
-    """Mean cost of a step over one cycle; a kind without a measurement takes the cost of
+    """Mean cost of a step over one cycle (``update_every`` None: no refresh steps,
+    ``adapt_every`` None: no adapt steps); a kind without a measurement takes the cost of
     the nearest measured one (refresh+adapt -> refresh -> adapt -> plain)."""
     fallback = {
         "refresh+adapt": ["refresh+adapt", "refresh", "adapt", "plain"],
@@ -37,10 +67,11 @@ def amortized(
         "adapt": ["adapt", "plain", "refresh+adapt", "refresh"],
         "plain": ["plain", "adapt", "refresh", "refresh+adapt"],
     }
-    period = math.lcm(update_every, adapt_every or 1)
+    period = math.lcm(update_every or 1, adapt_every or 1)
     total = 0.0
     for i in range(period):
-        kind = step_kind(i % update_every == 0, adapt_every is not None and i % adapt_every == 0)
+        refresh = update_every is not None and i % update_every == 0
+        kind = step_kind(refresh, adapt_every is not None and i % adapt_every == 0)
         value = next((cost[k] for k in fallback[kind] if cost.get(k) is not None), None)
         if value is None:
             return None

@@ -1,0 +1,168 @@
+"""The run state and the checkpoint: one typed schema, written atomically, read with checks.
+
+``checkpoint.pt`` is ``torch.save`` of :meth:`Checkpoint.to_dict`: plain dicts and tensors,
+so that ``torch.load`` reads it without node-ocp. Its layout is versioned by
+:data:`CHECKPOINT_SCHEMA`; a checkpoint of another version, a damaged file or a file that
+is not a node-ocp checkpoint is refused with one :class:`RunError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_write
+from .costs import KINDS
+from .errors import RunError
+
+#: Version of the checkpoint layout (the fields of :class:`Checkpoint` and of
+#: :class:`RunState`); a checkpoint of another version is refused.
+CHECKPOINT_SCHEMA = 1
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what a resumed run needs besides the model and optimizer.
+
+    step: steps taken. train_clock: training seconds so far (evaluation excluded).
+    loss_sum, loss_count, nfe_f, nfe_b: sums since the last scheduled metrics line (the
+    mean training loss and NFE per step of the next line are made of them).
+    step_times: seconds of every step, by kind (``plain``, ``adapt``, ``refresh``,
+    ``refresh+adapt``). diverged, diverged_reason: whether and why the run stopped on a
+    failure. memory: MB of the first measured step of each kind.
+    """
+
+    step: int = 0
+    train_clock: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    nfe_f: float = 0.0
+    nfe_b: float = 0.0
+    step_times: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    diverged: bool = False
+    diverged_reason: str | None = None
+    memory: dict[str, float] = field(default_factory=dict)
+
+    def add_step(self, loss: float, kind: str, seconds: float, nfe_f: int, nfe_b: int) -> None:
+        """Count one step."""
+        self.step += 1
+        self.train_clock += seconds
+        self.step_times[kind].append(seconds)
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.nfe_f += nfe_f
+        self.nfe_b += nfe_b
+
+    def reset_sums(self) -> None:
+        """Start the sums of the next metrics line."""
+        self.loss_sum, self.loss_count, self.nfe_f, self.nfe_b = 0.0, 0, 0.0, 0.0
+
+    def fail(self, reason: str) -> None:
+        """Mark the run diverged (the first reason is kept)."""
+        if not self.diverged:
+            self.diverged, self.diverged_reason = True, reason
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "state") -> RunState:
+        """The state saved by :meth:`to_dict`; an unknown or missing field is a ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; accepted: {sorted(names)}")
+        state = cls(**d)
+        for k in KINDS:
+            state.step_times.setdefault(k, [])
+        return state
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run resumes from.
+
+    run: the run's ``config.json`` (config and choices). model, optimizer, scheduler,
+    horizon, sampler: the ``state_dict()`` of each (None where the run has none).
+    state: the :class:`RunState`. rng: the random states of every process.
+    """
+
+    run: dict
+    model: dict
+    optimizer: dict
+    sampler: dict
+    state: RunState
+    rng: dict
+    scheduler: dict | None = None
+    horizon: dict | None = None
+
+    REQUIRED = ("run", "model", "optimizer", "sampler", "state", "rng")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["state"] = self.state.to_dict()
+        out["schema"] = CHECKPOINT_SCHEMA
+        return out
+
+    def write(self, path) -> None:
+        """``torch.save`` through a temporary file and an atomic rename; a failed write (a
+        full disk) is one :class:`RunError` line and leaves the previous checkpoint as it
+        was."""
+        try:
+            atomic_write(Path(path), lambda f: torch.save(self.to_dict(), f), True)
+        except OSError as exc:
+            raise RunError(
+                f"checkpoint: cannot write {str(path)!r} ({exc.strerror or exc}); the "
+                "previous checkpoint is kept: free space and continue with --resume"
+            ) from None
+
+    @classmethod
+    def read(cls, path) -> Checkpoint | None:
+        """The checkpoint at ``path`` (None when there is none), loaded onto the CPU
+        (generator states must stay CPU tensors; ``load_state_dict`` moves the rest)."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated, empty, random bytes, text: torch raises many
+            text = str(exc).strip()
+            why = text.splitlines()[0][:120] if text else type(exc).__name__
+            raise RunError(
+                f"--resume: {str(path)!r} is not a readable checkpoint "
+                f"({type(exc).__name__}: {why}); accepted: a checkpoint.pt written by "
+                "node-ocp train (or --overwrite to start the run again)"
+            ) from None
+        missing = [k for k in cls.REQUIRED if not isinstance(raw, dict) or k not in raw]
+        if missing:
+            raise RunError(
+                f"--resume: {str(path)!r} is not a node-ocp checkpoint (it lacks "
+                f"{', '.join(missing)}); accepted: a checkpoint.pt written by node-ocp train"
+            )
+        schema = raw.get("schema", 1)  # checkpoints before the field were version 1
+        if schema != CHECKPOINT_SCHEMA:
+            raise RunError(
+                f"--resume: {str(path)!r} has checkpoint schema {schema!r}; accepted: schema "
+                f"{CHECKPOINT_SCHEMA} (written by this version of node-ocp)"
+            )
+        try:
+            state = RunState.from_dict(dict(raw["state"]))
+        except (TypeError, ValueError) as exc:
+            raise RunError(
+                f"--resume: {str(path)!r} has a damaged run state ({exc}); accepted: a "
+                "checkpoint.pt written by node-ocp train"
+            ) from None
+        return cls(
+            run=raw["run"],
+            model=raw["model"],
+            optimizer=raw["optimizer"],
+            sampler=raw["sampler"],
+            state=state,
+            rng=raw["rng"],
+            scheduler=raw.get("scheduler"),
+            horizon=raw.get("horizon"),
+        )

@@ -1,0 +1,160 @@
+"""One training step: the same code for ``node-ocp train``, ``node-ocp bench`` and the
+experiments.
+
+A step is: zero the gradients, the forward pass of one batch, a check that the loss is
+finite (and, under torch.distributed, that every process agrees), the backward pass with
+what the optimizer needs (OCNOpt: the outputs and likelihood of its factor sources and step
+control), the optimizer's step (OCNOpt: with a closure that evaluates the same batch again
+with the same random draws, for its trial), the learning-rate schedule's step and the
+horizon controller's step. Its wall-clock time (CUDA synchronised) and the function
+evaluations of the ODE blocks are measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .._errors import first_line
+from ..ode.block import ODEBlock, SolverError
+from ..optim import OCNOpt
+from .costs import step_kind, take_nfe
+
+#: ``forward()`` -> ``(outputs, loss)``: the batch's model outputs (what the likelihood is
+#: about: logits, predictions, a flow's latent ``z``) and its scalar training loss.
+Forward = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+class StepFailed(FloatingPointError):
+    """The forward pass failed (a non-finite loss or a solver error) before the backward
+    pass; the parameters are unchanged. ``reason`` is one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class StepResult:
+    """What one step measured.
+
+    loss: the batch's training loss at the parameters before the step.
+    kind: ``plain``, ``adapt``, ``refresh`` or ``refresh+adapt`` (see :mod:`.costs`).
+    seconds: the step's wall-clock time (CUDA synchronised at both ends).
+    nfe_forward, nfe_backward: function evaluations of the blocks during the step (forward
+        solves, the step control's trial included; backward solves).
+    """
+
+    loss: float
+    kind: str
+    seconds: float
+    nfe_forward: int
+    nfe_backward: int
+
+
+def kind_of(opt: torch.optim.Optimizer) -> str:
+    """The kind of ``opt``'s coming step (``plain`` for every optimizer but OCNOpt)."""
+    if isinstance(opt, OCNOpt):
+        return step_kind(opt.refresh_due, opt.adapt_due)
+    return "plain"
+
+
+def train_step(
+    opt: torch.optim.Optimizer,
+    forward: Forward,
+    *,
+    blocks: Sequence[ODEBlock] = (),
+    likelihood: str | None = None,
+    scheduler=None,
+    horizon=None,
+    agree: Callable[[str | None], str | None] | None = None,
+) -> StepResult:
+    """One step of ``opt`` on the batch ``forward`` evaluates.
+
+    Args:
+        opt: any ``torch.optim.Optimizer``, or :class:`~node_ocp.OCNOpt`.
+        forward: the batch's ``(outputs, loss)`` at the current parameters.
+        blocks: the model's ODE blocks, whose NFE counters are read (and reset: counts made
+            before the step, by an evaluation say, are not the step's).
+        likelihood: OCNOpt's likelihood of ``outputs`` (``categorical``, ``gaussian``,
+            ``standard_normal``) or None.
+        scheduler: a learning-rate schedule stepped after the optimizer, or None.
+        horizon: a :class:`~node_ocp.HorizonOptimizer` stepped after the optimizer, or None.
+        agree: called with this process's failure (one line, or None) before the backward
+            pass; returns the failure every process acts on (data-parallel runs must all stop
+            or all go on, since the backward pass synchronises gradients).
+
+    Raises:
+        StepFailed: a non-finite loss or a solver error in the forward pass (nothing stepped).
+    """
+    device = _device(opt)
+    take_nfe(blocks)
+    kind = kind_of(opt)
+    _sync(device)
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    draws = _draw_state(device)  # OCNOpt's trial evaluates the batch with the same draws
+    failure = None
+    try:
+        outputs, loss = forward()
+        if not torch.isfinite(loss):
+            failure = f"non-finite training loss {float(loss.detach())}"
+    except SolverError as exc:
+        failure = first_line(exc)
+    if agree is not None:
+        failure = agree(failure)
+    if failure is not None:
+        raise StepFailed(failure)
+    if isinstance(opt, OCNOpt):
+        opt.backward(loss, outputs=outputs, likelihood=likelihood)
+        opt.step(_same_draws(forward, draws, device))
+    else:
+        loss.backward()
+        opt.step()
+    if scheduler is not None:
+        scheduler.step()
+    if horizon is not None:
+        horizon.step()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    nfe_forward, nfe_backward = take_nfe(blocks)
+    return StepResult(float(loss.detach()), kind, seconds, nfe_forward, nfe_backward)
+
+
+def _device(opt: torch.optim.Optimizer) -> torch.device:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _draw_state(device: torch.device) -> dict:
+    """The random state the coming forward pass draws from (Hutchinson probes, ...)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _same_draws(forward: Forward, draws: dict, device: torch.device):
+    """OCNOpt's closure: ``(loss, outputs)`` of the batch at the current parameters, with the
+    draws of the step's own forward pass; the training's random stream is left alone."""
+
+    def closure():
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(draws["cpu"])
+            if "cuda" in draws:
+                torch.cuda.set_rng_state(draws["cuda"], device)
+            outputs, loss = forward()
+        return loss, outputs
+
+    return closure
