@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .train.config import DEVICES
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -73,7 +75,7 @@ def _run_options(p: argparse.ArgumentParser, per_run: str = "") -> None:
     """Options shared by train and compare: device and budgets."""
     p.add_argument(
         "--device",
-        choices=["cpu", "cuda", "auto"],
+        choices=DEVICES,
         default=None,
         help="device (default: [train].device of the config)",
     )
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--device",
-        choices=["cpu", "cuda", "auto"],
+        choices=DEVICES,
         default=None,
         help="device (default: [train].device)",
     )

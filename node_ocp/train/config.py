@@ -166,9 +166,13 @@ class ModelConfig:
         _at_least(f"{where}.width", self.width, 1)
         _at_least(f"{where}.blocks", self.blocks, 1)
         _in_range(f"{where}.horizon", self.horizon, 0.0, math.inf, "a float > 0", low_open=True)
-        _choice(f"{where}.divergence", self.divergence, ("exact", "hutchinson"))
-        _choice(f"{where}.interpolation", self.interpolation, ("hermite", "linear"))
-        _choice(f"{where}.activation", self.activation, ("softplus", "tanh", "elu", "relu", "silu"))
+        from ..models.cde import INTERPOLATIONS
+        from ..models.cnf import DIVERGENCES
+        from ..models.fields import ACTIVATIONS
+
+        _choice(f"{where}.divergence", self.divergence, DIVERGENCES)
+        _choice(f"{where}.interpolation", self.interpolation, INTERPOLATIONS)
+        _choice(f"{where}.activation", self.activation, tuple(ACTIVATIONS))
         for key in ("kinetic", "jacobian"):
             _in_range(f"{where}.{key}", getattr(self, key), 0.0, math.inf, "a float >= 0")
 
@@ -226,18 +230,28 @@ class TrainConfig:
         _choice(f"{where}.device", self.device, DEVICES)
 
 
+def _horizon_default(key: str):
+    """HorizonOptimizer's own default for ``key`` (the library is the one source)."""
+    import inspect
+
+    from ..optim.horizon import HorizonOptimizer
+
+    return inspect.signature(HorizonOptimizer).parameters[key].default
+
+
 @dataclass
 class HorizonConfig:
-    """``[horizon]``: t1 of the (first) ODE block as a control (see HorizonOptimizer)."""
+    """``[horizon]``: t1 of the (first) ODE block as a control (see HorizonOptimizer, whose
+    defaults these are; ``max_horizon = inf`` is no bound)."""
 
-    mode: str = "feedback"
-    lr: float = 0.5
-    penalty: float = 0.01
-    update_every: int = 1
-    beta: float = 0.9
-    min_horizon: float = 0.1
-    max_horizon: float = 5.0
-    warmup: int | None = None  # None: HorizonOptimizer's default (the averages' memory)
+    mode: str = field(default_factory=lambda: _horizon_default("mode"))
+    lr: float = field(default_factory=lambda: _horizon_default("lr"))
+    penalty: float = field(default_factory=lambda: _horizon_default("penalty"))
+    update_every: int = field(default_factory=lambda: _horizon_default("update_every"))
+    beta: float = field(default_factory=lambda: _horizon_default("beta"))
+    min_horizon: float = field(default_factory=lambda: _horizon_default("min_horizon"))
+    max_horizon: float = field(default_factory=lambda: _horizon_default("max_horizon"))
+    warmup: int | None = field(default_factory=lambda: _horizon_default("warmup"))
 
     def check(self, where: str) -> None:
         from ..optim.horizon import HORIZON_MODES
