@@ -438,6 +438,8 @@ def _file_cfg(tmp_path, kind, path, **task):
     cfg["task"] = {"kind": kind, "dataset": "file", "path": path, **task}
     if kind == "classification":
         cfg["model"] = {"kind": model, "hidden": [8], "width": 2}
+    if kind == "forecast":
+        cfg["model"] = {"kind": "odernn", "hidden": [8], "width": 4}
     cfg["train"]["batch_size"] = 16
     return load_config(write_toml(tmp_path / "own.toml", cfg))
 
@@ -470,7 +472,7 @@ def test_own_data_files_from_a_config(tmp_path):
         ("density", "missing.csv", {}, "[task].path: no file at"),
         ("density", "bad.csv", {}, "[task].path: bad.csv line 3 column 2: cannot read 'q'"),
         ("classification", "bad2.csv", {"label_column": 5}, "[task].label_column: received 5"),
-        ("forecast", "bad.csv", {}, "[task].dataset: received 'file' for kind 'forecast'"),
+        ("forecast", "bad.csv", {}, "[task].path: bad.csv line 1: no column named 'series' in the header"),
     ],
 )
 def test_own_data_errors_are_one_line_naming_the_key(tmp_path, kind, path, task, words):
