@@ -146,9 +146,14 @@ def own(kind: str, path: str, write: Callable[[Path], None] | None, **task):
         over["train.batch_size"] = 8
         if kind == "classification":
             over.update({"model.kind": task.get("model", "ode_mlp"), "model.width": 2})
+        if kind == "forecast":  # own time series: an ODE-RNN
+            over.update({"model.kind": "odernn", "model.width": 2})
         _cfg(tmp, "own.toml", **over)
 
     return setup
+
+
+TS_HEAD = "@problemName x\n@timeStamps false\n@univariate true\n@classLabel true a b\n"
 
 
 def text(content: str) -> Callable[[Path], None]:
@@ -1154,6 +1159,88 @@ CASES: list[Case] = [
                 "[task].path: img-ubyte.gz",
                 "accepted: an IDX file",
                 None,
+            ),
+            (
+                "a series CSV without a time column",
+                "classification",
+                "s.csv",
+                text("series,t,a,label\ns1,0,1,x\n"),
+                {"model": "odernn"},
+                "[task].path: s.csv line 1: no column named 'time' in the header",
+                "accepted: a header row with columns series, time",
+                "no own data on the command line",
+            ),
+            (
+                "a series time given twice",
+                "classification",
+                "s.csv",
+                text(
+                    "series,time,a,label\n"
+                    + "".join(f"s{i},0,1,x\ns{i},1,2,x\n" for i in range(12))
+                    + "s1,1,3,x\n"
+                ),
+                {"model": "odernn"},
+                "[task].path: s.csv line 26 column 2 ('time'): time 1.0 of series 's1' again",
+                "accepted: one row per series and time",
+                "no own data on the command line",
+            ),
+            (
+                "a label that changes within a series",
+                "classification",
+                "s.csv",
+                text(
+                    "series,time,a,label\n"
+                    + "".join(f"s{i},0,1,x\ns{i},1,2,x\n" for i in range(12))
+                    + "s1,2,3,y\n"
+                ),
+                {"model": "cde"},
+                "[task].path: s.csv line 26 column 4 ('label'): label 'y' for series 's1'",
+                "accepted: one label per series",
+                "no own data on the command line",
+            ),
+            (
+                "a text cell in a series CSV",
+                "forecast",
+                "s.csv",
+                text(
+                    "series,time,a,label\n"
+                    + "".join(f"s{i},0,1,x\ns{i},1,2,x\n" for i in range(12))
+                    + "s1,2,zz,x\n"
+                ),
+                {},
+                "[task].path: s.csv line 26 column 3 ('a'): cannot read 'zz'",
+                "accepted: a finite number, or an empty cell",
+                "no own data on the command line",
+            ),
+            (
+                "too few series",
+                "forecast",
+                "s.csv",
+                text("series,time,a\ns1,0,1\ns1,1,2\ns2,0,1\ns2,1,2\n"),
+                {},
+                "[task].path: s.csv holds 2 series",
+                "accepted: >= 3",
+                "no own data on the command line",
+            ),
+            (
+                "an unknown .ts tag",
+                "classification",
+                "x.ts",
+                text(TS_HEAD + "@bogus 1\n@data\n1,2,3:a\n"),
+                {"model": "odernn"},
+                "[task].path: x.ts line 5: unknown tag '@bogus'",
+                "accepted: @problemName",
+                "no own data on the command line",
+            ),
+            (
+                "a bad .ts value",
+                "classification",
+                "x.ts",
+                text(TS_HEAD + "@data\n1,2,3:a\n1,q,3:b\n"),
+                {"model": "odernn"},
+                "[task].path: x.ts line 7 dimension 1 value 2: cannot read 'q'",
+                "accepted: a finite number, ? or NaN",
+                "no own data on the command line",
             ),
         ]
     ],
