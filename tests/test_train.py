@@ -472,7 +472,12 @@ def test_own_data_files_from_a_config(tmp_path):
         ("density", "missing.csv", {}, "[task].path: no file at"),
         ("density", "bad.csv", {}, "[task].path: bad.csv line 3 column 2: cannot read 'q'"),
         ("classification", "bad2.csv", {"label_column": 5}, "[task].label_column: received 5"),
-        ("forecast", "bad.csv", {}, "[task].path: bad.csv line 1: no column named 'series' in the header"),
+        (
+            "forecast",
+            "bad.csv",
+            {},
+            "[task].path: bad.csv line 1: no column named 'series' in the header",
+        ),
     ],
 )
 def test_own_data_errors_are_one_line_naming_the_key(tmp_path, kind, path, task, words):
@@ -518,3 +523,36 @@ def test_a_neural_cde_run_resumes(tmp_path):
     assert s["steps"] == 6
     drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert drop(read_metrics(part)) == drop(read_metrics(full))
+
+
+def test_config_defaults_are_the_librarys():
+    """One source of truth: a table's unset keys take the library's own defaults."""
+    import inspect
+
+    from node_ocp import HorizonOptimizer, ODEBlock
+    from node_ocp.models.cde import INTERPOLATIONS
+    from node_ocp.optim.ocnopt import DEFAULTS
+    from node_ocp.train.config import HorizonConfig, OptimizerConfig, SolverConfig
+
+    def defaults(cls, keys):
+        params = inspect.signature(cls).parameters
+        return {k: params[k].default for k in keys}
+
+    solver = SolverConfig()
+    assert defaults(ODEBlock, ("method", "rtol", "atol", "gradient")) == {
+        "method": solver.method,
+        "rtol": solver.rtol,
+        "atol": solver.atol,
+        "gradient": solver.gradient,
+    }
+    h = HorizonConfig()
+    keys = ("mode", "lr", "penalty", "update_every", "beta", "min_horizon", "max_horizon")
+    assert defaults(HorizonOptimizer, keys + ("warmup",)) == {
+        k: getattr(h, k) for k in keys + ("warmup",)
+    }
+    o = OptimizerConfig(kind="ocnopt")
+    for key in ("curvature", "factors", "update_every", "damping", "sample_dt", "step"):
+        assert getattr(o, key) == DEFAULTS[key], key
+    with pytest.raises(ConfigError, match="interpolation: received 'spline'.*'hermite'"):
+        config_from_dict(tiny(**{"model.interpolation": "spline"}))
+    assert "hermite" in INTERPOLATIONS

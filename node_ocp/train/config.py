@@ -177,16 +177,26 @@ class ModelConfig:
             _in_range(f"{where}.{key}", getattr(self, key), 0.0, math.inf, "a float >= 0")
 
 
+def _block_default(key: str):
+    """ODEBlock's own default for ``key`` (the library is the one source)."""
+    import inspect
+
+    from ..ode.block import ODEBlock
+
+    return inspect.signature(ODEBlock).parameters[key].default
+
+
 @dataclass
 class SolverConfig:
-    """``[solver]``: every ODE block's solver. ``gradient``: ``adjoint`` (the own adjoint),
+    """``[solver]``: every ODE block's solver, with ODEBlock's defaults (dopri5, rtol 1e-4,
+    atol 1e-5, the own adjoint). ``gradient``: ``adjoint`` (the own adjoint),
     ``direct`` (backprop through the solver) or ``torchdiffeq`` (torchdiffeq's
     ``odeint_adjoint``; first-order optimizers only)."""
 
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-4
-    gradient: str = "adjoint"
+    method: str = field(default_factory=lambda: _block_default("method"))
+    rtol: float = field(default_factory=lambda: _block_default("rtol"))
+    atol: float = field(default_factory=lambda: _block_default("atol"))
+    gradient: str = field(default_factory=lambda: _block_default("gradient"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
