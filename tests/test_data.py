@@ -178,3 +178,33 @@ def test_complex_object_and_1d_arrays(tmp_path):
         ValueError, match=r"header: received 'yes'; accepted: 'auto', True or False"
     ):
         load_tabular_file(tmp_path / "v.npy", header="yes")
+
+
+def test_a_table_with_class_names_in_its_label_column(tmp_path):
+    """Labels such as ``setosa`` (not numbers) are classes in sorted order; the features
+    stay exact; a text cell elsewhere or an empty label is still an error with its line."""
+    from node_ocp.data import file_classification
+
+    names = ["virginica", "setosa", "versicolor"]
+    rows = [(i * 0.5, -i * 0.25, names[i % 3]) for i in range(30)]
+    path = tmp_path / "flowers.csv"
+    path.write_text("a,b,species\n" + "".join(f"{a},{b},{n}\n" for a, b, n in rows))
+    data = file_classification(path)
+    assert data.info["classes"] == 3 and data.info["labels"] == sorted(names)
+    xs = torch.cat([data.train.x, data.val.x, data.test.x])
+    ys = torch.cat([data.train.y, data.val.y, data.test.y])
+    assert xs.shape == (30, 2)  # header and label column gone, every row kept
+    # the first feature identifies the row (standardisation is monotone in each feature):
+    # every row's label must be the sorted index of its name
+    raw = torch.tensor([r[0] for r in rows])
+    expected = torch.tensor([sorted(names).index(r[2]) for r in rows])[torch.argsort(raw)]
+    assert torch.equal(ys[torch.argsort(xs[:, 0])], expected)
+    # integer labels keep their values as the class names
+    path.write_text("".join(f"{a},{b},{i % 2 * 5}\n" for i, (a, b, _) in enumerate(rows)))
+    assert file_classification(path).info["labels"] == [0, 5]
+    path.write_text("a,b,species\n1,x,setosa\n" + "1,2,setosa\n2,3,virginica\n" * 10)
+    with pytest.raises(ValueError, match=r"flowers.csv line 2 column 2: cannot read 'x'"):
+        file_classification(path)
+    path.write_text("a,b,species\n" + "1,2,setosa\n" * 5 + "1,2,\n" + "2,3,virginica\n" * 5)
+    with pytest.raises(ValueError, match=r"flowers.csv line 7 column 3: an empty label"):
+        file_classification(path)

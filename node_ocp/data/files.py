@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zipfile
 import zlib
@@ -39,8 +40,13 @@ def _number(cell: str) -> float | None:
         return None
 
 
-def _read_csv(p: Path, delimiter: str, header) -> np.ndarray:
-    """Parse a delimited text table; every bad cell is an error naming line and column."""
+def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
+    """Parse a delimited text table; every bad cell is an error naming line and column.
+
+    Returns ``(table (N, D) float64, texts)``: with ``text_column`` (an index, negative
+    from the end) that column's cells are kept as they are written in ``texts`` (N strings;
+    the table holds NaN there), e.g. class labels such as ``setosa``; else ``texts`` is None.
+    """
     try:
         text = p.read_text()
     except UnicodeDecodeError:
@@ -57,6 +63,10 @@ def _read_csv(p: Path, delimiter: str, header) -> np.ndarray:
             raise ValueError(f"path: {p.name} holds a header and no data rows")
     width = len(rows[0][1].split(delimiter))
     out = np.empty((len(rows), width), dtype=np.float64)
+    keep = (
+        text_column % width if text_column is not None and -width <= text_column < width else None
+    )
+    texts: list[str] | None = [] if keep is not None else None
     for r, (line_no, line) in enumerate(rows):
         cells = [c.strip() for c in line.split(delimiter)]
         if len(cells) != width:
@@ -65,6 +75,15 @@ def _read_csv(p: Path, delimiter: str, header) -> np.ndarray:
                 f"{rows[0][0]} has {width}; accepted: every row with the same columns"
             )
         for c, cell in enumerate(cells):
+            if c == keep:
+                if not cell:
+                    raise ValueError(
+                        f"path: {p.name} line {line_no} column {c + 1}: an empty label; "
+                        "accepted: a class label (a number or a name) in every row"
+                    )
+                texts.append(cell)
+                out[r, c] = math.nan
+                continue
             v = _number(cell)
             if v is None:
                 raise ValueError(
@@ -73,7 +92,7 @@ def _read_csv(p: Path, delimiter: str, header) -> np.ndarray:
                     "cell non-numeric, or header=True)"
                 )
             out[r, c] = v
-    return out
+    return out, texts
 
 
 def load_tabular_file(path, delimiter: str = ",", header="auto") -> torch.Tensor:
@@ -90,7 +109,7 @@ def load_tabular_file(path, delimiter: str = ",", header="auto") -> torch.Tensor
         raise bad_value("header", header, "'auto', True or False")
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        arr = _read_csv(p, delimiter, header)
+        arr, _ = _read_csv(p, delimiter, header)
     elif suffix == ".npy":
         arr = _numpy_read(p, lambda: np.load(p, allow_pickle=False))
     elif suffix == ".npz":
@@ -273,7 +292,15 @@ def file_classification(
             Split(images[te], labels[te]),
             info,
         )
-    table = load_tabular_file(p, header=header)
+    texts = None
+    if p.suffix.lower() == ".csv":  # labels may be names (setosa, ...) or numbers
+        if header not in HEADERS or isinstance(header, int) and not isinstance(header, bool):
+            raise bad_value("header", header, "'auto', True or False")
+        arr, texts = _read_csv(p, ",", header, text_column=label_column)
+        _finite("values", np.delete(arr, label_column % arr.shape[1], 1), p)
+        table = torch.as_tensor(arr, dtype=torch.float32)
+    else:
+        table = load_tabular_file(p, header=header)
     cols = table.shape[1]
     if not -cols <= label_column < cols or cols < 2:
         raise ValueError(
@@ -281,20 +308,28 @@ def file_classification(
             f"accepted: an int in [{-cols}, {cols - 1}] on a table with >= 2 columns"
         )
     col = label_column % cols
-    raw = table[:, col]
-    if not torch.equal(raw, raw.round()):
-        raise ValueError(
-            f"label_column: column {col + 1} of {p.name} holds non-integer values; accepted: "
-            "integer class labels"
-        )
-    values, labels = torch.unique(raw, sorted=True, return_inverse=True)
+    numbers = None if texts is None else [_number(t) for t in texts]
+    if texts is not None and any(v is None or not math.isfinite(v) for v in numbers):
+        names = sorted(set(texts))  # class names, in sorted order as classes 0..K-1
+        index = {n: i for i, n in enumerate(names)}
+        labels = torch.tensor([index[t] for t in texts], dtype=torch.long)
+        values = names
+    else:
+        raw = table[:, col] if numbers is None else torch.tensor(numbers, dtype=torch.float64)
+        if not torch.equal(raw, raw.round()):
+            raise ValueError(
+                f"label_column: column {col + 1} of {p.name} holds non-integer values; "
+                "accepted: integer class labels or class names"
+            )
+        uniq, labels = torch.unique(raw, sorted=True, return_inverse=True)
+        values = [int(v) for v in uniq.tolist()]
     if len(values) < 2:
         raise ValueError(f"label_column: column {col + 1} of {p.name} holds one class only")
     x = torch.cat([table[:, :col], table[:, col + 1 :]], dim=1)
     _enough_rows(path, x.shape[0])
     tr, va, te = split_indices(x.shape[0], fractions, seed)
     (xtr, xva, xte), _ = standardize(x[tr], x[va], x[te])
-    info = {"name": p.name, "dim": x.shape[1], "classes": len(values)}
+    info = {"name": p.name, "dim": x.shape[1], "classes": len(values), "labels": values}
     return TaskData(Split(xtr, labels[tr]), Split(xva, labels[va]), Split(xte, labels[te]), info)
 
 
