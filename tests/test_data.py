@@ -154,7 +154,10 @@ def test_csv_header_handling_never_drops_data(tmp_path, text, header, shape, fir
     [
         ("1,x,3\n4,5,6\n", "t.csv line 1 column 2: cannot read 'x' as a number"),  # not a header
         ("a,b\n1,2\n3,q\n", "t.csv line 3 column 2: cannot read 'q'"),
-        ("1,2,3\n4,5\n", "t.csv line 2 has 2 columns, line 1 has 3"),
+        ("1,2,3\n4,5\n", "t.csv line 2 has 2 columns, 1 of the 2 rows have 3"),
+        # a bad first row is the one named: most rows set the width, or the header does
+        ("1,2,3,4\n" + "1,2,3\n" * 4, "t.csv line 1 has 4 columns, 4 of the 5 rows have 3"),
+        ("a,b,c\n1,2,3,4\n" + "1,2\n" * 4, "t.csv line 2 has 4 columns, the header (line 1) has 3"),
         ("", "holds no rows"),
     ],
 )

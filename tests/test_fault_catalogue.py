@@ -986,7 +986,7 @@ CASES: list[Case] = [
                 "d.csv",
                 text("1,2,3\n4,5\n" + "1,2,3\n" * 12),
                 {},
-                "[task].path: d.csv line 2 has 2 columns, line 1 has 3",
+                "[task].path: d.csv line 2 has 2 columns, 13 of the 14 rows have 3",
                 "accepted: every row with the same columns",
                 "a ragged row is dropped",
             ),
@@ -1502,7 +1502,7 @@ LIB_CASES: list[LibCase] = [
         "csv ragged row",
         _csv("1,2,3\n4,5\n"),
         ValueError,
-        ("path: t.csv line 2 has 2 columns, line 1 has 3",),
+        ("path: t.csv line 2 has 2 columns, 1 of the 2 rows have 3",),
         why="a ragged row is dropped",
     ),
     LibCase(

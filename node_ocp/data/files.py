@@ -7,6 +7,7 @@ import math
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,15 @@ def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
     if header == "auto":
         header = all(_number(c) is None for c in first)
     if header:
+        head_line = rows[0][0]
         rows = rows[1:]
         if not rows:
             raise ValueError(f"path: {p.name} holds a header and no data rows")
-    width = len(rows[0][1].split(delimiter))
+        width, like = len(first), f"the header (line {head_line}) has {len(first)}"
+    else:  # the width most rows have: a bad first row is named as the bad one
+        counts = Counter(len(line.split(delimiter)) for _, line in rows)
+        width = max(counts, key=lambda w: (counts[w], w == len(first)))
+        like = f"{counts[width]} of the {len(rows)} rows have {width}"
     out = np.empty((len(rows), width), dtype=np.float64)
     keep = (
         text_column % width if text_column is not None and -width <= text_column < width else None
@@ -71,8 +77,8 @@ def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
         cells = [c.strip() for c in line.split(delimiter)]
         if len(cells) != width:
             raise ValueError(
-                f"path: {p.name} line {line_no} has {len(cells)} columns, line "
-                f"{rows[0][0]} has {width}; accepted: every row with the same columns"
+                f"path: {p.name} line {line_no} has {len(cells)} columns, {like}; accepted: "
+                "every row with the same columns"
             )
         for c, cell in enumerate(cells):
             if c == keep:
