@@ -1223,6 +1223,16 @@ CASES: list[Case] = [
                 "no own data on the command line",
             ),
             (
+                "columns naming a column the file lacks",
+                "forecast",
+                "s.csv",
+                text("patient,hour,a\n" + "".join(f"p{i},0,1\np{i},1,2\n" for i in range(9))),
+                {"columns": {"series": "patient", "time": "hours"}},
+                "[task].columns: time = 'hours' is not a column of s.csv",
+                "accepted: a column name of the header",
+                "no own data on the command line",
+            ),
+            (
                 "an unknown .ts tag",
                 "classification",
                 "x.ts",

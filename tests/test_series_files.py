@@ -423,3 +423,41 @@ def test_cli_bad_series_file_is_one_error_line(tmp_path, capsys):
 def test_config_format_key(tmp_path, task, key):
     with pytest.raises(ConfigError, match=r"^" + re.escape(key) + r": received"):
         load_config(_config(tmp_path, task))
+
+
+def test_columns_name_the_files_own_series_time_and_label(tmp_path):
+    """A user's header (patient, hour, outcome): ``columns`` maps the roles; the data read
+    is the same as the file with the standard names; a wrong name is one line."""
+    renamed = HAND.replace("Series,TIME,x,y,label", "patient,hour,x,y,outcome")
+    a = read_long_csv(_write(tmp_path, "std.csv", HAND))
+    b = read_long_csv(
+        _write(tmp_path, "own.csv", renamed),
+        columns={"series": "patient", "time": "hour", "label": "outcome"},
+    )
+    assert (b.ids, b.labels, b.channels) == (a.ids, a.labels, a.channels)
+    assert all(_same(x, y) for x, y in zip(a.times + a.values, b.times + b.values))
+    with pytest.raises(ValueError, match=r"^columns: label = 'result' is not a column of own"):
+        read_long_csv(
+            tmp_path / "own.csv", columns={"series": "patient", "time": "hour", "label": "result"}
+        )
+    with pytest.raises(ValueError, match=r"no column named 'series'.*\[task\]\.columns"):
+        read_long_csv(tmp_path / "own.csv")
+    # through a config: the key is [task].columns
+    path, _ = _series_csv(tmp_path, n=6, name="big.csv")
+    path.write_text(path.read_text().replace("series,time,c0,c1,label", "patient,hour,c0,c1,y"))
+    task = 'kind = "classification"\ndataset = "file"\npath = "big.csv"\n'
+    cfg = _config(
+        tmp_path,
+        task + 'columns = { series = "patient", time = "hour", label = "y" }',
+        name="c1.toml",
+    )
+    assert load_data(load_config(cfg)).info["labels"] == ["ant", "cat", "dog"]
+    cfg = _config(
+        tmp_path, task + 'columns = { series = "patient", time = "hour" }', name="c2.toml"
+    )
+    # without label = "y" the column y is a channel, and its class names are not numbers
+    with pytest.raises(ConfigError, match=r"^\[task\]\.path: big.csv line 2 column 5 \('y'\)"):
+        load_data(load_config(cfg))
+    cfg = _config(tmp_path, task + 'columns = { patient = "series" }', name="b.toml")
+    with pytest.raises(ConfigError, match=r"^\[task\]\.columns: received patient = 'series'"):
+        load_config(cfg)

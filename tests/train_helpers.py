@@ -54,6 +54,8 @@ def write_toml(path: Path, cfg: dict) -> Path:
             return json.dumps(v)
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
         return repr(v)
 
     lines = []

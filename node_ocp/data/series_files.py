@@ -66,6 +66,8 @@ from .irregular import collate_irregular
 from .splits import Split, TaskData
 
 FORMATS = ("auto", "long", "ts")
+#: the roles of a long CSV's columns that ``columns=`` may rename
+ROLES = ("series", "time", "label")
 _MISSING = ("", "nan", "?")
 
 
@@ -127,8 +129,12 @@ def _value(cell: str) -> float | None:
 # --------------------------------------------------------------------------- long CSV
 
 
-def read_long_csv(path) -> SeriesSet:
+def read_long_csv(path, columns: dict[str, str] | None = None) -> SeriesSet:
     """Read a long CSV of series (see the module's docstring for the format).
+
+    ``columns`` names the file's own columns for the roles ``series``, ``time`` and
+    ``label`` (e.g. ``{"series": "patient", "time": "hour", "label": "outcome"}``); a role
+    not named there is the column of that name.
 
     Returns a :class:`SeriesSet`; ``values`` of each series ``(L_i, C)`` with ``C`` the
     channel columns in header order. Every bad cell is a ``ValueError`` naming the file,
@@ -156,7 +162,7 @@ def read_long_csv(path) -> SeriesSet:
         cells = [cell.strip() for cell in row]
         if header is None:
             header, header_line = cells, line
-            cols = _header_columns(name, line, header)
+            cols = _header_columns(name, line, header, columns)
             chans = [c for c in range(len(header)) if c not in cols.values()]
             continue
         if len(cells) != len(header):
@@ -240,7 +246,15 @@ def read_long_csv(path) -> SeriesSet:
     return out
 
 
-def _header_columns(name: str, line: int, header: list[str]) -> dict[str, int]:
+def _header_columns(
+    name: str, line: int, header: list[str], columns: dict[str, str] | None = None
+) -> dict[str, int]:
+    columns = dict(columns or {})
+    for role, col in columns.items():
+        if role not in ROLES:
+            raise bad_value("columns", columns, f"a mapping of {', '.join(ROLES)} to column names")
+        if not isinstance(col, str) or not col:
+            raise bad_value(f"columns[{role!r}]", col, "a column name of the header")
     lower = [h.lower() for h in header]
     for c, h in enumerate(header):
         if not h:
@@ -253,14 +267,22 @@ def _header_columns(name: str, line: int, header: list[str]) -> dict[str, int]:
                 f"path: {name} line {line} column {c + 1}: column name {h!r} again (column "
                 f"{lower.index(h.lower()) + 1}); accepted: distinct column names"
             )
-    cols = {k: lower.index(k) for k in ("series", "time", "label") if k in lower}
+    wanted = {k: columns.get(k, k).lower() for k in ROLES}
+    cols = {k: lower.index(c) for k, c in wanted.items() if c in lower}
+    for key in ROLES:
+        if key in columns and key not in cols:
+            raise ValueError(
+                f"columns: {key} = {columns[key]!r} is not a column of {name} (line {line}: "
+                f"{', '.join(header)}); accepted: a column name of the header"
+            )
     for key in ("series", "time"):
         if key not in cols:
             received = ", ".join(header)
             raise ValueError(
                 f"path: {name} line {line}: no column named {key!r} in the header "
                 f"(received: {received}); accepted: a header row with columns series, time, "
-                "one per channel and optionally label"
+                "one per channel and optionally label, or [task].columns = {series = ..., "
+                "time = ..., label = ...} naming your columns"
             )
     if len(header) == len(cols):
         raise ValueError(
@@ -513,10 +535,12 @@ def series_format(path, format: str = "auto") -> str:
     return "ts" if Path(path).suffix.lower() == ".ts" else "long"
 
 
-def load_series_file(path, format: str = "auto") -> SeriesSet:
+def load_series_file(
+    path, format: str = "auto", columns: dict[str, str] | None = None
+) -> SeriesSet:
     """Read one series file as ``format`` (``"auto"``: by suffix, see :func:`series_format`)."""
     fmt = series_format(path, format)
-    return read_ts_file(path) if fmt == "ts" else read_long_csv(path)
+    return read_ts_file(path) if fmt == "ts" else read_long_csv(path, columns)
 
 
 def sibling_test_file(path) -> Path | None:
@@ -532,10 +556,10 @@ def sibling_test_file(path) -> Path | None:
     return None
 
 
-def _read(path, format: str) -> tuple[SeriesSet, SeriesSet | None]:
+def _read(path, format: str, columns=None) -> tuple[SeriesSet, SeriesSet | None]:
     p = _file(path)
     fmt = series_format(p, format)
-    main = load_series_file(p, fmt)
+    main = load_series_file(p, fmt, columns)
     sibling = sibling_test_file(p) if fmt == "ts" else None
     test = read_ts_file(sibling) if sibling is not None else None
     if test is not None and len(test.channels) != len(main.channels):
@@ -621,10 +645,10 @@ def _classes(raw: set[str]) -> tuple[list, dict[str, int]]:
     return values, {c: k for k, c in enumerate(texts)}
 
 
-def _prepare(path, format, drop, seed, dtype):
+def _prepare(path, format, drop, seed, dtype, columns=None):
     if not (0.0 <= drop < 1.0):
         raise bad_value("drop", drop, "a fraction in [0, 1)")
-    main, test = _read(path, format)
+    main, test = _read(path, format, columns)
     parts = _split(main, test, seed)
     scale = _time_scale((main, test))
     mean, std = _statistics(parts[0])
@@ -665,6 +689,7 @@ def file_series_classification(
     drop: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    columns: dict[str, str] | None = None,
 ) -> TaskData:
     """A labelled series file (long CSV with a ``label`` column, or ``.ts`` with
     ``@classLabel true``) as classification splits.
@@ -675,8 +700,10 @@ def file_series_classification(
     series' time points at random (seeded; at least one kept). ``info``: ``name``,
     ``channels`` (C), ``channel_names``, ``classes`` (K), ``labels`` (the class of each
     index), ``time_scale``, ``mean``/``std`` ``(C,)``, ``series`` (each split's ids).
+    ``columns``: the long CSV's own names of the series, time and label columns (see
+    :func:`read_long_csv`).
     """
-    main, test, parts, info, one = _prepare(path, format, drop, seed, dtype)
+    main, test, parts, info, one = _prepare(path, format, drop, seed, dtype, columns)
     if main.labels is None:
         what = "no @classLabel true" if info["format"] == "ts" else "no 'label' column"
         raise ValueError(
@@ -714,6 +741,7 @@ def file_series_forecast(
     drop: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    columns: dict[str, str] | None = None,
 ) -> TaskData:
     """A series file (labels, if any, ignored) as forecasting splits.
 
@@ -727,7 +755,7 @@ def file_series_forecast(
     """
     if not (0.0 < observe < 1.0):
         raise bad_value("observe", observe, "a fraction in (0, 1)")
-    main, test, parts, info, one = _prepare(path, format, drop, seed, dtype)
+    main, test, parts, info, one = _prepare(path, format, drop, seed, dtype, columns)
     gen = torch.Generator().manual_seed(seed + 1)
     splits = []
     for part in parts:

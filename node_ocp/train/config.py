@@ -74,6 +74,9 @@ class TaskConfig:
         ``long`` or ``ts``.
     header: CSV header row of a table: ``auto`` (when every cell of the first row is
         non-numeric), ``true`` or ``false`` (a long CSV of series always has one).
+    columns: a long CSV's own names of its series, time and label columns, e.g.
+        ``{series = "patient", time = "hour", label = "outcome"}`` (a role not named is
+        the column called ``series``, ``time`` or ``label``).
     """
 
     kind: str = "density"
@@ -90,6 +93,7 @@ class TaskConfig:
     header: str = "auto"
     label_column: int = -1
     format: str = "auto"
+    columns: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         _choice(f"{where}.kind", self.kind, TASK_KINDS)
@@ -123,6 +127,20 @@ class TaskConfig:
                 f"{where}.format: received {self.format!r} with dataset {self.dataset!r}; "
                 "accepted: 'auto', or another format only with dataset = 'file'"
             )
+        if self.columns:
+            from ..data.series_files import ROLES
+
+            for role, name in self.columns.items():
+                if role not in ROLES or not isinstance(name, str) or not name:
+                    raise ConfigError(
+                        f"{where}.columns: received {role} = {name!r}; accepted: "
+                        f"{', '.join(ROLES)} = the name of that column in your long CSV"
+                    )
+            if self.dataset != "file":
+                raise ConfigError(
+                    f"{where}.columns: received {self.columns!r} with dataset "
+                    f"{self.dataset!r}; accepted: columns only with dataset = 'file'"
+                )
         for key in ("n_train", "n_val", "n_test", "length"):
             _at_least(f"{where}.{key}", getattr(self, key), 2)
         _in_range(f"{where}.drop", self.drop, 0.0, 1.0, "a fraction in [0, 1)", high_open=True)

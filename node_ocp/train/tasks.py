@@ -265,10 +265,17 @@ def _file_data(config: RunConfig) -> TaskData:
         if fmt in ("long", "ts"):
             if t.kind == "forecast":
                 return file_series_forecast(
-                    resolve(t.path), fmt, observe=t.observe, drop=t.drop, seed=DATA_SEED
+                    resolve(t.path),
+                    fmt,
+                    observe=t.observe,
+                    drop=t.drop,
+                    seed=DATA_SEED,
+                    columns=t.columns,
                 )
             if t.kind == "classification":
-                return file_series_classification(resolve(t.path), fmt, drop=t.drop, seed=DATA_SEED)
+                return file_series_classification(
+                    resolve(t.path), fmt, drop=t.drop, seed=DATA_SEED, columns=t.columns
+                )
             raise ConfigError(
                 f"[task].format: received {fmt!r} for kind {t.kind!r}; accepted: series "
                 "files for classification or forecast"
@@ -284,7 +291,7 @@ def _file_data(config: RunConfig) -> TaskData:
             raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         key, _, rest = text.partition(": ")  # the file readers name their argument first
-        if key not in ("path", "label_column") or not rest:
+        if key not in ("path", "label_column", "columns") or not rest:
             key, rest = "path", text
         raise ConfigError(f"[task].{key}: {rest}") from None
 
