@@ -46,6 +46,8 @@ class StepResult:
     seconds: the step's wall-clock time (CUDA synchronised at both ends).
     nfe_forward, nfe_backward: function evaluations of the blocks during the step (forward
         solves, the step control's trial included; backward solves).
+    nfe_capture: batched field evaluations of curvature capture during the step (0 on
+        steps without capture).
     """
 
     loss: float
@@ -53,6 +55,7 @@ class StepResult:
     seconds: float
     nfe_forward: int
     nfe_backward: int
+    nfe_capture: int = 0
 
 
 def kind_of(opt: torch.optim.Optimizer) -> str:
@@ -120,8 +123,9 @@ def train_step(
         horizon.step()
     _sync(device)
     seconds = time.perf_counter() - t0
+    nfe_capture = sum(b.nfe_capture for b in blocks)
     nfe_forward, nfe_backward = take_nfe(blocks)
-    return StepResult(float(loss.detach()), kind, seconds, nfe_forward, nfe_backward)
+    return StepResult(float(loss.detach()), kind, seconds, nfe_forward, nfe_backward, nfe_capture)
 
 
 def _device(opt: torch.optim.Optimizer) -> torch.device:
