@@ -167,17 +167,19 @@ def test_forecast_past_and_future_by_hand(tmp_path):
     )
     path = _write(tmp_path, "f.csv", text + "\n")
     data = file_series_forecast(path, observe=0.5, seed=0, dtype=torch.float64)
-    assert data.info["time_scale"] == 4.0 and data.info["observe"] == 0.5
-    mean, std = data.info["mean"], data.info["std"]
     raw = {"a": ([0, 1, 2, 4], [1, 2, 3, 4]), "b": ([0, 2], [5, 6]), "c": ([0, 2, 3], [7, 8, 9])}
+    # the time scale is the longest span of the training series only
+    scale = max(raw[sid][0][-1] for sid in data.info["series"]["train"])
+    assert data.info["time_scale"] == scale and data.info["observe"] == 0.5
+    mean, std = data.info["mean"], data.info["std"]
     for split, key in ((data.train, "train"), (data.val, "val"), (data.test, "test")):
         for b, sid in enumerate(data.info["series"][key]):
             t, v = (torch.tensor(x, dtype=torch.float64) for x in raw[sid])
             cut = 0.5 * t[-1]  # the series' own span, in file units
             past, future = t < cut, t >= cut
             px, fy = split.x, split.y
-            assert torch.allclose(px.times[b][px.valid[b]], t[past] / 4.0)
-            assert torch.allclose(fy.times[b][fy.valid[b]], t[future] / 4.0)
+            assert torch.allclose(px.times[b][px.valid[b]], t[past] / scale)
+            assert torch.allclose(fy.times[b][fy.valid[b]], t[future] / scale)
             assert torch.allclose(fy.values[b][fy.valid[b]][:, 0], (v[future] - mean) / std)
     one = _write(tmp_path, "g.csv", text + "\nd,1.0,3.0\n")
     with pytest.raises(ValueError, match=r"^path: g\.csv line 11: series 'd' .* none before"):
@@ -243,7 +245,7 @@ CSV_HEAD = "series,time,a,b,label\n"
         ("s,0,1,2,x\ns,1,1,2,y\n", "line 3 column 5 ('label'): label 'y' for series 's'"),
         (
             "t,0,1,2,x\ns,0,,,x\ns,1,nan,,x\n",
-            "line 3 columns 3-4 ('a', 'b'): series 's' has no observed",
+            "line 3 columns 3 ('a'), 4 ('b'): series 's' has no observed",
         ),
         ("s,0,1,2,x\ns,1,2,x\n", "line 3 has 4 columns, the header (line 1) 5"),
         ("s,0,1,2,x\n,1,2,3,x\n", "line 3 column 1 ('series'): an empty series id"),
@@ -461,3 +463,25 @@ def test_columns_name_the_files_own_series_time_and_label(tmp_path):
     cfg = _config(tmp_path, task + 'columns = { patient = "series" }', name="b.toml")
     with pytest.raises(ConfigError, match=r"^\[task\]\.columns: received patient = 'series'"):
         load_config(cfg)
+
+
+def test_review_fixes_bom_shared_column_univariate_and_misplaced_keys(tmp_path):
+    # a UTF-8 BOM (Excel's "CSV UTF-8") is not part of the first column's name
+    bom = _write(tmp_path, "bom.csv", "\ufeff" + HAND)
+    assert read_long_csv(bom).ids == read_long_csv(_write(tmp_path, "h.csv", HAND)).ids
+    # two roles on one column are refused, naming both
+    with pytest.raises(ValueError, match=r"^columns: series and time both name column 1"):
+        read_long_csv(tmp_path / "h.csv", columns={"series": "Series", "time": "series"})
+    # @univariate true is named as what set the dimensions
+    ts = "@problemName u\n@univariate true\n@classLabel true a\n@data\n1,2:3,4:a\n"
+    with pytest.raises(ValueError, match=r"line 5: 2 dimensions \(@univariate true\)"):
+        read_ts_file(_write(tmp_path, "u.ts", ts))
+    # columns for a .ts file, format = 'images' for a CSV table: one line, not ignored
+    _series_csv(tmp_path, n=6, name="s.csv")
+    task = 'kind = "classification"\ndataset = "file"\npath = "s.csv"\n'
+    cfg = _config(tmp_path, task + 'format = "ts"\ncolumns = { series = "id" }', name="a.toml")
+    with pytest.raises(ConfigError, match=r"^\[task\]\.columns: received .* for a ts file"):
+        load_data(load_config(cfg))
+    cfg = _config(tmp_path, task + 'format = "images"', model="image", name="b.toml")
+    with pytest.raises(ConfigError, match=r"^\[task\]\.path: s.csv is not an image file"):
+        load_data(load_config(cfg))

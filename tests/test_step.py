@@ -212,3 +212,23 @@ def test_cycle_and_amortized_cost_of_a_table():
     adam = OptimizerConfig(kind="adam")
     assert cycle(adam) == (None, None) and amortized_for(adam, cost) == 1.0
     assert amortized_for(adam, cost) == amortized(cost)
+
+
+def test_a_local_failure_stands_whatever_agree_returns():
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+
+    def forward():
+        logits = model(x)
+        return logits, nn.functional.cross_entropy(logits, y) * float("inf")
+
+    with pytest.raises(no.StepFailed, match="non-finite"):
+        no.train_step(opt, forward, agree=lambda failure: None)
+
+
+def test_a_state_without_its_required_fields_is_refused():
+    with pytest.raises(ValueError, match="no field 'step'"):
+        RunState.from_dict({"train_clock": 1.0, "step_times": {}})
+    with pytest.raises(ValueError, match="step_times of type list"):
+        RunState.from_dict({"step": 1, "train_clock": 1.0, "step_times": []})

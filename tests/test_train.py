@@ -556,3 +556,36 @@ def test_config_defaults_are_the_librarys():
     with pytest.raises(ConfigError, match="interpolation: received 'spline'.*'hermite'"):
         config_from_dict(tiny(**{"model.interpolation": "spline"}))
     assert "hermite" in INTERPOLATIONS
+
+
+def test_a_run_written_before_new_config_keys_resumes(tmp_path):
+    """A checkpoint whose saved config lacks keys added since (here [task].format and
+    columns) resumes: the saved config is read again with their defaults."""
+    cfg = config_from_dict(tiny())
+    out = tmp_path / "run"
+    train(cfg, out, RunOptions(max_steps=4, progress=False))
+    path = out / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for key in ("format", "columns"):
+        del ckpt["run"]["config"]["task"][key]
+    torch.save(ckpt, path)
+    s = train(config_from_dict(tiny()), out, RunOptions(max_steps=6, resume=True, progress=False))
+    assert s["steps"] == 6
+    # a key the run did use, with another value, is still a mismatch naming it
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["run"]["config"]["solver"]["rtol"] = 0.5
+    torch.save(ckpt, path)
+    with pytest.raises(RunError, match=r"config\.solver\.rtol = 0\.5, this run has 0\.001"):
+        train(config_from_dict(tiny()), out, RunOptions(max_steps=8, resume=True, progress=False))
+
+
+def test_bench_names_the_optimizer_whose_step_failed(monkeypatch):
+    from node_ocp.train import bench as bench_mod
+    from node_ocp.train.step import StepFailed
+
+    def failing(*args, **kwargs):
+        raise StepFailed("non-finite training loss nan")
+
+    monkeypatch.setattr(bench_mod, "train_step", failing)
+    with pytest.raises(RunError, match=r"^bench: adam's step 0 failed \(non-finite"):
+        bench_mod.bench(config_from_dict(tiny()), ["adam"], steps=2, memory=False)

@@ -49,7 +49,7 @@ def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
     the table holds NaN there), e.g. class labels such as ``setosa``; else ``texts`` is None.
     """
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is no text
     except UnicodeDecodeError:
         raise ValueError(f"path: {p.name} is not a text file; accepted: a UTF-8 CSV") from None
     rows = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
@@ -272,16 +272,28 @@ def file_classification(
     labels_path=None,
     seed: int = 0,
     fractions=(0.8, 0.1, 0.1),
+    format: str = "auto",
 ):
     """A user table with a label column as classification splits: features float32
     ``(N, D)`` standardised with training statistics, labels int64 ``(N,)`` (the column's
     distinct values in sorted order as classes 0..K-1). ``.idx``/``.gz`` images or an
     ``.npz`` with ``x`` (``(N, H, W)`` or ``(N, C, H, W)``) and ``y`` give image splits
-    (IDX images take their labels from ``labels_path``)."""
+    (IDX images take their labels from ``labels_path``). ``format``: ``"auto"`` (images or a
+    table as the file says), ``"table"`` or ``"images"`` (a file of the other kind is an
+    error)."""
     from .splits import Split, TaskData, split_indices, standardize
 
     p = _path(path)
-    if _is_idx(p) or _npz_images(p):
+    if format not in ("auto", "table", "images"):
+        raise bad_value("format", format, "'auto', 'table' or 'images'")
+    images = format != "table" and (_is_idx(p) or _npz_images(p))
+    if format == "images" and not images:
+        raise ValueError(
+            f"path: {p.name} is not an image file; accepted with format = 'images': IDX "
+            "images (.idx, .gz, MNIST's *-ubyte names) or an .npz with 'x' (N, H, W) or "
+            "(N, C, H, W) and 'y'"
+        )
+    if images:
         images, labels = load_image_file(p, labels_path)
         if labels is None:
             raise ValueError(

@@ -43,9 +43,10 @@ into :class:`~node_ocp.data.splits.TaskData` of
   ``.ts`` file with a test sibling, that file as the test split and a seeded 20% of the
   training file (at least one) as validation;
 - times: each series shifted to start at 0 and divided by the longest span (last minus
-  first time) among all series read (test file included), so every time lies in [0, 1];
-  ``info["time_scale"]`` is that span in the file's units (1 when every series has one
-  point), ``info["time_offsets"]`` each split's series start times;
+  first time) of the training series, so training times lie in [0, 1] (validation and test
+  series are not looked at: theirs may exceed 1); ``info["time_scale"]`` is that span in
+  the file's units (1 when every series has one point), ``info["time_offsets"]`` each
+  split's series start times;
 - channels standardised with the mean and standard deviation (population, NaN-aware: over
   the observed entries) of the training series, ``info["mean"]``/``info["std"]`` (``(C,)``).
 """
@@ -107,7 +108,7 @@ def _file(path) -> Path:
 
 def _text(p: Path, accepted: str) -> str:
     try:
-        return p.read_text()
+        return p.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is no text
     except UnicodeDecodeError:
         raise ValueError(f"path: {p.name} is not a text file; accepted: {accepted}") from None
 
@@ -231,11 +232,11 @@ def read_long_csv(path, columns: dict[str, str] | None = None) -> SeriesSet:
         )
         seen = ~torch.isnan(values).all(1)
         if not bool(seen.any()):
-            names = ", ".join(repr(header[c]) for c in chans)
+            names = ", ".join(f"{c + 1} ({header[c]!r})" for c in chans)
             raise ValueError(
-                f"path: {name} line {first_line[sid]} columns {chans[0] + 1}-{chans[-1] + 1} "
-                f"({names}): series {sid!r} has no observed value on any of its "
-                f"{len(items)} rows; accepted: at least one number per series"
+                f"path: {name} line {first_line[sid]} columns {names}: series {sid!r} has "
+                f"no observed value on any of its {len(items)} rows; accepted: at least one "
+                "number per series"
             )
         out.times.append(times[seen])
         out.values.append(values[seen])
@@ -269,6 +270,13 @@ def _header_columns(
             )
     wanted = {k: columns.get(k, k).lower() for k in ROLES}
     cols = {k: lower.index(c) for k, c in wanted.items() if c in lower}
+    for a in cols:
+        for b in cols:
+            if a < b and cols[a] == cols[b] and (a in columns or b in columns):
+                raise ValueError(
+                    f"columns: {a} and {b} both name column {cols[a] + 1} "
+                    f"({header[cols[a]]!r}) of {name}; accepted: a column of its own for each"
+                )
     for key in ROLES:
         if key in columns and key not in cols:
             raise ValueError(
@@ -372,9 +380,12 @@ def read_ts_file(path) -> SeriesSet:
         if dims is None:
             dims = len(fields)
         if len(fields) != dims:
-            said = (
-                f"@dimensions {dims}" if "@dimensions" in tags else f"{dims} on the first data line"
-            )
+            if "@dimensions" in tags:
+                said = f"@dimensions {dims}"
+            elif tags.get("@univariate", (False,))[0]:
+                said = "@univariate true"
+            else:
+                said = f"{dims} on the first data line"
             raise ValueError(
                 f"path: {name} line {line}: {len(fields)} dimensions ({said}); accepted: "
                 f"{dims} ':'-separated dimensions" + (" then ':label'" if labelled else "")
@@ -605,9 +616,10 @@ def _split(main: SeriesSet, test: SeriesSet | None, seed: int):
     )
 
 
-def _time_scale(sets) -> float:
-    spans = [float(t[-1] - t[0]) for s in sets if s is not None for t in s.times]
-    span = max(spans)
+def _time_scale(train) -> float:
+    """The longest span of the training series (validation and test series are not seen:
+    their times may exceed 1)."""
+    span = max(float(s.times[i][-1] - s.times[i][0]) for s, i in train)
     return span if span > 0 else 1.0
 
 
@@ -650,7 +662,7 @@ def _prepare(path, format, drop, seed, dtype, columns=None):
         raise bad_value("drop", drop, "a fraction in [0, 1)")
     main, test = _read(path, format, columns)
     parts = _split(main, test, seed)
-    scale = _time_scale((main, test))
+    scale = _time_scale(parts[0])
     mean, std = _statistics(parts[0])
     info = {
         "name": main.name,

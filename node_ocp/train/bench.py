@@ -30,7 +30,7 @@ from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import StepMemory, state_mb
 from .optimizers import build_optimizer
-from .step import kind_of, train_step
+from .step import StepFailed, kind_of, train_step
 from .tasks import build_task
 
 FROZEN_LR = 1e-12
@@ -96,18 +96,24 @@ def bench(
         }
     meter = StepMemory(dev) if memory else None
     for i in range(steps):
-        for a in arms.values():
+        for name, a in arms.items():
             t, opt = a["task"], a["opt"]
             kind = kind_of(opt)
             measure = meter is not None and i > 0 and kind not in a["memory"]
             if measure:
                 meter.start()
-            r = train_step(
-                opt,
-                lambda t=t: t.outputs_and_loss(batch),
-                blocks=t.blocks,
-                likelihood=t.likelihood,
-            )
+            try:
+                r = train_step(
+                    opt,
+                    lambda t=t: t.outputs_and_loss(batch),
+                    blocks=t.blocks,
+                    likelihood=t.likelihood,
+                )
+            except StepFailed as exc:
+                raise RunError(
+                    f"bench: {name}'s step {i} failed ({exc.reason}) at the initial model; "
+                    "accepted: a config whose model trains (check [solver] and the data)"
+                ) from None
             if measure:  # malloc_trim before it: its page faults are not a step's cost
                 a["memory"][kind] = meter.stop() + state_mb(opt)
                 a["measured_times"][kind].append(r.seconds)

@@ -69,13 +69,25 @@ class RunState:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    #: fields every saved state has (the others came later and have defaults)
+    REQUIRED = ("step", "train_clock", "step_times")
+
     @classmethod
     def from_dict(cls, d: dict, where: str = "state") -> RunState:
-        """The state saved by :meth:`to_dict`; an unknown or missing field is a ValueError."""
+        """The state saved by :meth:`to_dict`: an unknown field, a missing one of
+        :attr:`REQUIRED` or a value of the wrong kind is a ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in names]
         if unknown:
             raise ValueError(f"{where}: unknown field {unknown[0]!r}; accepted: {sorted(names)}")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{where}: no field {missing[0]!r}")
+        if not isinstance(d["step"], int) or not isinstance(d["step_times"], dict):
+            raise ValueError(
+                f"{where}: step {d['step']!r} and step_times of type "
+                f"{type(d['step_times']).__name__}; accepted: an int and a dict of lists"
+            )
         state = cls(**d)
         for k in KINDS:
             state.step_times.setdefault(k, [])
@@ -151,7 +163,7 @@ class Checkpoint:
             )
         try:
             state = RunState.from_dict(dict(raw["state"]))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise RunError(
                 f"--resume: {str(path)!r} has a damaged run state ({exc}); accepted: a "
                 "checkpoint.pt written by node-ocp train"

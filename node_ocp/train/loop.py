@@ -32,8 +32,8 @@ from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
 from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, RunState
-from .config import ConfigError, RunConfig
-from .costs import amortized_for, medians, take_nfe
+from .config import ConfigError, RunConfig, config_from_dict
+from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import StepMemory, process_peak_mb, state_mb
 from .optimizers import (
@@ -198,8 +198,17 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def _comparable(cfg: dict) -> dict:
-    """The parts of a saved config that must match to resume (budgets may change)."""
+    """The parts of a saved config that must match to resume (budgets may change).
+
+    The config is read again by this version first: keys added since the run was written
+    take their defaults (a run of an earlier version resumes when nothing it used changed).
+    """
     c = json.loads(json.dumps(cfg))
+    if isinstance(c.get("config"), dict):
+        try:
+            c["config"] = json.loads(json.dumps(config_from_dict(c["config"]).to_dict()))
+        except ConfigError:
+            pass  # compared as written: the first difference is named
     c.get("config", {}).get("train", {}).pop("steps", None)
     c.get("config", {}).get("train", {}).pop("max_seconds", None)
     c.pop("max_steps", None)
@@ -403,7 +412,6 @@ class _Run:
         task, s = self.task, self.state
         metric = task.metric
         val = task.evaluate(task.data.val, self.config.train.eval_batch)
-        take_nfe(task.blocks)  # evaluation's function evaluations are not the training's
         loss_sum, nfe_f, nfe_b = self._means()
         n = max(s.loss_count, 1)
         counted = s.loss_count > 0
@@ -595,7 +603,6 @@ def _finish(
         test = {metric: float("nan")}
     else:
         test = task.evaluate(task.data.test, task.config.train.eval_batch)
-        take_nfe(task.blocks)
     vals = [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
     best = (max if task.higher_is_better else min)(vals) if vals else None
     cost = medians(state.step_times)

@@ -107,8 +107,8 @@ def train_step(
             failure = f"non-finite training loss {float(loss.detach())}"
     except SolverError as exc:
         failure = first_line(exc)
-    if agree is not None:
-        failure = agree(failure)
+    if agree is not None:  # a local failure stands whatever the others say
+        failure = agree(failure) or failure
     if failure is not None:
         raise StepFailed(failure)
     if isinstance(opt, OCNOpt):

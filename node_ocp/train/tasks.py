@@ -260,6 +260,12 @@ def _file_data(config: RunConfig) -> TaskData:
             fmt = "ts"
         elif t.kind == "forecast" or config.model.kind in ("odernn", "cde"):
             fmt = "long"
+    if t.columns and fmt != "long":
+        raise ConfigError(
+            f"[task].columns: received {t.columns!r} for a {fmt if fmt != 'auto' else 'table'} "
+            "file; accepted: columns only for a long CSV of series (format = 'long', or an "
+            "odernn/cde model or a forecast on a .csv)"
+        )
     header = {"auto": "auto", "true": True, "false": False}[t.header]
     try:
         if fmt in ("long", "ts"):
@@ -284,7 +290,12 @@ def _file_data(config: RunConfig) -> TaskData:
             return file_density(resolve(t.path), header=header, seed=DATA_SEED)
         labels = resolve(t.labels_path) if t.labels_path else None
         return file_classification(
-            resolve(t.path), header, t.label_column, labels_path=labels, seed=DATA_SEED
+            resolve(t.path),
+            header,
+            t.label_column,
+            labels_path=labels,
+            seed=DATA_SEED,
+            format=fmt if fmt in ("table", "images") else "auto",
         )
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
