@@ -25,7 +25,7 @@ import torch
 
 from ..io import atomic_write_json
 from .config import ConfigError, OptimizerConfig, RunConfig
-from .costs import KINDS, amortized_for, cycle, medians
+from .costs import KINDS, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import StepMemory, state_mb
@@ -150,13 +150,13 @@ def bench(
         }
     base = rows[baseline]
     for r in rows.values():
-        r["step_ratio"] = _ratio(r["step_s"], base["amortized_s"])
-        r["adapt_ratio"] = _ratio(r["adapt_s"], base["amortized_s"])
-        r["refresh_ratio"] = _ratio(r["refresh_s"], base["amortized_s"])
-        r["amortized_ratio"] = _ratio(r["amortized_s"], base["amortized_s"])
-        r["memory_ratio"] = _ratio(r.get("step_memory_mb"), base.get("step_memory_mb"))
-        r["refresh_memory_ratio"] = _ratio(r.get("refresh_memory_mb"), base.get("step_memory_mb"))
-        r["nfe_ratio"] = _ratio(
+        r["step_ratio"] = ratio(r["step_s"], base["amortized_s"])
+        r["adapt_ratio"] = ratio(r["adapt_s"], base["amortized_s"])
+        r["refresh_ratio"] = ratio(r["refresh_s"], base["amortized_s"])
+        r["amortized_ratio"] = ratio(r["amortized_s"], base["amortized_s"])
+        r["memory_ratio"] = ratio(r.get("step_memory_mb"), base.get("step_memory_mb"))
+        r["refresh_memory_ratio"] = ratio(r.get("refresh_memory_mb"), base.get("step_memory_mb"))
+        r["nfe_ratio"] = ratio(
             r["nfe_forward"] + r["nfe_backward"], base["nfe_forward"] + base["nfe_backward"]
         )
     result = {
@@ -242,10 +242,6 @@ def _clone_task(task, state):
     t.model = copy.deepcopy(task.model)
     t.model.load_state_dict(state)
     return t
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _ms(v):

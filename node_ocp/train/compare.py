@@ -37,6 +37,7 @@ from .. import dist
 from ..io import atomic_write_json
 from . import stats
 from .config import ConfigError, RunConfig
+from .costs import ratio
 from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
 from .report import COMPARISON, write_report
 
@@ -396,10 +397,10 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
         agg["reached"] = f"{sum(math.isfinite(t) for t in times.values())}/{len(times)}"
     base = per_opt[baseline]
     for agg in per_opt.values():
-        agg["time_to_target_ratio"] = _ratio(agg["time_to_target_s"], base["time_to_target_s"])
-        agg["step_cost_ratio"] = _ratio(agg["amortized_step_s"], base["amortized_step_s"])
-        agg["refresh_cost_ratio"] = _ratio(agg["refresh_time_s"], base["amortized_step_s"])
-        agg["memory_ratio"] = _ratio(agg["train_memory_mb"], base["train_memory_mb"])
+        agg["time_to_target_ratio"] = ratio(agg["time_to_target_s"], base["time_to_target_s"])
+        agg["step_cost_ratio"] = ratio(agg["amortized_step_s"], base["amortized_step_s"])
+        agg["refresh_cost_ratio"] = ratio(agg["refresh_time_s"], base["amortized_step_s"])
+        agg["memory_ratio"] = ratio(agg["train_memory_mb"], base["train_memory_mb"])
     verdicts = _verdicts(per_opt, best_base, metric, higher)
     result = {
         "config": config.to_dict(),
@@ -479,9 +480,3 @@ def _inf_times(agg: dict) -> dict:
 def _median(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return statistics.median(xs) if xs else None
-
-
-def _ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b

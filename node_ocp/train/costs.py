@@ -5,8 +5,9 @@ solve), *refresh* (curvature capture and decompositions) and both at once. Over 
 ``lcm(update_every, adapt_every)`` steps each kind occurs a known number of times; the
 amortised cost is the mean over the cycle. Adam and SGD have only plain steps.
 
-This module is the one place where function evaluations are read (:func:`take_nfe`) and
-where an optimizer table's cycle (:func:`cycle`) and amortised cost are worked out.
+This module is the one place where function evaluations are read (:func:`take_nfe`),
+where an optimizer table's cycle (:func:`cycle`) and amortised cost are worked out, and
+where costs become ratios to a baseline (:func:`ratio`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import math
 import statistics
 
 KINDS: tuple[str, ...] = ("plain", "adapt", "refresh", "refresh+adapt")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, the form of every cost figure against a baseline (None when either is
+    missing or ``b`` is 0)."""
+    return None if a is None or b is None or b == 0 else a / b
 
 
 def take_nfe(blocks) -> tuple[int, int]:
