@@ -115,6 +115,8 @@ def test_cosine_and_warmup_factors_equal_torch_s_own_schedulers():
     assert warm == pytest.approx(_lrs(opt, ref, 8), rel=1e-12)
     lin = ScheduleFactor("linear", 11, 1, 0.0)
     assert [lin(s) for s in (0, 1, 6, 11, 30)] == pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="kind: received 'cosin'; accepted: one of 'constant'"):
+        ScheduleFactor("cosin", 10)  # was a linear decay, silently
 
 
 def test_a_schedule_on_torch_optimizers_scales_the_learning_rate():

@@ -34,7 +34,6 @@ MODELS_FOR_TASK = {
     "forecast": ("odernn", "cde"),
 }
 OPTIMIZER_KINDS = ("adam", "sgd", "ocnopt")
-SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -377,6 +376,8 @@ class OptimizerConfig:
                     f"{where}.args: received {self.args!r} with kind {self.kind!r}; accepted: "
                     "args only with a class-path kind such as 'torch.optim.AdamW'"
                 )
+        from .schedules import SCHEDULES
+
         _choice(f"{where}.schedule", self.schedule, SCHEDULES)
         _at_least(f"{where}.warmup", self.warmup, 0)
         _in_range(f"{where}.final_lr_factor", self.final_lr_factor, 0.0, 1.0, "a float in [0, 1]")

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .._errors import check_choice
 from ..optim import OCNOpt
+
+#: the schedule kinds (the config's ``schedule`` choices)
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class ScheduleFactor:
     total: int = 1
     warmup: int = 0
     final: float = 0.0
+
+    def __post_init__(self):
+        check_choice("kind", self.kind, SCHEDULES)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
