@@ -8,7 +8,6 @@ folder, ``--resume`` without a checkpoint, ``--device cuda`` without a GPU) prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -349,41 +348,9 @@ def run(args) -> int:
             f"RUN_DIR: {str(d)!r} is not a folder; accepted: a run or comparison "
             "folder written by node-ocp train/compare"
         )
-    for name in _plot(d, plot, RunError):
+    for name in plot(d):
         print(d / name)
     return 0
-
-
-def _plot(d: Path, plot, RunError) -> list[str]:
-    """``plot(d)``; a file it cannot read (a comparison.json of another shape, a run's
-    corrupt config.json or empty log) is one RunError line naming that file."""
-    from ._errors import first_line
-    from .train.report import COMPARISON
-
-    if not (d / COMPARISON).exists() and (d / "config.json").exists():
-        what, accepted = d / "config.json", "the config.json node-ocp train wrote"
-        try:
-            json.loads(what.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise RunError(
-                f"RUN_DIR: {str(what)!r} is not readable JSON ({first_line(exc)}); accepted: "
-                f"{accepted}"
-            ) from None
-    try:
-        return plot(d)
-    except RunError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        if os.environ.get("NODE_OCP_TRACEBACK"):
-            raise
-        if (d / COMPARISON).exists():
-            what, accepted = d / COMPARISON, "the comparison.json node-ocp compare wrote"
-        else:
-            what, accepted = d / "metrics.jsonl", "the metrics.jsonl node-ocp train wrote"
-        raise RunError(
-            f"RUN_DIR: {str(what)!r} is not a readable {what.stem} ({type(exc).__name__}: "
-            f"{first_line(exc)}); accepted: {accepted}"
-        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

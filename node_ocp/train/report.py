@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from ..io import atomic_write_text
+from .errors import RunError
 from .loop import CHECKPOINT, CONFIG, read_metrics
 
 COMPARISON = "comparison.json"  # written by node_ocp.train.compare
@@ -383,29 +384,67 @@ def _std(v):
 
 
 def plot(run_dir) -> list[str]:
-    """Redraw a comparison folder (report and figures) or a single run's figures."""
-    from .loop import METRICS, RunError
+    """Redraw a comparison folder (report and figures) or a single run's figures.
+
+    A file it cannot read (a damaged or foreign ``comparison.json``, a run's corrupt
+    ``config.json`` or log) is one :class:`RunError` line naming that file.
+    """
+    from .loop import METRICS
 
     d = Path(run_dir)
     if (d / COMPARISON).exists():
+        what = d / COMPARISON
+        accepted = (
+            "the comparison.json node-ocp compare wrote (run compare again with --resume to "
+            "rebuild it from the finished runs)"
+        )
         try:
-            result = json.loads((d / COMPARISON).read_text())
+            result = json.loads(what.read_text())
             if not isinstance(result, dict) or "optimizers" not in result:
                 raise ValueError("no 'optimizers' table")
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RunError(
-                f"RUN_DIR: {str(d / COMPARISON)!r} is not a readable comparison ({why}); "
-                "accepted: the comparison.json node-ocp compare wrote (run compare again "
-                "with --resume to rebuild it from the finished runs)"
-            ) from None
-        write_report(d, result)
+            raise _unreadable(what, exc, accepted, "comparison") from None
+        try:
+            write_report(d, result)
+        except _SHAPE_ERRORS as exc:  # read, but not of the shape compare writes
+            raise _unreadable(what, exc, accepted, "comparison") from None
         return ["report.md", *[f for f in FIGURES if (d / f).exists()]]
     if (d / METRICS).exists() and (d / CONFIG).exists():
-        return plot_run(d)
+        try:
+            json.loads((d / CONFIG).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise _unreadable(
+                d / CONFIG, exc, "the config.json node-ocp train wrote", "JSON"
+            ) from None
+        try:
+            return plot_run(d)
+        except _SHAPE_ERRORS as exc:
+            raise _unreadable(
+                d / METRICS, exc, "the metrics.jsonl node-ocp train wrote", "metrics"
+            ) from None
     raise RunError(
         f"RUN_DIR: {str(d)!r} holds neither comparison.json nor metrics.jsonl + config.json; "
         "accepted: a folder written by node-ocp compare or node-ocp train"
+    )
+
+
+#: what reading a file of the wrong shape raises (a missing key, a number where a table was)
+_SHAPE_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    StopIteration,
+)
+
+
+def _unreadable(path: Path, exc: BaseException, accepted: str, kind: str) -> RunError:
+    text = str(exc).strip()
+    why = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return RunError(
+        f"RUN_DIR: {str(path)!r} is not a readable {kind} ({why}); accepted: {accepted}"
     )
 
 
