@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .._errors import bad_value
+from .cells import class_index, number, read_text
 
 
 def _path(path) -> Path:
@@ -34,13 +35,6 @@ def _finite(name: str, arr: np.ndarray, path: Path) -> None:
 HEADERS = ("auto", True, False)
 
 
-def _number(cell: str) -> float | None:
-    try:
-        return float(cell)
-    except ValueError:
-        return None
-
-
 def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
     """Parse a delimited text table; every bad cell is an error naming line and column.
 
@@ -48,16 +42,13 @@ def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
     from the end) that column's cells are kept as they are written in ``texts`` (N strings;
     the table holds NaN there), e.g. class labels such as ``setosa``; else ``texts`` is None.
     """
-    try:
-        text = p.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is no text
-    except UnicodeDecodeError:
-        raise ValueError(f"path: {p.name} is not a text file; accepted: a UTF-8 CSV") from None
+    text = read_text(p, "a UTF-8 CSV")
     rows = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not rows:
         raise ValueError(f"path: {p.name} holds no rows; accepted: a table with >= 1 row")
     first = [c.strip() for c in rows[0][1].split(delimiter)]
     if header == "auto":
-        header = all(_number(c) is None for c in first)
+        header = all(number(c) is None for c in first)
     if header:
         head_line = rows[0][0]
         rows = rows[1:]
@@ -90,7 +81,7 @@ def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
                 texts.append(cell)
                 out[r, c] = math.nan
                 continue
-            v = _number(cell)
+            v = number(cell)
             if v is None:
                 raise ValueError(
                     f"path: {p.name} line {line_no} column {c + 1}: cannot read {cell!r} as a "
@@ -326,21 +317,19 @@ def file_classification(
             f"accepted: an int in [{-cols}, {cols - 1}] on a table with >= 2 columns"
         )
     col = label_column % cols
-    numbers = None if texts is None else [_number(t) for t in texts]
-    if texts is not None and any(v is None or not math.isfinite(v) for v in numbers):
-        names = sorted(set(texts))  # class names, in sorted order as classes 0..K-1
-        index = {n: i for i, n in enumerate(names)}
+    if texts is not None:  # class names or numbers, as written
+        values, index = class_index(texts)
         labels = torch.tensor([index[t] for t in texts], dtype=torch.long)
-        values = names
     else:
-        raw = table[:, col] if numbers is None else torch.tensor(numbers, dtype=torch.float64)
-        if not torch.equal(raw, raw.round()):
-            raise ValueError(
-                f"label_column: column {col + 1} of {p.name} holds non-integer values; "
-                "accepted: integer class labels or class names"
-            )
+        raw = table[:, col]
         uniq, labels = torch.unique(raw, sorted=True, return_inverse=True)
-        values = [int(v) for v in uniq.tolist()]
+        values = uniq.tolist()
+    if any(isinstance(v, float) and not v.is_integer() for v in values):
+        raise ValueError(
+            f"label_column: column {col + 1} of {p.name} holds non-integer values; "
+            "accepted: integer class labels or class names"
+        )
+    values = [int(v) if isinstance(v, float) else v for v in values]
     if len(values) < 2:
         raise ValueError(f"label_column: column {col + 1} of {p.name} holds one class only")
     x = torch.cat([table[:, :col], table[:, col + 1 :]], dim=1)

@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from .._errors import bad_value
+from .cells import class_index, number, read_text
 from .irregular import collate_irregular
 from .splits import Split, TaskData
 
@@ -106,25 +107,11 @@ def _file(path) -> Path:
     return p
 
 
-def _text(p: Path, accepted: str) -> str:
-    try:
-        return p.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is no text
-    except UnicodeDecodeError:
-        raise ValueError(f"path: {p.name} is not a text file; accepted: {accepted}") from None
-
-
-def _float(cell: str) -> float | None:
-    try:
-        return float(cell)
-    except ValueError:
-        return None
-
-
 def _value(cell: str) -> float | None:
     """A channel cell: NaN when missing, None when unreadable, else the (finite?) number."""
     if cell.strip().lower() in _MISSING:
         return math.nan
-    return _float(cell)
+    return number(cell)
 
 
 # --------------------------------------------------------------------------- long CSV
@@ -143,7 +130,7 @@ def read_long_csv(path, columns: dict[str, str] | None = None) -> SeriesSet:
     """
     p = _file(path)
     name = p.name
-    text = _text(p, "a UTF-8 CSV with a header row (series, time, channels..., label)")
+    text = read_text(p, "a UTF-8 CSV with a header row (series, time, channels..., label)")
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
     header_line = 0
@@ -177,7 +164,7 @@ def read_long_csv(path, columns: dict[str, str] | None = None) -> SeriesSet:
                 f"{where(line, cols['series'])}: an empty series id; accepted: an id (text "
                 "or number) on every row"
             )
-        t = _float(cells[cols["time"]])
+        t = number(cells[cols["time"]])
         if t is None or not math.isfinite(t):
             raise ValueError(
                 f"{where(line, cols['time'])}: cannot read {cells[cols['time']]!r} as a time; "
@@ -328,7 +315,7 @@ def read_ts_file(path) -> SeriesSet:
     """
     p = _file(path)
     name = p.name
-    text = _text(p, "a UTF-8 sktime/UEA .ts file")
+    text = read_text(p, "a UTF-8 sktime/UEA .ts file")
     tags: dict[str, tuple[object, int]] = {}
     out: SeriesSet | None = None
     dims: int | None = None
@@ -504,7 +491,7 @@ def _ts_dimension(name: str, line: int, dim: int, cell: str, stamps: bool):
     times, values, first = [], [], {}
     for k, pair in enumerate(pairs):
         parts = pair.split(",")
-        t = _float(parts[0]) if len(parts) == 2 else None
+        t = number(parts[0]) if len(parts) == 2 else None
         v = _value(parts[1]) if len(parts) == 2 else None
         if t is None or not math.isfinite(t) or v is None or math.isinf(v):
             raise ValueError(
@@ -642,21 +629,6 @@ def _statistics(train) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt().clamp_min(1e-6)
 
 
-def _classes(raw: set[str]) -> tuple[list, dict[str, int]]:
-    """The classes in sorted order (numerically when every label is a number, else as
-    text) and each label text's class index. Integer labels are given back as ints."""
-    texts = sorted(raw)
-    numbers = {c: _float(c) for c in texts}
-    if all(v is not None and math.isfinite(v) for v in numbers.values()):
-        texts.sort(key=lambda c: (numbers[c], c))
-        values = [int(numbers[c]) if numbers[c].is_integer() else numbers[c] for c in texts]
-        if len(set(values)) != len(values):  # "1" and "01": keep the texts apart
-            values = list(texts)
-    else:
-        values = list(texts)
-    return values, {c: k for k, c in enumerate(texts)}
-
-
 def _prepare(path, format, drop, seed, dtype, columns=None):
     if not (0.0 <= drop < 1.0):
         raise bad_value("drop", drop, "a fraction in [0, 1)")
@@ -725,7 +697,7 @@ def file_series_classification(
     raw = set(main.labels) | set(main.classes or [])
     if test is not None:
         raw |= set(test.labels) | set(test.classes or [])
-    classes, index = _classes(raw)
+    classes, index = class_index(raw)
     if len(classes) < 2:
         raise ValueError(
             f"path: {main.file} holds one class only ({classes[0]!r}); accepted: >= 2 classes"
