@@ -35,6 +35,11 @@ def _finite(name: str, arr: np.ndarray, path: Path) -> None:
 HEADERS = ("auto", True, False)
 
 
+def _check_header(header) -> None:
+    if header not in HEADERS or isinstance(header, int) and not isinstance(header, bool):
+        raise bad_value("header", header, "'auto', True or False")
+
+
 def _read_csv(p: Path, delimiter: str, header, text_column: int | None = None):
     """Parse a delimited text table; every bad cell is an error naming line and column.
 
@@ -102,8 +107,7 @@ def load_tabular_file(path, delimiter: str = ",", header="auto") -> torch.Tensor
     nothing is dropped. Complex, object and string arrays are refused.
     """
     p = _path(path)
-    if header not in HEADERS or isinstance(header, int) and not isinstance(header, bool):
-        raise bad_value("header", header, "'auto', True or False")
+    _check_header(header)
     suffix = p.suffix.lower()
     if suffix == ".csv":
         arr, _ = _read_csv(p, delimiter, header)
@@ -303,8 +307,7 @@ def file_classification(
         )
     texts = None
     if p.suffix.lower() == ".csv":  # labels may be names (setosa, ...) or numbers
-        if header not in HEADERS or isinstance(header, int) and not isinstance(header, bool):
-            raise bad_value("header", header, "'auto', True or False")
+        _check_header(header)
         arr, texts = _read_csv(p, ",", header, text_column=label_column)
         _finite("values", np.delete(arr, label_column % arr.shape[1], 1), p)
         table = torch.as_tensor(arr, dtype=torch.float32)
