@@ -28,7 +28,7 @@ from .config import ConfigError, OptimizerConfig, RunConfig
 from .costs import KINDS, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
-from .memory import StepMemory, state_mb
+from .memory import FirstStepMemory, StepMemory
 from .optimizers import build_optimizer
 from .step import StepFailed, kind_of, train_step
 from .tasks import build_task
@@ -94,14 +94,13 @@ def bench(
             "memory": {},
             "nfe": [],
         }
-    meter = StepMemory(dev) if memory else None
+    for a in arms.values():
+        a["meter"] = FirstStepMemory(dev, a["memory"]) if memory else None
     for i in range(steps):
         for name, a in arms.items():
-            t, opt = a["task"], a["opt"]
+            t, opt, meter = a["task"], a["opt"], a["meter"]
             kind = kind_of(opt)
-            measure = meter is not None and i > 0 and kind not in a["memory"]
-            if measure:
-                meter.start()
+            measure = meter is not None and meter.before_step(kind, i)
             try:
                 r = train_step(
                     opt,
@@ -115,7 +114,7 @@ def bench(
                     "accepted: a config whose model trains (check [solver] and the data)"
                 ) from None
             if measure:  # malloc_trim before it: its page faults are not a step's cost
-                a["memory"][kind] = meter.stop() + state_mb(opt)
+                meter.after_step(opt)
                 a["measured_times"][kind].append(r.seconds)
             else:
                 a["times"][kind].append(r.seconds)
@@ -129,7 +128,7 @@ def bench(
             if ts and not a["times"][k]:
                 a["times"][k] = ts
         cost = medians(a["times"])
-        mem = a["memory"]
+        mem = a["meter"].summary() if a["meter"] is not None else {}
         ocn = cfg.kind == "ocnopt"
         k, adapt_every = cycle(cfg)
         rows[name] = {
@@ -144,9 +143,9 @@ def bench(
             "kind_s": cost,
             "nfe_forward": statistics.mean(f for f, _ in a["nfe"]),
             "nfe_backward": statistics.mean(b for _, b in a["nfe"]),
-            "step_memory_mb": mem.get("plain"),
-            "refresh_memory_mb": mem.get("refresh+adapt", mem.get("refresh")),
-            "train_memory_mb": max(mem.values()) if mem else None,
+            "step_memory_mb": mem.get("step_memory_mb"),
+            "refresh_memory_mb": mem.get("refresh_memory_mb"),
+            "train_memory_mb": mem.get("train_memory_mb"),
         }
     base = rows[baseline]
     for r in rows.values():
@@ -167,7 +166,7 @@ def bench(
         "batch": len(idx),
         "steps": steps,
         "baseline": baseline,
-        "memory_method": meter.method if meter is not None else None,
+        "memory_method": StepMemory(dev).method if memory else None,
         "optimizers": rows,
     }
     if solver_loop:

@@ -35,7 +35,7 @@ from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, RunState
 from .config import ConfigError, RunConfig, config_from_dict
 from .costs import amortized_for, medians
 from .errors import RunError
-from .memory import StepMemory, process_peak_mb, state_mb
+from .memory import FirstStepMemory
 from .optimizers import (
     build_horizon,
     build_optimizer,
@@ -136,44 +136,6 @@ class BatchSampler:
     def load_state_dict(self, s: dict) -> None:
         self.generator.set_state(s["generator"])
         self.perm, self.pos = s["perm"], int(s["pos"])
-
-
-class _Memory:
-    """Memory of the training steps (see :mod:`node_ocp.train.memory`).
-
-    The first step of each kind (plain, refresh, ...) after the run's first step is
-    measured: the optimizer's state plus the step's transient peak. The process's peak
-    (CUDA allocator peak / peak resident memory) is reported beside it.
-    """
-
-    def __init__(self, device: torch.device, measured: dict):
-        self.device = device
-        self.meter = StepMemory(device)
-        self.measured = measured  # kind -> MB, part of the run state (survives resume)
-        self.active: str | None = None
-
-    def before_step(self, kind: str, step: int) -> None:
-        self.active = None
-        if step > 0 and kind not in self.measured:
-            self.active = kind
-            self.meter.start()
-
-    def after_step(self, opt) -> None:
-        if self.active is not None:
-            self.measured[self.active] = self.meter.stop() + state_mb(opt)
-
-    def summary(self) -> dict:
-        m = self.measured
-        plain = m.get("plain")
-        refresh = m.get("refresh+adapt", m.get("refresh"))
-        steps = [v for v in m.values() if v is not None]
-        return {
-            "peak_memory_mb": process_peak_mb(self.device),
-            "train_memory_mb": max(steps) if steps else None,
-            "step_memory_mb": plain,
-            "refresh_memory_mb": refresh,
-            "memory_method": self.meter.method,
-        }
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -306,7 +268,7 @@ class _Run:
                     stale.unlink()
         if self.main:
             atomic_write_json(self.out / CONFIG, self.run_info)
-        self.memory = _Memory(self.device, self.state.memory)
+        self.memory = FirstStepMemory(self.device, self.state.memory)
         self.resumed = checkpoint is not None
 
     # ------------------------------------------------------------------ set-up
@@ -592,7 +554,7 @@ def _finish(
     state: RunState,
     out: Path,
     run_info: dict,
-    memory: _Memory,
+    memory: FirstStepMemory,
     by_time: bool,
     opt_cfg,
     records: list[dict],

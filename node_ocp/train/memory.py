@@ -139,3 +139,45 @@ def _max_rss_mb() -> float:
 
 
 __all__ = ["StepMemory", "state_mb", "process_peak_mb"]
+
+
+class FirstStepMemory:
+    """Memory of training steps, as ``node-ocp train`` and ``bench`` report it.
+
+    The first step of each kind (plain, refresh, ...) after the first step is measured:
+    the optimizer's state plus the step's transient peak (:class:`StepMemory`). The
+    process's peak (CUDA allocator peak / peak resident memory) is reported beside it.
+    ``measured`` (kind -> MB) is filled in place (a run keeps it in its state).
+    """
+
+    def __init__(self, device: torch.device, measured: dict):
+        self.device = device
+        self.meter = StepMemory(device)
+        self.measured = measured
+        self.active: str | None = None
+
+    def before_step(self, kind: str, step: int) -> bool:
+        """Start measuring when this step is the first of its kind after step 0; whether
+        it is measured."""
+        self.active = None
+        if step > 0 and kind not in self.measured:
+            self.active = kind
+            self.meter.start()
+        return self.active is not None
+
+    def after_step(self, opt) -> None:
+        if self.active is not None:
+            self.measured[self.active] = self.meter.stop() + state_mb(opt)
+
+    def summary(self) -> dict:
+        m = self.measured
+        plain = m.get("plain")
+        refresh = m.get("refresh+adapt", m.get("refresh"))
+        steps = [v for v in m.values() if v is not None]
+        return {
+            "peak_memory_mb": process_peak_mb(self.device),
+            "train_memory_mb": max(steps) if steps else None,
+            "step_memory_mb": plain,
+            "refresh_memory_mb": refresh,
+            "memory_method": self.meter.method,
+        }
