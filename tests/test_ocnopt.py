@@ -226,16 +226,30 @@ def test_diagonal_rule_equals_its_hand_formula():
         def __init__(self):
             super().__init__()
             self.cell = nn.GRUCell(2, 3).double()
+            self.norm = nn.LayerNorm(3).double()
             self.ode = no.ODEBlock(mlp_field(3, 4), (0.0, 0.5), **TIGHT)
 
         def forward(self, x):
-            return self.ode(self.cell(x))
+            return self.ode(self.norm(self.cell(x)))
 
     model = GRUModel()
     opt = no.OCNOpt(model)
     kinds = {p: type(u) for u in opt.units for p in u.params}
-    assert all(kinds[p] is DiagonalUnit for p in model.cell.parameters())
+    units = {p: u for u in opt.units for p in u.params}
+    assert all(kinds[p] is DiagonalUnit for p in model.norm.parameters())
     assert all(kinds[p] is EKFACUnit for p in model.ode.parameters())
+    # the cell's two affine maps are Kronecker layers of their own
+    cell = model.cell
+    assert kinds[cell.weight_ih] is EKFACUnit and kinds[cell.weight_hh] is EKFACUnit
+    assert units[cell.weight_ih].params == [cell.weight_ih, cell.bias_ih]
+    assert units[cell.weight_hh].params == [cell.weight_hh, cell.bias_hh]
+    diag = no.OCNOpt(model, outside="diagonal")
+    assert all(
+        isinstance(u, DiagonalUnit)
+        for u in diag.units
+        for p in u.params
+        if p in set(cell.parameters())
+    )
 
 
 def _jac(fn, params):
@@ -633,7 +647,8 @@ def test_model_errors():
 
 def test_standard_ekfac_baseline_takes_one_statistic_per_solver_evaluation():
     """time_joint=False: the field's layers get ordinary K-FAC hooks under backprop through
-    the solver; A is the mean over every evaluation's inputs (checked by a hook of our own)."""
+    the solver; A is the per-sample sum over every evaluation's inputs (checked by a hook of
+    our own)."""
     torch.manual_seed(0)
     field = mlp_field(3, 6)
     block = no.ODEBlock(
@@ -654,7 +669,8 @@ def test_standard_ekfac_baseline_takes_one_statistic_per_solver_evaluation():
     (stats,) = [s for s in opt._collector.statistics() if s.unit is opt._units.outside[first]]
     rows = torch.cat([torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype)], 1) for u in seen])
     assert len(seen) == 16 == block.nfe_forward  # rk4, 4 steps: one statistic per evaluation
-    torch.testing.assert_close(stats.A, rows.T @ rows / rows.shape[0])
+    torch.testing.assert_close(stats.A, rows.T @ rows / len(x))
+    assert stats.samples == len(x)
     before = float(loss)
     for _ in range(5):
         ocnopt_step(opt, lambda: ((0.5 * (model(x) - t).pow(2).sum(1).mean()), None))
@@ -665,8 +681,9 @@ def test_standard_ekfac_baseline_takes_one_statistic_per_solver_evaluation():
 
 def test_standard_ekfac_factors_of_one_rk4_step_equal_a_hand_computation():
     """One rk4 step (torchdiffeq's 3/8 rule) of f(x) = tanh(W x + b), written out by hand:
-    A = Σ_s [u_s, 1][u_s, 1]ᵀ / (4N) over the four stage inputs, B = 4N Σ_s g_s g_sᵀ with
-    g_s the gradient of the mean loss at the stage's pre-activation W u_s + b."""
+    A = Σ_s [u_s, 1][u_s, 1]ᵀ / N over the four stage inputs (the evaluations are uses of one
+    layer, summed as the time-joint factors are), B = N Σ_s g_s g_sᵀ with g_s the gradient of
+    the mean loss at the stage's pre-activation W u_s + b."""
 
     class Field(nn.Module):
         def __init__(self):
@@ -711,8 +728,8 @@ def test_standard_ekfac_factors_of_one_rk4_step_equal_a_hand_computation():
     rows = torch.cat([torch.cat([u, torch.ones(n, 1, dtype=u.dtype)], 1) for u in inputs])
     grads = torch.cat([z.grad for z in pre])
     assert block.nfe_forward == 4
-    torch.testing.assert_close(stats.A, rows.T @ rows / (4 * n), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(stats.B, grads.T @ grads * (4 * n), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(stats.A, rows.T @ rows / n, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(stats.B, grads.T @ grads * n, rtol=1e-10, atol=1e-14)
 
 
 def test_load_state_dict_names_the_parameter_whose_shape_differs():

@@ -1,6 +1,7 @@
 """Curvature capture during the backward solve: Kronecker and dense statistics."""
 
 from .capture import CurvatureCapture, DenseFactors, KroneckerFactors
+from .cells import RECURRENT_CELLS, CellMap, cell_forward, cell_maps, is_cell
 from .taps import conv_patches, input_rows, is_tapped, output_rows, tapped_modules
 
 __all__ = [
@@ -12,4 +13,9 @@ __all__ = [
     "input_rows",
     "output_rows",
     "conv_patches",
+    "RECURRENT_CELLS",
+    "CellMap",
+    "cell_maps",
+    "cell_forward",
+    "is_cell",
 ]

@@ -30,15 +30,16 @@ def tapped_modules(root: nn.Module) -> list[nn.Module]:
 def input_rows(module: nn.Module, u: torch.Tensor) -> torch.Tensor:
     """Rows ``ū`` of a layer input, shape ``(N, L, K)``.
 
-    Linear: ``u`` is ``(N, ..., d_in)``, ``K = d_in (+1)``, ``L`` the product of the middle
-    dimensions. Conv2d: ``u`` is ``(N, C_in, H, W)``, ``K = C_in·kh·kw (+1)`` in the order of
+    Linear (and a recurrent cell's :class:`~.cells.CellMap`): ``u`` is ``(N, ..., d_in)``,
+    ``K = d_in (+1)``, ``L`` the product of the middle dimensions. Conv2d: ``u`` is
+    ``(N, C_in, H, W)``, ``K = C_in·kh·kw (+1)`` in the order of
     ``weight.reshape(C_out, -1)``, ``L`` the number of output pixels.
     """
     n = u.shape[0]
-    if isinstance(module, nn.Linear):
-        rows = u.reshape(n, -1, u.shape[-1])
-    else:
+    if isinstance(module, nn.Conv2d):
         rows = conv_patches(module, u).transpose(1, 2)
+    else:
+        rows = u.reshape(n, -1, u.shape[-1])
     if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
     return rows
@@ -51,9 +52,9 @@ def output_rows(module: nn.Module, g: torch.Tensor, lead: int = 0) -> torch.Tens
     Conv2d; the ``lead`` leading dimensions (a factor index) are kept.
     """
     head = g.shape[: lead + 1]
-    if isinstance(module, nn.Linear):
-        return g.reshape(*head, -1, g.shape[-1])
-    return g.reshape(*head, g.shape[lead + 1], -1).transpose(-1, -2)
+    if isinstance(module, nn.Conv2d):
+        return g.reshape(*head, g.shape[lead + 1], -1).transpose(-1, -2)
+    return g.reshape(*head, -1, g.shape[-1])
 
 
 def conv_patches(module: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:

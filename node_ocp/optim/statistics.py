@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..curvature import CurvatureCapture, input_rows, output_rows
+from ..curvature import CellMap, CurvatureCapture, cell_forward, input_rows, output_rows
 from .curvatures import CurvatureUnit
 
 
@@ -102,45 +102,64 @@ def from_capture(
 
 
 class _LayerSums:
-    """Raw K-FAC sums of one layer outside the blocks."""
+    """Raw K-FAC sums of one layer (or cell map) outside the blocks, over its uses.
+
+    A use is one call of the layer whose output gradient arrived. Rows whose output gradient
+    is exactly zero (a cell or head applied to the whole batch and masked afterwards) are
+    not uses of that sample and add nothing to ``A`` either.
+    """
 
     def __init__(self):
         self.A = None
         self.B = None
-        self.samples = 0
-        self.rows = 0
+        self.batch = 0  # the largest batch of one use
+        self.rows = 0  # live rows (times locations) that went into A
+        self.samples = 0  # live samples that went into A
+        self.uses = 0
 
-    def add_input(self, module: nn.Module, u: torch.Tensor) -> None:
-        rows = input_rows(module, u.detach())
-        flat = rows.reshape(-1, rows.shape[-1])
-        a_mat = flat.T @ flat
+    def add(self, module, u: torch.Tensor, g: torch.Tensor) -> None:
+        """One use: inputs ``u`` ``(N, ...)`` and the gradient ``g`` at the output."""
+        rows_g = output_rows(module, g.detach())  # (N, L, d_out)
+        live = rows_g.flatten(1).ne(0).any(1)
+        self.batch = max(self.batch, u.shape[0])
+        self.uses += 1
+        if not bool(live.any()):
+            return
+        rows_u = input_rows(module, u.detach())[live]
+        rows_g = rows_g[live]
+        flat_u = rows_u.reshape(-1, rows_u.shape[-1])
+        flat_g = rows_g.reshape(-1, rows_g.shape[-1])
+        a_mat, b_mat = flat_u.T @ flat_u, flat_g.T @ flat_g
         self.A = a_mat if self.A is None else self.A + a_mat
-        self.samples += u.shape[0]
-        self.rows += flat.shape[0]
-
-    def add_grad(self, module: nn.Module, g: torch.Tensor) -> None:
-        rows = output_rows(module, g.detach())
-        flat = rows.reshape(-1, rows.shape[-1])
-        b_mat = flat.T @ flat
         self.B = b_mat if self.B is None else self.B + b_mat
+        self.samples += rows_u.shape[0]
+        self.rows += flat_u.shape[0]
 
 
 class OutsideCollector:
     """Ordinary K-FAC statistics for the layers outside the ODE blocks.
 
-    While armed, a forward hook on each layer adds its inputs to ``A`` and a hook on its
-    output adds the gradient that reaches it to ``B``. :meth:`paused` stops the gradient
-    hooks for backward passes that are not the loss's (pulling factors back through a
-    head). The gradient is that of the mean loss, so ``B`` is scaled by ``n`` (as for the
-    empirical source).
+    While armed, a forward hook on each layer keeps its input and a hook on its output adds
+    the input rows to ``A`` and the gradient rows that reach it to ``B``. A fused recurrent
+    cell (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``) has two units, one per affine map
+    (:class:`~node_ocp.curvature.CellMap`); its forward hook recomputes the cell from the
+    two maps (:func:`~node_ocp.curvature.cell_forward`, the same values) so that the
+    gradients at both maps' outputs can be hooked. :meth:`paused` stops the gradient hooks
+    for backward passes that are not the loss's (pulling factors back through a head).
+
+    A layer applied several times in one forward pass (a cell at every observation, a head
+    at every query time) adds every use, as the ODE blocks' capture adds every instant of
+    the time-joint integral: ``A = Σ_uses Σ_b ū ūᵀ / n`` and ``B = n Σ_uses Σ_b g gᵀ`` with
+    ``n`` the batch of one use; the gradient is that of the mean loss, so ``B`` is scaled by
+    ``n`` (as for the empirical source). Convolutions divide ``B`` by their locations.
 
     Args:
-        units: the layer units outside the blocks, by layer.
+        units: the layer units outside the blocks, by layer or cell map.
     """
 
-    def __init__(self, units: dict[nn.Module, CurvatureUnit]):
+    def __init__(self, units: dict):
         self.units = units
-        self._sums: dict[nn.Module, _LayerSums] = {}
+        self._sums: dict = {}
         self._handles: list = []
         self._paused = False
 
@@ -150,10 +169,17 @@ class OutsideCollector:
 
     def arm(self) -> None:
         self.disarm()
+        cells: dict[nn.Module, dict[str, _LayerSums]] = {}
         for module in self.units:
             sums = _LayerSums()
             self._sums[module] = sums
-            self._handles.append(module.register_forward_hook(self._forward_hook(sums)))
+            if isinstance(module, CellMap):
+                cells.setdefault(module.cell, {})[module.which] = (module, sums)
+            else:
+                self._handles.append(module.register_forward_hook(self._layer_hook(sums)))
+        for cell, maps in cells.items():
+            # first, so that every later hook (a feedback stage's) sees the recomputed output
+            self._handles.append(cell.register_forward_hook(self._cell_hook(maps), prepend=True))
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -175,17 +201,35 @@ class OutsideCollector:
         finally:
             self._paused = before
 
-    def _forward_hook(self, sums: _LayerSums):
+    def _watch(self, module, sums: _LayerSums, u: torch.Tensor, out: torch.Tensor) -> None:
+        u = u.detach()
+
+        def grad_hook(g):
+            if not self._paused:
+                sums.add(module, u, g)
+
+        out.register_hook(grad_hook)
+
+    def _layer_hook(self, sums: _LayerSums):
         def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            sums.add_input(module, inputs[0])
+            if torch.is_grad_enabled() and output.requires_grad:
+                self._watch(module, sums, inputs[0], output)
 
-            def grad_hook(g):
-                if not self._paused:
-                    sums.add_grad(module, g)
+        return hook
 
-            output.register_hook(grad_hook)
+    def _cell_hook(self, maps: dict):
+        def hook(cell, inputs, output):
+            if not torch.is_grad_enabled() or not any(p.requires_grad for p in cell.parameters()):
+                return None
+            x = inputs[0]
+            hx = inputs[1] if len(inputs) > 1 else None
+            out, (h, gi, gh) = cell_forward(cell, x, hx)
+            x = x.unsqueeze(0) if x.dim() == 1 else x
+            for which, u, o in (("ih", x, gi), ("hh", h, gh)):
+                if which in maps and o.requires_grad:
+                    module, sums = maps[which]
+                    self._watch(module, sums, u, o)
+            return out
 
         return hook
 
@@ -193,10 +237,10 @@ class OutsideCollector:
         """The normalised records of the layers that saw a forward and a backward pass."""
         out = []
         for module, sums in self._sums.items():
-            if sums.A is None or sums.B is None or sums.samples == 0:
+            if sums.A is None or sums.samples == 0:
                 continue
-            n = sums.samples
-            locations = sums.rows / n
+            n = sums.batch
+            locations = sums.rows / sums.samples
             out.append(
                 KroneckerStatistics(self.units[module], sums.A / n, sums.B * n / locations, n)
             )

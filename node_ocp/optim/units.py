@@ -4,14 +4,17 @@ The variant's ``scope`` decides (see :mod:`.curvatures.base`):
 
 - ``"layer"`` (kfac, ekfac): every tapped layer inside an ODE field is a unit of the
   variant; a tapped layer outside the blocks is one too when its group's ``outside`` is
-  ``"kfac"`` (statistics from ordinary K-FAC hooks).
+  ``"kfac"`` (statistics from ordinary K-FAC hooks), and so is each of the two affine maps
+  of a recurrent cell outside the blocks (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``;
+  see :class:`~node_ocp.curvature.CellMap`), summed over the cell's uses.
 - ``"block"`` (dense): every block field is one unit; tapped layers outside get
   :data:`~.curvatures.OUTSIDE` (K-FAC) under ``outside="kfac"``.
 - ``"tensor"`` (identity, diagonal): every parameter tensor is a unit of the variant.
 
-Everything else — parameters of other layer types (GRU cells, norms), and layers outside the
-blocks whose group says ``outside="diagonal"`` — gets :data:`~.curvatures.FALLBACK`, or the
-identity with ``outside="sgd"`` (and everywhere under ``curvature="identity"``).
+Everything else — parameters of other layer types (norms, cells inside a field), and layers
+outside the blocks whose group says ``outside="diagonal"`` — gets
+:data:`~.curvatures.FALLBACK`, or the identity with ``outside="sgd"`` (and everywhere under
+``curvature="identity"``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_value
-from ..curvature import is_tapped, tapped_modules
+from ..curvature import cell_maps, is_cell, is_tapped, tapped_modules
 from .curvatures import FALLBACK, OUTSIDE, VARIANTS, CurvatureUnit, IdentityUnit
 
 
@@ -33,7 +36,8 @@ class UnitTable:
     Attributes:
         units: every unit, in model order.
         inside: layer units of tapped layers inside ODE fields (statistics from the capture).
-        outside: layer units of tapped layers outside the blocks (statistics from hooks).
+        outside: layer units of tapped layers and recurrent-cell maps outside the blocks
+            (statistics from hooks), by layer or :class:`~node_ocp.curvature.CellMap`.
         blocks: block units (dense), by ODE block.
     """
 
@@ -65,6 +69,7 @@ def build_units(
     With ``time_joint=False`` the field layers are treated like layers outside the blocks
     (ordinary K-FAC hooks, one statistic per solver evaluation)."""
     cls = VARIANTS[variant]
+    in_fields = {id(m) for b in blocks for m in b.field.modules()}
     fallback = IdentityUnit if cls is IdentityUnit else FALLBACK
     table = UnitTable()
     covered: set[torch.Tensor] = set()
@@ -92,6 +97,15 @@ def build_units(
                 table.blocks[block] = unit_for(cls, ps, block)
     if cls.scope in ("layer", "block"):
         for module in model.modules():
+            if is_cell(module) and id(module) not in in_fields:
+                for cell_map in cell_maps(module):
+                    ps = [p for p in (cell_map.weight, cell_map.bias) if p is not None]
+                    if all(p in group_of and p not in covered for p in ps) and (
+                        group_of[ps[0]]["outside"] == "kfac"
+                    ):
+                        kind = cls if cls.scope == "layer" else OUTSIDE
+                        table.outside[cell_map] = unit_for(kind, ps, cell_map)
+                continue
             if not is_tapped(module) or module.weight not in group_of:
                 continue
             if module.weight in covered:
