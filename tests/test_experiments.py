@@ -170,3 +170,31 @@ def test_lr_robustness_main_covers_every_arm_and_rate(tmp_path):
         assert all(len(r["test_per_seed"]) + r["diverged"] >= 1 for r in arm["by_lr"].values())
     assert (out / "spirals.png").stat().st_size > 0
     assert "| spirals | adam |" in (out / "summary.md").read_text()
+
+
+def test_diagnose_ocnopt_main_records_every_group_for_both_optimizers(tmp_path):
+    import math
+
+    out = tmp_path / "diag"
+    _load("diagnose_ocnopt").main(["--steps", "3", "--eval-every", "2", "--out", str(out)])
+    saved = json.loads((out / "diagnosis.json").read_text())
+    assert saved["groups"] == ["gru", "ode", "head"]  # the ODE-RNN's top-level children
+    keys = {"grad_norm", "update_norm", "cosine", "decrease", "share"}
+    for name in ("adam", "ocnopt"):
+        arm = saved["optimizers"][name]
+        assert arm["failed"] is None and len(arm["steps"]) == 3
+        for step in arm["steps"]:
+            assert set(step["groups"]) == {"gru", "ode", "head"}
+            for group in step["groups"].values():
+                assert set(group) == keys
+                assert all(math.isfinite(v) for v in group.values())
+            assert math.isfinite(step["loss"]) and step["nfe_forward"] > 0
+        assert [e["step"] for e in arm["evals"]] == [0, 2, 3]
+        assert all(math.isfinite(e["mse"]) for e in arm["evals"])
+    ocn = saved["optimizers"]["ocnopt"]["steps"]
+    assert ocn[0]["ocnopt"]["adapted"] and ocn[0]["nfe_trial"] > 0  # the first step is a trial
+    assert all(s["nfe_trial"] == 0 for s in saved["optimizers"]["adam"]["steps"])
+    summary = saved["summary"]
+    assert math.isfinite(summary["groups"]["ode"]["update_ratio"])
+    assert 0 < summary["optimizers"]["ocnopt"]["trial_nfe_share"] < 1
+    assert "| ode |" in (out / "diagnosis.md").read_text()
