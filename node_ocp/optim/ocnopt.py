@@ -158,11 +158,13 @@ class OCNOpt(torch.optim.Optimizer):
         kl_clip: None (default) or a float > 0: scale the update taken so that its model
             curvature ``δᵀ(C + λ)δ`` stays below ``kl_clip`` (the K-FAC safeguard).
         rank: Monte-Carlo factors per sample for ``factors="sampled"``.
-        outside: rule for tapped layers outside the ODE blocks (stems, heads): ``"kfac"``
-            (ordinary K-FAC statistics from the forward/backward pass, preconditioned with
-            the variant), ``"diagonal"`` or ``"sgd"`` (plain gradient). Parameters of other
-            layer types (GRU cells, norms, ...) get the diagonal rule (plain gradient with
-            ``"sgd"``). May be set per group.
+        outside: rule for tapped layers and recurrent cells outside the ODE blocks (stems,
+            heads, ``nn.GRUCell``/``nn.LSTMCell``/``nn.RNNCell``, each cell as its two affine
+            maps): ``"kfac"`` (ordinary K-FAC statistics from the forward/backward pass,
+            summed over every use of the layer in the forward, preconditioned with the
+            variant), ``"diagonal"`` or ``"sgd"`` (plain gradient). Parameters of other
+            layer types (norms, ...) get the diagonal rule (plain gradient with ``"sgd"``).
+            May be set per group.
         diag_beta: running-average coefficient of the diagonal rule in [0, 1).
         stiff_ratio: a trial whose forward solve takes more than this many times the
             function evaluations of the step's own forward solve is treated as a failure.
@@ -915,6 +917,12 @@ class OCNOpt(torch.optim.Optimizer):
                 # the step taken is the trial that was checked; κ and the trust radius
                 # are set for the steps until the next adaptation
                 control.kappa = control.calibrated(outcome, self._lm.low)
+                # the trial showed room for a step more than max_growth times larger, or
+                # a step cut to the trust region was predicted well: check the grown step
+                # at once instead of adapt_every steps later
+                control.again = control.capped or (
+                    control.bounded and trials == 1 and rho is not None and rho > self._lm.high
+                )
                 control.set_radius(
                     control.kappa * outcome.held,
                     float(dot(list(trial.values()), list(trial.values()))),

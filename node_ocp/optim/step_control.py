@@ -46,6 +46,14 @@ throw the parameters much further than the last checked step.
 
 ``κ`` starts where the first step's held model promises a decrease of at most a tenth of the
 loss: the held curvature of a mean loss can be orders of magnitude too small.
+
+The next step adapts again (instead of ``adapt_every`` steps later) when an accepted trial
+showed room for more: its calibration wanted the step to grow beyond ``max_growth``, or the
+step had been cut to the trust region and the model predicted it well (``ρ`` above the
+damping's upper threshold, first trial). Without this, a cautious first κ or a trust region
+shrunk by a rejected trial took ``adapt_every`` steps per factor of 4 to recover: a GRU
+sequence model's loss stayed flat for its first ~30 steps and again for ~10 steps after
+each rejection (measured with per-step traces of κ, α, λ, ρ and the trust-region cut).
 """
 
 from __future__ import annotations
@@ -207,7 +215,9 @@ class StepControl:
         self.max_change = max_change
         self.max_growth = max_growth
         self.max_trials = max_trials
-        self.again = False  # adapt at the next step (after a failure)
+        self.again = False  # adapt at the next step (after a failure, or a capped growth)
+        self.capped = False  # the last calibration wanted the step to grow beyond max_growth
+        self.bounded = False  # the last planned step was cut to the trust region
         self.adaptations = 0
         self.failures = 0
         self.alpha = 0.0  # the last step's α, for logs
@@ -224,24 +234,25 @@ class StepControl:
         the model predicted the trial well (``ρ >= low``), by at most ``max_growth``, and
         shrinks by at most ``max_change``."""
         kappa = outcome.kappa
+        self.capped = False
         if not outcome.informative or not outcome.held > 0:
             return kappa
         measured = outcome.measured / outcome.held
         rho = outcome.rho
         if rho is None or rho < low:
             measured = max(measured, kappa)
+        self.capped = measured < kappa / self.max_growth
         return min(max(measured, kappa / self.max_growth), kappa * self.max_change)
 
     def radius_scale(self, curvature: float, length: float) -> float:
         """The factor (<= 1) that brings a step inside the trust region: its model
         curvature ``κ δᵀPδ = curvature`` and its squared length ``‖δ‖² = length`` each at
         most ``radius_growth`` times those of the last accepted trial."""
-        if self.radius is None:
-            return 1.0
         scale = 1.0
-        for value, bound in zip((curvature, length), self.radius):
+        for value, bound in zip((curvature, length), self.radius or ()):
             if value > bound > 0:
                 scale = min(scale, (bound / value) ** 0.5)
+        self.bounded = scale < 1.0
         return scale
 
     def set_radius(self, curvature: float, length: float) -> None:
