@@ -51,6 +51,15 @@ TASKS = {
     "ts_japanese_vowels": 90.0,
     "forecast_spiral": 120.0,
 }
+#: The families where OCNOpt lost (issue 21): recurrent and CDE time series, small tables.
+#: Run them with ``--tasks`` (the default stays the seven tasks above).
+MORE_TASKS = {
+    "own_series": 60.0,
+    "forecast_italy_power": 90.0,
+    "ts_basic_motions": 90.0,
+    "cnf_iris": 60.0,
+    "cnf_wine": 60.0,
+}
 ARMS = ("ocnopt", "ocnopt-tuned", "adam", "ocnopt-identity")
 TABLES = {
     "ocnopt": {"kind": "ocnopt"},
@@ -65,7 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), help="bundled config names")
+    p.add_argument(
+        "--tasks", nargs="+", default=list(TASKS), help="bundled config names (default: TASKS)"
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=ARMS,
+        help="arms to run (ocnopt and adam always run)",
+    )
     p.add_argument("--configs", nargs="+", default=None, help="config files instead of --tasks")
     p.add_argument("--budget", type=float, default=None, help="seconds per run (default: per task)")
     p.add_argument("--seeds", type=int, default=3)
@@ -270,20 +288,28 @@ def verdicts(results: dict) -> list[str]:
     ]
     diverged = [t for t, r in done.items() if r["arms"]["ocnopt"]["diverged"]]
 
-    def beats(r):
-        a, d = r["arms"]["ocnopt"]["test"][0], r["arms"]["ocnopt-identity"]["test"][0]
+    def beats(r, other):
+        a, d = r["arms"]["ocnopt"]["test"][0], r["arms"][other]["test"][0]
         return (a > d) if r["higher_is_better"] else (a < d)
 
-    ablation = [t for t, r in done.items() if beats(r)]
+    level = [t for t, r in done.items() if not beats(r, "adam")]
+    ablated = {t: r for t, r in done.items() if "ocnopt-identity" in r["arms"]}
+    ablation = [t for t, r in ablated.items() if beats(r, "ocnopt-identity")]
     n = len(done)
-    return [
+    words = [
         f"OCNOpt's default reached tuned Adam's target in <= 0.5x Adam's time on "
         f"{len(fast)}/{n} tasks ({', '.join(fast) or 'none'}); the aim is 2/3.",
         f"OCNOpt's default diverged on {len(diverged)}/{n} tasks "
         f"({', '.join(diverged) or 'none'}).",
-        f"OCNOpt's default beat its identity-curvature ablation on test on {len(ablation)}/{n} "
-        f"tasks ({', '.join(ablation) or 'none'}).",
+        f"OCNOpt's default had a worse mean test metric than tuned Adam on {len(level)}/{n} "
+        f"tasks ({', '.join(level) or 'none'}).",
     ]
+    if ablated:
+        words.append(
+            f"OCNOpt's default beat its identity-curvature ablation on test on "
+            f"{len(ablation)}/{len(ablated)} tasks ({', '.join(ablation) or 'none'})."
+        )
+    return words
 
 
 def main(argv=None) -> dict:
@@ -297,23 +323,24 @@ def main(argv=None) -> dict:
     grids = {"adam": args.adam_grid, "ocnopt-tuned": args.tuned_grid}
     plan = {}
     for task, src in configs.items():
-        budget = args.budget if args.budget is not None else TASKS.get(task, 60.0)
+        budget = args.budget if args.budget is not None else {**TASKS, **MORE_TASKS}.get(task, 60.0)
         cfg = _write_config(src, out / task / "config.toml", budget, grids)
         plan[task] = (cfg, budget)
+    arms = [a for a in ARMS if a in {"ocnopt", "adam", *args.arms}]
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     # stage 1: the grids of the tuned arms on seed 0 (and the untuned arms' seed 0)
     stage1 = {}
     for task, (cfg, budget) in plan.items():
-        for arm in ARMS:
+        for arm in arms:
             for lr in grids.get(arm, [NO_GRID]):
                 stage1[(task, arm, lr)] = pool.submit(_run, cfg, out / task, arm, lr, 0, budget)
-    grid_runs = {t: {a: [] for a in ARMS} for t in plan}
+    grid_runs = {t: {a: [] for a in arms} for t in plan}
     for (task, arm, _), fut in stage1.items():
         grid_runs[task][arm].append(fut.result())
     # stage 2: every arm at its choice on the other seeds
     chosen, stage2 = {}, {}
     for task, (cfg, budget) in plan.items():
-        for arm in ARMS:
+        for arm in arms:
             runs = grid_runs[task][arm]
             higher = next((r["higher"] for r in runs if "failed" not in r), False)
             lr = _choose(runs, higher) if arm in grids else NO_GRID
@@ -322,9 +349,9 @@ def main(argv=None) -> dict:
                 stage2[(task, arm, seed)] = pool.submit(
                     _run, cfg, out / task, arm, lr, seed, budget
                 )
-    seed_runs = {t: {a: [] for a in ARMS} for t in plan}
+    seed_runs = {t: {a: [] for a in arms} for t in plan}
     for task in plan:
-        for arm in ARMS:
+        for arm in arms:
             lr = chosen[(task, arm)]
             seed_runs[task][arm].append(next(r for r in grid_runs[task][arm] if r.get("lr") == lr))
     for (task, arm, _), fut in stage2.items():

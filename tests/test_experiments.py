@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,12 @@ def test_diagnose_ocnopt_main_records_every_group_for_both_optimizers(tmp_path):
     assert math.isfinite(summary["groups"]["ode"]["update_ratio"])
     assert 0 < summary["optimizers"]["ocnopt"]["trial_nfe_share"] < 1
     assert "| ode |" in (out / "diagnosis.md").read_text()
+
+
+def test_unit_calibration_main_measures_every_unit(tmp_path):
+    from train_helpers import tiny, write_toml
+
+    cfg = write_toml(tmp_path / "tiny_task.toml", tiny())
+    rows = _load("unit_calibration").main([str(cfg), "--steps", "2", "--sizes", "1e-3"])
+    assert rows and all(r["held"] > 0 for r in rows)
+    assert all(math.isfinite(r["kappa_u"]["0.001"]) for r in rows)
