@@ -70,7 +70,7 @@ TINY = tiny(
         "train.checkpoint_every": 2,
     }
 )
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json")
 TRAIN = ["train", "{cfg}", "--no-progress"]
 CKPT = "run/checkpoint.pt"
 
@@ -564,14 +564,15 @@ CASES: list[Case] = [
         names="done: 6 steps",
         accepts="run folder",
         appended=("run/metrics.jsonl",),
-        changed=("run/checkpoint.pt", "run/summary.json", "run/config.json"),
+        changed=("run/checkpoint.pt", "run/best.pt", "run/summary.json", "run/config.json"),
         check=loads_checkpoint(CKPT, step=6),
     ),
     # --- faults while running
     Case(
         "a full disk at the second checkpoint",
         [*TRAIN, "--out", "{tmp}/fresh"],
-        patch=full_disk_at_save(2),
+        # torch.save calls: checkpoint.pt and best.pt at step 2, checkpoint.pt at step 4
+        patch=full_disk_at_save(3),
         names="checkpoint: cannot write '{tmp}/fresh/checkpoint.pt' (No space left on device)",
         accepts="the previous checkpoint is kept: free space and continue with --resume",
         check=loads_checkpoint("fresh/checkpoint.pt", step=2),

@@ -216,7 +216,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, mo
 
     def failing_save(obj, f, *a, **k):
         saves["n"] += 1
-        if saves["n"] == 2:  # the step-8 checkpoint: write half a file, then fail
+        # calls: checkpoint.pt and best.pt at step 4, then the step-8 checkpoint.pt
+        if saves["n"] == 3:  # the step-8 checkpoint: write half a file, then fail
             f.write(b"\x80\x02partial")
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)

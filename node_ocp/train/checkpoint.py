@@ -9,6 +9,7 @@ is not a node-ocp checkpoint is refused with one :class:`RunError` line naming t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,15 @@ from .errors import RunError
 CHECKPOINT_SCHEMA = 1
 
 
+def improves(value, best: float | None, higher_is_better: bool) -> bool:
+    """Whether the finite ``value`` is strictly better than ``best`` (None: nothing yet)."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
 @dataclass
 class RunState:
     """Where a run stands: what a resumed run needs besides the model and optimizer.
@@ -34,6 +44,10 @@ class RunState:
     step_times: seconds of every step, by kind (``plain``, ``adapt``, ``refresh``,
     ``refresh+adapt``). diverged, diverged_reason: whether and why the run stopped on a
     failure. memory: MB of the first measured step of each kind.
+    best_step, best_value: the scheduled evaluation with the best validation metric so far
+    (None before the first); evals_since_best: scheduled evaluations since it (early
+    stopping's count). Fields added after the first version have defaults, so that the
+    states of earlier checkpoints still load.
     """
 
     step: int = 0
@@ -46,6 +60,9 @@ class RunState:
     diverged: bool = False
     diverged_reason: str | None = None
     memory: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    best_value: float | None = None
+    evals_since_best: int = 0
 
     def add_step(self, loss: float, kind: str, seconds: float, nfe_f: int, nfe_b: int) -> None:
         """Count one step."""
@@ -65,6 +82,15 @@ class RunState:
         """Mark the run diverged (the first reason is kept)."""
         if not self.diverged:
             self.diverged, self.diverged_reason = True, reason
+
+    def consider(self, step: int, value: float, higher_is_better: bool) -> bool:
+        """Count a scheduled evaluation of the validation metric; True when ``value`` is
+        strictly better than the best so far (it becomes the best)."""
+        if improves(value, self.best_value, higher_is_better):
+            self.best_step, self.best_value, self.evals_since_best = step, float(value), 0
+            return True
+        self.evals_since_best += 1
+        return False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,6 +127,9 @@ class Checkpoint:
     run: the run's ``config.json`` (config and choices). model, optimizer, scheduler,
     horizon, sampler: the ``state_dict()`` of each (None where the run has none).
     state: the :class:`RunState`. rng: the random states of every process.
+    best_model: the model's ``state_dict()`` at ``state.best_step`` (what ``best.pt``
+    holds), so that a resumed run's best model is the uninterrupted run's; None before the
+    first evaluation and in checkpoints written before best-model tracking.
     """
 
     run: dict
@@ -111,6 +140,7 @@ class Checkpoint:
     rng: dict
     scheduler: dict | None = None
     horizon: dict | None = None
+    best_model: dict | None = None
 
     REQUIRED = ("run", "model", "optimizer", "sampler", "state", "rng")
 
@@ -177,4 +207,40 @@ class Checkpoint:
             rng=raw["rng"],
             scheduler=raw.get("scheduler"),
             horizon=raw.get("horizon"),
+            best_model=raw.get("best_model"),
         )
+
+
+@dataclass
+class BestModel:
+    """``best.pt``: the model at the evaluation with the best validation metric.
+
+    run: the run's ``config.json``. model: the model's ``state_dict()``. step: the step of
+    that evaluation. metric, value: the validation metric's name and value there.
+    higher_is_better: the metric's direction. Like ``checkpoint.pt``, ``torch.load`` reads
+    it without node-ocp (``torch.load("best.pt")["model"]``).
+    """
+
+    run: dict
+    model: dict
+    step: int
+    metric: str
+    value: float
+    higher_is_better: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["schema"] = CHECKPOINT_SCHEMA
+        return out
+
+    def write(self, path) -> None:
+        """``torch.save`` through a temporary file and an atomic rename; a failed write is
+        one :class:`RunError` line and leaves the previous ``best.pt`` as it was."""
+        try:
+            atomic_write(Path(path), lambda f: torch.save(self.to_dict(), f), True)
+        except OSError as exc:
+            raise RunError(
+                f"best model: cannot write {str(path)!r} ({exc.strerror or exc}); the "
+                "previous best.pt is kept and checkpoint.pt holds the best model too: free "
+                "space and continue with --resume"
+            ) from None

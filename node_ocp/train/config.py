@@ -235,6 +235,9 @@ class TrainConfig:
     period in steps (the last step is always checkpointed). eval_batch: evaluation chunk.
     target: the validation metric that counts as reached for time-to-target (None: Adam's
     final validation metric in comparisons).
+    patience: early stopping: the run ends after this many scheduled evaluations without an
+    improvement of the validation metric (None, the default: no early stopping; like the
+    budgets, it may change when a run is resumed).
     """
 
     optimizer: str = "ocnopt"
@@ -247,9 +250,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     target: float | None = None
+    patience: int | None = None
 
     def check(self, where: str) -> None:
         _at_least(f"{where}.steps", self.steps, 1)
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(
+                f"{where}.patience: received {self.patience!r}; accepted: an int >= 1 "
+                "(evaluations without improvement before the run stops), or no patience key "
+                "(no early stopping)"
+            )
         _in_range(f"{where}.max_seconds", self.max_seconds, 0.0, math.inf, "a float >= 0")
         for key in ("batch_size", "eval_every", "checkpoint_every", "eval_batch"):
             _at_least(f"{where}.{key}", getattr(self, key), 1)

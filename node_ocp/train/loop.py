@@ -7,11 +7,24 @@ A run directory holds::
                       evaluation excluded), train_loss (mean since the previous line), the
                       validation metric, nfe_forward / nfe_backward (per step), t1, lr
     checkpoint.pt     model, optimizer (OCNOpt state included), horizon controller, RNG
-                      states, batch sampler and step; written atomically
-    summary.json      final validation and test metrics, step times, NFE, peak memory
+                      states, batch sampler, step and the best model so far; written
+                      atomically
+    best.pt           the model at the scheduled evaluation with the best validation metric
+                      so far (lower NLL / MSE, higher accuracy), its step and value; written
+                      atomically with each checkpoint (at the end: the final model instead
+                      when its off-schedule last evaluation is better still)
+    summary.json      final validation and test metrics, the best model's step and test
+                      metrics, early stopping, step times, NFE, peak memory
 
 ``resume=True`` continues from ``checkpoint.pt`` exactly: the metrics log is cut back to the
-checkpoint's step and the run goes on as if it had never stopped (only ``seconds`` differ).
+checkpoint's step and the run goes on as if it had never stopped (only ``seconds`` differ);
+the best-so-far value, step and model are part of the checkpoint, so ``best.pt`` is the
+uninterrupted run's too.
+
+Early stopping (``[train].patience`` or ``patience=``): the run ends after that many
+scheduled evaluations without a strict improvement of the validation metric; evaluations
+off the schedule (a time budget's stop, a last step between evaluations) count for neither
+the best model nor the patience, so that a resumed run decides as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,11 +40,11 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from .._errors import first_line
+from .._errors import bad_type, bad_value, first_line
 from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from ..optim import OCNOpt
-from .checkpoint import CHECKPOINT_SCHEMA, Checkpoint, RunState
+from .checkpoint import CHECKPOINT_SCHEMA, BestModel, Checkpoint, RunState, improves
 from .config import ConfigError, RunConfig, config_from_dict
 from .costs import amortized_for, medians
 from .errors import RunError
@@ -56,6 +69,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -71,6 +85,8 @@ class RunOptions:
     device: str | None = None
     max_steps: int | None = None
     max_time: float | None = None
+    #: early stopping: an int >= 1, "none" (off), or None (the config's [train].patience)
+    patience: int | str | None = None
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -80,7 +96,7 @@ class RunOptions:
 #: solver failure): its folder holds the log and the last checkpoint up to the failure.
 EXIT_DIVERGED = 3
 
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, BEST, SUMMARY)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,8 +189,10 @@ def _comparable(cfg: dict) -> dict:
             pass  # compared as written: the first difference is named
     c.get("config", {}).get("train", {}).pop("steps", None)
     c.get("config", {}).get("train", {}).pop("max_seconds", None)
+    c.get("config", {}).get("train", {}).pop("patience", None)
     c.pop("max_steps", None)
     c.pop("max_time", None)
+    c.pop("patience", None)
     c.pop("device", None)
     c.pop("world_size", None)  # a run resumes on any number of processes
     c.pop("source", None)  # the config's content matters, not where the file is
@@ -246,6 +264,7 @@ class _Run:
             "world_size": self.world,
             "max_steps": self.steps,
             "max_time": self.max_time,
+            "patience": self.patience,
         }
         if checkpoint is not None:
             differs = _first_difference(_comparable(checkpoint.run), _comparable(self.run_info))
@@ -260,10 +279,15 @@ class _Run:
         self.out = self._prepare(out_dir)
         self.state = RunState()
         self.history: list[dict] = []
+        # the model at state.best_step (a CPU copy) and whether best.pt still lacks it
+        self.best_model: dict | None = None
+        self.best_unsaved = False
+        self.saved_step: int | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         elif self.main:
-            for stale in (self.out / METRICS, self.out / CHECKPOINT, self.out / SUMMARY):
+            stale_files = (METRICS, CHECKPOINT, BEST, SUMMARY)
+            for stale in (self.out / f for f in stale_files):
                 if stale.exists():
                     stale.unlink()
         if self.main:
@@ -298,6 +322,7 @@ class _Run:
             raise ConfigError(
                 f"--max-time: received {self.max_time}; accepted: seconds >= 0 (0: none)"
             )
+        self.patience = _patience(o.patience, config.train.patience)
 
     def _prepare(self, out_dir) -> Path:
         """The output folder, created and probed by process 0 (every process learns)."""
@@ -347,6 +372,13 @@ class _Run:
             self.horizon.load_state_dict(ckpt.horizon)
         self.sampler.load_state_dict(ckpt.sampler)
         self.state = ckpt.state
+        if ckpt.best_model is None:  # written before best-model tracking: it starts here
+            s = self.state
+            s.best_step, s.best_value, s.evals_since_best = None, None, 0
+        else:
+            self.best_model = ckpt.best_model
+        if self.main:
+            self._check_best_file()
         _set_rng(ckpt.rng, self.device, self.opt)
         # cut back to the checkpoint; a last line off the evaluation schedule (written when
         # the run stopped there) goes too: an uninterrupted run has no line at that step
@@ -362,6 +394,21 @@ class _Run:
             atomic_write_text(
                 self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.history)
             )
+
+    def _check_best_file(self) -> None:
+        """After a restore: a ``best.pt`` that is not the checkpoint's best model (written
+        after the checkpoint by the run that stopped) is rewritten from the checkpoint's
+        copy at the next save, or removed when the checkpoint has none."""
+        path = self.out / BEST
+        if self.best_model is None:
+            if path.exists():
+                path.unlink()
+            return
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=False)["step"]
+        except Exception:  # missing, torn or foreign: written again
+            step = None
+        self.best_unsaved = step != self.state.best_step
 
     # ------------------------------------------------------------------ log and save
     def _means(self) -> tuple[float, float, float]:
@@ -391,8 +438,12 @@ class _Run:
         }
         if step % self.config.train.eval_every == 0:
             # a line off the schedule (the run's last step, a time budget's stop) leaves the
-            # sums running, so that a resumed run logs what an uninterrupted one does
+            # sums running, so that a resumed run logs what an uninterrupted one does; nor
+            # does it count for the best model or the patience (see _final_best)
             s.reset_sums()
+            if s.consider(step, val[metric], task.higher_is_better):
+                self.best_model = _cpu_copy(task.model.state_dict())
+                self.best_unsaved = True
         if not math.isfinite(val[metric]):
             s.fail(f"validation {metric} is {val[metric]}")  # the same on every process
         self.history.append(record)
@@ -416,7 +467,47 @@ class _Run:
             rng=rng,
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             horizon=self.horizon.state_dict() if self.horizon is not None else None,
+            best_model=self.best_model,
         ).write(self.out / CHECKPOINT)
+        self.saved_step = state.step
+        if self.best_unsaved and self.best_model is not None:
+            self._write_best(state.best_step, state.best_value, self.best_model)
+            self.best_unsaved = False
+
+    def _write_best(self, step: int, value: float, model: dict) -> None:
+        BestModel(
+            run=self.run_info,
+            model=model,
+            step=step,
+            metric=self.task.metric,
+            value=value,
+            higher_is_better=self.task.higher_is_better,
+        ).write(self.out / BEST)
+
+    def _final_best(self) -> tuple[int, float, dict] | None:
+        """``(step, value, model)`` of the run's best model. The state's (scheduled
+        evaluations), or the final model when the run's last evaluation is off the schedule
+        and better still: then ``best.pt`` is rewritten with it (the checkpoint keeps the
+        state's, from which a resumed run goes on as an uninterrupted one)."""
+        s, metric = self.state, self.task.metric
+        last = self.history[-1] if self.history else None
+        if (
+            last is not None
+            and not s.diverged
+            and last["step"] == s.step
+            and s.step % self.config.train.eval_every != 0
+            and improves(last[f"val_{metric}"], s.best_value, self.task.higher_is_better)
+        ):
+            model = _cpu_copy(self.task.model.state_dict())
+            if self.main:
+                self._write_best(s.step, last[f"val_{metric}"], model)
+            return s.step, last[f"val_{metric}"], model
+        if s.best_step is None or self.best_model is None:
+            return None
+        return s.best_step, s.best_value, self.best_model
+
+    def _patience_spent(self) -> bool:
+        return self.patience is not None and self.state.evals_since_best >= self.patience
 
     # ------------------------------------------------------------------ training
     def _agree(self, failure: str | None) -> str | None:
@@ -475,8 +566,11 @@ class _Run:
             s.step,
             f"{self.name} lr={self.lr:g} seed={self.seed}",
         )
-        stopped_by_time = False
+        stopped_by_time = stopped_early = False
         while s.step < self.steps and not s.diverged:
+            if self._patience_spent():  # the same on every process (the same metrics)
+                stopped_early = True
+                break
             if self._over_time():
                 stopped_by_time = True
                 break
@@ -499,8 +593,8 @@ class _Run:
         if not s.diverged and (not self.history or self.history[-1]["step"] != s.step):
             self.log(s.step)
             self.save()
-        elif s.diverged:
-            self.save()
+        elif s.diverged or (stopped_early and self.saved_step != s.step):
+            self.save()  # a run stopped early between checkpoints is saved where it stopped
         summary = _finish(
             self.task,
             s,
@@ -510,6 +604,8 @@ class _Run:
             stopped_by_time,
             self.opt_cfg,
             self.history,
+            best_model=self._final_best(),
+            stopped_early=stopped_early,
         )
         if isinstance(self.opt, OCNOpt) and self.world > 1:
             summary["refresh_allreduce"] = dict(self.opt.last_reduce)
@@ -517,6 +613,30 @@ class _Run:
                 atomic_write_json(self.out / SUMMARY, summary)
         dist.barrier()
         return summary
+
+
+def _patience(option, configured: int | None) -> int | None:
+    """The run's patience: ``option`` (``--patience``: an int >= 1, or "none": off) or else
+    the config's ``[train].patience``."""
+    if option is None:
+        return configured
+    if isinstance(option, str) and option.strip().lower() == "none":
+        return None
+    if isinstance(option, bool) or not isinstance(option, int):
+        raise bad_type("--patience", option, "an int >= 1, or 'none' (no early stopping)")
+    if option < 1:
+        raise bad_value(
+            "--patience",
+            option,
+            "an int >= 1 (evaluations without improvement before the run stops), or 'none' "
+            "(no early stopping)",
+        )
+    return option
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    """A copy of ``state_dict`` on the CPU that later steps do not change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
 def _gather_rng(device, opt=None) -> dict:
@@ -558,15 +678,30 @@ def _finish(
     by_time: bool,
     opt_cfg,
     records: list[dict],
+    best_model: tuple[int, float, dict] | None = None,
+    stopped_early: bool = False,
 ) -> dict:
     metric = task.metric
     key = f"val_{metric}"
+    eval_batch = task.config.train.eval_batch
     if state.diverged:
         test = {metric: float("nan")}
     else:
-        test = task.evaluate(task.data.test, task.config.train.eval_batch)
+        test = task.evaluate(task.data.test, eval_batch)
+    best_test = None
+    if best_model is not None and best_model[0] == state.step and not state.diverged:
+        best_test = test  # the final model is the best one
+    elif best_model is not None:  # the best model's test metrics; the final model is put back
+        final = _cpu_copy(task.model.state_dict())
+        task.model.load_state_dict(best_model[2])
+        try:
+            best_test = task.evaluate(task.data.test, eval_batch)  # a failed solve: NaN
+        finally:
+            task.model.load_state_dict(final)
     vals = [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
     best = (max if task.higher_is_better else min)(vals) if vals else None
+    if best_model is not None:  # best.pt's value (the same unless tracking began later)
+        best = best_model[1]
     cost = medians(state.step_times)
     every = [t for ts in state.step_times.values() for t in ts]
     nfe = [(r["nfe_forward"], r["nfe_backward"]) for r in records if r["nfe_forward"] is not None]
@@ -585,6 +720,12 @@ def _finish(
         "best_val": best,
         "test": test,
         "test_metric": test[metric],
+        "best_step": best_model[0] if best_model is not None else None,
+        "best_test": best_test,
+        "best_test_metric": best_test[metric] if best_test is not None else None,
+        "patience": run_info.get("patience"),
+        "stopped_early": stopped_early,
+        "early_stop_step": state.step if stopped_early else None,
         "step_time_s": cost["plain"],
         "adapt_time_s": cost["adapt"],
         "refresh_time_s": cost["refresh+adapt"] or cost["refresh"],
