@@ -66,6 +66,22 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _patience(text: str) -> int | str:
+    """``--patience``: an int >= 1, or ``none`` (no early stopping, whatever the config says)."""
+    if text.strip().lower() == "none":
+        return "none"
+    accepted = (
+        "accepted: an int >= 1 (evaluations without improvement before the run stops) or 'none'"
+    )
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"received {text!r}; {accepted}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"received {v}; {accepted}")
+    return v
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -109,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one model from a config",
         formatter_class=_Formatter,
         description="Train one model as CONFIG says; writes metrics.jsonl, checkpoint.pt "
-        "(atomically, every [train].checkpoint_every steps), summary.json and config.json "
-        "to --out.",
+        "(atomically, every [train].checkpoint_every steps), best.pt (the model at the best "
+        "validation metric so far, with each checkpoint), summary.json (the final and the "
+        "best model's figures) and config.json to --out.",
     )
     t.add_argument("config", metavar="CONFIG", help="a TOML config (see configs/)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     t.add_argument("--seed", type=int, default=None, help="seed (default: [train].seed)")
     _run_options(t)
+    t.add_argument(
+        "--patience",
+        type=_patience,
+        default=None,
+        metavar="N",
+        help="early stopping: end the run after N evaluations without improvement of the "
+        "validation metric; 'none': off (default: [train].patience, none)",
+    )
     t.add_argument(
         "--resume",
         action="store_true",
@@ -242,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _best_words(summary: dict) -> str:
+    """``; best val ... at step ..., its test ...`` (and an early stop) for the run line."""
+    if summary.get("best_step") is None:
+        return ""
+    m = summary["metric"]
+    words = (
+        f"; best val {m} {summary['best_val']:.4g} at step {summary['best_step']} (best.pt), "
+        f"its test {m} {summary['best_test_metric']:.4g}"
+    )
+    if summary.get("stopped_early"):
+        words += f"; stopped early at step {summary['early_stop_step']}"
+    return words
+
+
 def _config(path):
     from .train.config import load_config
 
@@ -269,6 +308,7 @@ def run(args) -> int:
                 device=args.device,
                 max_steps=args.max_steps,
                 max_time=args.max_time,
+                patience=args.patience,
                 resume=args.resume,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
@@ -280,8 +320,9 @@ def run(args) -> int:
         state = "diverged" if summary["diverged"] else "done"
         print(
             f"{state}: {summary['steps']} steps, {summary['train_seconds']:.1f}s training; "
-            f"val {m} {summary['final_val']:.4g}, test {m} {summary['test_metric']:.4g}; "
-            f"run folder {out}"
+            f"val {m} {summary['final_val']:.4g}, test {m} {summary['test_metric']:.4g}"
+            + _best_words(summary)
+            + f"; run folder {out}"
         )
         if summary["diverged"]:
             print(f"diverged: {summary.get('diverged_reason')}; exit status {EXIT_DIVERGED}")
