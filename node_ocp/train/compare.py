@@ -10,11 +10,13 @@ each data-parallel over all processes. The comparison folder holds::
 
 Aggregation: for every optimizer the learning rate with the best mean final *validation*
 metric over seeds is chosen (a diverged run counts as the worst), and test metrics are
-reported at that learning rate per seed and as means with 95% t intervals. The target of
-time-to-target is ``[train].target`` or else the median over seeds of the final validation
-metric of the best first-order baseline (the non-OCNOpt optimizer with the best mean final
-validation metric; the standard-EKFAC table, time_joint = false, counts as a baseline),
-which that baseline reaches in about half of its seeds: no optimizer reaches it by
+reported at that learning rate per seed and as means with 95% t intervals: those of the
+final model (``test``, the figure the verdicts use) and, beside them, those of each run's
+best-validation model, its ``best.pt`` (``best_test``; None for runs written before it).
+The target of time-to-target is ``[train].target`` or else the median over seeds of the
+final validation metric of the best first-order baseline (the non-OCNOpt optimizer with
+the best mean final validation metric; the standard-EKFAC table, time_joint = false, counts
+as a baseline), which that baseline reaches in about half of its seeds: no optimizer reaches it by
 construction. Each optimizer's time to it is the median over seeds (with a
 bootstrap interval) of the first training wall-clock (evaluation excluded) at which its
 validation metric reaches it, a seed that never does counting as infinitely late.
@@ -173,10 +175,14 @@ def compare(
                 tail = "\n".join(lines[-8:])  # a crash: its traceback's end
                 raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
             s = _read_json(target / SUMMARY)
+        best = s.get("best_test_metric")
         line = (
             f"{name:<14} lr={lr:<8g} seed={seed}  val {s['metric']} {s['final_val']:.4g}  "
-            f"test {s['test_metric']:.4g}  {s['train_seconds']:.1f}s"
+            f"test {s['test_metric']:.4g}"
+            + (f"  test (best val, step {s['best_step']}) {best:.4g}" if best is not None else "")
+            + f"  {s['train_seconds']:.1f}s"
             + ("  (diverged)" if s["diverged"] else "")
+            + ("  (stopped early)" if s.get("stopped_early") else "")
         )
         if bar is not None:
             bar.write(line)
@@ -343,6 +349,12 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             "test": _mean_std([r["test_metric"] for r in best]),
             "val_ci": list(_ci([r["final_val"] for r in best])),
             "test_ci": list(_ci([r["test_metric"] for r in best])),
+            # the same figures of each run's best-validation model (best.pt)
+            "per_seed_best_test": {r["seed"]: r.get("best_test_metric") for r in best},
+            "per_seed_best_step": {r["seed"]: r.get("best_step") for r in best},
+            "best_test": _mean_std([r.get("best_test_metric") for r in best]),
+            "best_test_ci": list(_ci([r.get("best_test_metric") for r in best])),
+            "stopped_early": sum(bool(r.get("stopped_early")) for r in best),
             "diverged": sum(r["diverged"] for r in best),
             "seeds": len(best),
             "train_seconds": statistics.fmean(r["train_seconds"] for r in best),

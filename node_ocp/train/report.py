@@ -48,6 +48,14 @@ def _ci_cell(ci, digits=4) -> str:
     return f"{m:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
 
+def _best_cell(a) -> str:
+    """The best-validation models' test interval (``–`` for runs without ``best.pt``)."""
+    ci = a.get("best_test_ci")
+    if not ci or not _finite(ci[0]):
+        return "–"
+    return _ci_cell(ci)
+
+
 def _time_cell(a) -> str:
     t = a["time_to_target_s"]
     if t is None:
@@ -84,11 +92,13 @@ def write_report(out, result: dict) -> Path:
         "the learning rate with the best mean final validation metric. Intervals are 95%: "
         "t intervals of means, bootstrap intervals of medians. Times are training wall-clock "
         "(evaluation excluded) on this machine; ratios are to the baseline in the same "
-        "comparison.",
+        "comparison. *test* is the final model's test metric (the one the verdicts use); "
+        "*test (best val)* is that of each run's model at its best validation metric "
+        "(best.pt).",
         "",
-        "| optimizer | lr | seeds | test | val | to target s | reached | time ratio "
-        "| step cost | refresh cost | memory MB | memory ratio | NFE f/b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | lr | seeds | test | test (best val) | val | to target s | reached "
+        "| time ratio | step cost | refresh cost | memory MB | memory ratio | NFE f/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in opts.items():
         nfe = (
@@ -99,8 +109,11 @@ def write_report(out, result: dict) -> Path:
         test = _ci_cell(a["test_ci"])
         if a["diverged"]:
             test += f" ({a['diverged']}/{a['seeds']} diverged)"
+        best = _best_cell(a)
+        if a.get("stopped_early"):
+            best += f" ({a['stopped_early']}/{a['seeds']} stopped early)"
         lines.append(
-            f"| {name} | {a['lr']:g} | {a['seeds']} | {test} | {_ci_cell(a['val_ci'])} "
+            f"| {name} | {a['lr']:g} | {a['seeds']} | {test} | {best} | {_ci_cell(a['val_ci'])} "
             f"| {_time_cell(a)} | {a['reached']} | {_num(a['time_to_target_ratio'])} "
             f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
             f"| {_num(a.get('train_memory_mb'), '{:.1f}')} | {_num(a['memory_ratio'])} "
@@ -108,14 +121,25 @@ def write_report(out, result: dict) -> Path:
         )
     lines += ["", "## Verdicts", ""]
     lines += [f"- {v}" for v in verdicts] or ["- (one optimizer: nothing to compare)"]
-    lines += ["", f"## Per seed (final test {metric}, seconds to the target)", ""]
-    lines += ["| optimizer | seed | test | val | to target s |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Per seed (test {metric} of the final and of the best-validation model, seconds "
+        "to the target)",
+        "",
+    ]
+    lines += [
+        "| optimizer | seed | test | test (best val) | best step | val | to target s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, a in opts.items():
         for seed in a.get("seed_list", []):
             key = str(seed) if str(seed) in a["per_seed_test"] else seed
             t = a["per_seed_time_to_target_s"].get(key)
+            best = a.get("per_seed_best_test", {}).get(key)
+            step = a.get("per_seed_best_step", {}).get(key)
             lines.append(
                 f"| {name} | {seed} | {_num(a['per_seed_test'][key], '{:.4g}', 'nan')} "
+                f"| {_num(best, '{:.4g}')} | {_num(step, '{}')} "
                 f"| {_num(a['per_seed_val'][key], '{:.4g}', 'nan')} "
                 f"| {_num(t, '{:.1f}', 'never')} |"
             )
@@ -457,13 +481,15 @@ def format_summary(result: dict) -> str:
         f"({result['target_source']}); intervals 95%; ratios to {base}"
     )
     head = (
-        f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>28} {'to target s':>20} "
-        f"{'reached':>7} {'time ratio':>10} {'step cost':>9} {'memory MB':>9}"
+        f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>28} {'test (best val)':>28} "
+        f"{'to target s':>20} {'reached':>7} {'time ratio':>10} {'step cost':>9} "
+        f"{'memory MB':>9}"
     )
     lines.append(head)
     for name, a in result["optimizers"].items():
         lines.append(
-            f"{name:<16} {a['lr']:>8g} {_ci_cell(a['test_ci']):>28} {_time_cell(a):>20} "
+            f"{name:<16} {a['lr']:>8g} {_ci_cell(a['test_ci']):>28} {_best_cell(a):>28} "
+            f"{_time_cell(a):>20} "
             f"{a['reached']:>7} {_num(a['time_to_target_ratio']):>10} "
             f"{_num(a['step_cost_ratio']):>9} {_num(a.get('train_memory_mb'), '{:.1f}'):>9}"
         )
