@@ -55,6 +55,7 @@ class FactorFlow:
                 f"factors={self.source!r} needs the forward pass of this step between "
                 "opt.step() and opt.backward()."
             )
+        _check_chain(records, outputs, self.source)
         y = output_factors(outputs, likelihood, self.source, self.rank, self.generator)
         last = records[-1]
         with pause():
@@ -62,6 +63,46 @@ class FactorFlow:
         for earlier, later in zip(records[:-1], records[1:]):
             _chain(earlier, later, pause)
         return len(records) > 1
+
+
+def _check_chain(records: list[SolveRecord], outputs: torch.Tensor, source: str) -> None:
+    """Refuse a graph the chain cannot follow: the model output must reach the block calls
+    only through the last one, and each call's input the earlier calls only through the one
+    before it. Otherwise (an ODE-RNN's per-series last states, a forecast read at several
+    query times, a state carried around a block for some rows) a path is missed, and the
+    pull-backs between calls fire each other's hooks without end."""
+    barriers = {r.output.grad_fn: i for i, r in enumerate(records) if r.output.grad_fn}
+    last = len(records) - 1
+    starts = [(outputs, last, "the model output", "the last call")]
+    starts += [
+        (r.input, k - 1, f"the input of call {k + 1}", f"call {k}") for k, r in enumerate(records)
+    ]
+    for tensor, allowed, what, via in starts:
+        other = sorted(i for i in _reached(tensor, barriers) if i != allowed)
+        if other:
+            raise ValueError(
+                f"factors={source!r}: {what} depends on ODE block call {other[0] + 1} of "
+                f"{len(records)} other than through {via} (the loss reads the "
+                "state at several times, e.g. an ODE-RNN or a forecast), which the factor "
+                "chain cannot follow; use factors='empirical'."
+            )
+
+
+def _reached(tensor: torch.Tensor, barriers: dict) -> set[int]:
+    """Indices of the barrier nodes that ``tensor``'s graph reaches without passing another."""
+    found: set[int] = set()
+    fn = tensor.grad_fn
+    stack, seen = ([fn] if fn is not None else []), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in barriers:
+            found.add(barriers[node])
+            continue
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
 
 
 def pull_back(outputs: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
