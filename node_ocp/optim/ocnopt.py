@@ -70,6 +70,7 @@ from .likelihoods import LIKELIHOODS, gauss_newton_quadratic, output_factors
 from .reduce import ReduceReport, decompose, reduce_statistics
 from .statistics import OutsideCollector, from_capture
 from .step_control import STEP_MODES, Adaptation, StepControl, TrialOutcome, momentum_step
+from .unit_scales import UnitCalibration, scale_of, unit_groups
 from .units import build_units
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
@@ -112,6 +113,7 @@ DEFAULTS: dict = {
     "feedback": "off",
     "feedback_every": 1,
     "feedback_clip": 1.0,
+    "calibrate_units": True,
 }
 
 
@@ -187,6 +189,9 @@ class OCNOpt(torch.optim.Optimizer):
             backward solves. False: the "standard EKFAC" baseline: ordinary K-FAC hooks on
             the field's layers, one statistic per solver evaluation, which needs blocks with
             ``gradient="direct"`` (backprop through the solver).
+        calibrate_units: with ``step="model"`` (and a closure), one calibration scale per
+            curvature unit, measured on refresh steps by one forward evaluation per unit
+            (see :mod:`node_ocp.optim.unit_scales`). False: one ``κ`` for all.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -229,6 +234,7 @@ class OCNOpt(torch.optim.Optimizer):
         feedback_every: int = DEFAULTS["feedback_every"],
         feedback_clip: float | None = DEFAULTS["feedback_clip"],
         time_joint: bool = True,
+        calibrate_units: bool = DEFAULTS["calibrate_units"],
         schedule: Callable[[int], float] | None = None,
         seed: int = 0,
         distributed: bool | None = None,
@@ -252,6 +258,8 @@ class OCNOpt(torch.optim.Optimizer):
         )
         if not isinstance(time_joint, bool):
             raise bad_type("time_joint", time_joint, "True or False")
+        if not isinstance(calibrate_units, bool):
+            raise bad_type("calibrate_units", calibrate_units, "True or False")
         self.time_joint = time_joint
         if schedule is not None and not callable(schedule):
             raise bad_type("schedule", schedule, "None or a callable step -> factor")
@@ -335,6 +343,8 @@ class OCNOpt(torch.optim.Optimizer):
             adapt_every=check_int("adapt_every", adapt_every, 1),
             stiff_ratio=check_positive("stiff_ratio", stiff_ratio),
         )
+        self._calibration = UnitCalibration(enabled=calibrate_units and self.step_mode == "model")
+        self._unit_groups: list | None = None  # built at the first sweep
         self._step = 0
         self.skipped_steps = 0
         self.feedback_steps = 0
@@ -623,7 +633,8 @@ class OCNOpt(torch.optim.Optimizer):
         if not self._all_finite():
             return None
         step = self._step
-        if self.refresh_due:
+        refreshing = self.refresh_due
+        if refreshing:
             if self._flow is not None and self._capture is not None and not self._factors_given:
                 raise ValueError(
                     f"factors={self.factors!r}: step {step} is a refresh step but no factors "
@@ -633,6 +644,9 @@ class OCNOpt(torch.optim.Optimizer):
             self._refresh()
         grads = self._gradients(step)
         damping = Damping(self._lm.value, self.damping_mode == "relative")
+        if self._calibration.due(step, self.update_every) and closure is not None:
+            observed = observed or self._evaluate_here(closure)
+            self._sweep_units(closure, observed, grads, damping)
         directions = self._precondition(grads, damping)
         update = self._plan(grads, directions, step, observed)
         trial_loss = None
@@ -768,6 +782,9 @@ class OCNOpt(torch.optim.Optimizer):
             if not all(p in grads for p in unit.params):
                 continue
             u = unit.direction([grads[p] for p in unit.params], damping, self._samples)
+            scale = scale_of(unit)
+            if scale != 1.0:
+                u = [x / scale for x in u]
             out.update(zip(unit.params, u))
         return out
 
@@ -849,11 +866,13 @@ class OCNOpt(torch.optim.Optimizer):
         return update
 
     def _quadratic(self, vectors: dict, damping: Damping) -> float:
-        """``Σ_units vᵀ(C + λ)v`` over the units whose parameters ``vectors`` holds."""
+        """``Σ_units s_u vᵀ(C + λ)v`` over the units whose parameters ``vectors`` holds
+        (``s_u`` the unit's calibration scale)."""
         total = 0.0
         for unit in self._units.units:
             if all(p in vectors for p in unit.params):
-                total += float(unit.quadratic([vectors[p] for p in unit.params], damping))
+                quad = float(unit.quadratic([vectors[p] for p in unit.params], damping))
+                total += scale_of(unit) * quad
         return total
 
     def _warn_no_closure(self) -> None:
@@ -945,6 +964,26 @@ class OCNOpt(torch.optim.Optimizer):
         )
         return update, trial_loss
 
+    def _sweep_units(self, closure, observed, grads: dict, damping: Damping) -> None:
+        """Measure every unit's own calibration on the batch (:mod:`.unit_scales`)."""
+        names = {p: n for n, p in self.model.named_parameters()}
+
+        def evaluate() -> tuple[float, float]:
+            loss, gn, _ = self._evaluate_trial(closure, observed)
+            return loss - observed.loss, gn
+
+        if self._unit_groups is None:
+            self._unit_groups = unit_groups(self.model, self.blocks, self._units.units)
+        self._calibration.sweep(
+            self._unit_groups,
+            grads,
+            damping,
+            observed.loss,
+            evaluate,
+            self._agree,
+            label=lambda u: names.get(u.params[0], "?"),
+        )
+
     def _agree(self, values: list[float]) -> list[float]:
         """The mean of ``values`` over processes (NaN if any process has NaN there)."""
         if not (self._reduces() and dist.world_size() > 1):
@@ -1034,6 +1073,7 @@ class OCNOpt(torch.optim.Optimizer):
             "samples": self._samples,
             "damping": self._lm.state_dict(),
             "control": self._control.state_dict(),
+            "unit_calibration": self._calibration.state_dict(),
             "last_adaptation": None
             if self.last_adaptation is None
             else self.last_adaptation.as_dict(),
@@ -1098,6 +1138,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._samples = float(extra["samples"])
         self._lm.load_state_dict(extra["damping"])
         self._control.load_state_dict(extra["control"])
+        self._calibration.load_state_dict(extra.get("unit_calibration", {}))
         last = extra.get("last_adaptation")
         self.last_adaptation = None if last is None else Adaptation(**last)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -1111,6 +1152,7 @@ class OCNOpt(torch.optim.Optimizer):
             self.time_joint,
         )
         self._collector = OutsideCollector(self._units.outside)
+        self._unit_groups = None
         self._arm_if_due()
 
 
