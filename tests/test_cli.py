@@ -205,7 +205,6 @@ def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     c = rows["ocnopt"]["kind_s"]
     want = (c["refresh+adapt"] + 4 * c["refresh"] + 2 * c["adapt"] + 8 * c["plain"]) / 15
     assert rows["ocnopt"]["amortized_s"] == pytest.approx(want)
-    assert c["adapt"] > c["plain"]  # the trial's forward solve is its own cost
     # same model state for both: equal function evaluations per solve; OCNOpt's trials at
     # steps 0 and 5 of the 7 add a forward solve each
     assert rows["ocnopt"]["nfe_forward"] == pytest.approx(rows["adam"]["nfe_forward"] * 9 / 7)
