@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 def _write_config(src: Path, dest: Path, budget: float, grids: dict) -> Path:
     """The task's config with the four arms as its optimizer tables and a time budget."""
     raw = tomllib.loads(src.read_text())
+    path = raw.get("task", {}).get("path")
+    if isinstance(path, str) and not Path(path).is_absolute():  # relative to the source
+        raw["task"]["path"] = str((src.parent / path).resolve())
     raw["optimizers"] = {}
     for arm, table in TABLES.items():
         t = dict(table)

@@ -42,6 +42,8 @@ def test_every_bundled_config_parses_and_builds_its_task(path):
     task = build_task(cfg)
     assert len(task.data.train) > 0 and len(task.data.val) > 0 and len(task.data.test) > 0
     assert task.blocks, "every task's model integrates at least one ODE block"
+    # `train` refuses a batch larger than the training split (cnf_iris's 128 > 120 did)
+    assert cfg.train.batch_size <= len(task.data.train)
     torch.manual_seed(0)
     batch = task.data.train.batch(torch.arange(min(4, len(task.data.train))))
     with torch.no_grad():
