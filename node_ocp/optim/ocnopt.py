@@ -974,11 +974,12 @@ class OCNOpt(torch.optim.Optimizer):
 
         if self._unit_groups is None:
             self._unit_groups = unit_groups(self.model, self.blocks, self._units.units)
+        (loss,) = self._agree([observed.loss])  # the probes' size: the same everywhere
         self._calibration.sweep(
             self._unit_groups,
             grads,
             damping,
-            observed.loss,
+            loss,
             evaluate,
             self._agree,
             label=lambda u: names.get(u.params[0], "?"),
