@@ -40,14 +40,19 @@ class Sequence(nn.Module):
             new = self.cell(xs[t], state)
             if state is None:
                 state = new
-            keep = masks[t][:, None]
-            if isinstance(new, tuple):
-                state = tuple(torch.where(keep, a, b) for a, b in zip(new, state))
-            else:
-                state = torch.where(keep, new, state)
-            h = state[0] if isinstance(state, tuple) else state
+            state, h = _advance(new, state, masks[t])
             outs.append(self.ode(h) if t == xs.shape[0] - 1 else h)
         return torch.stack([self.head(h) for h in outs])  # (T, N, outputs)
+
+
+def _advance(new, state, mask):
+    """The rows with ``mask`` (N,) take the cell's new state; returns (state, hidden h)."""
+    keep = mask[:, None]
+    if isinstance(new, tuple):
+        state = tuple(torch.where(keep, a, b) for a, b in zip(new, state))
+    else:
+        state = torch.where(keep, new, state)
+    return state, state[0] if isinstance(state, tuple) else state
 
 
 def _hand_cell(cell, x, state):
@@ -103,12 +108,7 @@ def _hand_rows(model, xs, masks, target):
         new, gi, gh = _hand_cell(cell, xs[t], state)
         live = masks[t]
         uses += [("ih", xs[t], gi, live), ("hh", h_in, gh, live)]
-        keep = masks[t][:, None]
-        if isinstance(new, tuple):
-            state = tuple(torch.where(keep, a, b) for a, b in zip(new, state))
-        else:
-            state = torch.where(keep, new, state)
-        h = state[0] if isinstance(state, tuple) else state
+        state, h = _advance(new, state, masks[t])
         h = direct(h) if t == xs.shape[0] - 1 else h
         hins.append(h.detach())
         o = h @ head.weight.T + head.bias
