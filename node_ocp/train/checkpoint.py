@@ -154,13 +154,12 @@ class Checkpoint:
         """``torch.save`` through a temporary file and an atomic rename; a failed write (a
         full disk) is one :class:`RunError` line and leaves the previous checkpoint as it
         was."""
-        try:
-            atomic_write(Path(path), lambda f: torch.save(self.to_dict(), f), True)
-        except OSError as exc:
-            raise RunError(
-                f"checkpoint: cannot write {str(path)!r} ({exc.strerror or exc}); the "
-                "previous checkpoint is kept: free space and continue with --resume"
-            ) from None
+        _save(
+            self.to_dict(),
+            path,
+            "checkpoint",
+            "the previous checkpoint is kept: free space and continue with --resume",
+        )
 
     @classmethod
     def read(cls, path) -> Checkpoint | None:
@@ -236,11 +235,21 @@ class BestModel:
     def write(self, path) -> None:
         """``torch.save`` through a temporary file and an atomic rename; a failed write is
         one :class:`RunError` line and leaves the previous ``best.pt`` as it was."""
-        try:
-            atomic_write(Path(path), lambda f: torch.save(self.to_dict(), f), True)
-        except OSError as exc:
-            raise RunError(
-                f"best model: cannot write {str(path)!r} ({exc.strerror or exc}); the "
-                "previous best.pt is kept and checkpoint.pt holds the best model too: free "
-                "space and continue with --resume"
-            ) from None
+        _save(
+            self.to_dict(),
+            path,
+            "best model",
+            "the previous best.pt is kept and checkpoint.pt holds the best model too: free "
+            "space and continue with --resume",
+        )
+
+
+def _save(data: dict, path, what: str, kept: str) -> None:
+    """``torch.save`` through a temporary file and an atomic rename; an ``OSError`` is one
+    :class:`RunError` line naming ``what`` and what was ``kept``."""
+    try:
+        atomic_write(Path(path), lambda f: torch.save(data, f), True)
+    except OSError as exc:
+        raise RunError(
+            f"{what}: cannot write {str(path)!r} ({exc.strerror or exc}); {kept}"
+        ) from None
