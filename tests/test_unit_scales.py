@@ -155,3 +155,22 @@ def test_units_are_grouped_by_the_part_that_owns_them_and_one_part_is_not_swept(
     _step(single, compute)
     assert calls["n"] == 2  # the step's forward and its one trial: no probe
     assert all(SCALE_KEY not in u.state for u in single.units)
+
+
+def test_calibrate_units_from_a_config_reaches_ocnopt():
+    from train_helpers import tiny
+
+    from node_ocp.train.config import ConfigError, config_from_dict
+    from node_ocp.train.optimizers import build_optimizer
+    from node_ocp.train.tasks import build_task
+
+    raw = tiny()
+    raw["optimizers"]["ocnopt"]["calibrate_units"] = False
+    cfg = config_from_dict(raw)
+    task = build_task(cfg, "cpu")
+    assert build_optimizer(cfg.optimizer("ocnopt"), task.model)._calibration.enabled is False
+    default = config_from_dict(tiny())
+    assert build_optimizer(default.optimizer("ocnopt"), task.model)._calibration.enabled
+    raw["optimizers"]["ocnopt"]["calibrate_units"] = "no"
+    with pytest.raises(ConfigError, match=r"calibrate_units: received 'no'; accepted: true"):
+        config_from_dict(raw)

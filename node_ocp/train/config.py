@@ -368,6 +368,7 @@ class OptimizerConfig:
     feedback: str = field(default_factory=lambda: _ocnopt_default("feedback"))
     feedback_every: int = field(default_factory=lambda: _ocnopt_default("feedback_every"))
     feedback_clip: float = field(default_factory=lambda: _ocnopt_default("feedback_clip"))
+    calibrate_units: bool = field(default_factory=lambda: _ocnopt_default("calibrate_units"))
     time_joint: bool = True
     gradient: str | None = None
 

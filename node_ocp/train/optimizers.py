@@ -58,6 +58,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         feedback_every=cfg.feedback_every,
         feedback_clip=cfg.feedback_clip or None,
         time_joint=cfg.time_joint,
+        calibrate_units=cfg.calibrate_units,
         seed=seed,
     )
 
