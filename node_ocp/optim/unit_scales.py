@@ -84,15 +84,13 @@ class UnitCalibration:
         self,
         enabled: bool = True,
         delay: int = 5,
-        power: float = 1.0,
         bounds: tuple[float, float] = (1e-3, 1e3),
     ):
         self.enabled = enabled
         self.delay = delay
-        self.power = power
         self.bounds = bounds
         self.sweeps = 0
-        self.last: dict[str, float] = {}  # κ_u of the last sweep, by unit label
+        self.last: dict[str, float] = {}  # κ_g of the last sweep, by the label of its first unit
 
     def due(self, step: int, update_every: int) -> bool:
         """True on the step ``delay`` steps after each curvature refresh (once EKFAC's
@@ -177,7 +175,7 @@ class UnitCalibration:
         for index, group in enumerate(groups):
             ratio = kappas.get(index, mean) / mean
             for unit in group:
-                unit.state[SCALE_KEY] = min(max(ratio**self.power, low), high)
+                unit.state[SCALE_KEY] = min(max(ratio, low), high)
         self.last = {label(groups[i][0]): k for i, k in kappas.items()}
 
     def state_dict(self) -> dict:
