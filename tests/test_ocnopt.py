@@ -614,7 +614,7 @@ def test_nonfinite_gradient_skips_and_leaves_state_untouched():
         ({"update_every": 0}, r"update_every: received 0; accepted: an int >= 1"),
         ({"adapt_every": 0}, r"adapt_every: received 0; accepted: an int >= 1"),
         ({"curvature": "newton"}, r"curvature: received 'newton'; accepted: one of 'identity'"),
-        ({"factors": "fisher"}, r"factors: received 'fisher'; accepted: one of 'empirical'"),
+        ({"factors": "fisher"}, r"factors: received 'fisher'; accepted: one of 'auto', 'emp"),
         ({"step": "line"}, r"step: received 'line'; accepted: one of 'model', 'fixed'"),
         ({"damping_mode": "x"}, r"damping_mode: received 'x'; accepted: one of 'relative'"),
         ({"step": "fixed"}, r"lr: received None; accepted: a float > 0 with step='fixed'"),

@@ -5,8 +5,9 @@ each call's input to the call before it. A Neural CDE classifier (one call) fits
 block's Gauss–Newton matrix from exact factors is checked against Jacobians by backprop. An
 ODE-RNN (a classifier reads each series' state at its own last observation; a forecaster at
 several query times) and a CDE forecaster (a decoder call per query time) do not: the
-optimizer refuses them in one line (before, the pull-backs fired each other's hooks without
-end).
+``exact`` source refuses them in one line (before, the pull-backs fired each other's hooks
+without end); the ``sampled`` one draws its Monte-Carlo Fisher in a backward pass of its own
+(:mod:`node_ocp.optim.fisher_backward`).
 """
 
 import pytest
@@ -61,7 +62,9 @@ def _run(model, task):
     "kind, task",
     [("odernn", "classification"), ("odernn", "forecast"), ("cde", "forecast")],
 )
-def test_factor_sources_refuse_models_whose_loss_reads_several_block_calls(kind, task, source):
+def test_models_whose_loss_reads_several_block_calls(kind, task, source):
+    """``exact`` refuses them in one line; ``sampled`` draws its Monte-Carlo Fisher in a
+    backward pass of its own (the statistics of every unit, from the drawn cotangent)."""
     if kind == "odernn":
         torch.manual_seed(0)
         model = ODERNN(2, 3, hidden=3, field_hidden=(4,), task=task).double()
@@ -70,8 +73,20 @@ def test_factor_sources_refuse_models_whose_loss_reads_several_block_calls(kind,
     opt = no.OCNOpt(model, factors=source)
     out = _run(model, task)
     likelihood = "categorical" if task == "classification" else "gaussian"
-    with pytest.raises(ValueError, match=rf"^factors='{source}': .* use factors='empirical'\.$"):
-        opt.backward(out.pow(2).mean(), outputs=out, likelihood=likelihood)
+    loss = out.pow(2).mean()
+    if source == "exact":
+        with pytest.raises(
+            ValueError,
+            match=rf"^factors='{source}': .* use factors='sampled' \(a backward pass of its "
+            r"own\) or 'empirical'\.$",
+        ):
+            opt.backward(loss, outputs=out, likelihood=likelihood)
+        return
+    opt.backward(loss, outputs=out, likelihood=likelihood)
+    assert opt._statistics_route == "fisher"
+    assert opt.capture is not None and opt.capture.kronecker  # the field's factors
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    opt.step()
 
 
 @pytest.mark.parametrize("source", ["exact", "sampled"])

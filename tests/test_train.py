@@ -65,7 +65,7 @@ def test_the_issue_s_task_list_has_a_config_each():
     curvatures = {c for k, c, _ in kinds if k == "ocnopt"}
     sources = {f for k, _, f in kinds if k == "ocnopt"}
     assert curvatures == {"identity", "diagonal", "kfac", "ekfac", "dense"}
-    assert sources == {"empirical", "sampled", "exact"}
+    assert sources == {"auto", "empirical", "sampled", "exact"}
 
 
 @pytest.mark.parametrize(

@@ -65,12 +65,12 @@ class FactorFlow:
         return len(records) > 1
 
 
-def _check_chain(records: list[SolveRecord], outputs: torch.Tensor, source: str) -> None:
-    """Refuse a graph the chain cannot follow: the model output must reach the block calls
-    only through the last one, and each call's input the earlier calls only through the one
-    before it. Otherwise (an ODE-RNN's per-series last states, a forecast read at several
-    query times, a state carried around a block for some rows) a path is missed, and the
-    pull-backs between calls fire each other's hooks without end."""
+def chain_problem(records: list[SolveRecord], outputs: torch.Tensor) -> str | None:
+    """Why the chain cannot follow this graph, or None when it can: the model output must
+    reach the block calls only through the last one, and each call's input the earlier calls
+    only through the one before it. Otherwise (an ODE-RNN's per-series last states, a
+    forecast read at several query times, a state carried around a block for some rows) a
+    path is missed, and the pull-backs between calls fire each other's hooks without end."""
     barriers = {r.output.grad_fn: i for i, r in enumerate(records) if r.output.grad_fn}
     last = len(records) - 1
     starts = [(outputs, last, "the model output", "the last call")]
@@ -80,12 +80,22 @@ def _check_chain(records: list[SolveRecord], outputs: torch.Tensor, source: str)
     for tensor, allowed, what, via in starts:
         other = sorted(i for i in _reached(tensor, barriers) if i != allowed)
         if other:
-            raise ValueError(
-                f"factors={source!r}: {what} depends on ODE block call {other[0] + 1} of "
-                f"{len(records)} other than through {via} (the loss reads the "
-                "state at several times, e.g. an ODE-RNN or a forecast), which the factor "
-                "chain cannot follow; use factors='empirical'."
+            return (
+                f"{what} depends on ODE block call {other[0] + 1} of {len(records)} other "
+                f"than through {via} (the loss reads the state at several times, e.g. an "
+                "ODE-RNN or a forecast)"
             )
+    return None
+
+
+def _check_chain(records: list[SolveRecord], outputs: torch.Tensor, source: str) -> None:
+    """Refuse a graph the chain cannot follow (see :func:`chain_problem`)."""
+    problem = chain_problem(records, outputs)
+    if problem is not None:
+        raise ValueError(
+            f"factors={source!r}: {problem}, which the factor chain cannot follow; use "
+            "factors='sampled' (a backward pass of its own) or 'empirical'."
+        )
 
 
 def _reached(tensor: torch.Tensor, barriers: dict) -> set[int]:

@@ -13,6 +13,10 @@ Likelihoods (``outputs`` and the loss they stand for):
 - ``"standard_normal"``: the latent ``z`` ``(N, *feat)`` of a flow with a standard-normal base,
   ``ℓ_b = ½‖z_b‖² + const − log|det|`` (H = I on ``z``; the log-determinant channel is linear
   and adds no curvature). Factors as for ``"gaussian"``.
+
+:func:`sampled_cotangent` draws the same Monte-Carlo Fisher as a cotangent of the batch's
+*mean* loss, for a backward pass of its own (models whose graph the factor chain cannot
+follow, see :mod:`.fisher_backward`).
 """
 
 from __future__ import annotations
@@ -92,3 +96,43 @@ def gauss_newton_quadratic(
     if likelihood == "gaussian" and grad_outputs is not None and loss_change is not None:
         return max(0.0, 2.0 * (loss_change - float((grad_outputs.detach() * d).sum())))
     return float(d.pow(2).sum() / n)
+
+
+def sampled_cotangent(
+    loss: torch.Tensor,
+    outputs: torch.Tensor,
+    likelihood: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A cotangent ``s`` at ``outputs`` (same shape) drawn so that, per sample ``b``,
+    ``N E[s_b s_bᵀ] = H_b / N``: backpropagated in place of ``∂L/∂outputs`` it gives the
+    statistics of the empirical rule with the Monte-Carlo Fisher (Gauss–Newton) in place of
+    the empirical Fisher (``L`` the batch's mean loss, ``N = outputs.shape[0]``, ``H_b`` the
+    Hessian of sample ``b``'s own loss).
+
+    - ``"categorical"``: logits ``(N, K)`` of a mean softmax cross-entropy:
+      ``s_b = (e_ŷ − p_b)/N`` with ``ŷ ~ Cat(p_b)``.
+    - ``"gaussian"`` and ``"standard_normal"``: ``s = ε ⊙ sqrt(diag(∇²_o L) / N)``, ``ε`` standard
+      normal, with the diagonal of the loss's own Hessian in the outputs read off one
+      Hessian-vector product with a Rademacher vector ``r``: ``r ⊙ (∇²_o L) r``. That is
+      exact for losses whose Hessian in the outputs is diagonal (a masked or weighted MSE
+      under any normalisation); masked entries get no draw.
+    """
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    out = outputs.detach()
+    n = max(out.shape[0], 1)
+    if likelihood == "categorical":
+        return output_factors(outputs, likelihood, "sampled", 1, generator)[0] / n
+    (g,) = torch.autograd.grad(loss, outputs, create_graph=True)
+    if g.grad_fn is None:
+        raise bad_value(
+            "loss",
+            "a loss linear in outputs",
+            f"a loss with curvature in the outputs for likelihood={likelihood!r}",
+            "Use factors='empirical'.",
+        )
+    r = torch.randint(0, 2, out.shape, generator=generator).to(out) * 2 - 1
+    (hr,) = torch.autograd.grad(g, outputs, r, retain_graph=True, allow_unused=True)
+    diag = torch.zeros_like(out) if hr is None else (hr.detach() * r).clamp_min(0.0)
+    eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
+    return eps * (diag / n).sqrt()

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,7 @@ from ..curvature import CurvatureCapture
 from ..ode.block import ODEBlock, SolverError
 from .curvatures import VARIANTS, Damping, dot
 from .damping import LevenbergMarquardt
-from .factor_flow import FactorFlow
+from .factor_flow import FactorFlow, chain_problem
 from .feedback import (
     FEEDBACK_MODES,
     FeedbackReport,
@@ -65,6 +65,7 @@ from .feedback import (
     warn_open_loop,
 )
 from .feedback_dense import DenseFeedback
+from .fisher_backward import AUTO_LIKELIHOODS, fisher_backward
 from .hyper import check_hyper, check_int, value_at
 from .likelihoods import LIKELIHOODS, gauss_newton_quadratic, output_factors
 from .reduce import ReduceReport, decompose, reduce_statistics
@@ -74,7 +75,7 @@ from .unit_scales import UnitCalibration, scale_of, unit_groups
 from .units import build_units
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
-FACTOR_SOURCES: tuple[str, ...] = ("empirical", "sampled", "exact")
+FACTOR_SOURCES: tuple[str, ...] = ("auto", "empirical", "sampled", "exact")
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
@@ -103,7 +104,7 @@ DEFAULTS: dict = {
     "update_every": 50,
     "alpha": 0.75,
     "sample_dt": 0.05,
-    "factors": "empirical",
+    "factors": "auto",
     "outside": "kfac",
     "step": "model",
     "adapt_every": 5,
@@ -147,9 +148,20 @@ class OCNOpt(torch.optim.Optimizer):
         update_every: refresh period of the curvature from the backward solves (>= 1).
         alpha: EKFAC running-average coefficient in (0, 1].
         sample_dt: spacing of the capture sample grid (> 0).
-        factors: terminal-factor source: ``"empirical"`` (the adjoint itself; any loss),
-            ``"sampled"`` or ``"exact"`` (these need :meth:`backward` with ``outputs`` and
-            ``likelihood`` on refresh steps).
+        factors: where the curvature statistics come from on refresh steps:
+            ``"auto"`` (default): the Monte-Carlo Fisher of ``"sampled"`` when
+            :meth:`backward` is handed a ``"categorical"`` or ``"gaussian"`` likelihood
+            (classifiers, regressors, forecasters), drawn in a backward pass of its own
+            (:mod:`.fisher_backward`); ``"empirical"`` otherwise (flows; a plain
+            ``loss.backward()``). ``"empirical"``: the loss's own backward pass (any loss).
+            ``"sampled"``: the Monte-Carlo Fisher: factors drawn at the outputs, carried
+            inside the backward solves where one chain of block calls leads to the output
+            (:mod:`.factor_flow`, ``rank`` draws), else by a sampled backward pass of its own
+            (one draw; every unit, outside layers included). ``"exact"``: all factors of
+            the output Hessian, carried inside the backward solves (one chain of block
+            calls only). ``"sampled"`` and ``"exact"`` need :meth:`backward` with
+            ``outputs`` and ``likelihood`` on refresh steps. With ``feedback`` on,
+            ``"auto"`` gives the stages empirical factors.
         step: ``"model"`` (default: η from the quadratic model, see
             :mod:`node_ocp.optim.step_control`) or ``"fixed"`` (η = ``lr``).
         adapt_every: a trial evaluation (through ``step(closure)``) every this many steps
@@ -244,6 +256,8 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_type("model", model, "an nn.Module (the whole model)")
         self.curvature = check_choice("curvature", curvature, CURVATURES)
         self.factors = check_choice("factors", factors, FACTOR_SOURCES)
+        # the feedback sweep's stage factors: "auto" keeps the empirical ones
+        self._stage_source = "empirical" if self.factors == "auto" else self.factors
         self.step_mode = check_choice("step", step, STEP_MODES)
         self.update_every = check_int("update_every", update_every, 1)
         self.rank = check_int("rank", rank, 1)
@@ -335,7 +349,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._collector = OutsideCollector(self._units.outside)
         self._generator = torch.Generator().manual_seed(seed)
         self._flow = None
-        if self.factors != "empirical":
+        if self.factors in ("sampled", "exact"):
             self._flow = FactorFlow(self.factors, self.rank, self._generator)
         self._lm = LevenbergMarquardt(damping, low, high, enabled=adapt_damping)
         self._control = StepControl(
@@ -354,6 +368,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._samples = 1.0
         self._capture: CurvatureCapture | None = None
         self._factors_given = False
+        self._statistics_route = "empirical"  # of the coming refresh (set by backward)
         self._observed: _Observed | None = None
         self._nfe_mark = 0
         self._warned_no_closure = False
@@ -481,6 +496,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _arm_if_due(self) -> None:
         self._disarm()
+        self._statistics_route = "empirical"
         self._feedback_ready = False
         if self._recorder is not None:
             self._recorder.clear()
@@ -549,19 +565,19 @@ class OCNOpt(torch.optim.Optimizer):
         feedback = self._recorder is not None and bool(self._recorder.records)
         if feedback:
             self._recorder.disarm()
-            if self.feedback == "dense" or self.factors != "empirical":
+            if self.feedback == "dense" or self._stage_source != "empirical":
                 retain = True  # factors or Jacobians come from this graph after backward
-        if self._flow is not None and self._capture is not None:
-            if outputs is None or likelihood is None:
-                raise bad_value(
-                    "outputs/likelihood",
-                    (outputs if outputs is None else "tensor", likelihood),
-                    f"both given on refresh steps with factors={self.factors!r} "
-                    f"(likelihood one of {', '.join(LIKELIHOODS)})",
-                    "Or use factors='empirical', which needs only loss.backward().",
-                )
+        route = self._route(outputs, likelihood) if self.refresh_due else "empirical"
+        self._statistics_route = route
+        if route == "flow":
             retain = (
                 self._flow.hand_over(self._capture, outputs, likelihood, self._paused) or retain
+            )
+            self._factors_given = True
+        elif route == "fisher":
+            quiet = self._recorder.paused if self._recorder is not None else nullcontext
+            fisher_backward(
+                loss, outputs, likelihood, self._generator, self._group_of, self._capture, quiet
             )
             self._factors_given = True
         handle = None  # after the factor flow, whose pull-backs start at outputs
@@ -575,13 +591,42 @@ class OCNOpt(torch.optim.Optimizer):
 
                 handle = outputs.register_hook(keep)
         try:
-            loss.backward(retain_graph=retain)
+            if route == "fisher":  # the statistics came from the sampled pass
+                with self._collector.paused():
+                    loss.backward(retain_graph=retain)
+            else:
+                loss.backward(retain_graph=retain)
         finally:
             if handle is not None:
                 handle.remove()
         if feedback:
             self._recorder.stop_grads()
             self._prepare_feedback(outputs, likelihood)
+
+    def _route(self, outputs, likelihood) -> str:
+        """Where this refresh step's statistics come from: ``"empirical"`` (the loss's own
+        backward pass), ``"flow"`` (factors carried inside the backward solves,
+        :mod:`.factor_flow`) or ``"fisher"`` (a sampled backward pass of its own,
+        :mod:`.fisher_backward`)."""
+        if self.factors == "empirical":
+            return "empirical"
+        given = outputs is not None and likelihood is not None
+        if self.factors == "auto":
+            return "fisher" if given and likelihood in AUTO_LIKELIHOODS else "empirical"
+        if not given:
+            raise bad_value(
+                "outputs/likelihood",
+                (outputs if outputs is None else "tensor", likelihood),
+                f"both given on refresh steps with factors={self.factors!r} "
+                f"(likelihood one of {', '.join(LIKELIHOODS)})",
+                "Or use factors='empirical' or 'auto', which need only loss.backward().",
+            )
+        if self._capture is None:
+            return "fisher" if self.factors == "sampled" else "empirical"
+        records = list(self._capture.records)
+        if self.factors == "sampled" and (not records or chain_problem(records, outputs)):
+            return "fisher"
+        return "flow"
 
     @contextmanager
     def _paused(self):
@@ -600,7 +645,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._stage_factors = None
         self._dense = None
         needs = "feedback='dense'" if self.feedback == "dense" else f"factors={self.factors!r}"
-        if (self.feedback == "dense" or self.factors != "empirical") and (
+        if (self.feedback == "dense" or self._stage_source != "empirical") and (
             outputs is None or likelihood is None
         ):
             raise bad_value(
@@ -612,10 +657,10 @@ class OCNOpt(torch.optim.Optimizer):
         if self.feedback == "dense":
             self._dense = DenseFeedback(records, outputs, likelihood, self._stage_params)
             self._dense.prepare(self.max_dense_params)
-        elif self.factors == "empirical":
+        elif self._stage_source == "empirical":
             self._stage_factors = empirical_factors(records)
         else:
-            y = output_factors(outputs, likelihood, self.factors, self.rank, self._generator)
+            y = output_factors(outputs, likelihood, self._stage_source, self.rank, self._generator)
             self._stage_factors = pulled_factors(records, outputs, y)
         self._feedback_ready = True
 
@@ -748,7 +793,7 @@ class OCNOpt(torch.optim.Optimizer):
                 self._capture,
                 self._units.inside,
                 self._units.blocks,
-                self.factors == "empirical",
+                self._statistics_route != "flow",
             )
         records += self._collector.statistics()
         report = reduce_statistics(records) if self._reduces() else ReduceReport()

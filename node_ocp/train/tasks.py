@@ -418,9 +418,9 @@ def _check_combination(config: RunConfig, task: Task) -> None:
             )
     several_losses = config.model.kind == "odernn" or config.task.kind == "forecast"
     for name, opt in config.optimizers.items():
-        if opt.kind == "ocnopt" and opt.factors != "empirical" and several_losses:
+        if opt.kind == "ocnopt" and opt.factors == "exact" and several_losses:
             raise ConfigError(
                 f"[optimizers.{name}].factors: received {opt.factors!r} for a "
                 f"{config.model.kind} {config.task.kind} model whose loss reaches the ODE "
-                "block at several times; accepted: 'empirical'"
+                "block at several times; accepted: 'auto', 'empirical', 'sampled'"
             )

@@ -1,0 +1,68 @@
+"""The Monte-Carlo Fisher by a backward pass of its own.
+
+The empirical rule takes the curvature statistics from the backward pass of the loss itself:
+its output-gradient rows are the per-sample gradients ``∇ℓ_b``, so its ``B`` factors hold the
+*empirical* Fisher ``Σ ∇ℓ_b ∇ℓ_bᵀ``. For a regression near its fit the residuals — and with
+them that curvature — shrink towards zero sample by sample and the preconditioned direction
+follows the few samples with the largest residuals; for a classifier it is the outer product
+of the labels' gradients rather than the model's own predictive curvature (Kunstner, Hennig &
+Balles, "Limitations of the empirical Fisher approximation", NeurIPS 2019). The Monte-Carlo
+Fisher (Martens & Grosse, 2015, §5) replaces ``∇ℓ_b`` by a gradient drawn from the model's own
+predictive distribution, whose covariance is the loss Hessian in the outputs ``H_b``: the
+statistics then estimate the Gauss–Newton curvature.
+
+Where one chain of ODE-block calls leads to the model output, the factor flow
+(:mod:`.factor_flow`) carries such draws inside the backward solves. Where it cannot follow
+the graph — an ODE-RNN's cell and field applied at every observation, a forecaster's head at
+every query time — this module does it with one more backward pass on refresh steps: the
+sampled cotangent (:func:`~.likelihoods.sampled_cotangent`) is backpropagated from the
+outputs with the capture and the outside layers' statistics on, then the loss's own backward
+gives the gradients with them off. Every unit (field layers, recurrent cells, heads) sees the
+same draw. It costs one backward pass per refresh step (one in ``update_every`` steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+
+from ..curvature import CurvatureCapture
+from .likelihoods import sampled_cotangent
+
+#: The likelihoods for which ``factors="auto"`` draws the Monte-Carlo Fisher (classifiers
+#: and regressors); flows (``standard_normal``: the log-determinant is not in the output
+#: Hessian) keep the empirical rule.
+AUTO_LIKELIHOODS: tuple[str, ...] = ("categorical", "gaussian")
+
+
+def fisher_backward(
+    loss: torch.Tensor,
+    outputs: torch.Tensor,
+    likelihood: str,
+    generator: torch.Generator,
+    params: Iterable[torch.Tensor],
+    capture: CurvatureCapture | None,
+    quiet: Callable[[], AbstractContextManager],
+) -> None:
+    """The statistics backward pass with a sampled cotangent at ``outputs``.
+
+    Gathers into ``capture`` (the ODE blocks' backward solves) and the outside layers'
+    hooks, then switches the capture off on this step's block calls, so that the loss's own
+    backward pass, run by the caller inside its statistics pause, only accumulates the
+    gradients. ``params``' ``.grad`` are as before on return. ``quiet()`` pauses what must
+    not see the sampled pass (the feedback recorder's kept gradients).
+    """
+    cotangent = sampled_cotangent(loss, outputs, likelihood, generator)
+    params = list(params)
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    with quiet():
+        torch.autograd.backward(outputs, cotangent, retain_graph=True)
+    for p, g in zip(params, saved):
+        p.grad = g
+    if capture is not None:
+        for record in capture.records:
+            record.capture = None
