@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from .._errors import bad_type, bad_value, check_choice
-from .adjoint import AdjointSolve
+from .adjoint import AdjointSolve, forward_solve
 from .backward_capture import BackwardCapture, check_capture
-from .calls import FieldCall
 from .checked import SolverError, check_solution, checked_solve
 from .counters import SolveCounters
 from .factors import SolveRecord
@@ -281,8 +280,7 @@ class ODEBlock(nn.Module):
                 check_solution(self.settings, ys, grid, self.solver, "forward")
         else:
             capture = None
-            call = FieldCall(self.field, self.counters, self.name)
-            ys = checked_solve(self.settings, call, x0, grid, self.solver, "forward")
+            ys = forward_solve(self.field, self.settings, self.counters, x0, grid)
         out = ys if grid_output else ys[-1]
         if capture is not None:
             capture.record_call(record, x0, out)
