@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_type, bad_value, check_positive
+from ..ode.backward_capture import BackwardCapture
 from ..ode.factors import SolveRecord
 from .taps import input_rows, output_rows, tapped_modules
 
@@ -103,8 +104,13 @@ class DenseFactors:
         return flat.T @ flat
 
 
-class CurvatureCapture:
+class CurvatureCapture(BackwardCapture):
     """Collects curvature during the backward solves of the ODE blocks it is attached to.
+
+    Implements :class:`~node_ocp.ode.backward_capture.BackwardCapture`, the interface the
+    blocks' forward and backward solves call (``record_call``, ``sample_grid``,
+    ``accumulate_kronecker``, ``accumulate_dense``, ``kronecker_enabled``,
+    ``dense_enabled``); the rest (attaching, factors, statistics) is for consumers.
 
     Args:
         kronecker: gather Kronecker factors A, B for tapped layers at the sample grid.
@@ -249,7 +255,9 @@ class CurvatureCapture:
         return record.input_factors
 
     # ------------------------------------------------------------------ sample grid
-    def sample_grid(self, t_start: float, t_end: float, like: torch.Tensor):
+    def sample_grid(
+        self, t_start: torch.Tensor | float, t_end: torch.Tensor | float, like: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
         """Midpoint sample times from ``t_start`` towards ``t_end`` and their weights.
 
         Returns ``(times (S,), weight)``; times are strictly between the endpoints, ordered

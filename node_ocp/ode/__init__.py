@@ -1,6 +1,13 @@
-"""ODE blocks, the own adjoint, solver settings and time-conditioned layers."""
+"""ODE blocks, the own adjoint, solver settings and time-conditioned layers.
 
+The helpers that solve receive small records, not the block: :class:`SolveSettings` (how
+to integrate), :class:`SolveCounters` (evaluations) and :class:`SolveRecord` (one call);
+:class:`BackwardCapture` declares what the solves call on an attached curvature capture.
+"""
+
+from .backward_capture import BackwardCapture
 from .block import ODEBlock, SolverError
+from .counters import SolveCounters
 from .factors import SolveRecord
 from .layers import (
     ConcatConv2d,
@@ -10,12 +17,17 @@ from .layers import (
     TimeConditioned,
     TimeSequential,
 )
-from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
+from .settings import SolveSettings
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, SolverSpec
 
 __all__ = [
     "ODEBlock",
     "SolverError",
     "SolveRecord",
+    "SolveSettings",
+    "SolveCounters",
+    "SolverSpec",
+    "BackwardCapture",
     "ConcatLinear",
     "ConcatSquashLinear",
     "ConcatConv2d",

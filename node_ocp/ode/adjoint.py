@@ -12,15 +12,30 @@ Dynamics (integrated from t_k down to t_{k-1}):
     dx/dt = f,   da/dt = -(∂f/∂x)ᵀ a,   dq_i/dt = -(∂f/∂x)ᵀ q_i,   dg/dt = -(∂f/∂θ)ᵀ a
 All vector-Jacobian products at one solver stage come from one evaluation of ``f`` and one
 (batched) backward through it.
+
+The solves receive what they use, never the block: the field, the block's
+:class:`~node_ocp.ode.settings.SolveSettings` and :class:`~node_ocp.ode.counters.
+SolveCounters`, and the call's :class:`~node_ocp.ode.factors.SolveRecord`, whose capture is
+called through the interface declared by :class:`~node_ocp.ode.backward_capture.
+BackwardCapture`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .calls import FieldCall
+from .checked import checked_solve
+from .counters import SolveCounters
+from .settings import SolveSettings
 from .state import StateLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .factors import SolveRecord
 
 
 class AugmentedDynamics:
@@ -167,20 +182,58 @@ def _per_sample_cotangents(q: torch.Tensor) -> torch.Tensor:
 _TIME_OPTIONS = ("step_t", "jump_t", "grid_constructor")
 
 
-def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
-    """Backward solve of one block call. Returns ``(grad_x0, grad_t, *grad_params)``."""
+def forward_solve(
+    field: nn.Module,
+    settings: SolveSettings,
+    counters: SolveCounters,
+    x0: torch.Tensor,
+    grid: torch.Tensor,
+) -> torch.Tensor:
+    """The forward solve of one block call: ``(T, B, *feat)`` from ``x0`` ``(B, *feat)``
+    over ``grid`` ``(T,)``, evaluations counted in ``counters.forward``."""
+    call = FieldCall(field, counters, settings.name)
+    return checked_solve(settings, call, x0, grid, settings.forward, "forward")
+
+
+def adjoint_backward(
+    field: nn.Module,
+    settings: SolveSettings,
+    counters: SolveCounters,
+    record: SolveRecord,
+    grid: torch.Tensor,
+    ys: torch.Tensor,
+    params: tuple,
+    grad_ys: torch.Tensor,
+    need_t: bool,
+):
+    """Backward solve of one block call.
+
+    Args:
+        field: the vector field; ``params`` are its parameters that require grad.
+        settings: the block's settings (``settings.backward``, ``adjoint_norm``).
+        counters: the block's counters (``backward``, ``capture`` are incremented).
+        record: the call's record: its ``capture`` (a
+            :class:`~node_ocp.ode.backward_capture.BackwardCapture` or None) and terminal
+            factors ``(R, *out.shape)`` are read, ``input_factors`` ``(R, B, *feat)`` set.
+        grid: ``(T,)`` the call's time grid.
+        ys: ``(T, B, *feat)`` the forward solution.
+        grad_ys: ``(T, B, *feat)`` the cotangent of ``ys``.
+        need_t: compute the gradient of ``grid``.
+
+    Returns ``(grad_x0 (B, *feat), grad_grid (T,) or None, *grad_params)``.
+    """
     n_times = grid.numel()
     capture = record.capture
     factors = record.factors_per_time(n_times)  # (R, T, B, ...) or None
     rank = record.rank
     kron = capture is not None and capture.kronecker_enabled
     dense = capture is not None and capture.dense_enabled
-    call = FieldCall(block, "nfe_backward")
-    spec = block.adjoint_solver
+    call = FieldCall(field, counters, settings.name, backward=True)
+    spec = settings.backward
     # backward in time (an increasing grid): solve forward in s = -t, like odeint would
     reverse = bool(grid[0] < grid[-1]) and not any(k in spec.options for k in _TIME_OPTIONS)
     dyn = AugmentedDynamics(call, params, ys.shape[1:], rank, dense, reverse=reverse)
-    norm = dyn.norm(block.adjoint_norm, user=spec.options.get("norm"))
+    norm = dyn.norm(settings.adjoint_norm, user=spec.options.get("norm"))
     layout = dyn.layout
 
     grad_ys = grad_ys.to(ys.dtype)
@@ -202,14 +255,22 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
             times = torch.cat([grid[k : k + 1], samples, grid[k - 1 : k]])
         else:
             times = grid[[k, k - 1]]
-        sol = block.solve(
-            dyn, state, times, spec, "backward", reverse=reverse, norm=norm, keep_grid=True
+        sol = checked_solve(
+            settings,
+            dyn,
+            state,
+            times,
+            spec,
+            "backward",
+            reverse=reverse,
+            norm=norm,
+            keep_grid=True,
         )
         if kron:
             inner = sol[1:-1]  # (S, N) at the sample times
             xs = layout.part(inner, 0)
             qs = layout.part(inner, 2) if rank else layout.part(inner, 1).unsqueeze(1)
-            block.nfe_capture += capture.accumulate_kronecker(block.field, samples, weight, xs, qs)
+            counters.capture += capture.accumulate_kronecker(field, samples, weight, xs, qs)
         _, a, q, acc, dense_acc = dyn.unpack(sol[-1])
         if need_t and k == 1:
             with torch.no_grad():
@@ -222,28 +283,44 @@ def adjoint_backward(block, record, grid, ys, params, grad_ys, need_t: bool):
 
     record.input_factors = q if rank else a.unsqueeze(0)
     if dense:
-        names = [n for n, p in block.field.named_parameters() if p.requires_grad]
-        capture.accumulate_dense(block, names, dense_acc)
+        names = [n for n, p in field.named_parameters() if p.requires_grad]
+        capture.accumulate_dense(record.block, names, dense_acc)
     return (a, grad_t, *acc)
 
 
 class AdjointSolve(torch.autograd.Function):
-    """``ys = odeint(field, x0, grid)`` with the own adjoint as its backward."""
+    """``ys = odeint(field, x0, grid)`` with the own adjoint as its backward.
+
+    ``AdjointSolve.apply(field, settings, counters, record, x0, grid, *params)``: ``x0``
+    ``(B, *feat)``, ``grid`` ``(T,)``, ``params`` the field's parameters that require grad;
+    returns ``ys`` ``(T, B, *feat)``.
+    """
 
     @staticmethod
-    def forward(ctx, record, x0, grid, *params):
-        block = record.block
-        ys = block.solve(FieldCall(block, "nfe_forward"), x0, grid, block.solver, "forward")
-        ctx.record = record
+    def forward(ctx, field, settings, counters, record, x0, grid, *params):
+        ys = forward_solve(field, settings, counters, x0, grid)
+        ctx.solve = (field, settings, counters, record)
         ctx.save_for_backward(grid, ys, *params)
         return ys
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ys):
-        record = ctx.record
+        field, settings, counters, record = ctx.solve
         grid, ys, *params = ctx.saved_tensors
         grads = adjoint_backward(
-            record.block, record, grid, ys, tuple(params), grad_ys, ctx.needs_input_grad[2]
+            field,
+            settings,
+            counters,
+            record,
+            grid,
+            ys,
+            tuple(params),
+            grad_ys,
+            ctx.needs_input_grad[_GRID],
         )
-        return (None, *grads)
+        return (None, None, None, None, *grads)
+
+
+#: The position of ``grid`` among :meth:`AdjointSolve.forward`'s inputs (after ``ctx``).
+_GRID = 5

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._errors import bad_type, bad_value, check_choice, describe
-from .adjoint import AdjointSolve
-from .calls import FieldCall
+from .._errors import bad_type, bad_value, check_choice
+from .adjoint import AdjointSolve, forward_solve
+from .backward_capture import BackwardCapture, check_capture
+from .checked import SolverError, check_solution, checked_solve
+from .counters import SolveCounters
 from .factors import SolveRecord
 from .reference import torchdiffeq_solve
-from .solvers import SolverSpec, as_time_grid, make_spec
+from .settings import ADJOINT_NORMS, SolveSettings, make_settings
+from .solvers import SolverSpec, as_time_grid
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
-ADJOINT_NORMS: tuple[str, ...] = ("seminorm", "state", "full")
 
-
-class SolverError(RuntimeError):
-    """An integration failed (step-size underflow, too many steps, non-finite state)."""
+__all__ = ["ODEBlock", "SolverError", "GRADIENT_MODES", "ADJOINT_NORMS"]
 
 
 class ODEBlock(nn.Module):
@@ -53,7 +54,13 @@ class ODEBlock(nn.Module):
 
     Counters: ``nfe_forward``, ``nfe_backward`` (solver evaluations of the field) and
     ``nfe_capture`` (batched evaluations made by curvature capture) accumulate over calls
-    until :meth:`reset_nfe`.
+    until :meth:`reset_nfe`; they are the fields of :attr:`counters`
+    (:class:`~node_ocp.ode.counters.SolveCounters`).
+
+    Settings: :attr:`settings` (:class:`~node_ocp.ode.settings.SolveSettings`) holds the
+    solver settings, the adjoint norm, ``check_finite`` and ``name``; ``solver``,
+    ``adjoint_solver``, ``adjoint_norm``, ``check_finite``, ``name`` and the forward solve's
+    ``method``, ``rtol``, ``atol``, ``options`` read it (the first five may be assigned).
     """
 
     def __init__(
@@ -89,23 +96,118 @@ class ODEBlock(nn.Module):
         else:
             self.register_buffer("t", grid.detach().clone())
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
-        self.solver: SolverSpec = make_spec(method, rtol, atol, options)
-        self.adjoint_solver: SolverSpec = make_spec(
-            method if adjoint_method is None else adjoint_method,
-            rtol if adjoint_rtol is None else adjoint_rtol,
-            atol if adjoint_atol is None else adjoint_atol,
-            options if adjoint_options is None else adjoint_options,
-            prefix="adjoint_",
+        self.settings: SolveSettings = make_settings(
+            method,
+            rtol,
+            atol,
+            options,
+            adjoint_method=adjoint_method,
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            adjoint_options=adjoint_options,
+            adjoint_norm=adjoint_norm,
+            check_finite=check_finite,
+            name=name if name is not None else f"ODEBlock({type(field).__name__})",
         )
-        self.adjoint_norm = check_choice("adjoint_norm", adjoint_norm, ADJOINT_NORMS)
-        if not isinstance(check_finite, bool):
-            raise bad_type("check_finite", check_finite, "True or False")
-        self.check_finite = check_finite
-        self.name = name if name is not None else f"ODEBlock({type(field).__name__})"
-        self._capture = None  # see attach_capture
-        self.nfe_forward = 0
-        self.nfe_backward = 0
-        self.nfe_capture = 0
+        self.counters = SolveCounters()
+        self._capture: BackwardCapture | None = None  # see attach_capture
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def solver(self) -> SolverSpec:
+        """The forward solve's settings (``settings.forward``)."""
+        return self.settings.forward
+
+    @solver.setter
+    def solver(self, spec: SolverSpec) -> None:
+        self.settings = replace(self.settings, forward=_spec("solver", spec))
+
+    @property
+    def adjoint_solver(self) -> SolverSpec:
+        """The backward solve's settings (``settings.backward``)."""
+        return self.settings.backward
+
+    @adjoint_solver.setter
+    def adjoint_solver(self, spec: SolverSpec) -> None:
+        self.settings = replace(self.settings, backward=_spec("adjoint_solver", spec))
+
+    @property
+    def adjoint_norm(self) -> str:
+        """Error norm of the adaptive backward solve (``settings.adjoint_norm``)."""
+        return self.settings.adjoint_norm
+
+    @adjoint_norm.setter
+    def adjoint_norm(self, value: str) -> None:
+        value = check_choice("adjoint_norm", value, ADJOINT_NORMS)
+        self.settings = replace(self.settings, adjoint_norm=value)
+
+    @property
+    def check_finite(self) -> bool:
+        """Check states for non-finite values (``settings.check_finite``)."""
+        return self.settings.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise bad_type("check_finite", value, "True or False")
+        self.settings = replace(self.settings, check_finite=value)
+
+    @property
+    def name(self) -> str:
+        """The name used in error messages (``settings.name``)."""
+        return self.settings.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.settings = replace(self.settings, name=str(value))
+
+    @property
+    def method(self) -> str:
+        """The forward solve's method."""
+        return self.settings.forward.method
+
+    @property
+    def rtol(self) -> float:
+        """The forward solve's relative tolerance."""
+        return self.settings.forward.rtol
+
+    @property
+    def atol(self) -> float:
+        """The forward solve's absolute tolerance."""
+        return self.settings.forward.atol
+
+    @property
+    def options(self) -> dict:
+        """The forward solve's torchdiffeq options."""
+        return self.settings.forward.options
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def nfe_forward(self) -> int:
+        """Field evaluations of forward solves since :meth:`reset_nfe` (``counters.forward``)."""
+        return self.counters.forward
+
+    @nfe_forward.setter
+    def nfe_forward(self, value: int) -> None:
+        self.counters.forward = value
+
+    @property
+    def nfe_backward(self) -> int:
+        """Field evaluations of backward solves (``counters.backward``)."""
+        return self.counters.backward
+
+    @nfe_backward.setter
+    def nfe_backward(self, value: int) -> None:
+        self.counters.backward = value
+
+    @property
+    def nfe_capture(self) -> int:
+        """Batched field evaluations of curvature capture (``counters.capture``)."""
+        return self.counters.capture
+
+    @nfe_capture.setter
+    def nfe_capture(self, value: int) -> None:
+        self.counters.capture = value
 
     def extra_repr(self) -> str:
         t = self.t.detach().cpu().tolist()
@@ -116,13 +218,16 @@ class ODEBlock(nn.Module):
         )
 
     @property
-    def capture(self):
-        """The :class:`~node_ocp.CurvatureCapture` attached to this block, or None."""
+    def capture(self) -> BackwardCapture | None:
+        """The capture attached to this block (a :class:`~node_ocp.CurvatureCapture` or any
+        :class:`~node_ocp.ode.backward_capture.BackwardCapture`), or None."""
         return self._capture
 
-    def attach_capture(self, capture) -> None:
+    def attach_capture(self, capture: BackwardCapture) -> None:
         """Let ``capture`` record the calls made with grad enabled and gather statistics in
-        their backward solves (``CurvatureCapture.attach`` calls this for every block)."""
+        their backward solves (``CurvatureCapture.attach`` calls this for every block).
+        ``capture`` must have the members of
+        :class:`~node_ocp.ode.backward_capture.BackwardCapture`."""
         if self.gradient != "adjoint":
             raise bad_value(
                 f"{self.name}.gradient",
@@ -130,16 +235,16 @@ class ODEBlock(nn.Module):
                 "'adjoint' for curvature capture and second-order factors",
                 "Build the block with gradient='adjoint'.",
             )
-        self._capture = capture
+        self._capture = check_capture(capture)
 
-    def detach_capture(self, capture) -> None:
+    def detach_capture(self, capture: BackwardCapture) -> None:
         """Undo :meth:`attach_capture` (a no-op if another capture has taken over)."""
         if self._capture is capture:
             self._capture = None
 
     def reset_nfe(self) -> None:
         """Set the evaluation counters to zero."""
-        self.nfe_forward = self.nfe_backward = self.nfe_capture = 0
+        self.counters.reset()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x0: torch.Tensor, t: Any = None) -> torch.Tensor:
@@ -165,15 +270,17 @@ class ODEBlock(nn.Module):
             capture = self._capture if torch.is_grad_enabled() else None
             record = SolveRecord(self, grid_output, capture)
             params = tuple(p for p in self.field.parameters() if p.requires_grad)
-            ys = AdjointSolve.apply(record, x0, grid, *params)
+            ys = AdjointSolve.apply(
+                self.field, self.settings, self.counters, record, x0, grid, *params
+            )
         elif self.gradient == "torchdiffeq":
             capture = None
-            ys = torchdiffeq_solve(self, x0, grid)
+            ys = torchdiffeq_solve(self.field, self.settings, self.counters, x0, grid)
             if self.check_finite:
-                self._check_solution(ys, grid, self.solver, "forward")
+                check_solution(self.settings, ys, grid, self.solver, "forward")
         else:
             capture = None
-            ys = self.solve(FieldCall(self, "nfe_forward"), x0, grid, self.solver, "forward")
+            ys = forward_solve(self.field, self.settings, self.counters, x0, grid)
         out = ys if grid_output else ys[-1]
         if capture is not None:
             capture.record_call(record, x0, out)
@@ -183,47 +290,16 @@ class ODEBlock(nn.Module):
     def solve(
         self, func, y0, grid: torch.Tensor, spec: SolverSpec, phase: str, reverse=False, **kw
     ):
-        """``spec.integrate`` with failures turned into :class:`SolverError` naming the block.
+        """``spec.integrate`` with failures turned into :class:`SolverError` naming the block
+        (:func:`~node_ocp.ode.checked.checked_solve` with this block's settings).
 
         ``reverse``: integrate over ``-grid`` (``func`` takes ``s = -t`` and returns the
         derivative in ``s``); messages name the times of ``grid``.
         """
-        try:
-            ys = spec.integrate(func, y0, -grid if reverse else grid, **kw)
-        except AssertionError as err:
-            raise self._solver_error(err, func, grid, spec, phase) from err
-        if self.check_finite:
-            self._check_solution(ys, grid, spec, phase)
-        return ys
+        return checked_solve(self.settings, func, y0, grid, spec, phase, reverse=reverse, **kw)
 
-    def _solver_error(self, err, func, grid, spec: SolverSpec, phase: str) -> SolverError:
-        text = str(err)
-        if "underflow" in text:
-            what = "the step size underflowed"
-        elif "max_num_steps" in text:
-            what = "the maximum number of steps was exceeded"
-        elif "non-finite" in text:
-            what = "the state became non-finite"
-        else:
-            what = f"the solver stopped ({text[:120]})"
-        reached = getattr(func, "last_t", None)
-        reached = "unknown" if reached is None else f"{float(reached):.6g}"
-        return SolverError(
-            f"{self.name}: in the {phase} solve with method={spec.method!r} (rtol={spec.rtol}, "
-            f"atol={spec.atol}) over [{float(grid[0]):.6g}, {float(grid[-1]):.6g}], {what} at "
-            f"t={reached}. Remedies: lower the learning rate, loosen rtol/atol, regularise the "
-            "field (e.g. kinetic energy), shorten the horizon, or use a fixed-step method."
-        )
 
-    def _check_solution(self, ys, grid, spec: SolverSpec, phase: str) -> None:
-        parts = ys if isinstance(ys, tuple) else (ys,)
-        for part in parts:
-            finite = torch.isfinite(part.reshape(part.shape[0], -1)).all(dim=1)
-            if not finite.all():
-                first = int((~finite).nonzero()[0, 0])
-                raise SolverError(
-                    f"{self.name}: in the {phase} solve with method={spec.method!r} the state "
-                    f"became non-finite; first bad output at t={float(grid[first]):.6g} "
-                    f"(grid {describe(grid)}). Remedies: lower the learning rate, tighten "
-                    "rtol/atol or use smaller fixed steps, regularise the field."
-                )
+def _spec(name: str, spec) -> SolverSpec:
+    if not isinstance(spec, SolverSpec):
+        raise bad_type(name, spec, "a SolverSpec (node_ocp.ode.solvers.make_spec builds one)")
+    return spec

@@ -130,9 +130,10 @@ class _SolverOnly:
         out = ys[-1].requires_grad_(True)
         (a,) = torch.autograd.grad(_loss(out, target), out)
         params = tuple(p for p in block.field.parameters() if p.requires_grad)
-        dyn = AugmentedDynamics(FieldCall(block, "nfe_backward"), params, x0.shape, 0, False)
-        user = block.adjoint_solver.options.get("norm")
-        self.norm = dyn.norm(block.adjoint_norm, user=user)
+        settings = block.settings
+        call = FieldCall(block.field, block.counters, settings.name, backward=True)
+        dyn = AugmentedDynamics(call, params, x0.shape, 0, False)
+        self.norm = dyn.norm(settings.adjoint_norm, user=settings.backward.options.get("norm"))
         self.state = dyn.pack(ys[-1].detach(), a, None, [torch.zeros_like(p) for p in params], None)
         backward_outputs = []
 

@@ -28,7 +28,9 @@ class SolveRecord:
     """One call of an ODE block.
 
     Attributes:
-        block: the :class:`~node_ocp.ODEBlock` that was called.
+        block: the :class:`~node_ocp.ODEBlock` that was called (the solves use it only as
+            the key they hand to ``BackwardCapture.accumulate_dense``; they receive the
+            field, settings and counters themselves).
         grid_output: True if the block returned states at every grid time ``(T, *x.shape)``.
         capture: the capture attached to the block when it was called (with grad enabled),
             which gathers statistics in the backward solve; None otherwise.

@@ -16,30 +16,31 @@ solve (torchdiffeq's own ``AssertionError`` comes out of ``loss.backward()``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torchdiffeq import odeint_adjoint
 
 from .calls import FieldCall
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .block import ODEBlock
+from .checked import solver_error
+from .counters import SolveCounters
+from .settings import SolveSettings
 
 
 class CountedField(nn.Module):
-    """``field(t, x)`` of ``block`` as torchdiffeq calls it, counted by phase.
+    """``field(t, x)`` as torchdiffeq calls it, counted by phase.
 
     Args:
-        block: the block whose field is wrapped (registered as this module's only child,
-            so ``parameters()`` are exactly the field's).
+        field: the block's field (registered as this module's only child, so
+            ``parameters()`` are exactly the field's).
+        counters: the block's counters (``forward``, then ``backward`` after
+            :meth:`backward_phase`).
+        name: the block's name, for error messages.
     """
 
-    def __init__(self, block: ODEBlock):
+    def __init__(self, field: nn.Module, counters: SolveCounters, name: str):
         super().__init__()
-        self.field = block.field
-        self.call = FieldCall(block, "nfe_forward")
+        self.field = field
+        self.call = FieldCall(field, counters, name)
 
     @property
     def last_t(self):
@@ -47,7 +48,7 @@ class CountedField(nn.Module):
 
     def backward_phase(self) -> None:
         """Count every later evaluation as a backward one."""
-        self.call.counter = "nfe_backward"
+        self.call.backward = True
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``(B, *feat) -> (B, *feat)``, checked and counted by :class:`FieldCall`."""
@@ -68,8 +69,8 @@ def _full_norm(aug: tuple) -> torch.Tensor:
     return torch.stack([_rms(p) for p in aug[1:] if p.numel()]).max()
 
 
-def adjoint_options(block: ODEBlock) -> dict:
-    """torchdiffeq ``adjoint_options`` with the block's ``adjoint_norm``.
+def adjoint_options(settings: SolveSettings) -> dict:
+    """torchdiffeq ``adjoint_options`` for ``settings.backward`` with ``settings.adjoint_norm``.
 
     The norm is the own adjoint's over the same parts of the augmented state:
     ``"seminorm"`` and ``"state"`` (the same without factors) take ``y`` and ``adj_y``,
@@ -79,22 +80,29 @@ def adjoint_options(block: ODEBlock) -> dict:
     A ``norm`` the user put in ``adjoint_options`` is passed on unchanged (torchdiffeq calls
     it on its own tuple ``(vjp_t, y, adj_y, *adj_params)``).
     """
-    spec = block.adjoint_solver
+    spec = settings.backward
     opts = spec.odeint_options()
     if spec.adaptive and "norm" not in opts:
-        opts["norm"] = _full_norm if block.adjoint_norm == "full" else _state_norm
+        opts["norm"] = _full_norm if settings.adjoint_norm == "full" else _state_norm
     return opts
 
 
-def torchdiffeq_solve(block: ODEBlock, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``odeint_adjoint`` of ``block.field`` from ``x0`` ``(B, *feat)`` over ``grid`` ``(T,)``.
+def torchdiffeq_solve(
+    field: nn.Module,
+    settings: SolveSettings,
+    counters: SolveCounters,
+    x0: torch.Tensor,
+    grid: torch.Tensor,
+) -> torch.Tensor:
+    """``odeint_adjoint`` of ``field`` from ``x0`` ``(B, *feat)`` over ``grid`` ``(T,)`` with
+    ``settings``, evaluations counted in ``counters``.
 
     Returns ``(T, B, *feat)``. Gradients reach ``x0``, the field's parameters that require
     grad and ``grid`` if it requires grad (torchdiffeq's own time gradients).
     """
-    func = CountedField(block)
-    params = tuple(p for p in block.field.parameters() if p.requires_grad)
-    spec, adj = block.solver, block.adjoint_solver
+    func = CountedField(field, counters, settings.name)
+    params = tuple(p for p in field.parameters() if p.requires_grad)
+    spec, adj = settings.forward, settings.backward
     try:
         ys = odeint_adjoint(
             func,
@@ -107,10 +115,10 @@ def torchdiffeq_solve(block: ODEBlock, x0: torch.Tensor, grid: torch.Tensor) -> 
             adjoint_rtol=adj.rtol,
             adjoint_atol=adj.atol,
             adjoint_method=adj.method,
-            adjoint_options=adjoint_options(block),
+            adjoint_options=adjoint_options(settings),
             adjoint_params=params,
         )
     except AssertionError as err:
-        raise block._solver_error(err, func, grid, spec, "forward") from err
+        raise solver_error(settings, err, func, grid, spec, "forward") from err
     func.backward_phase()
     return ys

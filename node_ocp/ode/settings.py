@@ -1,0 +1,70 @@
+"""``SolveSettings``: how an ODE block integrates, as one checked, immutable record.
+
+The block builds it once from its constructor arguments (:func:`make_settings`, every check
+at the boundary) and hands it to the helpers that solve: the forward solve, the own adjoint
+(:mod:`.adjoint`), the torchdiffeq reference (:mod:`.reference`) and the checked solve
+(:mod:`.checked`), which read it and never the block. Changing a setting of a block
+(``block.solver = spec``) replaces its record (:func:`dataclasses.replace`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import bad_type, check_choice
+from .solvers import SolverSpec, make_spec
+
+#: Error norms of the adaptive backward solve over the augmented state (see ``ODEBlock``).
+ADJOINT_NORMS: tuple[str, ...] = ("seminorm", "state", "full")
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """The settings of a block's solves.
+
+    Attributes:
+        forward: method, tolerances and options of the forward solve.
+        backward: those of the backward (adjoint) solve.
+        adjoint_norm: error norm of the adaptive backward solve over the augmented state
+            ``[x, a, q_1..q_R, ∫∂f/∂θᵀa]``: ``"seminorm"`` (parameter accumulators left
+            out), ``"state"`` (factors left out too) or ``"full"``.
+        check_finite: check the initial state and every solution for non-finite values.
+        name: the block's name, used in error messages.
+    """
+
+    forward: SolverSpec
+    backward: SolverSpec
+    adjoint_norm: str = "seminorm"
+    check_finite: bool = True
+    name: str = "ODEBlock"
+
+
+def make_settings(
+    method: Any,
+    rtol: Any,
+    atol: Any,
+    options: Any,
+    *,
+    adjoint_method: Any = None,
+    adjoint_rtol: Any = None,
+    adjoint_atol: Any = None,
+    adjoint_options: Any = None,
+    adjoint_norm: Any = "seminorm",
+    check_finite: Any = True,
+    name: str = "ODEBlock",
+) -> SolveSettings:
+    """Check the user's solver arguments (named as ``ODEBlock`` names them) and build the
+    settings; an ``adjoint_*`` left None takes the forward solve's value."""
+    forward = make_spec(method, rtol, atol, options)
+    backward = make_spec(
+        method if adjoint_method is None else adjoint_method,
+        rtol if adjoint_rtol is None else adjoint_rtol,
+        atol if adjoint_atol is None else adjoint_atol,
+        options if adjoint_options is None else adjoint_options,
+        prefix="adjoint_",
+    )
+    adjoint_norm = check_choice("adjoint_norm", adjoint_norm, ADJOINT_NORMS)
+    if not isinstance(check_finite, bool):
+        raise bad_type("check_finite", check_finite, "True or False")
+    return SolveSettings(forward, backward, adjoint_norm, check_finite, name)
