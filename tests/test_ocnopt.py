@@ -763,7 +763,7 @@ def test_diagonal_rule_step_equals_the_hand_formula():
     opt = no.OCNOpt(
         model, lr=0.1, step="fixed", momentum=0.0, curvature="diagonal", adapt_damping=False
     )
-    beta, lam, n = 0.95, 1e-2, opt._samples
+    beta, lam, n = 0.95, 1e-2, opt._pre.samples
     x, t = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     s = {p: torch.zeros_like(p) for p in model.parameters()}
     for step in range(1, 4):

@@ -1,11 +1,13 @@
 """Optimizers: OCNOpt (second-order, curvature from the ODE blocks) and horizon control.
 
-OCNOpt is built from parts, one module each: the curvature variants
-(:mod:`.curvatures`), which unit covers which parameters (:mod:`.units`), statistics
-collection (:mod:`.statistics`), the distributed reduce and decomposition (:mod:`.reduce`),
-the damping adaptation (:mod:`.damping`), the step control (:mod:`.step_control`), the
-factor flow of the sampled/exact sources (:mod:`.factor_flow`) and the feedback policies
-across a model's stages (:mod:`.feedback`, :mod:`.feedback_dense`).
+OCNOpt is built from parts, one module each: its options (:mod:`.options`), the curvature
+variants (:mod:`.curvatures`), which unit covers which parameters (:mod:`.units`),
+statistics collection (:mod:`.statistics`), the distributed reduce and decomposition
+(:mod:`.reduce`), the damping adaptation (:mod:`.damping`), the steppers that turn
+directions into updates (:mod:`.steppers`) with their step control (:mod:`.step_control`),
+the trial evaluations (:mod:`.trial`), the factor sources (:mod:`.factor_flow`,
+:mod:`.fisher_backward`) and the feedback policies across a model's stages
+(:mod:`.feedback`, :mod:`.feedback_dense`).
 """
 
 from .curvatures import VARIANTS, CurvatureUnit, Damping
@@ -20,10 +22,12 @@ from .ocnopt import (
     OUTSIDE_RULES,
     OCNOpt,
 )
+from .options import OCNOptOptions
 from .step_control import STEP_MODES
 
 __all__ = [
     "OCNOpt",
+    "OCNOptOptions",
     "HorizonOptimizer",
     "CurvatureUnit",
     "Damping",

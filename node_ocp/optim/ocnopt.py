@@ -15,17 +15,21 @@ One step runs these stages, each owned by one module:
 
 1. **collect** (refresh steps: step 0, ``update_every``, ...): the capture of the blocks'
    backward solves and the hooks on layers outside the blocks yield typed statistics
-   records (:mod:`.statistics`);
+   records (:mod:`.statistics`), from the loss's own backward pass or a sampled one
+   (:mod:`.factor_flow`, :mod:`.fisher_backward`, chosen by ``factors``);
 2. **reduce** across processes and **decompose** into each unit's eigenbasis
    (:mod:`.reduce`, the units of :mod:`.curvatures`);
 3. **precondition**: every unit maps its gradient to ``u = (C + λ)⁻¹ g`` with the damping λ
-   relative to its own curvature scale (π-balanced for kfac); heavy-ball momentum on the
-   directions, ``d = u + μ d_prev``;
-4. **step control** (:mod:`.step_control`): the scale η of ``δ = −η d`` from the quadratic
-   model, with Gauss–Newton curvature along the update measured on a trial forward solve
-   every ``adapt_every`` steps; the reduction ratio ρ of the same trial adapts λ
-   (Levenberg–Marquardt, :mod:`.damping`); ``kl_clip`` bounds the update taken;
-5. **base step**: ``θ ← θ + δ``; with ``feedback`` on, applied stage by stage in one forward
+   relative to its own curvature scale (π-balanced for kfac), divided by its part's
+   calibration scale (:mod:`.unit_scales`);
+4. **plan** (a stepper of :mod:`.steppers`, chosen by ``step``): ``"model"``:
+   ``δ = −α u + μ δ_prev`` with ``α`` from the calibrated quadratic model inside a trust
+   region (:mod:`.step_control`); ``"fixed"``: ``δ = −lr (u + μ d_prev)``;
+5. **trial** every ``adapt_every`` steps (:mod:`.trial`): the batch at ``θ + δ`` gives the
+   Gauss–Newton curvature along ``δ`` and the reduction ratio ρ; the stepper settles what is
+   taken and its calibration κ, ρ adapts λ (Levenberg–Marquardt, :mod:`.damping`);
+   ``kl_clip`` bounds the update taken;
+6. **base step**: ``θ ← θ + δ``; with ``feedback`` on, applied stage by stage in one forward
    sweep that adds each stage's gain term ``K_s δx_s`` (:mod:`.feedback`).
 
 Which unit preconditions which parameters is decided once (:mod:`.units`): Kronecker layers
@@ -42,20 +46,18 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import dist
-from .._errors import bad_type, bad_value, check_choice, check_positive
+from .._errors import bad_type, bad_value, check_choice
 from ..curvature import CurvatureCapture
 from ..ode.block import ODEBlock, SolverError
 from .curvatures import VARIANTS, Damping, dot
 from .damping import LevenbergMarquardt
 from .factor_flow import FactorFlow, chain_problem
 from .feedback import (
-    FEEDBACK_MODES,
     FeedbackReport,
     FeedbackSweep,
     StageRecorder,
@@ -66,19 +68,23 @@ from .feedback import (
 )
 from .feedback_dense import DenseFeedback
 from .fisher_backward import AUTO_LIKELIHOODS, fisher_backward
-from .hyper import check_hyper, check_int, value_at
-from .likelihoods import LIKELIHOODS, gauss_newton_quadratic, output_factors
-from .reduce import ReduceReport, decompose, reduce_statistics
-from .statistics import OutsideCollector, from_capture
-from .step_control import STEP_MODES, Adaptation, StepControl, TrialOutcome, momentum_step
-from .unit_scales import UnitCalibration, scale_of, unit_groups
-from .units import build_units
+from .hyper import check_hyper, value_at
+from .likelihoods import LIKELIHOODS, output_factors
+from .options import (  # noqa: F401  (re-exported: the public names of the options)
+    CURVATURES,
+    DAMPING_MODES,
+    DEFAULTS,
+    FACTOR_SOURCES,
+    NONFINITE,
+    OUTSIDE_RULES,
+    OCNOptOptions,
+)
+from .preconditioner import Preconditioner
+from .step_control import Adaptation, StepControl, TrialOutcome
+from .steppers import STEPPERS
+from .trial import Observed, Trials, loss_and_outputs
+from .unit_scales import UnitCalibration, unit_groups
 
-CURVATURES: tuple[str, ...] = tuple(VARIANTS)
-FACTOR_SOURCES: tuple[str, ...] = ("auto", "empirical", "sampled", "exact")
-OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
-NONFINITE: tuple[str, ...] = ("skip", "raise")
-DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 GROUP_KEYS: tuple[str, ...] = (
     "params",
     "lr",
@@ -89,45 +95,6 @@ GROUP_KEYS: tuple[str, ...] = (
     "diag_beta",
 )
 
-#: The first step's held model promises at most this fraction of the loss (κ's start)...
-FIRST_DECREASE = 0.1
-#: ... and moves the parameters by at most this fraction of their norm.
-FIRST_LENGTH = 0.05
-
-#: The one default of OCNOpt (the constructor's keyword defaults, shared with the configs).
-DEFAULTS: dict = {
-    "lr": None,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "curvature": "ekfac",
-    "damping": 1e-2,
-    "update_every": 50,
-    "alpha": 0.75,
-    "sample_dt": 0.05,
-    "factors": "auto",
-    "outside": "kfac",
-    "step": "model",
-    "adapt_every": 5,
-    "adapt_damping": True,
-    "damping_mode": "relative",
-    "kl_clip": None,
-    "feedback": "off",
-    "feedback_every": 1,
-    "feedback_clip": 1.0,
-    "calibrate_units": True,
-}
-
-
-@dataclass
-class _Observed:
-    """What ``backward`` learnt of this step's batch (for the step control)."""
-
-    loss: float
-    outputs: torch.Tensor | None = None
-    likelihood: str | None = None
-    grad_outputs: torch.Tensor | None = None
-    forward_nfe: int = 0
-
 
 class OCNOpt(torch.optim.Optimizer):
     """Second-order optimizer with curvature from the ODE blocks' backward solves.
@@ -136,6 +103,10 @@ class OCNOpt(torch.optim.Optimizer):
         model: the whole model (an ``nn.Module``); its ODE blocks are found by ``isinstance``.
             Horizon parameters (an ``ODEBlock.t`` that is an ``nn.Parameter``) are left out:
             control them with :class:`~node_ocp.HorizonOptimizer`.
+        options: an :class:`~node_ocp.optim.options.OCNOptOptions` (None: the one default);
+            the hyper-parameters below, given by keyword, override its fields
+            (``OCNOpt(model, lr=0.1)`` or ``OCNOpt(model, opts, damping=1e-3)``). The ones
+            in effect are ``opt.options``.
         lr: with ``step="model"``: an optional cap on the step scale η (None: no cap); with
             ``step="fixed"``: the step scale itself (required). A number or a schedule
             ``step -> value``.
@@ -218,100 +189,47 @@ class OCNOpt(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr=DEFAULTS["lr"],
-        momentum=DEFAULTS["momentum"],
-        weight_decay=DEFAULTS["weight_decay"],
-        curvature: str = DEFAULTS["curvature"],
-        damping: float = DEFAULTS["damping"],
-        update_every: int = DEFAULTS["update_every"],
-        alpha: float = DEFAULTS["alpha"],
-        sample_dt: float = DEFAULTS["sample_dt"],
-        factors: str = DEFAULTS["factors"],
+        options: OCNOptOptions | None = None,
         *,
-        step: str = DEFAULTS["step"],
-        adapt_every: int = DEFAULTS["adapt_every"],
-        adapt_damping: bool = DEFAULTS["adapt_damping"],
-        damping_mode: str = DEFAULTS["damping_mode"],
-        min_damping: float = 1e-4,
-        max_damping: float = 1e4,
-        kl_clip: float | None = DEFAULTS["kl_clip"],
-        rank: int = 1,
-        outside: str = DEFAULTS["outside"],
-        diag_beta: float = 0.95,
-        stiff_ratio: float = 3.0,
-        max_dense_params: int = 4096,
-        nonfinite: str = "skip",
         groups: list[dict] | None = None,
-        feedback: str = DEFAULTS["feedback"],
-        feedback_every: int = DEFAULTS["feedback_every"],
-        feedback_clip: float | None = DEFAULTS["feedback_clip"],
-        time_joint: bool = True,
-        calibrate_units: bool = DEFAULTS["calibrate_units"],
         schedule: Callable[[int], float] | None = None,
-        seed: int = 0,
-        distributed: bool | None = None,
-        eigh_spread_min_dim: int = 512,
+        **overrides,
     ):
         if not isinstance(model, nn.Module):
             raise bad_type("model", model, "an nn.Module (the whole model)")
-        self.curvature = check_choice("curvature", curvature, CURVATURES)
-        self.factors = check_choice("factors", factors, FACTOR_SOURCES)
+        if options is None:
+            options = OCNOptOptions()
+        elif not isinstance(options, OCNOptOptions):
+            raise bad_type(
+                "options",
+                options,
+                "an OCNOptOptions (or None); hyper-parameters by keyword, OCNOpt(model, lr=...)",
+            )
+        o = options.replace(**overrides).checked()
+        self.options = o
+        self.curvature = o.curvature
+        self.factors = o.factors
         # the feedback sweep's stage factors: "auto" keeps the empirical ones
         self._stage_source = "empirical" if self.factors == "auto" else self.factors
-        self.step_mode = check_choice("step", step, STEP_MODES)
-        self.update_every = check_int("update_every", update_every, 1)
-        self.rank = check_int("rank", rank, 1)
-        self.max_dense_params = check_int("max_dense_params", max_dense_params, 1)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
-        self.sample_dt = check_positive("sample_dt", sample_dt)
-        self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
-        self.feedback = check_choice("feedback", feedback, FEEDBACK_MODES)
-        self.feedback_every = check_int("feedback_every", feedback_every, 1)
-        self.feedback_clip = (
-            None if feedback_clip is None else check_positive("feedback_clip", feedback_clip)
-        )
-        if not isinstance(time_joint, bool):
-            raise bad_type("time_joint", time_joint, "True or False")
-        if not isinstance(calibrate_units, bool):
-            raise bad_type("calibrate_units", calibrate_units, "True or False")
-        self.time_joint = time_joint
+        self.step_mode = o.step
+        self.update_every = o.update_every
+        self.rank = o.rank
+        self.max_dense_params = o.max_dense_params
+        self.nonfinite = o.nonfinite
+        self.sample_dt = o.sample_dt
+        self.damping_mode = o.damping_mode
+        self.feedback = o.feedback
+        self.feedback_every = o.feedback_every
+        self.feedback_clip = o.feedback_clip
+        self.time_joint = time_joint = o.time_joint
         if schedule is not None and not callable(schedule):
             raise bad_type("schedule", schedule, "None or a callable step -> factor")
         self.schedule = schedule
-        if not isinstance(adapt_damping, bool):
-            raise bad_type("adapt_damping", adapt_damping, "True or False")
-        if distributed is not None and not isinstance(distributed, bool):
-            raise bad_type("distributed", distributed, "True, False or None (automatic)")
-        self.distributed = distributed
-        self.eigh_spread_min_dim = check_int("eigh_spread_min_dim", eigh_spread_min_dim, 1)
-        self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
-        low, high = (
-            check_positive("min_damping", min_damping),
-            check_positive("max_damping", max_damping),
-        )
-        damping = check_positive("damping", damping)
-        if not low <= damping <= high:
-            raise bad_value(
-                "damping", damping, f"a float in [min_damping, max_damping] = [{low}, {high}]"
-            )
-        if self.step_mode == "fixed" and lr is None:
-            raise bad_value(
-                "lr", lr, "a float > 0 with step='fixed' (the step scale)", "Or use step='model'."
-            )
-        defaults = dict(
-            lr=None
-            if lr is None
-            else check_hyper("lr", lr, 0, math.inf, True, True, "a float > 0"),
-            momentum=check_hyper("momentum", momentum, 0, 1, False, True, "a float in [0, 1)"),
-            weight_decay=check_hyper(
-                "weight_decay", weight_decay, 0, math.inf, False, True, "a float >= 0"
-            ),
-            alpha=float(check_hyper("alpha", alpha, 0, 1, True, False, "a float in (0, 1]")),
-            outside=check_choice("outside", outside, OUTSIDE_RULES),
-            diag_beta=float(
-                check_hyper("diag_beta", diag_beta, 0, 1, False, True, "a float in [0, 1)")
-            ),
-        )
+        self.distributed = o.distributed
+        self.eigh_spread_min_dim = o.eigh_spread_min_dim
+        self.kl_clip = o.kl_clip
+        stepper = STEPPERS[self.step_mode]
+        defaults = o.group_defaults()
         self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
         adjoint = [b.name for b in self.blocks if b.gradient == "adjoint"]
@@ -328,36 +246,38 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_value(
                 "model",
                 type(model).__name__,
-                f"a model containing at least one ODEBlock for curvature={curvature!r}",
+                f"a model containing at least one ODEBlock for curvature={o.curvature!r}",
                 "Use curvature='identity' or 'diagonal' for a model without ODE blocks.",
             )
         horizons = {id(b.t) for b in self.blocks if isinstance(b.t, nn.Parameter)}
         params = [p for p in model.parameters() if id(p) not in horizons]
         super().__init__(_build_groups(params, groups), defaults)
         for g in self.param_groups:
-            _check_group(g, self.step_mode)
+            _check_group(g, stepper.requires_lr)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._units = build_units(
+        self._pre = Preconditioner(
             model,
-            self.blocks,
             self.curvature,
             self._group_of,
             self.state,
-            max_dense_params,
-            time_joint,
+            max_dense_params=o.max_dense_params,
+            time_joint=time_joint,
+            sample_dt=o.sample_dt,
+            eigh_spread_min_dim=o.eigh_spread_min_dim,
         )
-        self._collector = OutsideCollector(self._units.outside)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(o.seed)
         self._flow = None
         if self.factors in ("sampled", "exact"):
             self._flow = FactorFlow(self.factors, self.rank, self._generator)
-        self._lm = LevenbergMarquardt(damping, low, high, enabled=adapt_damping)
-        self._control = StepControl(
-            self.step_mode,
-            adapt_every=check_int("adapt_every", adapt_every, 1),
-            stiff_ratio=check_positive("stiff_ratio", stiff_ratio),
+        self._lm = LevenbergMarquardt(
+            o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
-        self._calibration = UnitCalibration(enabled=calibrate_units and self.step_mode == "model")
+        self._control = StepControl(
+            self.step_mode, adapt_every=o.adapt_every, stiff_ratio=o.stiff_ratio
+        )
+        self._trials = Trials(self.blocks, self._reduces)
+        self._stepper = self._make_stepper()
+        self._calibration = UnitCalibration(enabled=o.calibrate_units and stepper.calibrates)
         self._unit_groups: list | None = None  # built at the first sweep
         self._step = 0
         self.skipped_steps = 0
@@ -365,15 +285,12 @@ class OCNOpt(torch.optim.Optimizer):
         self.feedback_failures = 0
         self._stage_factors: dict | None = None
         self._dense: DenseFeedback | None = None
-        self._samples = 1.0
-        self._capture: CurvatureCapture | None = None
         self._factors_given = False
         self._statistics_route = "empirical"  # of the coming refresh (set by backward)
-        self._observed: _Observed | None = None
+        self._observed: Observed | None = None
         self._nfe_mark = 0
         self._warned_no_closure = False
         self.last_clip = 1.0
-        self.last_reduce = ReduceReport().as_dict()
         self.last_adaptation: Adaptation | None = None
         self._setup_feedback()
         self._arm_if_due()
@@ -395,6 +312,28 @@ class OCNOpt(torch.optim.Optimizer):
             n = sum(p.numel() for p in g["params"])
             lines.append(f"  group {i}: {len(g['params'])} tensors ({n} values), {hp}")
         return "\n".join(lines)
+
+    def _make_stepper(self):
+        return STEPPERS[self.step_mode](
+            self._control, self._group_of, self.state, self.schedule, self._trials.agree
+        )
+
+    @property
+    def _units(self):
+        return self._pre.units
+
+    @property
+    def _collector(self):
+        return self._pre.collector
+
+    @property
+    def _capture(self) -> CurvatureCapture | None:
+        return self._pre.capture
+
+    @property
+    def last_reduce(self) -> dict:
+        """What the last refresh's reduce across processes did (:mod:`.reduce`)."""
+        return self._pre.last_reduce
 
     @property
     def steps_taken(self) -> int:
@@ -425,8 +364,7 @@ class OCNOpt(torch.optim.Optimizer):
 
     def unit_of(self, module: nn.Module):
         """The unit of a tapped layer or an ODE block, or None."""
-        u = self._units
-        return u.inside.get(module) or u.outside.get(module) or u.blocks.get(module)
+        return self._pre.unit_of(module)
 
     @property
     def capture(self) -> CurvatureCapture | None:
@@ -436,12 +374,12 @@ class OCNOpt(torch.optim.Optimizer):
     @property
     def refresh_due(self) -> bool:
         """True when the coming step gathers curvature."""
-        return self._capture is not None or self._collector.armed
+        return self._pre.armed
 
     @property
     def adapt_due(self) -> bool:
         """True when the coming step evaluates a trial (given a closure)."""
-        return self._control.due(self._step) and (self.step_mode == "model" or self._lm.enabled)
+        return self._control.due(self._step) and self._stepper.adapts(self._lm)
 
     @property
     def generator(self) -> torch.Generator:
@@ -452,10 +390,7 @@ class OCNOpt(torch.optim.Optimizer):
     def memory_usage(self) -> dict[str, int]:
         """Bytes held by the optimizer's state: per curvature variant and the momentum
         buffers."""
-        out: dict[str, int] = {}
-        for unit in self._units.units:
-            key = type(unit).__name__
-            out[key] = out.get(key, 0) + unit.memory_bytes()
+        out = self._pre.memory_usage()
         buffers = 0
         for p in self._group_of:
             for key in ("direction_buffer", "previous_update"):
@@ -474,7 +409,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.last_feedback: FeedbackReport | None = None
         if self.feedback == "off":
             return
-        if self.feedback == "dense" and self.step_mode != "fixed":
+        if self.feedback == "dense" and not self._stepper.requires_lr:
             raise bad_value(
                 "feedback",
                 self.feedback,
@@ -504,26 +439,14 @@ class OCNOpt(torch.optim.Optimizer):
                 self._recorder.arm(keep_grads=True)
         if self._step % self.update_every != 0:
             return
-        u = self._units
-        if u.needs_kronecker_capture or u.needs_dense_capture or self._flow is not None:
-            self._capture = CurvatureCapture(
-                kronecker=u.needs_kronecker_capture,
-                dense=u.needs_dense_capture,
-                sample_dt=self.sample_dt,
-            )
-            self._capture.attach(self.model)
-        if u.outside:
-            self._collector.arm()
+        self._pre.arm(carry_factors=self._flow is not None)
         self._factors_given = False
 
     def _disarm(self) -> None:
-        if self._capture is not None:
-            self._capture.detach()
-            self._capture = None
-        self._collector.disarm()
+        self._pre.disarm()
 
     def _forward_nfe(self) -> int:
-        return sum(b.nfe_forward for b in self.blocks)
+        return self._trials.forward_nfe()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; also marks where this step's forward solves begin."""
@@ -559,7 +482,7 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_value(
                 "outputs", outputs, "the model output tensor, part of the graph of the loss"
             )
-        observed = _Observed(float(loss.detach()), forward_nfe=self._forward_nfe() - self._nfe_mark)
+        observed = Observed(float(loss.detach()), forward_nfe=self._forward_nfe() - self._nfe_mark)
         self._observed = observed
         retain = retain_graph
         feedback = self._recorder is not None and bool(self._recorder.records)
@@ -693,11 +616,13 @@ class OCNOpt(torch.optim.Optimizer):
             observed = observed or self._evaluate_here(closure)
             self._sweep_units(closure, observed, grads, damping)
         directions = self._precondition(grads, damping)
-        update = self._plan(grads, directions, step, observed)
+        update = self._stepper.plan(
+            grads, directions, step, observed, lambda v: self._quadratic(v, damping)
+        )
         trial_loss = None
         if self.adapt_due and closure is not None:
             update, trial_loss = self._adapt(closure, observed, grads, directions, update, step)
-        elif self.step_mode == "model" and closure is None:
+        elif self._stepper.needs_closure and closure is None:
             self._warn_no_closure()
         if update is not None:
             if self.kl_clip is not None:
@@ -705,9 +630,7 @@ class OCNOpt(torch.optim.Optimizer):
                 update = {p: d * nu for p, d in update.items()}
             update, sweep_loss = self._apply(update, closure, damping, step)
             trial_loss = trial_loss if sweep_loss is None else sweep_loss
-            for p, d in update.items():
-                if self.step_mode == "model" and value_at(self._group_of[p]["momentum"], step):
-                    self.state[p]["previous_update"] = d.detach().clone()
+            self._stepper.remember(update, step)
         if self._recorder is not None:
             self._recorder.clear()
         self._stage_factors = self._dense = None
@@ -744,7 +667,7 @@ class OCNOpt(torch.optim.Optimizer):
                 taken, value, fields = self._dense_sweep(closure, update)
             else:
                 taken, value, fields = self._gn_sweep(records, closure, update, damping)
-            loss, _ = _loss_and_outputs(value)
+            loss, _ = loss_and_outputs(value)
             report.__dict__.update(fields, loss=loss)
             if not math.isfinite(loss):
                 raise FloatingPointError("the sweep's loss is not finite")
@@ -759,19 +682,13 @@ class OCNOpt(torch.optim.Optimizer):
         self.last_feedback = report
         return taken, loss
 
-    def _gain_scale(self, step: int) -> Callable:
-        if self.step_mode == "fixed":
-            return lambda p: value_at(self._group_of[p]["lr"], step)
-        kappa = self._control.kappa or 1.0
-        return lambda p: 1.0 / kappa
-
     def _gn_sweep(self, records, closure, update, damping):
         sweep = FeedbackSweep(
             records,
             self._stage_factors,
             self._units.units,
             damping,
-            self._gain_scale(self._step),
+            self._stepper.gain_scale(self._step),
             self._reduces(),
             self.feedback_clip,
         )
@@ -779,33 +696,19 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _dense_sweep(self, closure, update):
         self._dense.solve(self._lm.value, self.damping_mode == "relative")
-        return self._dense.run(closure, update, self._gain_scale(self._step))
+        return self._dense.run(closure, update, self._stepper.gain_scale(self._step))
 
     def _stage_params(self, module: nn.Module) -> set:
         return {p for p in module.parameters() if p in self._group_of}
 
     # ------------------------------------------------------------------ stages
     def _refresh(self) -> None:
-        """collect → reduce across processes → decompose."""
-        records = []
-        if self._capture is not None:
-            records += from_capture(
-                self._capture,
-                self._units.inside,
-                self._units.blocks,
-                self._statistics_route != "flow",
-            )
-        records += self._collector.statistics()
-        report = reduce_statistics(records) if self._reduces() else ReduceReport()
-        spread = self._reduces() and dist.world_size() > 1
-        report.spread_layers = decompose(records, spread, self.eigh_spread_min_dim)
-        self.last_reduce = report.as_dict()
-        if records:
-            self._samples = float(max(r.samples for r in records))
-        if self._capture is not None and self.feedback_due:
-            for rec in self._capture.records:  # the sweep's backward passes gather nothing
-                rec.capture, rec.terminal_factors = None, None
-        self._disarm()
+        """collect → reduce across processes → decompose (:mod:`.preconditioner`)."""
+        self._pre.refresh(
+            empirical=self._statistics_route != "flow",
+            reduces=self._reduces(),
+            keep_records=not self.feedback_due,
+        )
 
     def _reduces(self) -> bool:
         return dist.is_distributed() if self.distributed is None else self.distributed
@@ -821,104 +724,10 @@ class OCNOpt(torch.optim.Optimizer):
         return grads
 
     def _precondition(self, grads: dict, damping: Damping) -> dict:
-        """``u = (C + λ)⁻¹ g`` from every unit whose parameters have gradients."""
-        out = {}
-        for unit in self._units.units:
-            if not all(p in grads for p in unit.params):
-                continue
-            u = unit.direction([grads[p] for p in unit.params], damping, self._samples)
-            scale = scale_of(unit)
-            if scale != 1.0:
-                u = [x / scale for x in u]
-            out.update(zip(unit.params, u))
-        return out
-
-    def _plan(self, grads: dict, directions: dict, step: int, observed) -> dict:
-        """The update ``δ`` of this step before the trial: ``−lr (u + μ d_prev)``
-        (``step="fixed"``) or ``−α u + μ δ_prev`` with α from the calibrated model."""
-        if self.step_mode == "fixed":
-            update = {}
-            for p, u in directions.items():
-                group = self._group_of[p]
-                mu = value_at(group["momentum"], step)
-                if mu != 0:
-                    st = self.state[p]
-                    buf = st.get("direction_buffer")
-                    if buf is None:
-                        buf = st["direction_buffer"] = u.detach().clone()
-                    else:
-                        buf.mul_(mu).add_(u)
-                    u = buf
-                update[p] = u * -(value_at(group["lr"], step) * self._factor(step))
-            return update
-        control = self._control
-        if control.kappa is None:
-            control.kappa = self._first_kappa(grads, directions, observed)
-        damping = Damping(self._lm.value, self.damping_mode == "relative")
-        return self._model_update(grads, directions, step, control.kappa, damping)
-
-    def _factor(self, step: int) -> float:
-        """The schedule's factor at ``step`` (1 without a schedule)."""
-        return 1.0 if self.schedule is None else float(self.schedule(step))
-
-    def _first_kappa(self, grads: dict, directions: dict, observed) -> float:
-        """κ of the first step: its held model promises at most ``FIRST_DECREASE`` of the
-        loss, and it moves the parameters by at most ``FIRST_LENGTH`` of their norm."""
-        params = list(directions)
-        gu = float(dot([grads[p] for p in params], [directions[p] for p in params]))
-        (loss,) = self._agree([abs(observed.loss) if observed is not None else 0.0])
-        kappa = max(1.0, gu / (2.0 * FIRST_DECREASE * max(loss, 1.0)))
-        u_norm = float(dot(list(directions.values()), list(directions.values()))) ** 0.5
-        theta = float(dot(params, params)) ** 0.5
-        if theta > 0:
-            kappa = max(kappa, u_norm / (FIRST_LENGTH * theta))
-        return kappa
-
-    def _model_update(
-        self, grads: dict, directions: dict, step: int, kappa: float, damping: Damping
-    ) -> dict:
-        """``δ = −α u + μ δ_prev`` with α from the calibrated model, kept inside the trust
-        radius of the step control (``κ δᵀPδ <= radius``)."""
-        control = self._control
-        params = list(directions)
-        gu = float(dot([grads[p] for p in params], [directions[p] for p in params]))
-        g_prev, prev = 0.0, {}
-        for p in params:
-            buf = self.state[p].get("previous_update")
-            mu = value_at(self._group_of[p]["momentum"], step)
-            if buf is not None and mu != 0:
-                prev[p] = buf * mu
-                g_prev += float((grads[p] * prev[p]).sum())
-        alpha, keep = momentum_step(gu, g_prev, kappa)
-        alpha *= self._factor(step)
-        if not keep:
-            prev, g_prev = {}, 0.0
-        update = {}
-        for p in params:
-            cap = self._group_of[p]["lr"]
-            a = alpha if cap is None else min(alpha, value_at(cap, step))
-            d = directions[p] * -a
-            if p in prev:
-                d = d + prev[p]
-            update[p] = d
-        control.alpha = alpha
-        curvature = kappa * self._quadratic(update, damping)
-        length = float(dot(list(update.values()), list(update.values())))
-        scale = control.radius_scale(curvature, length)
-        if scale < 1.0:
-            update = {p: d * scale for p, d in update.items()}
-            control.alpha = alpha * scale
-        return update
+        return self._pre.directions(grads, damping)
 
     def _quadratic(self, vectors: dict, damping: Damping) -> float:
-        """``Σ_units s_u vᵀ(C + λ)v`` over the units whose parameters ``vectors`` holds
-        (``s_u`` the unit's calibration scale)."""
-        total = 0.0
-        for unit in self._units.units:
-            if all(p in vectors for p in unit.params):
-                quad = float(unit.quadratic([vectors[p] for p in unit.params], damping))
-                total += scale_of(unit) * quad
-        return total
+        return self._pre.quadratic(vectors, damping)
 
     def _warn_no_closure(self) -> None:
         if not self._warned_no_closure:
@@ -932,8 +741,11 @@ class OCNOpt(torch.optim.Optimizer):
             )
 
     def _adapt(self, closure, observed, grads, directions, update, step):
-        """The trial evaluation(s) of an adaptation step; returns (update or None, loss)."""
-        control = self._control
+        """The trial evaluation(s) of an adaptation step; returns (update or None, loss).
+
+        The stepper says how many trials and what is taken (:mod:`.steppers`); the trials
+        are evaluated and agreed across processes by :mod:`.trial`."""
+        control, stepper = self._control, self._stepper
         damping = Damping(self._lm.value, self.damping_mode == "relative")
         zero = Damping(0.0, damping.relative)
         params = list(update)
@@ -943,7 +755,7 @@ class OCNOpt(torch.optim.Optimizer):
         kappa = control.kappa
         trial = update
         outcome, trial_loss, trials = None, None, 0
-        while trials < (control.max_trials if self.step_mode == "model" else 1):
+        while trials < stepper.max_trials:
             trials += 1
             g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
             held = self._quadratic(trial, damping)
@@ -959,14 +771,14 @@ class OCNOpt(torch.optim.Optimizer):
             outcome = TrialOutcome(
                 g_delta=g_delta,
                 held=held,
-                kappa=kappa if self.step_mode == "model" else 1.0,
+                kappa=stepper.trial_kappa(kappa),
                 damping=damp_term,
                 actual=loss1 - loss0,
                 gauss_newton=gn,
                 stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
                 loss=abs(loss0),
             )
-            if outcome.accepted or self.step_mode == "fixed":
+            if stepper.done(outcome):
                 break
             trial = {p: d * control.shrink for p, d in trial.items()}
         control.adaptations += 1
@@ -976,27 +788,7 @@ class OCNOpt(torch.optim.Optimizer):
         reason = "ok" if outcome.accepted else outcome.why_rejected
         if not outcome.accepted:
             control.failures += 1
-        if self.step_mode == "model":
-            if outcome.accepted:
-                # the step taken is the trial that was checked; κ and the trust radius
-                # are set for the steps until the next adaptation
-                control.kappa = control.calibrated(outcome, self._lm.low)
-                # the trial showed room for a step more than max_growth times larger, or
-                # a step cut to the trust region was predicted well: check the grown step
-                # at once instead of adapt_every steps later
-                control.again = control.capped or (
-                    control.bounded and trials == 1 and rho is not None and rho > self._lm.high
-                )
-                control.set_radius(
-                    control.kappa * outcome.held,
-                    float(dot(list(trial.values()), list(trial.values()))),
-                )
-                control.alpha = control.alpha * control.shrink ** (trials - 1)
-                update = trial
-            else:
-                control.kappa = kappa / control.shrink**trials
-                control.shrink_radius(control.shrink**2)
-                update = None
+        update = stepper.settle(outcome, trials, trial, update, kappa, self._lm)
         self.last_adaptation = Adaptation(
             step=step,
             kappa=control.kappa,
@@ -1031,46 +823,13 @@ class OCNOpt(torch.optim.Optimizer):
         )
 
     def _agree(self, values: list[float]) -> list[float]:
-        """The mean of ``values`` over processes (NaN if any process has NaN there)."""
-        if not (self._reduces() and dist.world_size() > 1):
-            return values
-        finite = [v if math.isfinite(v) else 0.0 for v in values]
-        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
-        agreed = dist.all_reduce_sum_floats(finite + bad)
-        n, k = dist.world_size(), len(values)
-        return [a / n if b == 0 else float("nan") for a, b in zip(agreed[:k], agreed[k:])]
+        return self._trials.agree(values)
 
-    def _evaluate_here(self, closure) -> _Observed:
-        mark = self._forward_nfe()
-        loss, outputs = _loss_and_outputs(closure())
-        return _Observed(float(loss), outputs, None, None, self._forward_nfe() - mark)
+    def _evaluate_here(self, closure) -> Observed:
+        return self._trials.here(closure)
 
-    def _evaluate_trial(self, closure, observed: _Observed) -> tuple[float, float, int]:
-        """``(trial loss, Gauss–Newton curvature along the trial or NaN, trial NFE)``."""
-        mark = self._forward_nfe()
-        try:
-            loss, outputs = _loss_and_outputs(closure())
-        except SolverError:
-            return float("nan"), float("nan"), self._forward_nfe() - mark
-        nfe = self._forward_nfe() - mark
-        loss = float(loss)
-        gn = float("nan")
-        if (
-            outputs is not None
-            and observed.outputs is not None
-            and observed.likelihood is not None
-            and outputs.shape == observed.outputs.shape
-        ):
-            delta = outputs - observed.outputs
-            if bool(torch.isfinite(delta).all()):
-                gn = gauss_newton_quadratic(
-                    observed.likelihood,
-                    observed.outputs,
-                    delta,
-                    observed.grad_outputs,
-                    loss - observed.loss,
-                )
-        return loss, gn, nfe
+    def _evaluate_trial(self, closure, observed: Observed) -> tuple[float, float, int]:
+        return self._trials.evaluate(closure, observed)
 
     def _clip(self, update: dict, damping: Damping) -> float:
         """``ν = min(1, sqrt(kl_clip / δᵀ(C + λ)δ))`` for the update ``δ`` about to be taken."""
@@ -1096,9 +855,7 @@ class OCNOpt(torch.optim.Optimizer):
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.skipped_steps += 1
-        if self._capture is not None:
-            self._capture.reset()
-        self._collector.clear()
+        self._pre.forget()
         self._factors_given = False
         return False
 
@@ -1116,7 +873,7 @@ class OCNOpt(torch.optim.Optimizer):
             "generator": self._generator.get_state(),
             "curvature": self.curvature,
             "factors": self.factors,
-            "samples": self._samples,
+            "samples": self._pre.samples,
             "damping": self._lm.state_dict(),
             "control": self._control.state_dict(),
             "unit_calibration": self._calibration.state_dict(),
@@ -1181,38 +938,17 @@ class OCNOpt(torch.optim.Optimizer):
         last_fb = extra.get("last_feedback")
         self.last_feedback = None if last_fb is None else FeedbackReport(**last_fb)
         self._generator.set_state(extra["generator"])
-        self._samples = float(extra["samples"])
+        self._pre.samples = float(extra["samples"])
         self._lm.load_state_dict(extra["damping"])
         self._control.load_state_dict(extra["control"])
         self._calibration.load_state_dict(extra.get("unit_calibration", {}))
         last = extra.get("last_adaptation")
         self.last_adaptation = None if last is None else Adaptation(**last)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._units = build_units(
-            self.model,
-            self.blocks,
-            self.curvature,
-            self._group_of,
-            self.state,
-            self.max_dense_params,
-            self.time_joint,
-        )
-        self._collector = OutsideCollector(self._units.outside)
+        self._pre.build(self._group_of, self.state)
+        self._stepper = self._make_stepper()
         self._unit_groups = None
         self._arm_if_due()
-
-
-def _loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
-    """A closure's return value as ``(loss, outputs or None)``."""
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise bad_value("closure", value, "a closure returning loss or (loss, outputs)")
-        loss, outputs = value
-    else:
-        loss, outputs = value, None
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise bad_type("closure", loss, "a closure returning a scalar loss tensor")
-    return float(loss.detach()), None if outputs is None else outputs.detach()
 
 
 def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
@@ -1241,8 +977,8 @@ def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
     return out
 
 
-def _check_group(g: dict, step_mode: str) -> None:
-    if g["lr"] is not None or step_mode == "fixed":
+def _check_group(g: dict, requires_lr: bool) -> None:
+    if g["lr"] is not None or requires_lr:
         check_hyper("groups[...]['lr']", g["lr"], 0, math.inf, True, True, "a float > 0")
     check_hyper("groups[...]['momentum']", g["momentum"], 0, 1, False, True, "a float in [0, 1)")
     check_hyper(

@@ -312,9 +312,9 @@ class HorizonConfig:
 
 def _ocnopt_default(key: str):
     """OCNOpt's own default for ``key`` (the library is the one source of the defaults)."""
-    from ..optim.ocnopt import DEFAULTS
+    from ..optim.options import OCNOptOptions
 
-    value = DEFAULTS[key]
+    value = getattr(OCNOptOptions(), key)
     return 0.0 if key == "kl_clip" and value is None else value
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 from torch import nn
 
 from ..ode.block import ODEBlock
-from ..optim import HorizonOptimizer, OCNOpt
+from ..optim import HorizonOptimizer, OCNOpt, OCNOptOptions
 from . import classpath
 from .config import ConfigError, HorizonConfig, OptimizerConfig
 from .schedules import ScheduleFactor, attach_schedule
@@ -37,30 +38,25 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
         return torch.optim.Adam(params, lr=lr, betas=(cfg.beta, 0.999), weight_decay=cfg.decay)
     if cfg.kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.beta, weight_decay=cfg.decay)
-    return OCNOpt(
-        model,
+    return OCNOpt(model, ocnopt_options(cfg, lr, seed))
+
+
+def ocnopt_options(cfg: OptimizerConfig, lr: float, seed: int = 0) -> OCNOptOptions:
+    """The :class:`~node_ocp.optim.options.OCNOptOptions` of an ``ocnopt`` table: every key
+    the table shares with the options, and the table's conventions (``lr = inf``: no cap;
+    ``kl_clip``/``feedback_clip`` 0: off; ``momentum``/``weight_decay`` unset: the
+    defaults)."""
+    shared = {f.name for f in fields(OCNOptOptions)} & {f.name for f in fields(cfg)}
+    values = {k: getattr(cfg, k) for k in sorted(shared)}
+    values.update(
         lr=None if math.isinf(lr) else lr,
         momentum=cfg.beta,
         weight_decay=cfg.decay,
-        curvature=cfg.curvature,
-        damping=cfg.damping,
-        update_every=cfg.update_every,
-        alpha=cfg.alpha,
-        sample_dt=cfg.sample_dt,
-        factors=cfg.factors,
-        step=cfg.step,
-        adapt_every=cfg.adapt_every,
-        adapt_damping=cfg.adapt_damping,
-        damping_mode=cfg.damping_mode,
-        outside=cfg.outside,
         kl_clip=cfg.kl_clip or None,
-        feedback=cfg.feedback,
-        feedback_every=cfg.feedback_every,
         feedback_clip=cfg.feedback_clip or None,
-        time_joint=cfg.time_joint,
-        calibrate_units=cfg.calibrate_units,
         seed=seed,
     )
+    return OCNOptOptions().replace(**values)
 
 
 def build_schedule(cfg: OptimizerConfig, opt, total_steps: int):

@@ -1,0 +1,166 @@
+"""OCNOpt's options: every hyper-parameter, its default and its check, in one place.
+
+:class:`OCNOptOptions` is what :class:`~node_ocp.OCNOpt` is built from (its keyword
+arguments override the fields of an options object), what the configs' ``[optimizers.*]``
+tables fill in (:mod:`node_ocp.train.config` takes its defaults and checks from here), and
+what ``DEFAULTS`` lists. Adding a hyper-parameter is a field here (with its check in
+:meth:`OCNOptOptions.checked`) plus its use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .._errors import bad_type, bad_value, check_choice, check_positive
+from .curvatures import VARIANTS
+from .feedback import FEEDBACK_MODES
+from .hyper import Schedule, check_hyper, check_int
+from .step_control import STEP_MODES
+
+CURVATURES: tuple[str, ...] = tuple(VARIANTS)
+FACTOR_SOURCES: tuple[str, ...] = ("auto", "empirical", "sampled", "exact")
+OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
+NONFINITE: tuple[str, ...] = ("skip", "raise")
+DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class OCNOptOptions:
+    """The hyper-parameters of :class:`~node_ocp.OCNOpt` (see its docstring for each).
+
+    Numbers may be schedules (callables ``step -> value``) where OCNOpt says so (``lr``,
+    ``momentum``, ``weight_decay``). ``OCNOptOptions()`` is the one default.
+    """
+
+    lr: Schedule | None = None
+    momentum: Schedule = 0.9
+    weight_decay: Schedule = 0.0
+    curvature: str = "ekfac"
+    damping: float = 1e-2
+    update_every: int = 50
+    alpha: float = 0.75
+    sample_dt: float = 0.05
+    factors: str = "auto"
+    step: str = "model"
+    adapt_every: int = 5
+    adapt_damping: bool = True
+    damping_mode: str = "relative"
+    min_damping: float = 1e-4
+    max_damping: float = 1e4
+    kl_clip: float | None = None
+    rank: int = 1
+    outside: str = "kfac"
+    diag_beta: float = 0.95
+    stiff_ratio: float = 3.0
+    max_dense_params: int = 4096
+    nonfinite: str = "skip"
+    feedback: str = "off"
+    feedback_every: int = 1
+    feedback_clip: float | None = 1.0
+    time_joint: bool = True
+    calibrate_units: bool = True
+    seed: int = 0
+    distributed: bool | None = None
+    eigh_spread_min_dim: int = 512
+
+    def replace(self, **changes) -> OCNOptOptions:
+        """A copy with ``changes``; an unknown name is refused in one line."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"OCNOpt: unknown option {unknown[0]!r}; accepted: " + ", ".join(names))
+        return dataclasses.replace(self, **changes)
+
+    def checked(self) -> OCNOptOptions:
+        """Every field checked (the first bad one raises, naming it, what it received and
+        what it accepts); returns the options with numbers as floats where OCNOpt keeps
+        floats."""
+        check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("factors", self.factors, FACTOR_SOURCES)
+        check_choice("step", self.step, STEP_MODES)
+        check_int("update_every", self.update_every, 1)
+        check_int("rank", self.rank, 1)
+        check_int("max_dense_params", self.max_dense_params, 1)
+        check_choice("nonfinite", self.nonfinite, NONFINITE)
+        sample_dt = check_positive("sample_dt", self.sample_dt)
+        check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        check_choice("feedback", self.feedback, FEEDBACK_MODES)
+        check_int("feedback_every", self.feedback_every, 1)
+        feedback_clip = (
+            None
+            if self.feedback_clip is None
+            else check_positive("feedback_clip", self.feedback_clip)
+        )
+        for name in ("time_joint", "calibrate_units"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad_type(name, getattr(self, name), "True or False")
+        if not isinstance(self.adapt_damping, bool):
+            raise bad_type("adapt_damping", self.adapt_damping, "True or False")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise bad_type("distributed", self.distributed, "True, False or None (automatic)")
+        check_int("eigh_spread_min_dim", self.eigh_spread_min_dim, 1)
+        kl_clip = None if self.kl_clip is None else check_positive("kl_clip", self.kl_clip)
+        low = check_positive("min_damping", self.min_damping)
+        high = check_positive("max_damping", self.max_damping)
+        damping = check_positive("damping", self.damping)
+        if not low <= damping <= high:
+            raise bad_value(
+                "damping", damping, f"a float in [min_damping, max_damping] = [{low}, {high}]"
+            )
+        if self.step == "fixed" and self.lr is None:
+            raise bad_value(
+                "lr",
+                self.lr,
+                "a float > 0 with step='fixed' (the step scale)",
+                "Or use step='model'.",
+            )
+        lr = (
+            None
+            if self.lr is None
+            else check_hyper("lr", self.lr, 0, math.inf, True, True, "a float > 0")
+        )
+        momentum = check_hyper("momentum", self.momentum, 0, 1, False, True, "a float in [0, 1)")
+        weight_decay = check_hyper(
+            "weight_decay", self.weight_decay, 0, math.inf, False, True, "a float >= 0"
+        )
+        alpha = float(check_hyper("alpha", self.alpha, 0, 1, True, False, "a float in (0, 1]"))
+        check_choice("outside", self.outside, OUTSIDE_RULES)
+        diag_beta = float(
+            check_hyper("diag_beta", self.diag_beta, 0, 1, False, True, "a float in [0, 1)")
+        )
+        stiff_ratio = check_positive("stiff_ratio", self.stiff_ratio)
+        check_int("adapt_every", self.adapt_every, 1)
+        return dataclasses.replace(
+            self,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            sample_dt=sample_dt,
+            feedback_clip=feedback_clip,
+            kl_clip=kl_clip,
+            min_damping=low,
+            max_damping=high,
+            damping=damping,
+            alpha=alpha,
+            diag_beta=diag_beta,
+            stiff_ratio=stiff_ratio,
+        )
+
+    def group_defaults(self) -> dict:
+        """The per-parameter-group hyper-parameters (``torch.optim`` defaults)."""
+        return dict(
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            alpha=self.alpha,
+            outside=self.outside,
+            diag_beta=self.diag_beta,
+        )
+
+
+#: The one default of OCNOpt as a dict (the fields a config table may set among them).
+DEFAULTS: dict = {
+    f.name: f.default for f in dataclasses.fields(OCNOptOptions) if f.name not in ("seed",)
+}

@@ -1,0 +1,113 @@
+"""Trial evaluations: the batch's loss at trial parameters, agreed across processes.
+
+OCNOpt's step control and the per-part calibration learn from evaluating the step's own
+batch again (through the user's ``closure``) at parameters the optimizer has moved. This
+module owns those evaluations: the loss and the NFE of the forward solves they cost, the
+Gauss–Newton curvature along the move from the change of the model outputs
+(:func:`~.likelihoods.gauss_newton_quadratic`), and the mean of the measurements over the
+processes of a data-parallel run, so that every process takes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import dist
+from .._errors import bad_type, bad_value
+from ..ode.block import SolverError
+from .likelihoods import gauss_newton_quadratic
+
+
+@dataclass
+class Observed:
+    """What ``backward`` learnt of this step's batch (for the step control).
+
+    Attributes:
+        loss: the batch's loss at the current parameters.
+        outputs: the model outputs ``(N, ...)`` (detached) or None.
+        likelihood: their likelihood, or None.
+        grad_outputs: ``∂L/∂outputs`` (``"gaussian"`` only), or None.
+        forward_nfe: the function evaluations of the step's own forward solves.
+    """
+
+    loss: float
+    outputs: torch.Tensor | None = None
+    likelihood: str | None = None
+    grad_outputs: torch.Tensor | None = None
+    forward_nfe: int = 0
+
+
+class Trials:
+    """Evaluations of the batch for the step control.
+
+    Args:
+        blocks: the model's ODE blocks (their forward NFE counters are read).
+        reduces: ``() -> bool``: whether measurements are averaged over processes.
+    """
+
+    def __init__(self, blocks: list, reduces: Callable[[], bool]):
+        self.blocks = blocks
+        self.reduces = reduces
+
+    def forward_nfe(self) -> int:
+        return sum(b.nfe_forward for b in self.blocks)
+
+    def agree(self, values: list[float]) -> list[float]:
+        """The mean of ``values`` over processes (NaN if any process has NaN there)."""
+        if not (self.reduces() and dist.world_size() > 1):
+            return values
+        finite = [v if math.isfinite(v) else 0.0 for v in values]
+        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
+        agreed = dist.all_reduce_sum_floats(finite + bad)
+        n, k = dist.world_size(), len(values)
+        return [a / n if b == 0 else float("nan") for a, b in zip(agreed[:k], agreed[k:])]
+
+    def here(self, closure) -> Observed:
+        """The batch at the current parameters (when ``backward`` did not say)."""
+        mark = self.forward_nfe()
+        loss, outputs = loss_and_outputs(closure())
+        return Observed(float(loss), outputs, None, None, self.forward_nfe() - mark)
+
+    def evaluate(self, closure, observed: Observed) -> tuple[float, float, int]:
+        """``(trial loss, Gauss–Newton curvature along the trial or NaN, trial NFE)``."""
+        mark = self.forward_nfe()
+        try:
+            loss, outputs = loss_and_outputs(closure())
+        except SolverError:
+            return float("nan"), float("nan"), self.forward_nfe() - mark
+        nfe = self.forward_nfe() - mark
+        loss = float(loss)
+        gn = float("nan")
+        if (
+            outputs is not None
+            and observed.outputs is not None
+            and observed.likelihood is not None
+            and outputs.shape == observed.outputs.shape
+        ):
+            delta = outputs - observed.outputs
+            if bool(torch.isfinite(delta).all()):
+                gn = gauss_newton_quadratic(
+                    observed.likelihood,
+                    observed.outputs,
+                    delta,
+                    observed.grad_outputs,
+                    loss - observed.loss,
+                )
+        return loss, gn, nfe
+
+
+def loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
+    """A closure's return value as ``(loss, outputs or None)``."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise bad_value("closure", value, "a closure returning loss or (loss, outputs)")
+        loss, outputs = value
+    else:
+        loss, outputs = value, None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise bad_type("closure", loss, "a closure returning a scalar loss tensor")
+    return float(loss.detach()), None if outputs is None else outputs.detach()
