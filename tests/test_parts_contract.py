@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Linear(2, 3)
+        self.stem = nn.Sequential(nn.Linear(2, 3), nn.Tanh())
         self.ode = no.ODEBlock(
             mlp_field(3, 6), (0.0, 0.5), method="rk4", options={"step_size": 0.25}
         )
@@ -31,7 +31,10 @@ class Net(nn.Module):
         self.double()
 
     def forward(self, x):
-        return self.head(self.ode(torch.tanh(self.stem(x))))
+        return self.head(self.ode(self.stem(x)))
+
+    def feedback_stages(self):
+        return [self.stem, self.ode, self.head]
 
 
 def _data():
@@ -107,3 +110,13 @@ def test_a_config_table_gives_the_library_default_options():
     assert ocnopt_options(cfg.optimizers["ocnopt"], math.inf, seed=3) == OCNOptOptions(seed=3)
     kfac = ocnopt_options(cfg.optimizers["ocnopt-kfac"], 0.1)
     assert kfac == OCNOptOptions(curvature="kfac", lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["gauss_newton", "dense"])
+def test_every_feedback_policy_sweeps_and_resumes_exactly(name):
+    from node_ocp.optim.feedback_policies import POLICIES
+
+    kw = dict(feedback=name, step="fixed", lr=0.05, damping_mode="absolute", damping=0.1)
+    model, opt = _round_trip(**kw)
+    assert type(opt._policy) is POLICIES[name]
+    assert opt.feedback_steps >= 5 and opt.feedback_failures == 0

@@ -59,17 +59,14 @@ from .damping import LevenbergMarquardt
 from .factor_flow import FactorFlow, chain_problem
 from .feedback import (
     FeedbackReport,
-    FeedbackSweep,
     StageRecorder,
-    empirical_factors,
     find_stages,
-    pulled_factors,
     warn_open_loop,
 )
-from .feedback_dense import DenseFeedback
+from .feedback_policies import POLICIES, FeedbackPolicy, SweepContext
 from .fisher_backward import AUTO_LIKELIHOODS, fisher_backward
 from .hyper import check_hyper, value_at
-from .likelihoods import LIKELIHOODS, output_factors
+from .likelihoods import LIKELIHOODS
 from .options import (  # noqa: F401  (re-exported: the public names of the options)
     CURVATURES,
     DAMPING_MODES,
@@ -283,8 +280,6 @@ class OCNOpt(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.feedback_steps = 0
         self.feedback_failures = 0
-        self._stage_factors: dict | None = None
-        self._dense: DenseFeedback | None = None
         self._factors_given = False
         self._statistics_route = "empirical"  # of the coming refresh (set by backward)
         self._observed: Observed | None = None
@@ -404,12 +399,14 @@ class OCNOpt(torch.optim.Optimizer):
     # ------------------------------------------------------------------ collect: arming
     def _setup_feedback(self) -> None:
         self._recorder: StageRecorder | None = None
+        self._policy: FeedbackPolicy | None = None
         self._feedback_ready = False
         self._warned_feedback = False
         self.last_feedback: FeedbackReport | None = None
-        if self.feedback == "off":
+        policy = POLICIES.get(self.feedback)
+        if policy is None:  # "off"
             return
-        if self.feedback == "dense" and not self._stepper.requires_lr:
+        if policy.needs_fixed_step and not self._stepper.requires_lr:
             raise bad_value(
                 "feedback",
                 self.feedback,
@@ -418,11 +415,18 @@ class OCNOpt(torch.optim.Optimizer):
             )
         stages, reason = find_stages(self.model)
         if not stages:
-            if self.feedback == "dense":
+            if policy.needs_stages:
                 raise bad_value("model", type(self.model).__name__, "stages", reason)
             warn_open_loop(reason)
             return
         self._recorder = StageRecorder(stages)
+        self._policy = policy(
+            self._stage_source,
+            self.rank,
+            self._generator,
+            self.feedback_clip,
+            self.max_dense_params,
+        )
 
     @property
     def feedback_due(self) -> bool:
@@ -488,7 +492,7 @@ class OCNOpt(torch.optim.Optimizer):
         feedback = self._recorder is not None and bool(self._recorder.records)
         if feedback:
             self._recorder.disarm()
-            if self.feedback == "dense" or self._stage_source != "empirical":
+            if self._policy.needs_graph:
                 retain = True  # factors or Jacobians come from this graph after backward
         route = self._route(outputs, likelihood) if self.refresh_due else "empirical"
         self._statistics_route = route
@@ -563,28 +567,9 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _prepare_feedback(self, outputs, likelihood) -> None:
         """What the sweep needs from this step's graph, taken before any parameter moves:
-        the factors at the stage boundaries (or the dense variant's Jacobians)."""
-        records = self._recorder.ordered()
-        self._stage_factors = None
-        self._dense = None
-        needs = "feedback='dense'" if self.feedback == "dense" else f"factors={self.factors!r}"
-        if (self.feedback == "dense" or self._stage_source != "empirical") and (
-            outputs is None or likelihood is None
-        ):
-            raise bad_value(
-                "outputs/likelihood",
-                (outputs if outputs is None else "tensor", likelihood),
-                f"both given to opt.backward on feedback steps with {needs}",
-                "Or use factors='empirical' with feedback='gauss_newton'.",
-            )
-        if self.feedback == "dense":
-            self._dense = DenseFeedback(records, outputs, likelihood, self._stage_params)
-            self._dense.prepare(self.max_dense_params)
-        elif self._stage_source == "empirical":
-            self._stage_factors = empirical_factors(records)
-        else:
-            y = output_factors(outputs, likelihood, self._stage_source, self.rank, self._generator)
-            self._stage_factors = pulled_factors(records, outputs, y)
+        the factors at the stage boundaries (or the dense policy's Jacobians)."""
+        self._policy.clear()
+        self._policy.prepare(self._recorder.ordered(), outputs, likelihood, self._stage_params)
         self._feedback_ready = True
 
     # ------------------------------------------------------------------ step
@@ -633,7 +618,8 @@ class OCNOpt(torch.optim.Optimizer):
             self._stepper.remember(update, step)
         if self._recorder is not None:
             self._recorder.clear()
-        self._stage_factors = self._dense = None
+        if self._policy is not None:
+            self._policy.clear()
         self._step += 1
         self._arm_if_due()
         return trial_loss
@@ -663,10 +649,15 @@ class OCNOpt(torch.optim.Optimizer):
         backup = {p: p.detach().clone() for p in update}
         report = FeedbackReport(step=step)
         try:
-            if self.feedback == "dense":
-                taken, value, fields = self._dense_sweep(closure, update)
-            else:
-                taken, value, fields = self._gn_sweep(records, closure, update, damping)
+            ctx = SweepContext(
+                self._units.units,
+                damping,
+                Damping(self._lm.value, damping.relative),
+                self._stepper.gain_scale(self._step),
+                self._reduces(),
+                self._stage_params,
+            )
+            taken, value, fields = self._policy.sweep(records, closure, update, ctx)
             loss, _ = loss_and_outputs(value)
             report.__dict__.update(fields, loss=loss)
             if not math.isfinite(loss):
@@ -681,22 +672,6 @@ class OCNOpt(torch.optim.Optimizer):
             self.feedback_failures += 1
         self.last_feedback = report
         return taken, loss
-
-    def _gn_sweep(self, records, closure, update, damping):
-        sweep = FeedbackSweep(
-            records,
-            self._stage_factors,
-            self._units.units,
-            damping,
-            self._stepper.gain_scale(self._step),
-            self._reduces(),
-            self.feedback_clip,
-        )
-        return sweep.run(closure, update, self._stage_params)
-
-    def _dense_sweep(self, closure, update):
-        self._dense.solve(self._lm.value, self.damping_mode == "relative")
-        return self._dense.run(closure, update, self._stepper.gain_scale(self._step))
 
     def _stage_params(self, module: nn.Module) -> set:
         return {p for p in module.parameters() if p in self._group_of}
