@@ -51,18 +51,17 @@ def fisher_backward(
     Gathers into ``capture`` (the ODE blocks' backward solves) and the outside layers'
     hooks, then switches the capture off on this step's block calls, so that the loss's own
     backward pass, run by the caller inside its statistics pause, only accumulates the
-    gradients. ``params``' ``.grad`` are as before on return. ``quiet()`` pauses what must
-    not see the sampled pass (the feedback recorder's kept gradients).
+    gradients. ``params``' ``.grad`` are untouched (the pass goes through
+    ``torch.autograd.grad``, so a DistributedDataParallel wrapper does not synchronise it).
+    ``quiet()`` pauses what must not see the sampled pass (the feedback recorder's kept
+    gradients).
     """
     cotangent = sampled_cotangent(loss, outputs, likelihood, generator)
-    params = list(params)
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
+    params = [p for p in params if p.requires_grad]
     with quiet():
-        torch.autograd.backward(outputs, cotangent, retain_graph=True)
-    for p, g in zip(params, saved):
-        p.grad = g
+        # autograd.grad, not backward: nothing accumulates into .grad, and the gradient
+        # hooks of DistributedDataParallel (on the accumulation) do not fire for this pass
+        torch.autograd.grad(outputs, params, cotangent, retain_graph=True, allow_unused=True)
     if capture is not None:
         for record in capture.records:
             record.capture = None
