@@ -7,7 +7,8 @@ what the optimizer needs (OCNOpt: the outputs and likelihood of its factor sourc
 control), the optimizer's step (OCNOpt: with a closure that evaluates the same batch again
 with the same random draws, for its trial), the learning-rate schedule's step and the
 horizon controller's step. Its wall-clock time (CUDA synchronised) and the function
-evaluations of the ODE blocks are measured.
+evaluations of the ODE blocks are measured. How the optimizer takes the backward pass and
+the step is its :class:`~node_ocp.train.adapters.OptimizerAdapter`'s business.
 """
 
 from __future__ import annotations
