@@ -163,3 +163,37 @@ def test_a_new_model_kind_is_one_registration(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny(**over, **{"model.kind": "plain_ode"}))
     s = train(cfg, tmp_path, RunOptions(optimizer="ocnopt", progress=False))
     assert s["steps"] == 3 and math.isfinite(s["test_metric"]) and s["task"] == "classification"
+
+
+SERIES = {
+    "task.kind": "forecast",
+    "task.dataset": "spiral",
+    "task.n_train": 16,
+    "task.n_val": 8,
+    "task.n_test": 8,
+    "model.kind": "odernn",
+    "model.width": 4,
+}
+
+
+@pytest.mark.parametrize(
+    ("over", "words"),
+    [
+        (
+            {"horizon.mode": "feedback"},
+            "[horizon]: a model of kind 'odernn' with 1 ODE block(s); accepted: a model with "
+            "one ODE block",
+        ),
+        (
+            {"optimizers.ocnopt": {"kind": "ocnopt", "factors": "exact"}},
+            "[optimizers.ocnopt].factors: received 'exact' for a odernn forecast model whose "
+            "loss reaches the ODE block at several times; accepted: 'auto', 'empirical'",
+        ),
+    ],
+)
+def test_what_a_model_kind_and_an_optimizer_cannot_do_together_is_one_line(over, words):
+    from node_ocp.train.tasks import build_task
+
+    with pytest.raises(ConfigError) as err:
+        build_task(config_from_dict(tiny(**SERIES, **over)))
+    assert str(err.value).startswith(words) and "\n" not in str(err.value), str(err.value)
