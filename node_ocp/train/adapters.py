@@ -71,6 +71,11 @@ class OptimizerAdapter:
         return None
 
     @classmethod
+    def check_config(cls, name: str, table, config) -> None:
+        """Raise ConfigError when ``table`` (``[optimizers.name]``, checked on its own)
+        does not fit the rest of the run config ``config``."""
+
+    @classmethod
     def check_task(cls, name: str, table, config, several_times: bool) -> None:
         """Raise ConfigError when ``table`` (``[optimizers.name]``) cannot train the task
         of ``config``; ``several_times``: its loss reaches an ODE block at several times."""
@@ -165,6 +170,19 @@ class OCNOptAdapter(OptimizerAdapter):
     @classmethod
     def curvature(cls, table):
         return table.curvature
+
+    @classmethod
+    def check_config(cls, name, table, config):
+        from .config import ConfigError
+
+        gradient = table.gradient or config.solver.gradient
+        if gradient == "torchdiffeq":
+            raise ConfigError(
+                f"[optimizers.{name}].gradient: received 'torchdiffeq' (from "
+                f"{'the table' if table.gradient else '[solver].gradient'}) for OCNOpt; "
+                "accepted: 'adjoint' (time-joint curvature) or 'direct' with "
+                "time_joint = false; torchdiffeq's odeint_adjoint is for first-order runs"
+            )
 
     @classmethod
     def check_task(cls, name, table, config, several_times):

@@ -509,16 +509,11 @@ class RunConfig:
                 "[optimizers]: received no optimizer tables; accepted: at least one "
                 "[optimizers.NAME] table with kind = 'adam' | 'sgd' | 'ocnopt' | a class path"
             )
+        from .adapters import adapter_for
+
         for name, opt in self.optimizers.items():
             opt.check(f"[optimizers.{name}]")
-            gradient = opt.gradient or self.solver.gradient
-            if opt.kind == "ocnopt" and gradient == "torchdiffeq":
-                raise ConfigError(
-                    f"[optimizers.{name}].gradient: received 'torchdiffeq' (from "
-                    f"{'the table' if opt.gradient else '[solver].gradient'}) for OCNOpt; "
-                    "accepted: 'adjoint' (time-joint curvature) or 'direct' with "
-                    "time_joint = false; torchdiffeq's odeint_adjoint is for first-order runs"
-                )
+            adapter_for(opt).check_config(name, opt, self)
         from .model_kinds import MODELS
 
         allowed = tuple(m.name for m in MODELS if self.task.kind in m.tasks)
