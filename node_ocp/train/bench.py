@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_json
+from .adapters import adapter_for, build_adapter
 from .config import ConfigError, OptimizerConfig, RunConfig
 from .costs import KINDS, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import FirstStepMemory, StepMemory
-from .optimizers import build_optimizer
-from .step import StepFailed, kind_of, train_step
+from .step import StepFailed, train_step
 from .tasks import build_task
 
 FROZEN_LR = 1e-12
@@ -60,15 +60,16 @@ def bench(
     for n in names:
         config.optimizer(n, "--optimizers")
     opts = {n: config.optimizers[n] for n in names}
-    baseline = next((n for n, c in opts.items() if c.kind == "adam"), None)
+    baseline = next((n for n, c in opts.items() if adapter_for(c).reference), None)
     if baseline is None:  # the config's own Adam table, else a default Adam
-        baseline = next((n for n, c in config.optimizers.items() if c.kind == "adam"), None)
+        tables = config.optimizers.items()
+        baseline = next((n for n, c in tables if adapter_for(c).reference), None)
         if baseline is not None:
             opts = {baseline: config.optimizers[baseline], **opts}
         else:
             baseline = "adam (baseline)"
             opts = {baseline: OptimizerConfig(kind="adam", lr=1e-3), **opts}
-    k_max = max((c.update_every for c in opts.values() if c.kind == "ocnopt"), default=1)
+    k_max = max((cycle(c)[0] or 1 for c in opts.values()), default=1)
     steps = steps if steps is not None else max(2 * k_max + 1, 21)
     if steps < 2:
         raise ConfigError(f"--steps: received {steps}; accepted: an int >= 2")
@@ -88,7 +89,7 @@ def bench(
         t = _clone_task(task, base_state)
         arms[name] = {
             "task": t,
-            "opt": build_optimizer(cfg, t.model, FROZEN_LR, seed=config.train.seed),
+            "opt": build_adapter(cfg, t.model, FROZEN_LR, seed=config.train.seed),
             "times": {k: [] for k in KINDS},
             "measured_times": {k: [] for k in KINDS},
             "memory": {},
@@ -99,7 +100,7 @@ def bench(
     for i in range(steps):
         for name, a in arms.items():
             t, opt, meter = a["task"], a["opt"], a["meter"]
-            kind = kind_of(opt)
+            kind = opt.next_kind()
             measure = meter is not None and meter.before_step(kind, i)
             try:
                 r = train_step(
@@ -114,7 +115,7 @@ def bench(
                     "accepted: a config whose model trains (check [solver] and the data)"
                 ) from None
             if measure:  # malloc_trim before it: its page faults are not a step's cost
-                meter.after_step(opt)
+                meter.after_step(opt.opt)
                 a["measured_times"][kind].append(r.seconds)
             else:
                 a["times"][kind].append(r.seconds)
@@ -129,11 +130,10 @@ def bench(
                 a["times"][k] = ts
         cost = medians(a["times"])
         mem = a["meter"].summary() if a["meter"] is not None else {}
-        ocn = cfg.kind == "ocnopt"
         k, adapt_every = cycle(cfg)
         rows[name] = {
             "kind": cfg.kind,
-            "curvature": cfg.curvature if ocn else None,
+            "curvature": adapter_for(cfg).curvature(cfg),
             "update_every": k or 1,  # 1: every step is alike
             "adapt_every": adapt_every,
             "step_s": cost["plain"],

@@ -38,6 +38,7 @@ from pathlib import Path
 from .. import dist
 from ..io import atomic_write_json
 from . import stats
+from .adapters import adapter_for
 from .config import ConfigError, RunConfig
 from .costs import ratio
 from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
@@ -369,13 +370,14 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             "refresh_memory_mb": _median([r.get("refresh_memory_mb") for r in best]),
             "t1": _median([r["t1"] for r in best]),
         }
-    baseline = next((n for n in optimizers if per_opt.get(n, {}).get("kind") == "adam"), None)
+    baseline = next(
+        (n for n in optimizers if n in per_opt and adapter_for(per_opt[n]["kind"]).reference),
+        None,
+    )
     baseline = baseline or next(iter(per_opt))
     for name, agg in per_opt.items():
-        table = config.optimizers.get(name)
-        # OCNOpt's time-joint method is the one judged; its standard-EKFAC table
-        # (time_joint = false) is a baseline like the first-order ones
-        agg["judged"] = agg["kind"] == "ocnopt" and (table is None or table.time_joint)
+        # OCNOpt's time-joint method is the one judged (see OptimizerAdapter.judged)
+        agg["judged"] = adapter_for(agg["kind"]).judged(config.optimizers.get(name))
     first_order = [n for n, a in per_opt.items() if not a["judged"]] or list(per_opt)
     best_base = (max if higher else min)(
         first_order, key=lambda n: _score(per_opt[n]["val_ci"][0], higher)

@@ -26,13 +26,6 @@ from typing import Any
 
 import tomllib
 
-TASK_KINDS = ("density", "classification", "forecast")
-MODEL_KINDS = ("cnf", "ode_mlp", "image", "odernn", "cde")
-MODELS_FOR_TASK = {
-    "density": ("cnf",),
-    "classification": ("ode_mlp", "image", "odernn", "cde"),
-    "forecast": ("odernn", "cde"),
-}
 OPTIMIZER_KINDS = ("adam", "sgd", "ocnopt")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -95,10 +88,11 @@ class TaskConfig:
     columns: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
-        _choice(f"{where}.kind", self.kind, TASK_KINDS)
+        from .task_kinds import ALL_FORMATS, TASKS  # the task kinds, registered there
+
+        _choice(f"{where}.kind", self.kind, TASKS.names())
         _choice(f"{where}.header", self.header, ("auto", "true", "false"))
-        every = ("auto", "table", "images", "long", "ts")
-        _choice(f"{where}.format", self.format, every)
+        _choice(f"{where}.format", self.format, ALL_FORMATS)
         if self.dataset == "file":
             if not self.path:
                 raise ConfigError(
@@ -106,11 +100,7 @@ class TaskConfig:
                     "path of a .csv, .npy or .npz table, images (.npz, or IDX with "
                     "labels_path), or time series (a long .csv or a .ts file)"
                 )
-            formats = {
-                "density": ("auto", "table"),
-                "classification": every,
-                "forecast": ("auto", "long", "ts"),
-            }[self.kind]
+            formats = TASKS[self.kind].file_formats
             if self.format not in formats:
                 raise ConfigError(
                     f"{where}.format: received {self.format!r} for kind {self.kind!r}; "
@@ -175,7 +165,9 @@ class ModelConfig:
     interpolation: str = "hermite"
 
     def check(self, where: str) -> None:
-        _choice(f"{where}.kind", self.kind, MODEL_KINDS)
+        from .model_kinds import MODELS  # the model kinds, registered there
+
+        _choice(f"{where}.kind", self.kind, MODELS.names())
         if not self.hidden:
             raise ConfigError(f"{where}.hidden: received []; accepted: a non-empty list of ints")
         for h in self.hidden:
@@ -517,17 +509,14 @@ class RunConfig:
                 "[optimizers]: received no optimizer tables; accepted: at least one "
                 "[optimizers.NAME] table with kind = 'adam' | 'sgd' | 'ocnopt' | a class path"
             )
+        from .adapters import adapter_for
+
         for name, opt in self.optimizers.items():
             opt.check(f"[optimizers.{name}]")
-            gradient = opt.gradient or self.solver.gradient
-            if opt.kind == "ocnopt" and gradient == "torchdiffeq":
-                raise ConfigError(
-                    f"[optimizers.{name}].gradient: received 'torchdiffeq' (from "
-                    f"{'the table' if opt.gradient else '[solver].gradient'}) for OCNOpt; "
-                    "accepted: 'adjoint' (time-joint curvature) or 'direct' with "
-                    "time_joint = false; torchdiffeq's odeint_adjoint is for first-order runs"
-                )
-        allowed = MODELS_FOR_TASK[self.task.kind]
+            adapter_for(opt).check_config(name, opt, self)
+        from .model_kinds import MODELS
+
+        allowed = tuple(m.name for m in MODELS if self.task.kind in m.tasks)
         if self.model.kind not in allowed:
             raise ConfigError(
                 f"[model].kind: received {self.model.kind!r} for task kind "

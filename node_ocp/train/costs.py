@@ -38,11 +38,10 @@ def cycle(table) -> tuple[int | None, int | None]:
     """``(update_every, adapt_every)`` of an optimizer table (an :class:`OptimizerConfig`):
     OCNOpt refreshes every ``update_every`` steps and runs a trial every ``adapt_every``
     steps when its step comes from the quadratic model or its damping adapts; every other
-    optimizer has only plain steps, ``(None, None)``."""
-    if table.kind != "ocnopt":
-        return None, None
-    adapt = table.step == "model" or table.adapt_damping
-    return table.update_every, (table.adapt_every if adapt else None)
+    optimizer has only plain steps, ``(None, None)`` (the table's adapter says which)."""
+    from .adapters import adapter_for
+
+    return adapter_for(table).cycle(table)
 
 
 def amortized_for(table, cost: dict[str, float | None]) -> float | None:

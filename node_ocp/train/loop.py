@@ -43,20 +43,14 @@ from .. import dist
 from .._errors import bad_type, bad_value, first_line
 from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
-from ..optim import OCNOpt
+from .adapters import adapter_for, build_adapter
 from .checkpoint import CHECKPOINT_SCHEMA, BestModel, Checkpoint, RunState, improves
 from .config import ConfigError, RunConfig, config_from_dict
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
-from .optimizers import (
-    build_horizon,
-    build_optimizer,
-    build_schedule,
-    current_lr,
-    optimizer_metrics,
-)
-from .step import StepFailed, StepResult, kind_of, train_step
+from .optimizers import build_horizon, build_schedule
+from .step import StepFailed, StepResult, train_step
 from .tasks import build_task
 
 __all__ = [
@@ -308,7 +302,7 @@ class _Run:
             lr = before.get("lr", opt_cfg.learning_rate)
         else:
             lr = opt_cfg.learning_rate
-        no_cap = opt_cfg.kind == "ocnopt" and opt_cfg.step == "model"
+        no_cap = adapter_for(opt_cfg).uncapped_lr(opt_cfg)
         if o.lr is not None and not (lr > 0 and (math.isfinite(lr) or no_cap)):
             accepted = "a float > 0 (inf: no cap)" if no_cap else "a finite float > 0"
             raise ConfigError(f"--lr: received {lr!r}; accepted: {accepted}")
@@ -345,9 +339,8 @@ class _Run:
             task.train_model = dist.wrap_ddp(task.model, device)
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
-        self.opt = build_optimizer(
-            self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank()
-        )
+        # the optimizer behind its adapter: the one place its contract is chosen
+        self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
         self.horizon = build_horizon(config.horizon, task.model)
         n = len(task.data.train)
@@ -433,8 +426,8 @@ class _Run:
             "nfe_forward": nfe_f / n if counted else None,
             "nfe_backward": nfe_b / n if counted else None,
             "t1": self.horizon.t1 if self.horizon is not None else None,
-            "lr": current_lr(self.opt),
-            **optimizer_metrics(self.opt),
+            "lr": self.opt.current_lr(),
+            **self.opt.metrics(),
         }
         if step % self.config.train.eval_every == 0:
             # a line off the schedule (the run's last step, a time budget's stop) leaves the
@@ -529,7 +522,7 @@ class _Run:
         task, world, device = self.task, self.world, self.device
         idx = self.sampler.next()[dist.rank() :: world]  # this process's share of the batch
         batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
-        self.memory.before_step(kind_of(self.opt), self.state.step)
+        self.memory.before_step(self.opt.next_kind(), self.state.step)
         try:
             result = train_step(
                 self.opt,
@@ -551,7 +544,7 @@ class _Run:
                 ) from exc
             self.state.fail(first_line(exc))
             return None
-        self.memory.after_step(self.opt)
+        self.memory.after_step(self.opt.opt)
         r = result
         self.state.add_step(r.loss, r.kind, r.seconds, r.nfe_forward, r.nfe_backward)
         return result
@@ -607,8 +600,9 @@ class _Run:
             best_model=self._final_best(),
             stopped_early=stopped_early,
         )
-        if isinstance(self.opt, OCNOpt) and self.world > 1:
-            summary["refresh_allreduce"] = dict(self.opt.last_reduce)
+        extra = self.opt.distributed_summary() if self.world > 1 else {}
+        if extra:
+            summary.update(extra)
             if self.main:
                 atomic_write_json(self.out / SUMMARY, summary)
         dist.barrier()
@@ -640,13 +634,13 @@ def _cpu_copy(state_dict: dict) -> dict:
 
 
 def _gather_rng(device, opt=None) -> dict:
-    """This process's RNG states (torch, CUDA, OCNOpt's own draws), and under
-    torch.distributed every process's (in order)."""
+    """This process's RNG states (torch, CUDA, the optimizer's own draws: OCNOpt's), and
+    under torch.distributed every process's (in order). ``opt``: an OptimizerAdapter."""
     mine = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(device)
-    if isinstance(opt, OCNOpt):
-        mine["ocnopt"] = opt.generator.get_state()
+    if opt is not None:
+        mine.update(opt.rng_states())
     if not dist.is_distributed():
         return {**mine, "per_process": [mine]}
     import torch.distributed as tdist
@@ -665,8 +659,8 @@ def _set_rng(rng: dict, device, opt=None) -> None:
     torch.set_rng_state(mine["torch"].cpu())
     if device.type == "cuda" and mine.get("cuda") is not None:
         torch.cuda.set_rng_state(mine["cuda"].cpu(), device)
-    if same and isinstance(opt, OCNOpt) and mine.get("ocnopt") is not None:
-        opt.generator.set_state(mine["ocnopt"].cpu())
+    if same and opt is not None:
+        opt.set_rng_states(mine)
 
 
 def _finish(

@@ -87,17 +87,14 @@ def build_horizon(cfg: HorizonConfig | None, model: nn.Module) -> HorizonOptimiz
 
 def current_lr(opt) -> float:
     """The step scale of the first group: its ``lr`` (OCNOpt with ``step="model"``: η)."""
-    if isinstance(opt, OCNOpt) and opt.step_mode == "model":
-        return opt.step_scale
-    return float(opt.param_groups[0]["lr"])
+    from .adapters import adapt
+
+    return adapt(opt).current_lr()
 
 
 def optimizer_metrics(opt) -> dict:
     """What a metrics line records of the optimizer's own state (OCNOpt: damping λ; with
     feedback, the last sweep's gain ratio ‖Σ K δx‖ / ‖open-loop step‖)."""
-    if isinstance(opt, OCNOpt):
-        out = {"damping": opt.damping}
-        if opt.last_feedback is not None:
-            out["feedback_gain"] = opt.last_feedback.gain_ratio
-        return out
-    return {}
+    from .adapters import adapt
+
+    return adapt(opt).metrics()

@@ -247,7 +247,7 @@ def draw_comparison(out, result: dict) -> list[str]:
         fig.savefig(out / "lr_sensitivity.png", dpi=120)
         plt.close(fig)
         written.append("lr_sensitivity.png")
-    if result["task"] == "density" and result["config"]["task"]["dataset"] in _toys():
+    if _draws_density(result["task"], result["config"]["task"]["dataset"]):
         dirs = {}
         for name, a in result["optimizers"].items():
             ok = [r["dir"] for r in result["runs"] if r["dir"] in a["runs"] and not r["diverged"]]
@@ -277,10 +277,11 @@ def draw_comparison(out, result: dict) -> list[str]:
     return written
 
 
-def _toys():
-    from ..data import TOYS
+def _draws_density(kind: str, dataset: str) -> bool:
+    """Whether runs of the task kind ``kind`` on ``dataset`` get a density plot."""
+    from .task_kinds import TASKS
 
-    return TOYS
+    return kind in TASKS and TASKS[kind].plots_density(dataset)
 
 
 def draw_density(path: Path, run_dirs: dict[str, Path], grid: int = 80) -> bool:
@@ -370,7 +371,7 @@ def plot_run(run_dir) -> list[str]:
     plt.close(fig)
     written = ["curves.png"]
     cfg = info["config"]
-    if cfg["task"]["kind"] == "density" and cfg["task"]["dataset"] in _toys():
+    if _draws_density(cfg["task"]["kind"], cfg["task"]["dataset"]):
         if draw_density(d / "density.png", {info["optimizer"]: d}):
             written.append("density.png")
     if any(r.get("t1") is not None for r in records):

@@ -11,10 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from .._errors import check_choice
-from ..optim import OCNOpt
 
 #: the schedule kinds (the config's ``schedule`` choices)
 SCHEDULES = ("constant", "cosine", "linear")
@@ -55,9 +52,8 @@ class ScheduleFactor:
 def attach_schedule(opt, factor: ScheduleFactor):
     """Put ``factor`` on ``opt``; returns the ``LambdaLR`` to step (None for OCNOpt, which
     applies it inside its own step, and for a constant schedule)."""
+    from .adapters import adapt
+
     if factor.is_constant:
         return None
-    if isinstance(opt, OCNOpt):
-        opt.schedule = factor
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return adapt(opt).attach_schedule(factor)

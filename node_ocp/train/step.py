@@ -7,7 +7,8 @@ what the optimizer needs (OCNOpt: the outputs and likelihood of its factor sourc
 control), the optimizer's step (OCNOpt: with a closure that evaluates the same batch again
 with the same random draws, for its trial), the learning-rate schedule's step and the
 horizon controller's step. Its wall-clock time (CUDA synchronised) and the function
-evaluations of the ODE blocks are measured.
+evaluations of the ODE blocks are measured. How the optimizer takes the backward pass and
+the step is its :class:`~node_ocp.train.adapters.OptimizerAdapter`'s business.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 from .._errors import first_line
 from ..ode.block import ODEBlock, SolverError
-from ..optim import OCNOpt
-from .costs import step_kind, take_nfe
+from .adapters import OptimizerAdapter, adapt
+from .costs import take_nfe
 
 #: ``forward()`` -> ``(outputs, loss)``: the batch's model outputs (what the likelihood is
 #: about: logits, predictions, a flow's latent ``z``) and its scalar training loss.
@@ -58,15 +59,13 @@ class StepResult:
     nfe_capture: int = 0
 
 
-def kind_of(opt: torch.optim.Optimizer) -> str:
+def kind_of(opt: torch.optim.Optimizer | OptimizerAdapter) -> str:
     """The kind of ``opt``'s coming step (``plain`` for every optimizer but OCNOpt)."""
-    if isinstance(opt, OCNOpt):
-        return step_kind(opt.refresh_due, opt.adapt_due)
-    return "plain"
+    return adapt(opt).next_kind()
 
 
 def train_step(
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | OptimizerAdapter,
     forward: Forward,
     *,
     blocks: Sequence[ODEBlock] = (),
@@ -78,11 +77,13 @@ def train_step(
     """One step of ``opt`` on the batch ``forward`` evaluates.
 
     Args:
-        opt: any ``torch.optim.Optimizer``, or :class:`~node_ocp.OCNOpt`.
+        opt: any ``torch.optim.Optimizer``, :class:`~node_ocp.OCNOpt`, or either behind
+            its :class:`~node_ocp.train.adapters.OptimizerAdapter` (which says how it takes
+            the backward pass and the step).
         forward: the batch's ``(outputs, loss)`` at the current parameters.
         blocks: the model's ODE blocks, whose NFE counters are read (and reset: counts made
             before the step, by an evaluation say, are not the step's).
-        likelihood: OCNOpt's likelihood of ``outputs`` (``categorical``, ``gaussian``,
+        likelihood: the likelihood of ``outputs`` (``categorical``, ``gaussian``,
             ``standard_normal``) or None.
         scheduler: a learning-rate schedule stepped after the optimizer, or None.
         horizon: a :class:`~node_ocp.HorizonOptimizer` stepped after the optimizer, or None.
@@ -93,12 +94,13 @@ def train_step(
     Raises:
         StepFailed: a non-finite loss or a solver error in the forward pass (nothing stepped).
     """
-    device = _device(opt)
+    step = adapt(opt)
+    device = _device(step.opt)
     take_nfe(blocks)
-    kind = kind_of(opt)
+    kind = step.next_kind()
     _sync(device)
     t0 = time.perf_counter()
-    opt.zero_grad()
+    step.zero_grad()
     draws = _draw_state(device)  # OCNOpt's trial evaluates the batch with the same draws
     failure = None
     try:
@@ -111,12 +113,7 @@ def train_step(
         failure = agree(failure) or failure
     if failure is not None:
         raise StepFailed(failure)
-    if isinstance(opt, OCNOpt):
-        opt.backward(loss, outputs=outputs, likelihood=likelihood)
-        opt.step(_same_draws(forward, draws, device))
-    else:
-        loss.backward()
-        opt.step()
+    step.backward_and_step(loss, outputs, likelihood, _same_draws(forward, draws, device))
     if scheduler is not None:
         scheduler.step()
     if horizon is not None:
@@ -149,7 +146,7 @@ def _draw_state(device: torch.device) -> dict:
 
 
 def _same_draws(forward: Forward, draws: dict, device: torch.device):
-    """OCNOpt's closure: ``(loss, outputs)`` of the batch at the current parameters, with the
+    """The trial closure: ``(loss, outputs)`` of the batch at the current parameters, with the
     draws of the step's own forward pass; the training's random stream is left alone."""
 
     def closure():

@@ -1,0 +1,367 @@
+"""Task kinds: what the one training loop needs to know about density estimation,
+classification and forecasting, one class each behind :class:`Task`.
+
+A kind owns its headline metric (``nll`` nats, ``accuracy``, ``mse``) and whether higher is
+better, the likelihood OCNOpt's factor sources read the outputs with, the training loss of
+a batch, the sums an evaluation adds over chunks, and its data: the bundled data set names,
+their loading and how a user's file is read. A new kind is one subclass registered with
+:func:`register_task` (``TASKS``); ``[task].kind`` names it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import dist
+from ..data import (
+    PROCEDURAL,
+    TABULAR,
+    TOYS,
+    IrregularBatch,
+    Split,
+    TaskData,
+    bundled_uea_names,
+    digits_images,
+    file_classification,
+    file_density,
+    file_series_classification,
+    file_series_forecast,
+    procedural_forecast,
+    tabular_density,
+    toy_2d,
+    two_spirals,
+    uea_forecast,
+    uea_series,
+)
+from ..models import standard_normal_logprob
+from ..ode.block import ODEBlock, SolverError
+from .config import ConfigError, RunConfig, TaskConfig
+from .registry import Registry
+
+DATA_SEED = 0  # the data set is the same for every run seed; seeds vary init and batches
+#: the file formats that hold series (a long CSV, an sktime/UEA .ts file)
+SERIES_FORMATS = ("long", "ts")
+ALL_FORMATS = ("auto", "table", "images", *SERIES_FORMATS)
+
+#: ``(total, count, correct)``: what one evaluation chunk adds (a loss or squared-error
+#: total, the number of examples or observed entries, the correct predictions)
+Sums = tuple[float, float, float]
+
+
+@dataclass
+class Task:
+    """Data, model and the kind's loss and evaluation (the loop's view of a task).
+
+    Subclasses set the class attributes and implement :meth:`batch_loss`,
+    :meth:`split_sums`, :meth:`metrics` and the data class methods.
+    """
+
+    config: RunConfig
+    data: TaskData
+    model: nn.Module
+    train_model: nn.Module | None = None  # the model the loss runs through (DDP wrapper)
+
+    #: the ``[task].kind`` that names this class
+    name: ClassVar[str] = ""
+    #: the headline metric (the key of :meth:`metrics` compared across runs)
+    metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = False
+    #: OCNOpt's likelihood of the outputs of :meth:`batch_loss`
+    likelihood: ClassVar[str] = ""
+    #: bundled data set names (without the UEA/UCR archives) and whether those serve too
+    datasets: ClassVar[tuple[str, ...]] = ()
+    uea_archives: ClassVar[bool] = False
+    #: the ``[task].format`` values accepted with ``dataset = "file"``
+    file_formats: ClassVar[tuple[str, ...]] = ("auto",)
+    #: a user's CSV is read as a long CSV of series whatever the model
+    series_files: ClassVar[bool] = False
+    #: the loss reaches an ODE block at several times (one loss term per query time)
+    loss_at_several_times: ClassVar[bool] = False
+
+    @property
+    def kind(self) -> str:
+        return self.name
+
+    @property
+    def blocks(self) -> list[ODEBlock]:
+        return [m for m in self.model.modules() if isinstance(m, ODEBlock)]
+
+    # ------------------------------------------------------------------ training
+    def outputs_and_loss(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs, loss)`` of a batch: outputs are what the likelihood is defined on."""
+        model = self.model if self.train_model is None else self.train_model
+        return self.batch_loss(model, batch)
+
+    def batch_loss(self, model: nn.Module, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs, scalar loss)`` of ``batch`` through ``model``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: Split, chunk: int) -> dict[str, float]:
+        """Metrics over a whole split, in chunks of ``chunk`` examples.
+
+        Under torch.distributed every process evaluates every ``world``-th example and the
+        sums are added over processes: all processes get the metrics of the whole split.
+        A solve that fails (a model that blew up) makes the metrics NaN on every process.
+        """
+        device = next(self.model.parameters()).device
+        # evaluation draws (Hutchinson probes, ...) leave the training's random stream alone,
+        # so that when and how often a run evaluates does not change its training
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._evaluate(split, chunk, device)
+
+    def _evaluate(self, split: Split, chunk: int, device) -> dict[str, float]:
+        self.model.eval()
+        mine = torch.arange(dist.rank(), len(split), dist.world_size())
+        sums = [0.0, 0.0, 0.0]  # loss or squared-error total, count, correct
+        failed = 0.0
+        try:
+            for start in range(0, len(mine), chunk):
+                part = split.batch(mine[start : start + chunk].to(device))
+                for i, v in enumerate(self._chunk_sums(part)):
+                    sums[i] += v
+        except SolverError:
+            failed = 1.0
+        finally:
+            self.model.train()
+        total, count, correct, failed = dist.all_reduce_sum_floats([*sums, failed], device)
+        if failed:  # (the count may be 0: a failure in the first chunk)
+            total = correct = math.nan
+        return self.metrics(total, max(count, 1.0), correct)
+
+    def _chunk_sums(self, part: Split) -> Sums:
+        return self.split_sums(part)
+
+    def split_sums(self, part: Split) -> Sums:
+        """The :data:`Sums` of one evaluation chunk (``self.model`` in eval mode)."""
+        raise NotImplementedError
+
+    def metrics(self, total: float, count: float, correct: float) -> dict[str, float]:
+        """The split's metrics from its summed :data:`Sums` (``count`` >= 1)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ data
+    @classmethod
+    def dataset_names(cls, archives: bool = True) -> tuple[str, ...]:
+        """The data set names this kind accepts (UEA/UCR names with sktime installed and
+        ``archives``)."""
+        if not (archives and cls.uea_archives):
+            return cls.datasets
+        try:
+            uea = tuple(bundled_uea_names())
+        except ImportError:
+            uea = ()
+        return (*cls.datasets, *uea)
+
+    @classmethod
+    def plots_density(cls, dataset: str) -> bool:
+        """Whether a report draws the learned density of runs on ``dataset`` (2-D data)."""
+        return False
+
+    @classmethod
+    def output_size(cls, data: TaskData) -> int:
+        """The width of a model's output for ``data`` (classes, channels, dimensions)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, t: TaskConfig) -> TaskData:
+        """The bundled data set ``t.dataset`` (checked to be one of :meth:`dataset_names`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_file(cls, t: TaskConfig, path, fmt: str, header, labels_path) -> TaskData:
+        """The user's file ``path`` read as ``fmt`` (``auto`` resolved for series)."""
+        raise NotImplementedError
+
+
+def _bad_series_format(t: TaskConfig, fmt: str) -> ConfigError:
+    return ConfigError(
+        f"[task].format: received {fmt!r} for kind {t.kind!r}; accepted: series "
+        "files for classification or forecast"
+    )
+
+
+def masked_mse(preds: torch.Tensor, target: IrregularBatch) -> torch.Tensor:
+    """Mean squared error over observed entries: ``preds (B, Q, C)`` vs ``target.values``."""
+    m = target.mask.to(preds.dtype)
+    return ((preds - target.values) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _procedural_splits(t: TaskConfig, make) -> list[Split]:
+    """Train, validation and test splits of sizes ``n_train, n_val, n_test`` from
+    ``make(n, seed)`` (the seeds ``DATA_SEED * 3 + i``)."""
+    sizes = (t.n_train, t.n_val, t.n_test)
+    return [Split(*make(n, DATA_SEED * 3 + i)) for i, n in enumerate(sizes)]
+
+
+TASKS: Registry[type[Task]] = Registry("[task].kind")
+register_task = TASKS.register
+
+
+@register_task
+class DensityTask(Task):
+    """Density estimation: a flow's ``(z (N, D), Δlog p (N,), regulariser (N,))``; the
+    loss is the mean negative log-likelihood (nats) plus the regulariser."""
+
+    name = "density"
+    metric = "nll"
+    likelihood = "standard_normal"
+    datasets = (*TOYS, *TABULAR, "file")
+    file_formats = ("auto", "table")
+
+    def batch_loss(self, model, batch):
+        z, dlogp, reg = model(batch.x)
+        nll = -(standard_normal_logprob(z) - dlogp).mean()
+        return z, nll + reg.mean()
+
+    def split_sums(self, part):
+        return float(-self.model.log_prob(part.x).sum()), len(part), 0.0
+
+    def metrics(self, total, count, correct):
+        return {"nll": total / count}
+
+    @classmethod
+    def plots_density(cls, dataset):
+        return dataset in TOYS
+
+    @classmethod
+    def output_size(cls, data):
+        return data.train.x.shape[1]
+
+    @classmethod
+    def load(cls, t):
+        if t.dataset in TOYS:
+            parts = _procedural_splits(t, lambda n, s: (toy_2d(t.dataset, n, seed=s),))
+            return TaskData(*parts, {"name": t.dataset, "dim": 2})
+        return tabular_density(t.dataset, seed=DATA_SEED)
+
+    @classmethod
+    def read_file(cls, t, path, fmt, header, labels_path):
+        if fmt in SERIES_FORMATS:
+            raise _bad_series_format(t, fmt)
+        return file_density(path, header=header, seed=DATA_SEED)
+
+
+@register_task
+class ClassificationTask(Task):
+    """Classification: logits ``(N, classes)``, cross-entropy loss, accuracy."""
+
+    name = "classification"
+    metric = "accuracy"
+    higher_is_better = True
+    likelihood = "categorical"
+    datasets = ("spirals", "digits", "file")
+    uea_archives = True
+    file_formats = ALL_FORMATS
+
+    def batch_loss(self, model, batch):
+        logits = model(batch.x)
+        return logits, F.cross_entropy(logits, batch.y)
+
+    def split_sums(self, part):
+        logits = self.model(part.x)
+        loss = float(F.cross_entropy(logits, part.y, reduction="sum"))
+        return loss, len(part), float((logits.argmax(1) == part.y).sum())
+
+    def metrics(self, total, count, correct):
+        return {"accuracy": correct / count, "loss": total / count}
+
+    @classmethod
+    def output_size(cls, data):
+        return data.info["classes"]
+
+    @classmethod
+    def load(cls, t):
+        if t.dataset == "spirals":
+            parts = _procedural_splits(t, lambda n, s: two_spirals(n, t.noise, seed=s))
+            return TaskData(*parts, {"name": "spirals", "dim": 2, "classes": 2})
+        if t.dataset == "digits":
+            return digits_images(seed=DATA_SEED)
+        return uea_series(t.dataset, seed=DATA_SEED, drop=t.drop)
+
+    @classmethod
+    def read_file(cls, t, path, fmt, header, labels_path):
+        if fmt in SERIES_FORMATS:
+            return file_series_classification(
+                path, fmt, drop=t.drop, seed=DATA_SEED, columns=t.columns
+            )
+        return file_classification(
+            path,
+            header,
+            t.label_column,
+            labels_path=labels_path,
+            seed=DATA_SEED,
+            format=fmt if fmt in ("table", "images") else "auto",
+        )
+
+
+@register_task
+class ForecastTask(Task):
+    """Forecasting irregular series: predictions ``(B, Q, C)`` at the query times, the
+    mean squared error over the observed entries."""
+
+    name = "forecast"
+    metric = "mse"
+    likelihood = "gaussian"
+    datasets = (*PROCEDURAL, "file")
+    uea_archives = True
+    file_formats = ("auto", *SERIES_FORMATS)
+    series_files = True
+    loss_at_several_times = True
+
+    def batch_loss(self, model, batch):
+        preds = model(batch.x, batch.y.times)
+        if dist.world_size() == 1:
+            return preds, masked_mse(preds, batch.y)
+        # the mean over the observed entries of the whole (global) batch, whatever their
+        # split over processes: each process divides by the global count / processes
+        count = dist.all_reduce_sum_floats([float(batch.y.mask.sum())], preds.device)[0]
+        m = batch.y.mask.to(preds.dtype)
+        share = max(count, 1.0) / dist.world_size()
+        return preds, ((preds - batch.y.values) ** 2 * m).sum() / share
+
+    def split_sums(self, part):
+        preds = self.model(part.x, part.y.times)
+        m = part.y.mask
+        return float(((preds - part.y.values) ** 2 * m).sum()), float(m.sum()), 0.0
+
+    def metrics(self, total, count, correct):
+        return {"mse": total / count}
+
+    @classmethod
+    def output_size(cls, data):
+        return data.train.x.values.shape[-1]  # the observed channels, predicted ahead
+
+    @classmethod
+    def load(cls, t):
+        if t.dataset in PROCEDURAL:
+            return procedural_forecast(
+                t.dataset,
+                t.n_train,
+                t.n_val,
+                t.n_test,
+                t.length,
+                t.observe,
+                t.drop,
+                t.noise,
+                seed=DATA_SEED,
+            )
+        return uea_forecast(t.dataset, observe=t.observe, drop=t.drop, seed=DATA_SEED)
+
+    @classmethod
+    def read_file(cls, t, path, fmt, header, labels_path):
+        if fmt not in SERIES_FORMATS:
+            raise ConfigError(
+                f"[task].format: received {fmt!r} for kind {t.kind!r}; accepted: "
+                f"{', '.join(map(repr, cls.file_formats))}"
+            )
+        return file_series_forecast(
+            path, fmt, observe=t.observe, drop=t.drop, seed=DATA_SEED, columns=t.columns
+        )
