@@ -140,7 +140,14 @@ class DensePolicy(FeedbackPolicy):
         self.dense.prepare(self.max_dense_params)
 
     def sweep(self, records, closure, update, ctx):
-        self.dense.solve(ctx.current.value, ctx.current.relative)
+        try:
+            self.dense.solve(ctx.current.value, ctx.current.relative)
+        except torch.linalg.LinAlgError as exc:  # the step falls back to open-loop
+            raise FloatingPointError(
+                f"the dense Riccati recursion is singular at damping {ctx.current.value:.3g} "
+                f"({'relative' if ctx.current.relative else 'absolute'}): "
+                f"{str(exc).splitlines()[0]}; use damping_mode='absolute' or a larger damping"
+            ) from None
         return self.dense.run(closure, update, ctx.gain_scale)
 
     def clear(self) -> None:
