@@ -185,3 +185,23 @@ def test_auto_keeps_the_empirical_rule_for_flows_and_a_plain_backward():
         for name, (a, b) in stats[key].items():
             torch.testing.assert_close(a, ref[name][0], rtol=0, atol=0)
             torch.testing.assert_close(b, ref[name][1], rtol=0, atol=0)
+
+
+def test_sampled_pass_leaves_every_gradient_to_the_loss_including_the_horizon():
+    """The sampled pass accumulates nothing: the horizon t1 (a parameter OCNOpt does not
+    own) and every model parameter get exactly the loss's own gradient."""
+    model, xs, target, mask = _case(seed=5)
+    model.ode.t = nn.Parameter(torch.tensor([0.0, 0.3], dtype=F64))
+    plain_model = copy.deepcopy(model)
+    opt = no.OCNOpt(model, factors="auto")
+    opt.zero_grad()
+    out = model(xs)
+    opt.backward(_masked_mse(out, target, mask), outputs=out, likelihood="gaussian")
+    assert opt._statistics_route == "fisher"
+    loss = _masked_mse(plain_model(xs), target, mask)
+    names = [n for n, _ in plain_model.named_parameters()]
+    plain = torch.autograd.grad(loss, list(plain_model.parameters()))
+    got = dict(model.named_parameters())
+    assert "ode.t" in names
+    for name, g in zip(names, plain):
+        torch.testing.assert_close(got[name].grad, g, rtol=1e-9, atol=1e-12)
