@@ -102,7 +102,7 @@ def _kronecker_stats(opt):
     return {names[r.unit.params[0]]: (r.A, r.B) for r in records}
 
 
-@pytest.mark.parametrize("factors", ["auto", "sampled"])
+@pytest.mark.parametrize("factors", ["sampled"])
 def test_sampled_backward_statistics_equal_the_empirical_rule_on_the_drawn_cotangent(factors):
     """On a model the factor chain cannot follow, the refresh statistics (cell maps, head,
     field layers) are those the empirical rule gathers from the surrogate loss Σ outputs · s
@@ -169,10 +169,12 @@ def test_sampled_backward_steps_and_exact_refuses_on_a_multi_call_model():
 
 
 def test_auto_keeps_the_empirical_rule_for_flows_and_a_plain_backward():
-    """``auto`` with a flow's likelihood (or none) gathers what ``empirical`` gathers."""
+    """``auto`` with a regressor's or a flow's likelihood (or none) gathers what
+    ``empirical`` gathers."""
     model, xs, target, mask = _case(seed=4)
     stats = {}
-    for factors, likelihood in [("auto", "standard_normal"), ("auto", None), ("empirical", None)]:
+    cases = [("auto", "standard_normal"), ("auto", "gaussian"), ("auto", None), ("empirical", None)]
+    for factors, likelihood in cases:
         m = copy.deepcopy(model)
         opt = no.OCNOpt(m, curvature="kfac", factors=factors)
         opt.zero_grad()
@@ -181,7 +183,7 @@ def test_auto_keeps_the_empirical_rule_for_flows_and_a_plain_backward():
         opt.backward(loss, outputs=out if likelihood else None, likelihood=likelihood)
         stats[(factors, likelihood)] = _kronecker_stats(opt)
     ref = stats[("empirical", None)]
-    for key in [("auto", "standard_normal"), ("auto", None)]:
+    for key in [("auto", "standard_normal"), ("auto", "gaussian"), ("auto", None)]:
         for name, (a, b) in stats[key].items():
             torch.testing.assert_close(a, ref[name][0], rtol=0, atol=0)
             torch.testing.assert_close(b, ref[name][1], rtol=0, atol=0)
@@ -193,7 +195,7 @@ def test_sampled_pass_leaves_every_gradient_to_the_loss_including_the_horizon():
     model, xs, target, mask = _case(seed=5)
     model.ode.t = nn.Parameter(torch.tensor([0.0, 0.3], dtype=F64))
     plain_model = copy.deepcopy(model)
-    opt = no.OCNOpt(model, factors="auto")
+    opt = no.OCNOpt(model, factors="sampled")
     opt.zero_grad()
     out = model(xs)
     opt.backward(_masked_mse(out, target, mask), outputs=out, likelihood="gaussian")
@@ -205,3 +207,32 @@ def test_sampled_pass_leaves_every_gradient_to_the_loss_including_the_horizon():
     assert "ode.t" in names
     for name, g in zip(names, plain):
         torch.testing.assert_close(got[name].grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_draws_the_monte_carlo_fisher_for_a_classifier():
+    """``auto`` with a categorical likelihood: the statistics of the surrogate loss
+    Σ logits · s with the categorical draw s = (e_ŷ − p)/N; gradients the loss's own."""
+    model, xs, target, mask = _case(seed=6)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    reference = copy.deepcopy(model)
+
+    def logits_of(m):
+        return m(xs)[:, -1, :]  # (N, 2): the last step's head as class logits
+
+    opt = no.OCNOpt(model, curvature="kfac", factors="auto", seed=3)
+    opt.zero_grad()
+    out = logits_of(model)
+    opt.backward(nn.functional.cross_entropy(out, labels), outputs=out, likelihood="categorical")
+    assert opt._statistics_route == "fisher"
+    got = _kronecker_stats(opt)
+    ref = no.OCNOpt(reference, curvature="kfac", factors="empirical")
+    ref.zero_grad()
+    out_r = logits_of(reference)
+    loss_r = nn.functional.cross_entropy(out_r, labels)
+    s = sampled_cotangent(loss_r, out_r, "categorical", torch.Generator().manual_seed(3))
+    ref.backward((out_r * s).sum())
+    want = _kronecker_stats(ref)
+    assert set(got) == set(want)
+    for key, (a, b) in got.items():
+        torch.testing.assert_close(a, want[key][0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b, want[key][1], rtol=1e-7, atol=1e-14)

@@ -1,5 +1,5 @@
-"""The Monte-Carlo Fisher by a backward pass of its own.
-
+"""The Monte-Carlo Fisher by a backward pass of its own (``factors="sampled"`` where the factor
+chain cannot follow the model; ``factors="auto"``, the default, for classifiers).
 The empirical rule takes the curvature statistics from the backward pass of the loss itself:
 its output-gradient rows are the per-sample gradients ``∇ℓ_b``, so its ``B`` factors hold the
 *empirical* Fisher ``Σ ∇ℓ_b ∇ℓ_bᵀ``. For a regression near its fit the residuals — and with
@@ -31,10 +31,14 @@ import torch
 from ..curvature import CurvatureCapture
 from .likelihoods import sampled_cotangent
 
-#: The likelihoods for which ``factors="auto"`` draws the Monte-Carlo Fisher (classifiers
-#: and regressors); flows (``standard_normal``: the log-determinant is not in the output
-#: Hessian) keep the empirical rule.
-AUTO_LIKELIHOODS: tuple[str, ...] = ("categorical", "gaussian")
+#: The likelihoods for which ``factors="auto"`` draws the Monte-Carlo Fisher: classifiers,
+#: where it measurably sped up the first tens of steps of the ODE-RNN classifiers (3 seeds:
+#: JapaneseVowels val accuracy 0.80 / 0.88 at steps 20 / 30 against 0.64 / 0.75 with the
+#: empirical rule; own_series 0.72 / 0.78 at 20 / 40 against 0.61 / 0.61). Regressors keep
+#: the empirical rule: on forecast_spiral the Monte-Carlo Fisher was slower (val MSE 0.0206
+#: against 0.0166 at step 150) and level by step 250. Flows (``standard_normal``: the
+#: log-determinant is not in the output Hessian) keep it too.
+AUTO_LIKELIHOODS: tuple[str, ...] = ("categorical",)
 
 
 def fisher_backward(

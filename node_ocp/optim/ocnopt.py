@@ -118,10 +118,11 @@ class OCNOpt(torch.optim.Optimizer):
         sample_dt: spacing of the capture sample grid (> 0).
         factors: where the curvature statistics come from on refresh steps:
             ``"auto"`` (default): the Monte-Carlo Fisher of ``"sampled"`` when
-            :meth:`backward` is handed a ``"categorical"`` or ``"gaussian"`` likelihood
-            (classifiers, regressors, forecasters), drawn in a backward pass of its own
-            (:mod:`.fisher_backward`); ``"empirical"`` otherwise (flows; a plain
-            ``loss.backward()``). ``"empirical"``: the loss's own backward pass (any loss).
+            :meth:`backward` is handed a ``"categorical"`` likelihood (classifiers), drawn
+            in a backward pass of its own (:mod:`.fisher_backward`); ``"empirical"``
+            otherwise (regressors and forecasters, flows, a plain ``loss.backward()``; the
+            measurements behind the rule are in :mod:`.fisher_backward`).
+            ``"empirical"``: the loss's own backward pass (any loss).
             ``"sampled"``: the Monte-Carlo Fisher: factors drawn at the outputs, carried
             inside the backward solves where one chain of block calls leads to the output
             (:mod:`.factor_flow`, ``rank`` draws), else by a sampled backward pass of its own
