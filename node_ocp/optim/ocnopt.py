@@ -222,7 +222,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.time_joint = time_joint = o.time_joint
         if schedule is not None and not callable(schedule):
             raise bad_type("schedule", schedule, "None or a callable step -> factor")
-        self.schedule = schedule
+        self._schedule = schedule
         self.distributed = o.distributed
         self.eigh_spread_min_dim = o.eigh_spread_min_dim
         self.kl_clip = o.kl_clip
@@ -308,6 +308,19 @@ class OCNOpt(torch.optim.Optimizer):
             n = sum(p.numel() for p in g["params"])
             lines.append(f"  group {i}: {len(g['params'])} tensors ({n} values), {hp}")
         return "\n".join(lines)
+
+    @property
+    def schedule(self) -> Callable[[int], float] | None:
+        """None, or ``step -> factor`` multiplying every step taken (the stepper's)."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: Callable[[int], float] | None) -> None:
+        if value is not None and not callable(value):
+            raise bad_type("schedule", value, "None or a callable step -> factor")
+        self._schedule = value
+        if hasattr(self, "_stepper"):
+            self._stepper.schedule = value
 
     def _make_stepper(self):
         return STEPPERS[self.step_mode](
