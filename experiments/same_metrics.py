@@ -60,6 +60,8 @@ CASES = [
     ("quick-adam", "quickstart.toml", "adam", 12, FAST),
     ("quick-adam-torchdiffeq", "quickstart.toml", "adam-torchdiffeq", 12, FAST),
     ("quick-ocnopt-fixed", "quickstart.toml", "ocnopt", 12, ocn(step="fixed", lr=0.05)),
+    # a schedule attached after the optimizer is built (the training loop does so)
+    ("quick-ocnopt-cosine", "quickstart.toml", "ocnopt", 12, ocn(schedule="cosine", warmup=2)),
     ("digits-ocnopt", "digits_classification.toml", "ocnopt", 10, ocn()),
     ("digits-adam", "digits_classification.toml", "adam", 10, FAST),
     ("vowels-odernn-ocnopt", "ts_japanese_vowels.toml", "ocnopt", 10, ocn()),
