@@ -463,12 +463,9 @@ class OCNOpt(torch.optim.Optimizer):
     def _disarm(self) -> None:
         self._pre.disarm()
 
-    def _forward_nfe(self) -> int:
-        return self._trials.forward_nfe()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; also marks where this step's forward solves begin."""
-        self._nfe_mark = self._forward_nfe()
+        self._nfe_mark = self._trials.forward_nfe()
         super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ backward
@@ -500,7 +497,9 @@ class OCNOpt(torch.optim.Optimizer):
             raise bad_value(
                 "outputs", outputs, "the model output tensor, part of the graph of the loss"
             )
-        observed = Observed(float(loss.detach()), forward_nfe=self._forward_nfe() - self._nfe_mark)
+        observed = Observed(
+            float(loss.detach()), forward_nfe=self._trials.forward_nfe() - self._nfe_mark
+        )
         self._observed = observed
         retain = retain_graph
         feedback = self._recorder is not None and bool(self._recorder.records)
@@ -612,11 +611,11 @@ class OCNOpt(torch.optim.Optimizer):
         grads = self._gradients(step)
         damping = Damping(self._lm.value, self.damping_mode == "relative")
         if self._calibration.due(step, self.update_every) and closure is not None:
-            observed = observed or self._evaluate_here(closure)
+            observed = observed or self._trials.here(closure)
             self._sweep_units(closure, observed, grads, damping)
-        directions = self._precondition(grads, damping)
+        directions = self._pre.directions(grads, damping)
         update = self._stepper.plan(
-            grads, directions, step, observed, lambda v: self._quadratic(v, damping)
+            grads, directions, step, observed, lambda v: self._pre.quadratic(v, damping)
         )
         trial_loss = None
         if self.adapt_due and closure is not None:
@@ -712,12 +711,6 @@ class OCNOpt(torch.optim.Optimizer):
                 grads[p] = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
         return grads
 
-    def _precondition(self, grads: dict, damping: Damping) -> dict:
-        return self._pre.directions(grads, damping)
-
-    def _quadratic(self, vectors: dict, damping: Damping) -> float:
-        return self._pre.quadratic(vectors, damping)
-
     def _warn_no_closure(self) -> None:
         if not self._warned_no_closure:
             self._warned_no_closure = True
@@ -739,7 +732,7 @@ class OCNOpt(torch.optim.Optimizer):
         zero = Damping(0.0, damping.relative)
         params = list(update)
         if observed is None:  # the loss of the batch at θ is unknown: one more evaluation
-            observed = self._evaluate_here(closure)
+            observed = self._trials.here(closure)
         backup = [p.detach().clone() for p in params]
         kappa = control.kappa
         trial = update
@@ -747,14 +740,14 @@ class OCNOpt(torch.optim.Optimizer):
         while trials < stepper.max_trials:
             trials += 1
             g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
-            held = self._quadratic(trial, damping)
-            damp_term = held - self._quadratic(trial, zero)
+            held = self._pre.quadratic(trial, damping)
+            damp_term = held - self._pre.quadratic(trial, zero)
             for p in params:
                 p.add_(trial[p])
-            trial_loss, gn, nfe = self._evaluate_trial(closure, observed)
+            trial_loss, gn, nfe = self._trials.evaluate(closure, observed)
             for p, b in zip(params, backup):
                 p.copy_(b)
-            loss0, loss1, gn, nfe, fwd = self._agree(
+            loss0, loss1, gn, nfe, fwd = self._trials.agree(
                 [observed.loss, trial_loss, gn, nfe, observed.forward_nfe]
             )
             outcome = TrialOutcome(
@@ -795,34 +788,25 @@ class OCNOpt(torch.optim.Optimizer):
         names = {p: n for n, p in self.model.named_parameters()}
 
         def evaluate() -> tuple[float, float]:
-            loss, gn, _ = self._evaluate_trial(closure, observed)
+            loss, gn, _ = self._trials.evaluate(closure, observed)
             return loss - observed.loss, gn
 
         if self._unit_groups is None:
             self._unit_groups = unit_groups(self.model, self.blocks, self._units.units)
-        (loss,) = self._agree([observed.loss])  # the probes' size: the same everywhere
+        (loss,) = self._trials.agree([observed.loss])  # the probes' size: the same everywhere
         self._calibration.sweep(
             self._unit_groups,
             grads,
             damping,
             loss,
             evaluate,
-            self._agree,
+            self._trials.agree,
             label=lambda u: names.get(u.params[0], "?"),
         )
 
-    def _agree(self, values: list[float]) -> list[float]:
-        return self._trials.agree(values)
-
-    def _evaluate_here(self, closure) -> Observed:
-        return self._trials.here(closure)
-
-    def _evaluate_trial(self, closure, observed: Observed) -> tuple[float, float, int]:
-        return self._trials.evaluate(closure, observed)
-
     def _clip(self, update: dict, damping: Damping) -> float:
         """``ν = min(1, sqrt(kl_clip / δᵀ(C + λ)δ))`` for the update ``δ`` about to be taken."""
-        quad = self._quadratic(update, damping)
+        quad = self._pre.quadratic(update, damping)
         nu = min(1.0, (self.kl_clip / quad) ** 0.5) if quad > 0 else 1.0
         self.last_clip = nu
         return nu

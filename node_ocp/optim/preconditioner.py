@@ -28,6 +28,7 @@ from .. import dist
 from ..curvature import CurvatureCapture
 from ..ode.block import ODEBlock
 from .curvatures import Damping
+from .options import OCNOptOptions
 from .reduce import ReduceReport, decompose, reduce_statistics
 from .statistics import OutsideCollector, from_capture
 from .unit_scales import scale_of
@@ -71,8 +72,8 @@ class Preconditioner:
         self.time_joint = time_joint
         self.sample_dt = sample_dt
         self.eigh_spread_min_dim = eigh_spread_min_dim
-        if group_of is None:
-            group = {"outside": "kfac", "alpha": 0.75, "diag_beta": 0.95}
+        if group_of is None:  # one group at OCNOpt's defaults
+            group = OCNOptOptions().group_defaults()
             group_of = {p: group for p in model.parameters()}
         self.build(group_of, {} if state is None else state)
         self.capture: CurvatureCapture | None = None
