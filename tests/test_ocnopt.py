@@ -138,7 +138,7 @@ def test_kronecker_directions_equal_a_brute_force_dense_solve(variant):
         step="fixed",
         curvature=variant,
         damping=r,
-        alpha=alpha,
+        ekfac_decay=alpha,
         sample_dt=dt,
         update_every=10,
     )
@@ -609,8 +609,8 @@ def test_nonfinite_gradient_skips_and_leaves_state_untouched():
     [
         ({"damping": 0.0}, r"damping: received 0.0; accepted: a finite float > 0"),
         ({"damping": 1e9}, r"damping: received 1000000000.0; accepted: a float in \[min_d"),
-        ({"alpha": 0.0}, r"alpha: received 0.0; accepted: a float in \(0, 1\]"),
-        ({"alpha": 1.5}, r"alpha: received 1.5"),
+        ({"ekfac_decay": 0.0}, r"ekfac_decay: received 0.0; accepted: a float in \(0, 1\]"),
+        ({"ekfac_decay": 1.5}, r"ekfac_decay: received 1.5"),
         ({"update_every": 0}, r"update_every: received 0; accepted: an int >= 1"),
         ({"adapt_every": 0}, r"adapt_every: received 0; accepted: an int >= 1"),
         ({"curvature": "newton"}, r"curvature: received 'newton'; accepted: one of 'identity'"),

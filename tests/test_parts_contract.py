@@ -100,8 +100,10 @@ def test_options_are_the_one_source_of_defaults_and_checks():
         no.OCNOpt(Net(), dampening=0.1)
     with pytest.raises(TypeError, match="options: received an object of type float"):
         no.OCNOpt(Net(), 0.1)
-    with pytest.raises(ValueError, match=r"alpha: received 0\.0; accepted: a float in \(0, 1\]"):
-        no.OCNOpt(Net(), OCNOptOptions(alpha=0.0))
+    with pytest.raises(
+        ValueError, match=r"ekfac_decay: received 0\.0; accepted: a float in \(0, 1\]"
+    ):
+        no.OCNOpt(Net(), OCNOptOptions(ekfac_decay=0.0))
 
 
 def test_a_config_table_gives_the_library_default_options():

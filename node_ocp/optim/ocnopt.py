@@ -74,7 +74,9 @@ from .options import (  # noqa: F401  (re-exported: the public names of the opti
     FACTOR_SOURCES,
     NONFINITE,
     OUTSIDE_RULES,
+    RENAMED,
     OCNOptOptions,
+    renamed_keys,
 )
 from .preconditioner import Preconditioner
 from .step_control import Adaptation, StepControl, TrialOutcome
@@ -87,7 +89,7 @@ GROUP_KEYS: tuple[str, ...] = (
     "lr",
     "momentum",
     "weight_decay",
-    "alpha",
+    "ekfac_decay",
     "outside",
     "diag_beta",
 )
@@ -114,7 +116,9 @@ class OCNOpt(torch.optim.Optimizer):
         damping: the initial damping λ (> 0): relative to each unit's mean curvature
             eigenvalue (``damping_mode="relative"``, default) or absolute.
         update_every: refresh period of the curvature from the backward solves (>= 1).
-        alpha: EKFAC running-average coefficient in (0, 1].
+        ekfac_decay: EKFAC's running-average coefficient of the eigenbasis scales in (0, 1]
+            (1: K-FAC's eigenvalues; formerly ``alpha``, which still works with a
+            ``DeprecationWarning``).
         sample_dt: spacing of the capture sample grid (> 0).
         factors: where the curvature statistics come from on refresh steps:
             ``"auto"`` (default): the Monte-Carlo Fisher of ``"sampled"`` when
@@ -155,7 +159,7 @@ class OCNOpt(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (default: a step with a non-finite loss or gradient changes
             nothing, warns and counts in ``skipped_steps``) or ``"raise"``.
         groups: optional list of parameter-group dicts with per-group ``lr``, ``momentum``,
-            ``weight_decay``, ``alpha``, ``outside``, ``diag_beta``; model parameters not
+            ``weight_decay``, ``ekfac_decay``, ``outside``, ``diag_beta``; model parameters not
             listed go to a last, default group.
         feedback: ``"off"`` (default: every parameter takes the open-loop step),
             ``"gauss_newton"`` (feedback policies ``δθ_s = k_s + K_s δx_s`` across the
@@ -884,7 +888,7 @@ class OCNOpt(torch.optim.Optimizer):
                 )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
+        state_dict = _renamed_saved_groups(dict(state_dict))
         extra = state_dict.pop("ocnopt", None)
         if extra is None:
             raise bad_value(
@@ -934,13 +938,14 @@ def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
     for g in groups:
         if "params" not in g:
             raise bad_value("groups", g, "dicts with a 'params' entry")
-        unknown = sorted(set(g) - set(GROUP_KEYS))
+        unknown = sorted(set(g) - set(GROUP_KEYS) - set(RENAMED))
         if unknown:
             raise bad_value(
                 "groups[...]",
                 f"keys {unknown}",
                 "the keys " + ", ".join(repr(k) for k in GROUP_KEYS),
             )
+        g = renamed_keys(g, "groups[...]")
         ps = list(g["params"]) if isinstance(g["params"], Iterable) else [g["params"]]
         listed.update(id(p) for p in ps)
         out.append({**g, "params": ps})
@@ -950,6 +955,16 @@ def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:
     return out
 
 
+def _renamed_saved_groups(state_dict: dict) -> dict:
+    """A state dict saved before a group key was renamed (:data:`.options.RENAMED`): its
+    groups under the new names (checkpoints written before the rename still load)."""
+    if "param_groups" in state_dict:
+        state_dict["param_groups"] = [
+            {RENAMED.get(k, k): v for k, v in g.items()} for g in state_dict["param_groups"]
+        ]
+    return state_dict
+
+
 def _check_group(g: dict, requires_lr: bool) -> None:
     if g["lr"] is not None or requires_lr:
         check_hyper("groups[...]['lr']", g["lr"], 0, math.inf, True, True, "a float > 0")
@@ -957,6 +972,8 @@ def _check_group(g: dict, requires_lr: bool) -> None:
     check_hyper(
         "groups[...]['weight_decay']", g["weight_decay"], 0, math.inf, False, True, "a float >= 0"
     )
-    check_hyper("groups[...]['alpha']", g["alpha"], 0, 1, True, False, "a float in (0, 1]")
+    check_hyper(
+        "groups[...]['ekfac_decay']", g["ekfac_decay"], 0, 1, True, False, "a float in (0, 1]"
+    )
     check_hyper("groups[...]['diag_beta']", g["diag_beta"], 0, 1, False, True, "a float in [0, 1)")
     check_choice("groups[...]['outside']", g["outside"], OUTSIDE_RULES)

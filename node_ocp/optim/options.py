@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 from .._errors import bad_type, bad_value, check_choice, check_positive
@@ -24,6 +25,34 @@ FACTOR_SOURCES: tuple[str, ...] = ("auto", "empirical", "sampled", "exact")
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
+
+#: Hyper-parameters that were renamed: old name -> new name. The old names keep working
+#: (keywords, parameter-group keys, config keys, saved parameter groups) with a
+#: ``DeprecationWarning``. ``alpha`` was both the EKFAC decay and the step size α.
+RENAMED: dict[str, str] = {"alpha": "ekfac_decay"}
+
+
+def renamed_keys(
+    values: dict, where: str, stacklevel: int = 4, category: type[Warning] = DeprecationWarning
+) -> dict:
+    """``values`` with every renamed key (:data:`RENAMED`) under its new name, warning once
+    per key; both names given at once is refused."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise TypeError(
+                f"{where}: received both {old!r} (deprecated) and {new!r}; accepted: only {new!r}"
+            )
+        warnings.warn(
+            f"{where}: {old!r} is deprecated; it is now called {new!r} ({old!r} will be "
+            "removed in a later release)",
+            category,
+            stacklevel=stacklevel,
+        )
+        out[new] = out.pop(old)
+    return out
 
 
 @dataclass(frozen=True)
@@ -40,7 +69,7 @@ class OCNOptOptions:
     curvature: str = "ekfac"
     damping: float = 1e-2
     update_every: int = 50
-    alpha: float = 0.75
+    ekfac_decay: float = 0.75
     sample_dt: float = 0.05
     factors: str = "auto"
     step: str = "model"
@@ -66,7 +95,9 @@ class OCNOptOptions:
     eigh_spread_min_dim: int = 512
 
     def replace(self, **changes) -> OCNOptOptions:
-        """A copy with ``changes``; an unknown name is refused in one line."""
+        """A copy with ``changes``; an unknown name is refused in one line (a renamed one is
+        taken with a ``DeprecationWarning``, see :data:`RENAMED`)."""
+        changes = renamed_keys(changes, "OCNOpt")
         names = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(changes) - set(names))
         if unknown:
@@ -125,7 +156,9 @@ class OCNOptOptions:
         weight_decay = check_hyper(
             "weight_decay", self.weight_decay, 0, math.inf, False, True, "a float >= 0"
         )
-        alpha = float(check_hyper("alpha", self.alpha, 0, 1, True, False, "a float in (0, 1]"))
+        ekfac_decay = float(
+            check_hyper("ekfac_decay", self.ekfac_decay, 0, 1, True, False, "a float in (0, 1]")
+        )
         check_choice("outside", self.outside, OUTSIDE_RULES)
         diag_beta = float(
             check_hyper("diag_beta", self.diag_beta, 0, 1, False, True, "a float in [0, 1)")
@@ -143,7 +176,7 @@ class OCNOptOptions:
             min_damping=low,
             max_damping=high,
             damping=damping,
-            alpha=alpha,
+            ekfac_decay=ekfac_decay,
             diag_beta=diag_beta,
             stiff_ratio=stiff_ratio,
         )
@@ -154,7 +187,7 @@ class OCNOptOptions:
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            alpha=self.alpha,
+            ekfac_decay=self.ekfac_decay,
             outside=self.outside,
             diag_beta=self.diag_beta,
         )

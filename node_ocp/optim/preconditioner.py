@@ -41,7 +41,7 @@ class Preconditioner:
     Args:
         model: the whole model; its ODE blocks are found by ``isinstance``.
         curvature: the variant (``"ekfac"``, ``"kfac"``, ... see :mod:`.curvatures`).
-        group_of: parameter -> its param group (the ``outside``, ``alpha``, ``diag_beta``
+        group_of: parameter -> its param group (the ``outside``, ``ekfac_decay``, ``diag_beta``
             keys); None: one default group for every parameter.
         state: per-parameter state the units keep their buffers in (an optimizer's
             ``state``); None: a dict of its own.

@@ -247,11 +247,26 @@ def _finished(target: Path, config: RunConfig, name, lr, seed, max_steps, max_ti
     steps = config.train.steps if max_steps is None else int(max_steps)
     seconds = config.train.max_seconds if max_time is None else float(max_time)
     return (
-        run.get("config") == json.loads(json.dumps(config.to_dict()))
+        _read_back(run.get("config")) == json.loads(json.dumps(config.to_dict()))
         and (run.get("optimizer"), run.get("seed"), run.get("max_steps")) == (name, seed, steps)
         and run.get("lr") == float(lr)
         and run.get("max_time") == seconds
     )
+
+
+def _read_back(saved):
+    """A saved config as this version reads it (renamed keys under their new names, keys
+    added since at their defaults), or as written when it no longer reads."""
+    import warnings
+
+    from .config import config_from_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the run itself warned
+            return json.loads(json.dumps(config_from_dict(saved).to_dict()))
+    except (TypeError, ValueError, AttributeError):  # ConfigError is a ValueError
+        return saved
 
 
 def _stop_together(problem: Exception | None, device, other: str) -> None:

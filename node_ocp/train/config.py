@@ -302,21 +302,13 @@ class HorizonConfig:
             )
 
 
-def _ocnopt_default(key: str):
-    """OCNOpt's own default for ``key`` (the library is the one source of the defaults)."""
-    from ..optim.options import OCNOptOptions
-
-    value = getattr(OCNOptOptions(), key)
-    return 0.0 if key == "kl_clip" and value is None else value
-
-
 #: The learning rate of a table that gives none: Adam's and SGD's usual defaults; for OCNOpt
 #: no cap on its step scale (``inf``: the step comes from the quadratic model).
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "ocnopt": math.inf}
 
 
 @dataclass
-class OptimizerConfig:
+class _OptimizerTable:
     """``[optimizers.NAME]``: one optimizer.
 
     kind: ``adam``, ``sgd``, ``ocnopt``, or the class path of any ``torch.optim.Optimizer``
@@ -329,8 +321,11 @@ class OptimizerConfig:
     every step (OCNOpt's included) to ``final_lr_factor`` times its start over the run's
     ``[train].steps``, after a linear warm-up of ``warmup`` steps.
     momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1; default 0.9). The remaining keys
-    are OCNOpt's (see :class:`~node_ocp.OCNOpt`), with OCNOpt's own defaults: a table holding
-    only ``kind = "ocnopt"`` is the recommended setting. ``kl_clip = 0`` is off.
+    are OCNOpt's, made from the fields of :class:`~node_ocp.optim.options.OCNOptOptions`
+    (its defaults and checks; adding a field there adds the key here): a table holding only
+    ``kind = "ocnopt"`` is the recommended setting. An option that OCNOpt turns off with
+    None (``kl_clip``, ``feedback_clip``) is off at 0 in a table. A renamed key (``alpha``,
+    now ``ekfac_decay``) is read with a ``FutureWarning``.
     ``gradient`` (any kind): ``adjoint`` or ``direct`` for this optimizer's runs, overriding
     ``[solver].gradient``; ``time_joint = false`` with ``gradient = "direct"`` is the
     standard-EKFAC baseline (K-FAC hooks per solver evaluation, not time-joint).
@@ -345,23 +340,6 @@ class OptimizerConfig:
     final_lr_factor: float = 0.0
     momentum: float | None = None
     weight_decay: float | None = None
-    curvature: str = field(default_factory=lambda: _ocnopt_default("curvature"))
-    factors: str = field(default_factory=lambda: _ocnopt_default("factors"))
-    update_every: int = field(default_factory=lambda: _ocnopt_default("update_every"))
-    damping: float = field(default_factory=lambda: _ocnopt_default("damping"))
-    alpha: float = field(default_factory=lambda: _ocnopt_default("alpha"))
-    sample_dt: float = field(default_factory=lambda: _ocnopt_default("sample_dt"))
-    outside: str = field(default_factory=lambda: _ocnopt_default("outside"))
-    kl_clip: float = field(default_factory=lambda: _ocnopt_default("kl_clip"))
-    step: str = field(default_factory=lambda: _ocnopt_default("step"))
-    adapt_every: int = field(default_factory=lambda: _ocnopt_default("adapt_every"))
-    adapt_damping: bool = field(default_factory=lambda: _ocnopt_default("adapt_damping"))
-    damping_mode: str = field(default_factory=lambda: _ocnopt_default("damping_mode"))
-    feedback: str = field(default_factory=lambda: _ocnopt_default("feedback"))
-    feedback_every: int = field(default_factory=lambda: _ocnopt_default("feedback_every"))
-    feedback_clip: float = field(default_factory=lambda: _ocnopt_default("feedback_clip"))
-    calibrate_units: bool = field(default_factory=lambda: _ocnopt_default("calibrate_units"))
-    time_joint: bool = True
     gradient: str | None = None
 
     def check(self, where: str) -> None:
@@ -475,6 +453,44 @@ class OptimizerConfig:
     def grid(self) -> list[float]:
         """The learning rates of a grid search (just the learning rate when no grid is given)."""
         return list(self.lr_grid) if self.lr_grid else [self.learning_rate]
+
+
+#: OCNOpt options that are not keys of an optimizer table: ``lr``, ``momentum`` and
+#: ``weight_decay`` are every optimizer's keys; the run's seed and the processes decide
+#: ``seed`` and ``distributed``.
+NOT_TABLE_KEYS = ("lr", "momentum", "weight_decay", "seed", "distributed")
+
+
+#: The table keys of OCNOpt options that None turns off: 0 turns them off in a table.
+OFF_AT_ZERO: set[str] = set()
+
+
+def _ocnopt_table_keys() -> list[tuple[str, Any, Any]]:
+    """``(name, type, field)`` of every OCNOpt option a table may set, in the options' order,
+    with OCNOpt's own defaults (a None-able float is a float whose 0 means off)."""
+    from ..optim.options import OCNOptOptions
+
+    hints = typing.get_type_hints(OCNOptOptions)
+    keys = []
+    for f in dataclasses.fields(OCNOptOptions):
+        if f.name in NOT_TABLE_KEYS:
+            continue
+        tp, default = hints[f.name], f.default
+        if typing.get_origin(tp) in (types.UnionType, typing.Union):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0]
+            default = 0.0 if default is None else default
+            OFF_AT_ZERO.add(f.name)
+        keys.append((f.name, tp, field(default=default)))
+    return keys
+
+
+OptimizerConfig = dataclasses.make_dataclass(
+    "OptimizerConfig",
+    _ocnopt_table_keys(),
+    bases=(_OptimizerTable,),
+    namespace={"__doc__": _OptimizerTable.__doc__, "__module__": __name__},
+)
 
 
 @dataclass
@@ -602,7 +618,10 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
     if not isinstance(opts, dict):
         raise ConfigError("[optimizers]: accepted: tables [optimizers.NAME]")
     parts["optimizers"] = {
-        name: _build(OptimizerConfig, table, f"[optimizers.{name}]") for name, table in opts.items()
+        name: _build(
+            OptimizerConfig, _renamed(table, f"[optimizers.{name}]"), f"[optimizers.{name}]"
+        )
+        for name, table in opts.items()
     }
     cfg = RunConfig(**parts, source=source)
     cfg.check()
@@ -610,6 +629,19 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+def _renamed(table, where: str):
+    """An optimizer table with its renamed keys under the new names (a FutureWarning each:
+    a config is a user's file, so the warning is shown)."""
+    from ..optim.options import renamed_keys
+
+    if not isinstance(table, dict):
+        return table
+    try:
+        return renamed_keys(table, where, category=FutureWarning, stacklevel=5)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _build(cls, table, where: str):
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: received {table!r}; accepted: a table of keys")

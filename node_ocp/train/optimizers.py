@@ -11,7 +11,7 @@ from torch import nn
 from ..ode.block import ODEBlock
 from ..optim import HorizonOptimizer, OCNOpt, OCNOptOptions
 from . import classpath
-from .config import ConfigError, HorizonConfig, OptimizerConfig
+from .config import OFF_AT_ZERO, ConfigError, HorizonConfig, OptimizerConfig
 from .schedules import ScheduleFactor, attach_schedule
 
 
@@ -44,17 +44,14 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
 def ocnopt_options(cfg: OptimizerConfig, lr: float, seed: int = 0) -> OCNOptOptions:
     """The :class:`~node_ocp.optim.options.OCNOptOptions` of an ``ocnopt`` table: every key
     the table shares with the options, and the table's conventions (``lr = inf``: no cap;
-    ``kl_clip``/``feedback_clip`` 0: off; ``momentum``/``weight_decay`` unset: the
-    defaults)."""
+    0 for an option that None turns off, such as ``kl_clip``: off; ``momentum``/
+    ``weight_decay`` unset: the defaults)."""
     shared = {f.name for f in fields(OCNOptOptions)} & {f.name for f in fields(cfg)}
     values = {k: getattr(cfg, k) for k in sorted(shared)}
+    for key in OFF_AT_ZERO & shared:
+        values[key] = values[key] or None
     values.update(
-        lr=None if math.isinf(lr) else lr,
-        momentum=cfg.beta,
-        weight_decay=cfg.decay,
-        kl_clip=cfg.kl_clip or None,
-        feedback_clip=cfg.feedback_clip or None,
-        seed=seed,
+        lr=None if math.isinf(lr) else lr, momentum=cfg.beta, weight_decay=cfg.decay, seed=seed
     )
     return OCNOptOptions().replace(**values)
 

@@ -3,9 +3,10 @@
 
 In the eigenbasis of ``A`` and ``B`` the gradient matrix is ``G̃ = Q_Bᵀ G Q_A``. The diagonal
 ``s`` starts at every refresh from the Kronecker eigenvalues ``λ_B λ_Aᵀ`` and is re-estimated
-every step as ``s ← α s + (1 − α) n G̃²`` (``n`` the samples behind the refresh, so that it
-estimates the same per-sample second moment). Direction ``Q_B [G̃ / (s + λ)] Q_Aᵀ``, with
-``λ`` relative to the mean Kronecker eigenvalue ``m_A m_B`` of the last refresh.
+every step as ``s ← β s + (1 − β) n G̃²`` (``β``: OCNOpt's ``ekfac_decay``; ``n`` the
+samples behind the refresh, so that it estimates the same per-sample second moment).
+Direction ``Q_B [G̃ / (s + λ)] Q_Aᵀ``, with ``λ`` relative to the mean Kronecker eigenvalue
+``m_A m_B`` of the last refresh.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ class EKFACUnit(KroneckerUnit):
     """A layer preconditioned in its Kronecker eigenbasis (see the module docstring).
 
     Args:
-        alpha: running-average coefficient of the diagonal in (0, 1] (1: K-FAC's eigenvalues
-            kept until the next refresh).
+        decay: running-average coefficient β of the diagonal in (0, 1] (1: K-FAC's
+            eigenvalues kept until the next refresh); OCNOpt's ``ekfac_decay``.
     """
 
-    def __init__(self, params, state, module=None, alpha: float = 0.75):
+    def __init__(self, params, state, module=None, decay: float = 0.75):
         super().__init__(params, state, module)
-        self.alpha = alpha
+        self.decay = decay
 
     @classmethod
     def from_group(cls, params, state, module, group):
-        return cls(params, state, module, alpha=float(group["alpha"]))
+        return cls(params, state, module, decay=float(group["ekfac_decay"]))
 
     def set_decomposition(self, tensors, samples: float) -> None:
         super().set_decomposition(tensors, samples)
@@ -44,7 +45,7 @@ class EKFACUnit(KroneckerUnit):
         mat = layer_matrix(self.module, grads)
         proj = self._project(mat)
         s = st["kron_s"].to(mat.dtype)
-        st["kron_s"] = s.mul(self.alpha).add_(proj * proj, alpha=(1.0 - self.alpha) * st["kron_n"])
+        st["kron_s"] = s.mul(self.decay).add_(proj * proj, alpha=(1.0 - self.decay) * st["kron_n"])
         proj = proj / (st["kron_s"] + damping.of(self.scale()))
         return split_layer_matrix(self.module, self._unproject(proj))
 
