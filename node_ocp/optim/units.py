@@ -6,7 +6,7 @@ The variant's ``scope`` decides (see :mod:`.curvatures.base`):
   variant; a tapped layer outside the blocks is one too when its group's ``outside`` is
   ``"kfac"`` (statistics from ordinary K-FAC hooks), and so is each of the two affine maps
   of a recurrent cell outside the blocks (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``;
-  see :class:`~node_ocp.curvature.CellMap`), summed over the cell's uses.
+  see :class:`~node_ocp.capture.CellMap`), summed over the cell's uses.
 - ``"block"`` (dense): every block field is one unit; tapped layers outside get
   :data:`~.curvatures.OUTSIDE` (K-FAC) under ``outside="kfac"``.
 - ``"tensor"`` (identity, diagonal): every parameter tensor is a unit of the variant.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_value
-from ..curvature import cell_maps, is_cell, is_tapped, tapped_modules
+from ..capture import cell_maps, is_cell, is_tapped, tapped_modules
 from .curvatures import FALLBACK, OUTSIDE, VARIANTS, CurvatureUnit, IdentityUnit
 
 
@@ -37,7 +37,7 @@ class UnitTable:
         units: every unit, in model order.
         inside: layer units of tapped layers inside ODE fields (statistics from the capture).
         outside: layer units of tapped layers and recurrent-cell maps outside the blocks
-            (statistics from hooks), by layer or :class:`~node_ocp.curvature.CellMap`.
+            (statistics from hooks), by layer or :class:`~node_ocp.capture.CellMap`.
         blocks: block units (dense), by ODE block.
     """
 
