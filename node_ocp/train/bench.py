@@ -49,7 +49,7 @@ def bench(
 ) -> dict:
     """Measure and print the figures; save them as JSON to ``out`` when given.
 
-    ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.cost.
+    ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.floor.
     solver_loop_table`: time per NFE of the own adjoint against the floor and torchdiffeq's
     ``odeint_adjoint``, MLP and conv fields, dopri5 and rk4), 0 to skip it.
 
@@ -170,7 +170,7 @@ def bench(
         "optimizers": rows,
     }
     if solver_loop:
-        from ..ode.cost import solver_loop_table
+        from ..ode.floor import solver_loop_table
 
         result["solver_loop"] = solver_loop_table(repeats=solver_loop, device=dev)
     print(format_bench(result))
@@ -205,7 +205,7 @@ def format_bench(result: dict) -> str:
             f"ratios to {base}'s plain step"
         )
     if result.get("solver_loop"):
-        from ..ode.cost import format_solver_loop
+        from ..ode.floor import format_solver_loop
 
         lines += [
             "",
