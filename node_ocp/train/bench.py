@@ -26,7 +26,7 @@ import torch
 from ..io import atomic_write_json
 from .adapters import adapter_for, build_adapter
 from .config import ConfigError, OptimizerConfig, RunConfig
-from .costs import KINDS, amortized_for, cycle, medians, ratio
+from .costs import STEP_TYPES, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import FirstStepMemory, StepMemory
@@ -90,8 +90,8 @@ def bench(
         arms[name] = {
             "task": t,
             "opt": build_adapter(cfg, t.model, FROZEN_LR, seed=config.train.seed),
-            "times": {k: [] for k in KINDS},
-            "measured_times": {k: [] for k in KINDS},
+            "times": {k: [] for k in STEP_TYPES},
+            "measured_times": {k: [] for k in STEP_TYPES},
             "memory": {},
             "nfe": [],
         }
@@ -100,8 +100,8 @@ def bench(
     for i in range(steps):
         for name, a in arms.items():
             t, opt, meter = a["task"], a["opt"], a["meter"]
-            kind = opt.next_kind()
-            measure = meter is not None and meter.before_step(kind, i)
+            step_type = opt.next_kind()
+            measure = meter is not None and meter.before_step(step_type, i)
             try:
                 r = train_step(
                     opt,
@@ -116,16 +116,16 @@ def bench(
                 ) from None
             if measure:  # malloc_trim before it: its page faults are not a step's cost
                 meter.after_step(opt.opt)
-                a["measured_times"][kind].append(r.seconds)
+                a["measured_times"][step_type].append(r.seconds)
             else:
-                a["times"][kind].append(r.seconds)
+                a["times"][step_type].append(r.seconds)
             a["nfe"].append((r.nfe_forward, r.nfe_backward))
     rows = {}
     for name, a in arms.items():
         cfg = opts[name]
         if len(a["times"]["plain"]) > 2:  # the first plain step warms up
             a["times"]["plain"] = a["times"]["plain"][1:]
-        for k, ts in a["measured_times"].items():  # a kind seen only once
+        for k, ts in a["measured_times"].items():  # a step type seen only once
             if ts and not a["times"][k]:
                 a["times"][k] = ts
         cost = medians(a["times"])
