@@ -10,8 +10,10 @@ batch), and amortized over one cycle of ``update_every`` and ``adapt_every``.
 Memory (see :mod:`node_ocp.train.memory`): for each optimizer, its first plain step after
 its first step and its first refresh step after that (OCNOpt), each the optimizer's state
 plus the step's transient peak (CUDA allocator peak; on Linux CPUs the resident high-water
-mark reset at the step's start). Those steps are left out of the timing medians.
-All figures are also given as ratios to Adam with the plain adjoint.
+mark reset at the step's start). Those steps are left out of the timing medians (unless a
+step type occurred only then).
+All figures are also given as ratios to the Adam baseline: the first Adam table benched, else
+the config's Adam table (benched too), else a default Adam at lr 1e-3.
 """
 
 from __future__ import annotations

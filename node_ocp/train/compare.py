@@ -21,9 +21,11 @@ construction. Each optimizer's time to it is the median over seeds (with a
 bootstrap interval) of the first training wall-clock (evaluation excluded) at which its
 validation metric reaches it, a seed that never does counting as infinitely late.
 
-Verdicts (:func:`node_ocp.train.intervals.verdict`): every OCNOpt table against every other
-optimizer, seeds paired: the test-metric difference with its 95% interval (a win or loss
-only when the interval excludes 0) and the geometric-mean time-to-target ratio.
+Verdicts (:func:`node_ocp.train.intervals.verdict`): every time-joint OCNOpt table (the
+method under test, :meth:`~node_ocp.train.adapters.OptimizerAdapter.judged`) against the best
+baseline, then against every other optimizer; without such a table, every optimizer against
+the best baseline. Seeds are paired: the test-metric difference with its 95% interval (a win
+or loss only when the interval excludes 0) and the geometric-mean time-to-target ratio.
 """
 
 from __future__ import annotations
