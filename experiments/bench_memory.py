@@ -13,7 +13,7 @@ medians over repeats, and every figure is also given as a ratio to the plain adj
 the same number of steps.
 
 With ``--solver-loop`` it also prints and saves (key ``"solver_loop"``) the solver-loop table
-of :func:`node_ocp.ode.cost.solver_loop_table`: seconds per function evaluation of a training
+of :func:`node_ocp.ode.floor.solver_loop_table`: seconds per function evaluation of a training
 step of the own adjoint and of ``torchdiffeq.odeint_adjoint`` against the floor (the field's
 evaluations and vector-Jacobian products at the same points, with no solver around them),
 timed interleaved in this process; ``--solver-loop-only`` skips the memory rows.
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [] if args.solver_loop_only else _memory_rows(args)
     result = {"config": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows}
     if args.solver_loop or args.solver_loop_only:
-        from node_ocp.ode.cost import format_solver_loop, solver_loop_table
+        from node_ocp.ode.floor import format_solver_loop, solver_loop_table
 
         result["solver_loop"] = solver_loop_table(
             fields=args.solver_loop_fields,

@@ -6,7 +6,7 @@ learning-rate grids), keeps each task's report folder, and writes ``summary.md``
 ``summary.json`` with, per task, the test metric of each optimizer (mean ± std over seeds)
 and the time-to-target ratio of each optimizer to Adam, then, for every OCNOpt table against
 every baseline, the tasks it won, tied and lost (by the seed-paired 95% interval of the test
-metric, see ``node_ocp.train.stats.verdict``) and the tasks where it reached the target
+metric, see ``node_ocp.train.intervals.verdict``) and the tasks where it reached the target
 faster or slower, each with a two-sided sign test over the tasks (ties left out).
 
     python experiments/compare_all.py --quick          # minutes on a CPU: few steps, 1 seed
@@ -27,9 +27,9 @@ from node_ocp._errors import first_line
 from node_ocp.io import atomic_write_json, atomic_write_text
 from node_ocp.train.compare import COMPARISON, aggregate, compare
 from node_ocp.train.config import ConfigError, load_config
+from node_ocp.train.intervals import sign_test
 from node_ocp.train.loop import RunError
 from node_ocp.train.report import write_report
-from node_ocp.train.stats import sign_test
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("quickstart",)  # the README's config duplicates cnf_8gaussians

@@ -1,7 +1,7 @@
 """Kronecker curvature for recurrent cells and layers used several times in one forward.
 
 The references are written out in the tests: the cells' gate equations by hand (not
-``node_ocp.curvature.cell_forward``), the rows from plain autograd on those equations, the
+``node_ocp.capture.cell_forward``), the rows from plain autograd on those equations, the
 preconditioned step from a dense ``(A ⊗ B + damping)`` solve.
 """
 
@@ -14,7 +14,7 @@ from conftest import mlp_field
 from torch import nn
 
 import node_ocp as no
-from node_ocp.curvature import cell_forward
+from node_ocp.capture import cell_forward
 from node_ocp.optim.curvatures import EKFACUnit
 
 F64 = torch.float64

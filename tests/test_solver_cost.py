@@ -1,4 +1,4 @@
-"""The solver-loop table (node_ocp.ode.cost): its rows, its checks, bench_memory's section;
+"""The solver-loop table (node_ocp.ode.floor): its rows, its checks, bench_memory's section;
 the flat state of the backward solve (node_ocp.ode.state) and a user's norm over it."""
 
 import importlib.util
@@ -11,7 +11,7 @@ from conftest import mlp_field
 
 import node_ocp as no
 from node_ocp.models import ODEImageClassifier
-from node_ocp.ode import cost
+from node_ocp.ode import floor
 from node_ocp.ode.state import StateLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,47 +19,47 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
-    (row,) = cost.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
+    (row,) = floor.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
     assert (row["field"], row["method"], row["repeats"], row["clock"]) == ("mlp", method, 1, "wall")
-    nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in cost.VARIANTS}
+    nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in floor.VARIANTS}
     # the floor and the solver replay the own adjoint's step; torchdiffeq takes the same steps
     assert nfe["floor"] == nfe["solver"] == nfe["own"] == nfe["torchdiffeq"]
     if method == "rk4":  # step 0.1 over [0, 1], 4 evaluations per step
         assert nfe["own"] == (40, 40)
-    for v in cost.VARIANTS:
+    for v in floor.VARIANTS:
         assert row[f"{v}_s"] > 0
         assert row[f"{v}_s_per_nfe"] == pytest.approx(row[f"{v}_s"] / sum(nfe[v]))
-    per = {v: row[f"{v}_s_per_nfe"] for v in cost.VARIANTS}
+    per = {v: row[f"{v}_s_per_nfe"] for v in floor.VARIANTS}
     assert row["own_over_floor"] == pytest.approx(per["own"] / per["floor"])
     assert row["own_over_torchdiffeq"] == pytest.approx(per["own"] / per["torchdiffeq"])
     assert row["torchdiffeq_over_floor"] == pytest.approx(per["torchdiffeq"] / per["floor"])
     # repeats=1: the phases add up to the step; the backward ratios are of that phase alone
-    for v in cost.VARIANTS:
+    for v in floor.VARIANTS:
         assert row[f"{v}_forward_s"] + row[f"{v}_backward_s"] == pytest.approx(row[f"{v}_s"])
-    bwd = {v: row[f"{v}_backward_s"] / nfe[v][1] for v in cost.VARIANTS}
+    bwd = {v: row[f"{v}_backward_s"] / nfe[v][1] for v in floor.VARIANTS}
     assert row["backward_own_over_floor"] == pytest.approx(bwd["own"] / bwd["floor"])
     assert row["backward_own_over_torchdiffeq"] == pytest.approx(bwd["own"] / bwd["torchdiffeq"])
     bound = per["floor"] + per["solver"]
     assert row["floor_plus_solver_over_floor"] == pytest.approx(bound / per["floor"])
     assert row["own_over_floor_plus_solver"] == pytest.approx(per["own"] / bound)
-    text = cost.format_solver_loop([row])
+    text = floor.format_solver_loop([row])
     assert text.splitlines()[2].startswith(f"mlp   {method}")
 
 
 def test_conv_field_is_the_image_classifiers_field():
     model = ODEImageClassifier(channels=8)
-    assert repr(cost.conv_field(8)) == repr(model.ode.field)
+    assert repr(floor.conv_field(8)) == repr(model.ode.field)
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"fields\[...\]: received 'resnet'"):
-        cost.solver_loop_table(fields=("resnet",))
+        floor.solver_loop_table(fields=("resnet",))
     with pytest.raises(TypeError, match="methods: received an object of type str"):
-        cost.solver_loop_table(methods="rk4")
+        floor.solver_loop_table(methods="rk4")
     with pytest.raises(ValueError, match="repeats: received 0"):
-        cost.solver_loop_table(repeats=0)
+        floor.solver_loop_table(repeats=0)
     with pytest.raises(ValueError, match="clock: received 'cpu'; accepted: one of 'wall'"):
-        cost.solver_loop_table(clock="cpu")
+        floor.solver_loop_table(clock="cpu")
 
 
 def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):

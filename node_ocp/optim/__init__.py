@@ -1,13 +1,18 @@
 """Optimizers: OCNOpt (second-order, curvature from the ODE blocks) and horizon control.
 
 OCNOpt is built from parts, one module each: its options (:mod:`.options`), the curvature
-variants (:mod:`.curvatures`), which unit covers which parameters (:mod:`.units`),
-statistics collection (:mod:`.statistics`), the distributed reduce and decomposition
-(:mod:`.reduce`), the damping adaptation (:mod:`.damping`), the steppers that turn
-directions into updates (:mod:`.steppers`) with their step control (:mod:`.step_control`),
-the trial evaluations (:mod:`.trial`), the factor sources (:mod:`.factor_flow`,
-:mod:`.fisher_backward`) and the feedback policies across a model's stages
-(:mod:`.feedback`, :mod:`.feedback_dense`).
+variants (:mod:`.curvatures`) and the preconditioner that holds them (:mod:`.preconditioner`:
+which unit covers which parameters, :mod:`.units`; statistics collection,
+:mod:`.statistics`; the distributed reduce and decomposition, :mod:`.reduce`; the per-part
+calibration scales, :mod:`.unit_scales`), the damping adaptation (:mod:`.damping`), the
+steppers that turn directions into updates (:mod:`.steppers`) with their step control
+(:mod:`.step_control`), the trial evaluations (:mod:`.trial`), the factor sources
+(:mod:`.factor_flow`, :mod:`.fisher_backward`, both from :mod:`.likelihoods`) and the
+feedback policies across a model's stages (:mod:`.feedback_policies` over :mod:`.feedback`
+and :mod:`.feedback_dense`). :mod:`.ocnopt` wires them together.
+
+The statistics come from the capture of the ODE blocks' backward solves,
+:mod:`node_ocp.capture` (not to be confused with the variants in :mod:`.curvatures`).
 """
 
 from .curvatures import VARIANTS, CurvatureUnit, Damping

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from ..curvature import CurvatureCapture
+from ..capture import CurvatureCapture
 from ..ode.factors import SolveRecord
 from .likelihoods import output_factors
 

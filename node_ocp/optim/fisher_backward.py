@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from ..curvature import CurvatureCapture
+from ..capture import CurvatureCapture
 from .likelihoods import sampled_cotangent
 
 #: The likelihoods for which ``factors="auto"`` draws the Monte-Carlo Fisher: classifiers,

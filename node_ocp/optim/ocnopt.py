@@ -52,7 +52,7 @@ from torch import nn
 
 from .. import dist
 from .._errors import bad_type, bad_value, check_choice
-from ..curvature import CurvatureCapture
+from ..capture import CurvatureCapture
 from ..ode.block import ODEBlock, SolverError
 from .curvatures import VARIANTS, Damping, dot
 from .damping import LevenbergMarquardt

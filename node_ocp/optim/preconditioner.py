@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import dist
-from ..curvature import CurvatureCapture
+from ..capture import CurvatureCapture
 from ..ode.block import ODEBlock
 from .curvatures import Damping
 from .options import OCNOptOptions

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..curvature import CellMap, CurvatureCapture, cell_forward, input_rows, output_rows
+from ..capture import CellMap, CurvatureCapture, cell_forward, input_rows, output_rows
 from .curvatures import CurvatureUnit
 
 
@@ -142,8 +142,8 @@ class OutsideCollector:
     While armed, a forward hook on each layer keeps its input and a hook on its output adds
     the input rows to ``A`` and the gradient rows that reach it to ``B``. A fused recurrent
     cell (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``) has two units, one per affine map
-    (:class:`~node_ocp.curvature.CellMap`); its forward hook recomputes the cell from the
-    two maps (:func:`~node_ocp.curvature.cell_forward`, the same values) so that the
+    (:class:`~node_ocp.capture.CellMap`); its forward hook recomputes the cell from the
+    two maps (:func:`~node_ocp.capture.cell_forward`, the same values) so that the
     gradients at both maps' outputs can be hooked. :meth:`paused` stops the gradient hooks
     for backward passes that are not the loss's (pulling factors back through a head).
 

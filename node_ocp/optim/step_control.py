@@ -44,8 +44,10 @@ length). A gradient that
 spikes between two trials, or a direction into which the held curvature is blind, cannot
 throw the parameters much further than the last checked step.
 
-``κ`` starts where the first step's held model promises a decrease of at most a tenth of the
-loss: the held curvature of a mean loss can be orders of magnitude too small.
+``κ`` starts (:meth:`~.steppers.ModelStep.first_kappa`) at least at 1 and where the first
+step's held model promises a decrease of at most a tenth of the loss (of 1 when the loss is
+smaller) and moves the parameters by at most 5% of their norm: the held curvature of a mean
+loss can be orders of magnitude too small.
 
 The next step adapts again (instead of ``adapt_every`` steps later) when an accepted trial
 showed room for more: its calibration wanted the step to grow beyond ``max_growth``, or the

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..curvature import is_cell
+from ..capture import is_cell
 from .curvatures import CurvatureUnit, Damping, dot
 from .step_control import TrialOutcome
 

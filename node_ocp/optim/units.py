@@ -6,7 +6,7 @@ The variant's ``scope`` decides (see :mod:`.curvatures.base`):
   variant; a tapped layer outside the blocks is one too when its group's ``outside`` is
   ``"kfac"`` (statistics from ordinary K-FAC hooks), and so is each of the two affine maps
   of a recurrent cell outside the blocks (``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell``;
-  see :class:`~node_ocp.curvature.CellMap`), summed over the cell's uses.
+  see :class:`~node_ocp.capture.CellMap`), summed over the cell's uses.
 - ``"block"`` (dense): every block field is one unit; tapped layers outside get
   :data:`~.curvatures.OUTSIDE` (K-FAC) under ``outside="kfac"``.
 - ``"tensor"`` (identity, diagonal): every parameter tensor is a unit of the variant.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_value
-from ..curvature import cell_maps, is_cell, is_tapped, tapped_modules
+from ..capture import cell_maps, is_cell, is_tapped, tapped_modules
 from .curvatures import FALLBACK, OUTSIDE, VARIANTS, CurvatureUnit, IdentityUnit
 
 
@@ -37,7 +37,7 @@ class UnitTable:
         units: every unit, in model order.
         inside: layer units of tapped layers inside ODE fields (statistics from the capture).
         outside: layer units of tapped layers and recurrent-cell maps outside the blocks
-            (statistics from hooks), by layer or :class:`~node_ocp.curvature.CellMap`.
+            (statistics from hooks), by layer or :class:`~node_ocp.capture.CellMap`.
         blocks: block units (dense), by ODE block.
     """
 
@@ -75,8 +75,8 @@ def build_units(
     covered: set[torch.Tensor] = set()
     ode_layers = {m for b in blocks for m in tapped_modules(b.field)} if time_joint else set()
 
-    def unit_for(kind: type[CurvatureUnit], params, module=None) -> CurvatureUnit:
-        unit = kind.from_group(params, state[params[0]], module, group_of[params[0]])
+    def unit_for(unit_cls: type[CurvatureUnit], params, module=None) -> CurvatureUnit:
+        unit = unit_cls.from_group(params, state[params[0]], module, group_of[params[0]])
         table.units.append(unit)
         covered.update(params)
         return unit
@@ -103,8 +103,8 @@ def build_units(
                     if all(p in group_of and p not in covered for p in ps) and (
                         group_of[ps[0]]["outside"] == "kfac"
                     ):
-                        kind = cls if cls.scope == "layer" else OUTSIDE
-                        table.outside[cell_map] = unit_for(kind, ps, cell_map)
+                        unit_cls = cls if cls.scope == "layer" else OUTSIDE
+                        table.outside[cell_map] = unit_for(unit_cls, ps, cell_map)
                 continue
             if not is_tapped(module) or module.weight not in group_of:
                 continue
@@ -115,17 +115,17 @@ def build_units(
             if inside and cls.scope == "layer":
                 table.inside[module] = unit_for(cls, ps, module)
             elif not inside and group_of[module.weight]["outside"] == "kfac":
-                kind = cls if cls.scope == "layer" else OUTSIDE
-                table.outside[module] = unit_for(kind, ps, module)
+                unit_cls = cls if cls.scope == "layer" else OUTSIDE
+                table.outside[module] = unit_for(unit_cls, ps, module)
     for p, group in group_of.items():
         if p in covered:
             continue
         rule = group["outside"]
         if cls.scope == "tensor" and rule == "kfac":
-            kind = cls
+            unit_cls = cls
         elif rule == "sgd":
-            kind = IdentityUnit
+            unit_cls = IdentityUnit
         else:
-            kind = fallback
-        unit_for(kind, [p])
+            unit_cls = fallback
+        unit_for(unit_cls, [p])
     return table

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..optim import OCNOpt
-from .costs import step_kind
+from .costs import step_type
 
 #: ``closure()`` -> ``(loss, outputs)`` of the same batch at the current parameters
 Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -82,7 +82,8 @@ class OptimizerAdapter:
 
     # ------------------------------------------------------------ one step
     def next_kind(self) -> str:
-        """The kind of the coming step (see :mod:`node_ocp.train.costs`)."""
+        """The type of the coming step (``plain``, ``adapt``, ``refresh``, ``refresh+adapt``:
+        :data:`node_ocp.train.costs.STEP_TYPES`; the name keeps the older word)."""
         return "plain"
 
     def zero_grad(self) -> None:
@@ -196,7 +197,7 @@ class OCNOptAdapter(OptimizerAdapter):
             )
 
     def next_kind(self):
-        return step_kind(self.opt.refresh_due, self.opt.adapt_due)
+        return step_type(self.opt.refresh_due, self.opt.adapt_due)
 
     def backward_and_step(self, loss, outputs, likelihood, closure):
         self.opt.backward(loss, outputs=outputs, likelihood=likelihood)

@@ -10,8 +10,10 @@ batch), and amortized over one cycle of ``update_every`` and ``adapt_every``.
 Memory (see :mod:`node_ocp.train.memory`): for each optimizer, its first plain step after
 its first step and its first refresh step after that (OCNOpt), each the optimizer's state
 plus the step's transient peak (CUDA allocator peak; on Linux CPUs the resident high-water
-mark reset at the step's start). Those steps are left out of the timing medians.
-All figures are also given as ratios to Adam with the plain adjoint.
+mark reset at the step's start). Those steps are left out of the timing medians (unless a
+step type occurred only then).
+All figures are also given as ratios to the Adam baseline: the first Adam table benched, else
+the config's Adam table (benched too), else a default Adam at lr 1e-3.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from ..io import atomic_write_json
 from .adapters import adapter_for, build_adapter
 from .config import ConfigError, OptimizerConfig, RunConfig
-from .costs import KINDS, amortized_for, cycle, medians, ratio
+from .costs import STEP_TYPES, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import FirstStepMemory, StepMemory
@@ -49,7 +51,7 @@ def bench(
 ) -> dict:
     """Measure and print the figures; save them as JSON to ``out`` when given.
 
-    ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.cost.
+    ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.floor.
     solver_loop_table`: time per NFE of the own adjoint against the floor and torchdiffeq's
     ``odeint_adjoint``, MLP and conv fields, dopri5 and rk4), 0 to skip it.
 
@@ -90,8 +92,8 @@ def bench(
         arms[name] = {
             "task": t,
             "opt": build_adapter(cfg, t.model, FROZEN_LR, seed=config.train.seed),
-            "times": {k: [] for k in KINDS},
-            "measured_times": {k: [] for k in KINDS},
+            "times": {k: [] for k in STEP_TYPES},
+            "measured_times": {k: [] for k in STEP_TYPES},
             "memory": {},
             "nfe": [],
         }
@@ -100,8 +102,8 @@ def bench(
     for i in range(steps):
         for name, a in arms.items():
             t, opt, meter = a["task"], a["opt"], a["meter"]
-            kind = opt.next_kind()
-            measure = meter is not None and meter.before_step(kind, i)
+            step_type = opt.next_kind()
+            measure = meter is not None and meter.before_step(step_type, i)
             try:
                 r = train_step(
                     opt,
@@ -116,16 +118,16 @@ def bench(
                 ) from None
             if measure:  # malloc_trim before it: its page faults are not a step's cost
                 meter.after_step(opt.opt)
-                a["measured_times"][kind].append(r.seconds)
+                a["measured_times"][step_type].append(r.seconds)
             else:
-                a["times"][kind].append(r.seconds)
+                a["times"][step_type].append(r.seconds)
             a["nfe"].append((r.nfe_forward, r.nfe_backward))
     rows = {}
     for name, a in arms.items():
         cfg = opts[name]
         if len(a["times"]["plain"]) > 2:  # the first plain step warms up
             a["times"]["plain"] = a["times"]["plain"][1:]
-        for k, ts in a["measured_times"].items():  # a kind seen only once
+        for k, ts in a["measured_times"].items():  # a step type seen only once
             if ts and not a["times"][k]:
                 a["times"][k] = ts
         cost = medians(a["times"])
@@ -170,7 +172,7 @@ def bench(
         "optimizers": rows,
     }
     if solver_loop:
-        from ..ode.cost import solver_loop_table
+        from ..ode.floor import solver_loop_table
 
         result["solver_loop"] = solver_loop_table(repeats=solver_loop, device=dev)
     print(format_bench(result))
@@ -205,7 +207,7 @@ def format_bench(result: dict) -> str:
             f"ratios to {base}'s plain step"
         )
     if result.get("solver_loop"):
-        from ..ode.cost import format_solver_loop
+        from ..ode.floor import format_solver_loop
 
         lines += [
             "",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
-from .costs import KINDS
+from .costs import STEP_TYPES
 from .errors import RunError
 
 #: Version of the checkpoint layout (the fields of :class:`Checkpoint` and of
@@ -41,9 +41,9 @@ class RunState:
     step: steps taken. train_clock: training seconds so far (evaluation excluded).
     loss_sum, loss_count, nfe_f, nfe_b: sums since the last scheduled metrics line (the
     mean training loss and NFE per step of the next line are made of them).
-    step_times: seconds of every step, by kind (``plain``, ``adapt``, ``refresh``,
+    step_times: seconds of every step, by step type (``plain``, ``adapt``, ``refresh``,
     ``refresh+adapt``). diverged, diverged_reason: whether and why the run stopped on a
-    failure. memory: MB of the first measured step of each kind.
+    failure. memory: MB of the first measured step of each type.
     best_step, best_value: the scheduled evaluation with the best validation metric so far
     (None before the first); evals_since_best: scheduled evaluations since it (early
     stopping's count). Fields added after the first version have defaults, so that the
@@ -56,7 +56,7 @@ class RunState:
     loss_count: int = 0
     nfe_f: float = 0.0
     nfe_b: float = 0.0
-    step_times: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    step_times: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in STEP_TYPES})
     diverged: bool = False
     diverged_reason: str | None = None
     memory: dict[str, float] = field(default_factory=dict)
@@ -115,7 +115,7 @@ class RunState:
                 f"{type(d['step_times']).__name__}; accepted: an int and a dict of lists"
             )
         state = cls(**d)
-        for k in KINDS:
+        for k in STEP_TYPES:
             state.step_times.setdefault(k, [])
         return state
 

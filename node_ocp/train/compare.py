@@ -21,9 +21,11 @@ construction. Each optimizer's time to it is the median over seeds (with a
 bootstrap interval) of the first training wall-clock (evaluation excluded) at which its
 validation metric reaches it, a seed that never does counting as infinitely late.
 
-Verdicts (:func:`node_ocp.train.stats.verdict`): every OCNOpt table against every other
-optimizer, seeds paired: the test-metric difference with its 95% interval (a win or loss
-only when the interval excludes 0) and the geometric-mean time-to-target ratio.
+Verdicts (:func:`node_ocp.train.intervals.verdict`): every time-joint OCNOpt table (the
+method under test, :meth:`~node_ocp.train.adapters.OptimizerAdapter.judged`) against the best
+baseline, then against every other optimizer; without such a table, every optimizer against
+the best baseline. Seeds are paired: the test-metric difference with its 95% interval (a win
+or loss only when the interval excludes 0) and the geometric-mean time-to-target ratio.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from .. import dist
 from ..io import atomic_write_json
-from . import stats
+from . import intervals
 from .adapters import adapter_for
 from .config import ConfigError, RunConfig
 from .costs import ratio
@@ -400,7 +402,7 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
     target = config.train.target
     target_source = "[train].target"
     if target is None:
-        finals = stats.finite(per_opt[best_base]["per_seed_val"].values())
+        finals = intervals.finite(per_opt[best_base]["per_seed_val"].values())
         target = statistics.median(finals) if finals else math.nan
         target_source = (
             f"median over seeds of the final validation {metric} of {best_base}, the best "
@@ -417,7 +419,7 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             steps_to[r["seed"]] = hit[1] if hit else math.inf
         # a seed that never got there counts as +inf: the median is "never" unless more
         # than half of the seeds reached the target
-        med = stats.median_interval(list(times.values()))
+        med = intervals.median_interval(list(times.values()))
         s_med = statistics.median(steps_to.values()) if steps_to else math.inf
         agg["per_seed_time_to_target_s"] = {s: _none_if_inf(t) for s, t in times.items()}
         agg["time_to_target_s"] = _none_if_inf(med.value)
@@ -454,7 +456,7 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
 
 def _ci(xs) -> tuple:
     """``(mean, lo, hi, n)``: the 95% t interval of the finite values."""
-    i = stats.mean_interval(xs)
+    i = intervals.mean_interval(xs)
     return i.value, i.lo, i.hi, i.n
 
 
@@ -478,7 +480,7 @@ def _verdicts(per_opt: dict, best_base: str, metric: str, higher: bool) -> list[
             if base == name:
                 continue
             a, b = per_opt[name], per_opt[base]
-            v = stats.verdict(
+            v = intervals.verdict(
                 name,
                 base,
                 metric,

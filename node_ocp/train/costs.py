@@ -1,9 +1,15 @@
-"""The amortised cost of a step from the costs of its kinds.
+"""The amortised cost of a step from the costs of its types.
 
-OCNOpt's steps come in four kinds: plain, *adapt* (with the step control's trial forward
+OCNOpt's steps come in four types: plain, *adapt* (with the step control's trial forward
 solve), *refresh* (curvature capture and decompositions) and both at once. Over one cycle of
-``lcm(update_every, adapt_every)`` steps each kind occurs a known number of times; the
+``lcm(update_every, adapt_every)`` steps each type occurs a known number of times; the
 amortised cost is the mean over the cycle. Adam and SGD have only plain steps.
+
+(A step's type was called its "kind", a word the configs use for what a table names:
+``[task].kind``, ``[model].kind``, ``[optimizers.NAME].kind``. Public names keep it:
+:attr:`StepResult.kind <node_ocp.train.step.StepResult>`,
+:meth:`OptimizerAdapter.next_kind <node_ocp.train.adapters.OptimizerAdapter.next_kind>`,
+the ``kind_s`` column of ``node-ocp bench``.)
 
 This module is the one place where function evaluations are read (:func:`take_nfe`),
 where an optimizer table's cycle (:func:`cycle`) and amortised cost are worked out, and
@@ -15,7 +21,8 @@ from __future__ import annotations
 import math
 import statistics
 
-KINDS: tuple[str, ...] = ("plain", "adapt", "refresh", "refresh+adapt")
+#: The types of step, in the order of the tables.
+STEP_TYPES: tuple[str, ...] = ("plain", "adapt", "refresh", "refresh+adapt")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -49,23 +56,23 @@ def amortized_for(table, cost: dict[str, float | None]) -> float | None:
     return amortized(cost, *cycle(table))
 
 
-def step_kind(refresh: bool, adapt: bool) -> str:
-    """The kind of a step."""
+def step_type(refresh: bool, adapt: bool) -> str:
+    """The type of a step that refreshes the curvature and/or adapts (runs a trial)."""
     if refresh and adapt:
         return "refresh+adapt"
     return "refresh" if refresh else ("adapt" if adapt else "plain")
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float | None]:
-    """The median time of each kind (None for a kind never seen)."""
-    return {k: statistics.median(times[k]) if times.get(k) else None for k in KINDS}
+    """The median time of each step type (None for a type never seen)."""
+    return {k: statistics.median(times[k]) if times.get(k) else None for k in STEP_TYPES}
 
 
 def amortized(
     cost: dict[str, float | None], update_every: int | None = None, adapt_every: int | None = None
 ) -> float | None:
     """Mean cost of a step over one cycle (``update_every`` None: no refresh steps,
-    ``adapt_every`` None: no adapt steps); a kind without a measurement takes the cost of
+    ``adapt_every`` None: no adapt steps); a step type without a measurement takes the cost of
     the nearest measured one (refresh+adapt -> refresh -> adapt -> plain)."""
     fallback = {
         "refresh+adapt": ["refresh+adapt", "refresh", "adapt", "plain"],
@@ -77,8 +84,8 @@ def amortized(
     total = 0.0
     for i in range(period):
         refresh = update_every is not None and i % update_every == 0
-        kind = step_kind(refresh, adapt_every is not None and i % adapt_every == 0)
-        value = next((cost[k] for k in fallback[kind] if cost.get(k) is not None), None)
+        which = step_type(refresh, adapt_every is not None and i % adapt_every == 0)
+        value = next((cost[k] for k in fallback[which] if cost.get(k) is not None), None)
         if value is None:
             return None
         total += value

@@ -144,10 +144,10 @@ __all__ = ["StepMemory", "state_mb", "process_peak_mb"]
 class FirstStepMemory:
     """Memory of training steps, as ``node-ocp train`` and ``bench`` report it.
 
-    The first step of each kind (plain, refresh, ...) after the first step is measured:
+    The first step of each type (plain, refresh, ...) after the first step is measured:
     the optimizer's state plus the step's transient peak (:class:`StepMemory`). The
     process's peak (CUDA allocator peak / peak resident memory) is reported beside it.
-    ``measured`` (kind -> MB) is filled in place (a run keeps it in its state).
+    ``measured`` (step type -> MB) is filled in place (a run keeps it in its state).
     """
 
     def __init__(self, device: torch.device, measured: dict):
@@ -156,12 +156,12 @@ class FirstStepMemory:
         self.measured = measured
         self.active: str | None = None
 
-    def before_step(self, kind: str, step: int) -> bool:
-        """Start measuring when this step is the first of its kind after step 0; whether
+    def before_step(self, step_type: str, step: int) -> bool:
+        """Start measuring when this step is the first of its type after step 0; whether
         it is measured."""
         self.active = None
-        if step > 0 and kind not in self.measured:
-            self.active = kind
+        if step > 0 and step_type not in self.measured:
+            self.active = step_type
             self.meter.start()
         return self.active is not None
 

@@ -43,7 +43,8 @@ class StepResult:
     """What one step measured.
 
     loss: the batch's training loss at the parameters before the step.
-    kind: ``plain``, ``adapt``, ``refresh`` or ``refresh+adapt`` (see :mod:`.costs`).
+    kind: the step's type: ``plain``, ``adapt``, ``refresh`` or ``refresh+adapt`` (see
+        :mod:`.costs`; not a config ``kind``).
     seconds: the step's wall-clock time (CUDA synchronised at both ends).
     nfe_forward, nfe_backward: function evaluations of the blocks during the step (forward
         solves, the step control's trial included; backward solves).
@@ -60,7 +61,7 @@ class StepResult:
 
 
 def kind_of(opt: torch.optim.Optimizer | OptimizerAdapter) -> str:
-    """The kind of ``opt``'s coming step (``plain`` for every optimizer but OCNOpt)."""
+    """The type of ``opt``'s coming step (``plain`` for every optimizer but OCNOpt)."""
     return adapt(opt).next_kind()
 
 
@@ -97,7 +98,7 @@ def train_step(
     step = adapt(opt)
     device = _device(step.opt)
     take_nfe(blocks)
-    kind = step.next_kind()
+    step_type = step.next_kind()
     _sync(device)
     t0 = time.perf_counter()
     step.zero_grad()
@@ -122,7 +123,9 @@ def train_step(
     seconds = time.perf_counter() - t0
     nfe_capture = sum(b.nfe_capture for b in blocks)
     nfe_forward, nfe_backward = take_nfe(blocks)
-    return StepResult(float(loss.detach()), kind, seconds, nfe_forward, nfe_backward, nfe_capture)
+    return StepResult(
+        float(loss.detach()), step_type, seconds, nfe_forward, nfe_backward, nfe_capture
+    )
 
 
 def _device(opt: torch.optim.Optimizer) -> torch.device:
