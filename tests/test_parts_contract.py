@@ -118,5 +118,5 @@ def test_every_feedback_policy_sweeps_and_resumes_exactly(name):
 
     kw = dict(feedback=name, step="fixed", lr=0.05, damping_mode="absolute", damping=0.1)
     model, opt = _round_trip(**kw)
-    assert type(opt._policy) is POLICIES[name]
+    assert type(opt._feedback_runner.policy) is POLICIES[name]
     assert opt.feedback_steps >= 5 and opt.feedback_failures == 0

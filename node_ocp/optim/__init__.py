@@ -5,9 +5,10 @@ variants (:mod:`.curvatures`), which unit covers which parameters (:mod:`.units`
 statistics collection (:mod:`.statistics`), the distributed reduce and decomposition
 (:mod:`.reduce`), the damping adaptation (:mod:`.damping`), the steppers that turn
 directions into updates (:mod:`.steppers`) with their step control (:mod:`.step_control`),
-the trial evaluations (:mod:`.trial`), the factor sources (:mod:`.factor_flow`,
-:mod:`.fisher_backward`) and the feedback policies across a model's stages
-(:mod:`.feedback`, :mod:`.feedback_dense`).
+the trial evaluations (:mod:`.trial`), the factor sources (:mod:`.factor_sources`, with
+:mod:`.factor_flow` and :mod:`.fisher_backward`) and the feedback across a model's stages
+(:mod:`.feedback_runner`, its policies in :mod:`.feedback_policies`, :mod:`.feedback`,
+:mod:`.feedback_dense`).
 """
 
 from .curvatures import VARIANTS, CurvatureUnit, Damping
