@@ -199,7 +199,7 @@ def test_sampled_pass_leaves_every_gradient_to_the_loss_including_the_horizon():
     opt.zero_grad()
     out = model(xs)
     opt.backward(_masked_mse(out, target, mask), outputs=out, likelihood="gaussian")
-    assert opt._statistics_route == "fisher"
+    assert opt._statistics_route.name == "fisher"
     loss = _masked_mse(plain_model(xs), target, mask)
     names = [n for n, _ in plain_model.named_parameters()]
     plain = torch.autograd.grad(loss, list(plain_model.parameters()))
@@ -223,7 +223,7 @@ def test_auto_draws_the_monte_carlo_fisher_for_a_classifier():
     opt.zero_grad()
     out = logits_of(model)
     opt.backward(nn.functional.cross_entropy(out, labels), outputs=out, likelihood="categorical")
-    assert opt._statistics_route == "fisher"
+    assert opt._statistics_route.name == "fisher"
     got = _kronecker_stats(opt)
     ref = no.OCNOpt(reference, curvature="kfac", factors="empirical")
     ref.zero_grad()

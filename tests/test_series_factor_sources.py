@@ -83,7 +83,7 @@ def test_models_whose_loss_reads_several_block_calls(kind, task, source):
             opt.backward(loss, outputs=out, likelihood=likelihood)
         return
     opt.backward(loss, outputs=out, likelihood=likelihood)
-    assert opt._statistics_route == "fisher"
+    assert opt._statistics_route.name == "fisher"
     assert opt.capture is not None and opt.capture.kronecker  # the field's factors
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     opt.step()

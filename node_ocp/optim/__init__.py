@@ -7,9 +7,10 @@ which unit covers which parameters, :mod:`.units`; statistics collection,
 calibration scales, :mod:`.unit_scales`), the damping adaptation (:mod:`.damping`), the
 steppers that turn directions into updates (:mod:`.steppers`) with their step control
 (:mod:`.step_control`), the trial evaluations (:mod:`.trial`), the factor sources
-(:mod:`.factor_flow`, :mod:`.fisher_backward`, both from :mod:`.likelihoods`) and the
-feedback policies across a model's stages (:mod:`.feedback_policies` over :mod:`.feedback`
-and :mod:`.feedback_dense`). :mod:`.ocnopt` wires them together.
+(:mod:`.factor_sources`, with :mod:`.factor_flow` and :mod:`.fisher_backward`, both from
+:mod:`.likelihoods`) and the feedback across a model's stages (:mod:`.feedback_runner`, its
+policies in :mod:`.feedback_policies` over :mod:`.feedback` and :mod:`.feedback_dense`).
+:mod:`.ocnopt` wires them together.
 
 The statistics come from the capture of the ODE blocks' backward solves,
 :mod:`node_ocp.capture` (not to be confused with the variants in :mod:`.curvatures`).

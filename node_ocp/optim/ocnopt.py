@@ -11,26 +11,35 @@ evaluates the same batch again (no backward; OCNOpt calls it at trial parameters
         opt.backward(loss, outputs=logits, likelihood="categorical")
         opt.step(lambda: (loss_fn(model(x), y), model(x)))   # or return the loss alone
 
-One step runs these stages, each owned by one module:
+One step runs these stages, each owned by one part:
 
 1. **collect** (refresh steps: step 0, ``update_every``, ...): the capture of the blocks'
    backward solves and the hooks on layers outside the blocks yield typed statistics
-   records (:mod:`.statistics`), from the loss's own backward pass or a sampled one
-   (:mod:`.factor_flow`, :mod:`.fisher_backward`, chosen by ``factors``);
+   records (:mod:`.statistics`); the factor source (:mod:`.factor_sources`, one class per
+   ``factors``) routes them, in ``backward``, through the loss's own backward pass, factors
+   carried inside the solves (:mod:`.factor_flow`) or a sampled backward pass of their own
+   (:mod:`.fisher_backward`);
 2. **reduce** across processes and **decompose** into each unit's eigenbasis
-   (:mod:`.reduce`, the units of :mod:`.curvatures`);
+   (:class:`~.preconditioner.Preconditioner`, :mod:`.reduce`, the units of
+   :mod:`.curvatures`);
 3. **precondition**: every unit maps its gradient to ``u = (C + λ)⁻¹ g`` with the damping λ
-   relative to its own curvature scale (π-balanced for kfac), divided by its part's
-   calibration scale (:mod:`.unit_scales`);
-4. **plan** (a stepper of :mod:`.steppers`, chosen by ``step``): ``"model"``:
+   relative to its own curvature scale (π-balanced for kfac) or absolute (``damping_mode``),
+   divided by its part's calibration scale (:mod:`.unit_scales`);
+4. **plan** (a stepper of :mod:`.steppers`, one class per ``step``): ``"model"``:
    ``δ = −α u + μ δ_prev`` with ``α`` from the calibrated quadratic model inside a trust
    region (:mod:`.step_control`); ``"fixed"``: ``δ = −lr (u + μ d_prev)``;
-5. **trial** every ``adapt_every`` steps (:mod:`.trial`): the batch at ``θ + δ`` gives the
-   Gauss–Newton curvature along ``δ`` and the reduction ratio ρ; the stepper settles what is
-   taken and its calibration κ, ρ adapts λ (Levenberg–Marquardt, :mod:`.damping`);
-   ``kl_clip`` bounds the update taken;
+5. **trial** every ``adapt_every`` steps (:meth:`.trial.Trials.adapt`): the batch at
+   ``θ + δ`` gives the Gauss–Newton curvature along ``δ`` and the reduction ratio ρ; the
+   stepper settles what is taken and its calibration κ, ρ adapts λ (Levenberg–Marquardt,
+   :mod:`.damping`); ``kl_clip`` bounds the update taken;
 6. **base step**: ``θ ← θ + δ``; with ``feedback`` on, applied stage by stage in one forward
-   sweep that adds each stage's gain term ``K_s δx_s`` (:mod:`.feedback`).
+   sweep that adds each stage's gain term ``K_s δx_s`` (the
+   :class:`~.feedback_runner.FeedbackRunner` and its policy, one class per ``feedback``,
+   :mod:`.feedback_policies`).
+
+:class:`OCNOpt` itself keeps the parameter groups, ``backward`` and ``step`` (which call the
+parts in this order), the skipping of non-finite steps (``nonfinite``, chosen once) and a
+``state_dict`` assembled from the parts' own.
 
 Which unit preconditions which parameters is decided once (:mod:`.units`): Kronecker layers
 inside the fields and outside the blocks, dense blocks, and a diagonal rule on the same scale
@@ -53,18 +62,13 @@ from torch import nn
 from .. import dist
 from .._errors import bad_type, bad_value, check_choice
 from ..capture import CurvatureCapture
-from ..ode.block import ODEBlock, SolverError
-from .curvatures import VARIANTS, Damping, dot
+from ..ode.block import ODEBlock
+from .curvatures import VARIANTS, Damping
 from .damping import LevenbergMarquardt
-from .factor_flow import FactorFlow, chain_problem
-from .feedback import (
-    FeedbackReport,
-    StageRecorder,
-    find_stages,
-    warn_open_loop,
-)
-from .feedback_policies import POLICIES, FeedbackPolicy, SweepContext
-from .fisher_backward import AUTO_LIKELIHOODS, fisher_backward
+from .factor_sources import EMPIRICAL, FACTOR_SOURCES_BY_NAME
+from .feedback import FeedbackReport
+from .feedback_policies import SweepContext
+from .feedback_runner import FeedbackRunner
 from .hyper import check_hyper, value_at
 from .likelihoods import LIKELIHOODS
 from .options import (  # noqa: F401  (re-exported: the public names of the options)
@@ -79,9 +83,9 @@ from .options import (  # noqa: F401  (re-exported: the public names of the opti
     renamed_keys,
 )
 from .preconditioner import Preconditioner
-from .step_control import Adaptation, StepControl, TrialOutcome
+from .step_control import Adaptation, StepControl
 from .steppers import STEPPERS
-from .trial import Observed, Trials, loss_and_outputs
+from .trial import Observed, Trials
 from .unit_scales import UnitCalibration, unit_groups
 
 GROUP_KEYS: tuple[str, ...] = (
@@ -211,19 +215,19 @@ class OCNOpt(torch.optim.Optimizer):
         self.options = o
         self.curvature = o.curvature
         self.factors = o.factors
-        # the feedback sweep's stage factors: "auto" keeps the empirical ones
-        self._stage_source = "empirical" if self.factors == "auto" else self.factors
         self.step_mode = o.step
         self.update_every = o.update_every
         self.rank = o.rank
         self.max_dense_params = o.max_dense_params
         self.nonfinite = o.nonfinite
+        self._raise_nonfinite = o.nonfinite == "raise"
         self.sample_dt = o.sample_dt
         self.damping_mode = o.damping_mode
+        self._relative = o.damping_mode == "relative"
         self.feedback = o.feedback
         self.feedback_every = o.feedback_every
         self.feedback_clip = o.feedback_clip
-        self.time_joint = time_joint = o.time_joint
+        self.time_joint = o.time_joint
         if schedule is not None and not callable(schedule):
             raise bad_type("schedule", schedule, "None or a callable step -> factor")
         self._schedule = schedule
@@ -234,23 +238,7 @@ class OCNOpt(torch.optim.Optimizer):
         defaults = o.group_defaults()
         self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
-        adjoint = [b.name for b in self.blocks if b.gradient == "adjoint"]
-        if not time_joint and adjoint:
-            raise bad_value(
-                "time_joint",
-                False,
-                "False only for models whose ODE blocks use gradient='direct' (the ordinary "
-                f"K-FAC hooks see the field only in backprop through the solver); {adjoint[0]} "
-                "uses 'adjoint'",
-                "Build the blocks with gradient='direct', or keep time_joint=True.",
-            )
-        if VARIANTS[self.curvature].needs is not None and not self.blocks:
-            raise bad_value(
-                "model",
-                type(model).__name__,
-                f"a model containing at least one ODEBlock for curvature={o.curvature!r}",
-                "Use curvature='identity' or 'diagonal' for a model without ODE blocks.",
-            )
+        _check_model(model, self.blocks, o)
         horizons = {id(b.t) for b in self.blocks if isinstance(b.t, nn.Parameter)}
         params = [p for p in model.parameters() if id(p) not in horizons]
         super().__init__(_build_groups(params, groups), defaults)
@@ -263,14 +251,12 @@ class OCNOpt(torch.optim.Optimizer):
             self._group_of,
             self.state,
             max_dense_params=o.max_dense_params,
-            time_joint=time_joint,
+            time_joint=o.time_joint,
             sample_dt=o.sample_dt,
             eigh_spread_min_dim=o.eigh_spread_min_dim,
         )
         self._generator = torch.Generator().manual_seed(o.seed)
-        self._flow = None
-        if self.factors in ("sampled", "exact"):
-            self._flow = FactorFlow(self.factors, self.rank, self._generator)
+        self._factor_source = FACTOR_SOURCES_BY_NAME[o.factors](o.rank, self._generator)
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
@@ -283,16 +269,23 @@ class OCNOpt(torch.optim.Optimizer):
         self._unit_groups: list | None = None  # built at the first sweep
         self._step = 0
         self.skipped_steps = 0
-        self.feedback_steps = 0
-        self.feedback_failures = 0
-        self._factors_given = False
-        self._statistics_route = "empirical"  # of the coming refresh (set by backward)
+        self._statistics_route = EMPIRICAL  # of the coming refresh (set by backward)
         self._observed: Observed | None = None
         self._nfe_mark = 0
         self._warned_no_closure = False
         self.last_clip = 1.0
         self.last_adaptation: Adaptation | None = None
-        self._setup_feedback()
+        self._feedback_runner = FeedbackRunner(
+            o.feedback,
+            o.feedback_every,
+            model,
+            self._factor_source.stage_source,
+            o.rank,
+            self._generator,
+            o.feedback_clip,
+            o.max_dense_params,
+            fixed_step=stepper.requires_lr,
+        )
         self._arm_if_due()
 
     # ------------------------------------------------------------------ introspection
@@ -414,55 +407,35 @@ class OCNOpt(torch.optim.Optimizer):
         out["total"] = sum(out.values())
         return out
 
-    # ------------------------------------------------------------------ collect: arming
-    def _setup_feedback(self) -> None:
-        self._recorder: StageRecorder | None = None
-        self._policy: FeedbackPolicy | None = None
-        self._feedback_ready = False
-        self._warned_feedback = False
-        self.last_feedback: FeedbackReport | None = None
-        policy = POLICIES.get(self.feedback)
-        if policy is None:  # "off"
-            return
-        if policy.needs_fixed_step and not self._stepper.requires_lr:
-            raise bad_value(
-                "feedback",
-                self.feedback,
-                "'dense' with step='fixed' (its step is the policy η k + K δx with η = lr)",
-                "Or use feedback='gauss_newton'.",
-            )
-        stages, reason = find_stages(self.model)
-        if not stages:
-            if policy.needs_stages:
-                raise bad_value("model", type(self.model).__name__, "stages", reason)
-            warn_open_loop(reason)
-            return
-        self._recorder = StageRecorder(stages)
-        self._policy = policy(
-            self._stage_source,
-            self.rank,
-            self._generator,
-            self.feedback_clip,
-            self.max_dense_params,
-        )
-
+    # ------------------------------------------------------------------ feedback
     @property
     def feedback_due(self) -> bool:
         """True if this step is a feedback sweep (``feedback`` on, every ``feedback_every``)."""
-        return self._recorder is not None and self._step % self.feedback_every == 0
+        return self._feedback_runner.due(self._step)
 
+    @property
+    def feedback_steps(self) -> int:
+        """Feedback sweeps run so far (fallbacks to the open-loop update included)."""
+        return self._feedback_runner.steps
+
+    @property
+    def feedback_failures(self) -> int:
+        """Feedback sweeps that fell back to the open-loop update."""
+        return self._feedback_runner.failures
+
+    @property
+    def last_feedback(self) -> FeedbackReport | None:
+        """What the last feedback sweep did (:class:`~.feedback.FeedbackReport`), or None."""
+        return self._feedback_runner.last
+
+    # ------------------------------------------------------------------ collect: arming
     def _arm_if_due(self) -> None:
         self._disarm()
-        self._statistics_route = "empirical"
-        self._feedback_ready = False
-        if self._recorder is not None:
-            self._recorder.clear()
-            if self.feedback_due:
-                self._recorder.arm(keep_grads=True)
+        self._statistics_route = EMPIRICAL
+        self._feedback_runner.arm(self._step)
         if self._step % self.update_every != 0:
             return
-        self._pre.arm(carry_factors=self._flow is not None)
-        self._factors_given = False
+        self._pre.arm(carry_factors=self._factor_source.carries_factors)
 
     def _disarm(self) -> None:
         self._pre.disarm()
@@ -505,89 +478,45 @@ class OCNOpt(torch.optim.Optimizer):
             float(loss.detach()), forward_nfe=self._trials.forward_nfe() - self._nfe_mark
         )
         self._observed = observed
+        runner = self._feedback_runner
+        feedback = runner.recording
         retain = retain_graph
-        feedback = self._recorder is not None and bool(self._recorder.records)
         if feedback:
-            self._recorder.disarm()
-            if self._policy.needs_graph:
-                retain = True  # factors or Jacobians come from this graph after backward
-        route = self._route(outputs, likelihood) if self.refresh_due else "empirical"
+            retain = runner.end_recording() or retain
+        route = EMPIRICAL  # of the refresh's statistics (:mod:`.factor_sources`)
+        if self.refresh_due:
+            route = self._factor_source.route(outputs, likelihood, self._capture)
         self._statistics_route = route
-        if route == "flow":
-            retain = (
-                self._flow.hand_over(self._capture, outputs, likelihood, self._paused) or retain
+        retain = (
+            route.before_backward(
+                loss,
+                outputs,
+                likelihood,
+                capture=self._capture,
+                params=self._group_of,
+                pause=self._paused,
+                quiet=runner.paused,
             )
-            self._factors_given = True
-        elif route == "fisher":
-            quiet = self._recorder.paused if self._recorder is not None else nullcontext
-            fisher_backward(
-                loss, outputs, likelihood, self._generator, self._group_of, self._capture, quiet
-            )
-            self._factors_given = True
-        handle = None  # after the factor flow, whose pull-backs start at outputs
-        if outputs is not None and likelihood is not None:
-            observed.outputs = outputs.detach()
-            observed.likelihood = likelihood
-            if likelihood == "gaussian":
-
-                def keep(g):
-                    observed.grad_outputs = g.detach()
-
-                handle = outputs.register_hook(keep)
+            or retain
+        )
+        handle = observed.watch(outputs, likelihood)  # after the flow's pull-backs
         try:
-            if route == "fisher":  # the statistics came from the sampled pass
-                with self._collector.paused():
-                    loss.backward(retain_graph=retain)
-            else:
+            with self._collector.paused() if route.pauses_collector else nullcontext():
                 loss.backward(retain_graph=retain)
         finally:
             if handle is not None:
                 handle.remove()
         if feedback:
-            self._recorder.stop_grads()
-            self._prepare_feedback(outputs, likelihood)
-
-    def _route(self, outputs, likelihood) -> str:
-        """Where this refresh step's statistics come from: ``"empirical"`` (the loss's own
-        backward pass), ``"flow"`` (factors carried inside the backward solves,
-        :mod:`.factor_flow`) or ``"fisher"`` (a sampled backward pass of its own,
-        :mod:`.fisher_backward`)."""
-        if self.factors == "empirical":
-            return "empirical"
-        given = outputs is not None and likelihood is not None
-        if self.factors == "auto":
-            return "fisher" if given and likelihood in AUTO_LIKELIHOODS else "empirical"
-        if not given:
-            raise bad_value(
-                "outputs/likelihood",
-                (outputs if outputs is None else "tensor", likelihood),
-                f"both given on refresh steps with factors={self.factors!r} "
-                f"(likelihood one of {', '.join(LIKELIHOODS)})",
-                "Or use factors='empirical' or 'auto', which need only loss.backward().",
-            )
-        if self._capture is None:
-            return "fisher" if self.factors == "sampled" else "empirical"
-        records = list(self._capture.records)
-        if self.factors == "sampled" and (not records or chain_problem(records, outputs)):
-            return "fisher"
-        return "flow"
+            runner.prepare(outputs, likelihood, self._stage_params)
 
     @contextmanager
     def _paused(self):
         """Statistics of the outside layers and kept stage gradients stop inside."""
-        with self._collector.paused():
-            if self._recorder is None:
-                yield
-            else:
-                with self._recorder.paused():
-                    yield
+        with self._collector.paused(), self._feedback_runner.paused():
+            yield
 
-    def _prepare_feedback(self, outputs, likelihood) -> None:
-        """What the sweep needs from this step's graph, taken before any parameter moves:
-        the factors at the stage boundaries (or the dense policy's Jacobians)."""
-        self._policy.clear()
-        self._policy.prepare(self._recorder.ordered(), outputs, likelihood, self._stage_params)
-        self._feedback_ready = True
+    def _stage_params(self, module: nn.Module) -> set:
+        return {p for p in module.parameters() if p in self._group_of}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -603,17 +532,11 @@ class OCNOpt(torch.optim.Optimizer):
         if not self._all_finite():
             return None
         step = self._step
-        refreshing = self.refresh_due
-        if refreshing:
-            if self._flow is not None and self._capture is not None and not self._factors_given:
-                raise ValueError(
-                    f"factors={self.factors!r}: step {step} is a refresh step but no factors "
-                    "were handed over; call opt.backward(loss, outputs=..., likelihood=...) "
-                    "instead of loss.backward()."
-                )
+        if self.refresh_due:
+            self._factor_source.check_handed_over(step, self._capture, self._statistics_route)
             self._refresh()
         grads = self._gradients(step)
-        damping = Damping(self._lm.value, self.damping_mode == "relative")
+        damping = Damping(self._lm.value, self._relative)
         if self._calibration.due(step, self.update_every) and closure is not None:
             observed = observed or self._trials.here(closure)
             self._sweep_units(closure, observed, grads, damping)
@@ -623,81 +546,48 @@ class OCNOpt(torch.optim.Optimizer):
         )
         trial_loss = None
         if self.adapt_due and closure is not None:
-            update, trial_loss = self._adapt(closure, observed, grads, directions, update, step)
+            update, trial_loss, self.last_adaptation = self._trials.adapt(
+                closure,
+                observed,
+                grads,
+                update,
+                step,
+                stepper=self._stepper,
+                lm=self._lm,
+                quadratic=self._pre.quadratic,
+                damping=damping,
+            )
         elif self._stepper.needs_closure and closure is None:
             self._warn_no_closure()
         if update is not None:
             if self.kl_clip is not None:
-                nu = self._clip(update, damping)
-                update = {p: d * nu for p, d in update.items()}
-            update, sweep_loss = self._apply(update, closure, damping, step)
+                update = self._clip(update, damping)
+            update, sweep_loss = self._feedback_runner.apply(
+                update, closure, step, lambda: self._sweep_context(damping)
+            )
             trial_loss = trial_loss if sweep_loss is None else sweep_loss
             self._stepper.remember(update, step)
-        if self._recorder is not None:
-            self._recorder.clear()
-        if self._policy is not None:
-            self._policy.clear()
+        self._feedback_runner.clear()
         self._step += 1
         self._arm_if_due()
         return trial_loss
 
-    # ------------------------------------------------------------------ base step
-    def _apply(self, update: dict, closure, damping: Damping, step: int):
-        """``θ ← θ + δ``, through the feedback sweep on feedback steps.
-
-        Returns ``(the update taken per parameter, the sweep's loss or None)``.
-        """
-        records = self._recorder.ordered() if self.feedback_due else []
-        reason = None
-        if self.feedback_due:
-            if not records:
-                reason = "no stage was called with grad enabled in this step's forward"
-            elif not self._feedback_ready:
-                reason = "the step's backward was not opt.backward(loss, ...)"
-            elif closure is None:
-                reason = "step() got no closure"
-            if reason is not None and not self._warned_feedback:
-                self._warned_feedback = True
-                warn_open_loop(reason)
-        if not records or reason is not None:
-            for p, d in update.items():
-                p.add_(d)
-            return update, None
-        backup = {p: p.detach().clone() for p in update}
-        report = FeedbackReport(step=step)
-        try:
-            ctx = SweepContext(
-                self._units.units,
-                damping,
-                Damping(self._lm.value, damping.relative),
-                self._stepper.gain_scale(self._step),
-                self._reduces(),
-                self._stage_params,
-            )
-            taken, value, fields = self._policy.sweep(records, closure, update, ctx)
-            loss, _ = loss_and_outputs(value)
-            report.__dict__.update(fields, loss=loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError("the sweep's loss is not finite")
-        except (SolverError, FloatingPointError) as exc:
-            for p, b in backup.items():
-                p.copy_(b).add_(update[p])
-            report.reason = f"fell back to open-loop: {exc}".split("\n")[0]
-            taken, loss = update, None
-        self.feedback_steps += 1
-        if report.reason != "ok":
-            self.feedback_failures += 1
-        self.last_feedback = report
-        return taken, loss
-
-    def _stage_params(self, module: nn.Module) -> set:
-        return {p for p in module.parameters() if p in self._group_of}
+    def _sweep_context(self, damping: Damping) -> SweepContext:
+        """What a feedback sweep needs from the optimizer (``damping``: the step's)."""
+        return SweepContext(
+            self._units.units,
+            damping,
+            Damping(self._lm.value, damping.relative),
+            self._stepper.gain_scale(self._step),
+            self._reduces(),
+            self._stage_params,
+        )
 
     # ------------------------------------------------------------------ stages
     def _refresh(self) -> None:
         """collect → reduce across processes → decompose (:mod:`.preconditioner`)."""
         self._pre.refresh(
-            empirical=self._statistics_route != "flow",
+            empirical=self._statistics_route.empirical,
             reduces=self._reduces(),
             keep_records=not self.feedback_due,
         )
@@ -726,67 +616,6 @@ class OCNOpt(torch.optim.Optimizer):
                 stacklevel=3,
             )
 
-    def _adapt(self, closure, observed, grads, directions, update, step):
-        """The trial evaluation(s) of an adaptation step; returns (update or None, loss).
-
-        The stepper says how many trials and what is taken (:mod:`.steppers`); the trials
-        are evaluated and agreed across processes by :mod:`.trial`."""
-        control, stepper = self._control, self._stepper
-        damping = Damping(self._lm.value, self.damping_mode == "relative")
-        zero = Damping(0.0, damping.relative)
-        params = list(update)
-        if observed is None:  # the loss of the batch at θ is unknown: one more evaluation
-            observed = self._trials.here(closure)
-        backup = [p.detach().clone() for p in params]
-        kappa = control.kappa
-        trial = update
-        outcome, trial_loss, trials = None, None, 0
-        while trials < stepper.max_trials:
-            trials += 1
-            g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
-            held = self._pre.quadratic(trial, damping)
-            damp_term = held - self._pre.quadratic(trial, zero)
-            for p in params:
-                p.add_(trial[p])
-            trial_loss, gn, nfe = self._trials.evaluate(closure, observed)
-            for p, b in zip(params, backup):
-                p.copy_(b)
-            loss0, loss1, gn, nfe, fwd = self._trials.agree(
-                [observed.loss, trial_loss, gn, nfe, observed.forward_nfe]
-            )
-            outcome = TrialOutcome(
-                g_delta=g_delta,
-                held=held,
-                kappa=stepper.trial_kappa(kappa),
-                damping=damp_term,
-                actual=loss1 - loss0,
-                gauss_newton=gn,
-                stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
-                loss=abs(loss0),
-            )
-            if stepper.done(outcome):
-                break
-            trial = {p: d * control.shrink for p, d in trial.items()}
-        control.adaptations += 1
-        rho = outcome.rho
-        self._lm.update(rho)
-        control.again = not outcome.accepted
-        reason = "ok" if outcome.accepted else outcome.why_rejected
-        if not outcome.accepted:
-            control.failures += 1
-        update = stepper.settle(outcome, trials, trial, update, kappa, self._lm)
-        self.last_adaptation = Adaptation(
-            step=step,
-            kappa=control.kappa,
-            alpha=control.alpha,
-            rho=float("nan") if rho is None else rho,
-            damping=self._lm.value,
-            exact=outcome.exact,
-            trials=trials,
-            reason=reason,
-        )
-        return update, trial_loss
-
     def _sweep_units(self, closure, observed, grads: dict, damping: Damping) -> None:
         """Measure every unit's own calibration on the batch (:mod:`.unit_scales`)."""
         names = {p: n for n, p in self.model.named_parameters()}
@@ -808,14 +637,16 @@ class OCNOpt(torch.optim.Optimizer):
             label=lambda u: names.get(u.params[0], "?"),
         )
 
-    def _clip(self, update: dict, damping: Damping) -> float:
-        """``ν = min(1, sqrt(kl_clip / δᵀ(C + λ)δ))`` for the update ``δ`` about to be taken."""
+    def _clip(self, update: dict, damping: Damping) -> dict:
+        """``δ ν`` with ``ν = min(1, sqrt(kl_clip / δᵀ(C + λ)δ))`` (kept in ``last_clip``)."""
         quad = self._pre.quadratic(update, damping)
         nu = min(1.0, (self.kl_clip / quad) ** 0.5) if quad > 0 else 1.0
         self.last_clip = nu
-        return nu
+        return {p: d * nu for p, d in update.items()}
 
     def _all_finite(self) -> bool:
+        """Whether every gradient is finite; if not, the step is skipped (``nonfinite``:
+        ``"skip"``: warned, counted and this step's statistics dropped) or raises."""
         checks = [
             p.grad.isfinite().all()
             for g in self.param_groups
@@ -828,12 +659,12 @@ class OCNOpt(torch.optim.Optimizer):
             f"OCNOpt: non-finite gradient at step {self._step}; the step was skipped "
             "and the optimizer state is unchanged."
         )
-        if self.nonfinite == "raise":
+        if self._raise_nonfinite:
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.skipped_steps += 1
         self._pre.forget()
-        self._factors_given = False
+        self._statistics_route = EMPIRICAL  # the factors handed over went with the step
         return False
 
     # ------------------------------------------------------------------ checkpoints
@@ -842,11 +673,7 @@ class OCNOpt(torch.optim.Optimizer):
         sd["ocnopt"] = {
             "step": self._step,
             "skipped_steps": self.skipped_steps,
-            "feedback": self.feedback,
-            "feedback_every": self.feedback_every,
-            "feedback_steps": self.feedback_steps,
-            "feedback_failures": self.feedback_failures,
-            "last_feedback": None if self.last_feedback is None else self.last_feedback.as_dict(),
+            **self._feedback_runner.state_dict(),
             "generator": self._generator.get_state(),
             "curvature": self.curvature,
             "factors": self.factors,
@@ -904,16 +731,7 @@ class OCNOpt(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._step = int(extra["step"])
         self.skipped_steps = int(extra["skipped_steps"])
-        if extra.get("feedback", "off") != self.feedback:
-            raise bad_value(
-                "state_dict",
-                f"feedback={extra.get('feedback', 'off')!r}",
-                f"the feedback of this optimizer ({self.feedback!r})",
-            )
-        self.feedback_steps = int(extra.get("feedback_steps", 0))
-        self.feedback_failures = int(extra.get("feedback_failures", 0))
-        last_fb = extra.get("last_feedback")
-        self.last_feedback = None if last_fb is None else FeedbackReport(**last_fb)
+        self._feedback_runner.load_state_dict(extra)
         self._generator.set_state(extra["generator"])
         self._pre.samples = float(extra["samples"])
         self._lm.load_state_dict(extra["damping"])
@@ -926,6 +744,27 @@ class OCNOpt(torch.optim.Optimizer):
         self._stepper = self._make_stepper()
         self._unit_groups = None
         self._arm_if_due()
+
+
+def _check_model(model: nn.Module, blocks: list, o: OCNOptOptions) -> None:
+    """Refuse options the model's blocks cannot serve."""
+    adjoint = [b.name for b in blocks if b.gradient == "adjoint"]
+    if not o.time_joint and adjoint:
+        raise bad_value(
+            "time_joint",
+            False,
+            "False only for models whose ODE blocks use gradient='direct' (the ordinary "
+            f"K-FAC hooks see the field only in backprop through the solver); {adjoint[0]} "
+            "uses 'adjoint'",
+            "Build the blocks with gradient='direct', or keep time_joint=True.",
+        )
+    if VARIANTS[o.curvature].needs is not None and not blocks:
+        raise bad_value(
+            "model",
+            type(model).__name__,
+            f"a model containing at least one ODEBlock for curvature={o.curvature!r}",
+            "Use curvature='identity' or 'diagonal' for a model without ODE blocks.",
+        )
 
 
 def _build_groups(params: list, groups: list[dict] | None) -> list[dict]:

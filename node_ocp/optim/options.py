@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from .._errors import bad_type, bad_value, check_choice, check_positive
 from .curvatures import VARIANTS
+from .factor_sources import FACTOR_SOURCES_BY_NAME
 from .feedback import FEEDBACK_MODES
 from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
-FACTOR_SOURCES: tuple[str, ...] = ("auto", "empirical", "sampled", "exact")
+FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empirical", ...
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")

@@ -82,6 +82,9 @@ class Preconditioner:
 
     def build(self, group_of: dict, state) -> None:
         """(Re)build the units for these groups and this state (after a state load)."""
+        if getattr(self, "collector", None) is not None:
+            # the old collector's hooks would outlive it (still gathering, never paused)
+            self.collector.disarm()
         self.units = build_units(
             self.model,
             self.blocks,

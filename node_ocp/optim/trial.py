@@ -6,6 +6,11 @@ module owns those evaluations: the loss and the NFE of the forward solves they c
 Gauss–Newton curvature along the move from the change of the model outputs
 (:func:`~.likelihoods.gauss_newton_quadratic`), and the mean of the measurements over the
 processes of a data-parallel run, so that every process takes the same decision.
+
+:meth:`Trials.adapt` is the trial loop of an adaptation step: the stepper
+(:mod:`.steppers`) says how many trials and what is taken, each trial is evaluated and agreed
+here, and its outcome (:class:`~.step_control.TrialOutcome`) adapts the damping λ
+(:mod:`.damping`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import torch
 from .. import dist
 from .._errors import bad_type, bad_value
 from ..ode.block import SolverError
+from .curvatures import Damping, dot
+from .damping import LevenbergMarquardt
 from .likelihoods import gauss_newton_quadratic
+from .step_control import Adaptation, TrialOutcome
 
 
 @dataclass
@@ -39,6 +47,22 @@ class Observed:
     likelihood: str | None = None
     grad_outputs: torch.Tensor | None = None
     forward_nfe: int = 0
+
+    def watch(self, outputs: torch.Tensor | None, likelihood: str | None):
+        """Keep ``outputs`` (detached) and ``likelihood`` when both are given, and for
+        ``"gaussian"`` hook ``∂L/∂outputs`` of the coming backward; returns the hook's
+        handle (to remove after that backward) or None."""
+        if outputs is None or likelihood is None:
+            return None
+        self.outputs = outputs.detach()
+        self.likelihood = likelihood
+        if likelihood != "gaussian":
+            return None
+
+        def keep(g):
+            self.grad_outputs = g.detach()
+
+        return outputs.register_hook(keep)
 
 
 class Trials:
@@ -98,6 +122,82 @@ class Trials:
                     loss - observed.loss,
                 )
         return loss, gn, nfe
+
+    def adapt(
+        self,
+        closure: Callable,
+        observed: Observed | None,
+        grads: dict,
+        update: dict,
+        step: int,
+        *,
+        stepper,
+        lm: LevenbergMarquardt,
+        quadratic: Callable[[dict, Damping], float],
+        damping: Damping,
+    ) -> tuple[dict | None, float, Adaptation]:
+        """The trial evaluation(s) of an adaptation step.
+
+        Evaluates ``update`` (then smaller trials, as long as ``stepper`` asks) on the batch,
+        adapts ``lm`` to the last outcome and lets the stepper settle what is taken and its
+        own state (its ``control``'s ``κ``, trust region and counters). ``quadratic(v, d)``
+        is the held model ``Σ s_u vᵀ(C + d)v`` (the preconditioner's), ``damping`` the
+        step's. Returns ``(the update taken or None, the last trial's loss, the
+        adaptation's record)``.
+        """
+        control = stepper.control
+        zero = Damping(0.0, damping.relative)
+        params = list(update)
+        if observed is None:  # the loss of the batch at θ is unknown: one more evaluation
+            observed = self.here(closure)
+        backup = [p.detach().clone() for p in params]
+        kappa = control.kappa
+        trial = update
+        outcome, trial_loss, trials = None, None, 0
+        while trials < stepper.max_trials:
+            trials += 1
+            g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
+            held = quadratic(trial, damping)
+            damp_term = held - quadratic(trial, zero)
+            for p in params:
+                p.add_(trial[p])
+            trial_loss, gn, nfe = self.evaluate(closure, observed)
+            for p, b in zip(params, backup):
+                p.copy_(b)
+            loss0, loss1, gn, nfe, fwd = self.agree(
+                [observed.loss, trial_loss, gn, nfe, observed.forward_nfe]
+            )
+            outcome = TrialOutcome(
+                g_delta=g_delta,
+                held=held,
+                kappa=stepper.trial_kappa(kappa),
+                damping=damp_term,
+                actual=loss1 - loss0,
+                gauss_newton=gn,
+                stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
+                loss=abs(loss0),
+            )
+            if stepper.done(outcome):
+                break
+            trial = {p: d * control.shrink for p, d in trial.items()}
+        control.adaptations += 1
+        rho = outcome.rho
+        lm.update(rho)
+        control.again = not outcome.accepted
+        if not outcome.accepted:
+            control.failures += 1
+        update = stepper.settle(outcome, trials, trial, update, kappa, lm)
+        adaptation = Adaptation(
+            step=step,
+            kappa=control.kappa,
+            alpha=control.alpha,
+            rho=float("nan") if rho is None else rho,
+            damping=lm.value,
+            exact=outcome.exact,
+            trials=trials,
+            reason="ok" if outcome.accepted else outcome.why_rejected,
+        )
+        return update, trial_loss, adaptation
 
 
 def loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
