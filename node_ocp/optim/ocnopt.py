@@ -69,6 +69,7 @@ from .factor_sources import EMPIRICAL, FACTOR_SOURCES_BY_NAME
 from .feedback import FeedbackReport
 from .feedback_policies import SweepContext
 from .feedback_runner import FeedbackRunner
+from .gauss_newton_cg import GaussNewtonCG
 from .hyper import check_hyper, value_at
 from .likelihoods import LIKELIHOODS
 from .options import (  # noqa: F401  (re-exported: the public names of the options)
@@ -181,6 +182,12 @@ class OCNOpt(torch.optim.Optimizer):
         calibrate_units: with ``step="model"`` (and a closure), one calibration scale per
             curvature unit, measured on refresh steps by one forward evaluation per unit
             (see :mod:`node_ocp.optim.unit_scales`). False: one ``κ`` for all.
+        cg_iters: 0 (default: the held, block-diagonal direction) or the number of
+            conjugate-gradient steps per step on the exact Gauss–Newton curvature of the whole
+            model, preconditioned by the held curvature: the coupling between units that the
+            held curvature leaves out (recurrent cells, fields and heads), at two forward and
+            one backward evaluation of the batch per CG step (:mod:`.gauss_newton_cg`).
+            Experimental: it does not yet beat the held direction (measured there).
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -257,6 +264,8 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self._generator = torch.Generator().manual_seed(o.seed)
         self._factor_source = FACTOR_SOURCES_BY_NAME[o.factors](o.rank, self._generator)
+        self._cg = GaussNewtonCG(o.cg_iters, damping=1.0) if o.cg_iters else None
+        self._warned_cg = False
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
@@ -541,6 +550,29 @@ class OCNOpt(torch.optim.Optimizer):
             observed = observed or self._trials.here(closure)
             self._sweep_units(closure, observed, grads, damping)
         directions = self._pre.directions(grads, damping)
+        coupled = None if self._cg is None else self._coupled(grads, directions, closure, damping)
+        if coupled is not None:  # a truncated Gauss–Newton step (:mod:`.gauss_newton_cg`)
+            update, trial_loss = coupled
+        else:
+            update, trial_loss = self._held_step(
+                grads, directions, step, observed, closure, damping
+            )
+        if update is not None:
+            if self.kl_clip is not None:
+                update = self._clip(update, damping)
+            update, sweep_loss = self._feedback_runner.apply(
+                update, closure, step, lambda: self._sweep_context(damping)
+            )
+            trial_loss = trial_loss if sweep_loss is None else sweep_loss
+            self._stepper.remember(update, step)
+        self._feedback_runner.clear()
+        self._step += 1
+        self._arm_if_due()
+        return trial_loss
+
+    def _held_step(self, grads, directions, step, observed, closure, damping):
+        """The stepper's update along the held directions, checked by a trial on adaptation
+        steps; ``(update or None, the trial loss or None)``."""
         update = self._stepper.plan(
             grads, directions, step, observed, lambda v: self._pre.quadratic(v, damping)
         )
@@ -559,18 +591,45 @@ class OCNOpt(torch.optim.Optimizer):
             )
         elif self._stepper.needs_closure and closure is None:
             self._warn_no_closure()
-        if update is not None:
-            if self.kl_clip is not None:
-                update = self._clip(update, damping)
-            update, sweep_loss = self._feedback_runner.apply(
-                update, closure, step, lambda: self._sweep_context(damping)
+        return update, trial_loss
+
+    def _coupled(self, grads: dict, directions: dict, closure, damping: Damping):
+        """``cg_iters``: a truncated Gauss–Newton step on the whole model's curvature,
+        preconditioned by the held one (:mod:`.gauss_newton_cg`): ``(update or None, trial
+        loss)``; None (the held step instead, with one warning) where the step has no
+        closure, the closure returns no outputs, or the curvature along ``u`` is not
+        positive."""
+        if self._reduces() and dist.world_size() > 1:
+            raise ValueError(
+                "cg_iters: received a value > 0 in a run across processes; accepted: 0 there "
+                "(the Gauss–Newton products are not averaged over processes yet)"
             )
-            trial_loss = trial_loss if sweep_loss is None else sweep_loss
-            self._stepper.remember(update, step)
-        self._feedback_runner.clear()
-        self._step += 1
-        self._arm_if_due()
-        return trial_loss
+        if closure is not None:
+            decay = {
+                p: value_at(g["weight_decay"], self._step)
+                for g in self.param_groups
+                for p in g["params"]
+            }
+            taken = self._cg.step(
+                grads,
+                directions,
+                lambda r: self._pre.solve(r, damping),
+                closure,
+                decay,
+                self._paused,
+            )
+            if self._cg.last_iters > 0:
+                return taken
+        if not self._warned_cg:
+            self._warned_cg = True
+            why = "no closure" if closure is None else self._cg.last_reason
+            warnings.warn(
+                f"OCNOpt: cg_iters: {why}; the step keeps the held direction (cg_iters needs "
+                "step(closure) with a closure returning (loss, outputs)).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
 
     def _sweep_context(self, damping: Damping) -> SweepContext:
         """What a feedback sweep needs from the optimizer (``damping``: the step's)."""
@@ -686,6 +745,8 @@ class OCNOpt(torch.optim.Optimizer):
             else self.last_adaptation.as_dict(),
             "param_shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
         }
+        if self._cg is not None:
+            sd["ocnopt"]["cg_damping"] = self._cg.damping
         return sd
 
     def _check_shapes(self, extra: dict, state: dict) -> None:
@@ -739,6 +800,8 @@ class OCNOpt(torch.optim.Optimizer):
         self._calibration.load_state_dict(extra.get("unit_calibration", {}))
         last = extra.get("last_adaptation")
         self.last_adaptation = None if last is None else Adaptation(**last)
+        if self._cg is not None and "cg_damping" in extra:
+            self._cg.damping = float(extra["cg_damping"])
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._pre.build(self._group_of, self.state)
         self._stepper = self._make_stepper()

@@ -91,6 +91,7 @@ class OCNOptOptions:
     feedback_clip: float | None = 1.0
     time_joint: bool = True
     calibrate_units: bool = True
+    cg_iters: int = 0
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -166,6 +167,7 @@ class OCNOptOptions:
         )
         stiff_ratio = check_positive("stiff_ratio", self.stiff_ratio)
         check_int("adapt_every", self.adapt_every, 1)
+        check_int("cg_iters", self.cg_iters, 0)
         return dataclasses.replace(
             self,
             lr=lr,

@@ -167,6 +167,20 @@ class Preconditioner:
             out.update(zip(unit.params, u))
         return out
 
+    def solve(self, vectors: dict, damping: Damping) -> dict:
+        """``(C + λ)⁻¹ v / s`` per unit, changing no running statistics (as ``directions``
+        without its updates: a preconditioner for :mod:`.gauss_newton_cg`)."""
+        out = {}
+        for unit in self.units.units:
+            if not all(p in vectors for p in unit.params):
+                continue
+            u = unit.solve([vectors[p] for p in unit.params], damping)
+            scale = scale_of(unit)
+            if scale != 1.0:
+                u = [x / scale for x in u]
+            out.update(zip(unit.params, u))
+        return out
+
     def quadratic(self, vectors: dict, damping: Damping) -> float:
         """``Σ_units s_u vᵀ(C + λ)v`` over the units whose parameters ``vectors`` holds."""
         total = 0.0

@@ -1,0 +1,244 @@
+"""The coupled direction: a few preconditioned conjugate-gradient steps on the exact
+Gauss–Newton curvature of the whole model (``cg_iters``).
+
+OCNOpt's held curvature is block-diagonal: one unit per layer (or block), no coupling between
+them. Where the parameters of different units act on the output together across time — a
+recurrent cell, the ODE field between observations and a read-out head — the block-diagonal
+direction is wrong in a way no step size repairs (measured in
+``experiments/results/bench_issue21.md`` §6: Hessian-free steps with the whole model's
+Gauss–Newton reach 3× lower validation MSE than tuned Adam at equal steps on the ODE-RNN
+spiral forecaster, per-tensor blocks of the same curvature stay 4× above Adam).
+
+With ``cg_iters = k > 0`` the held curvature becomes the preconditioner of ``k`` conjugate
+gradient steps on ``G d = g`` (plus weight decay), started at ``d = 0``:
+
+- ``G v = Jᵀ H J v``: ``J v`` by a central difference of the step's closure outputs at
+  ``θ ± ε v`` (two forward evaluations of the batch; exact to ``O(ε²)`` for a smooth solve:
+  fixed-grid solvers, or adaptive ones at tight tolerances), ``H`` the Hessian of the loss in
+  the outputs applied by double backward through the loss alone, and ``Jᵀ`` by a backward
+  pass (the own adjoint included) through a graph of the batch built once per step by the
+  closure (the step's own graph may be gone, and the calibration sweep moves the
+  parameters in place);
+- the first step is the held direction ``u = (C + λ)⁻¹ g`` scaled by ``gᵀu / uᵀGu``; each
+  further step adds the coupling the held curvature leaves out;
+- a non-positive or non-finite curvature ``pᵀGp`` stops the iteration with what it has.
+
+OCNOpt takes a truncated Gauss–Newton step with it (:meth:`GaussNewtonCG.step`, Martens
+2010): CG on ``(G + λ I + wd) d = g``, the step ``−d`` checked on the batch and halved until
+the loss falls, and λ adapted from the reduction ratio of that quadratic model (it starts at
+1). The held curvature's stepper and its trials are not used on these steps; the held
+curvature is the preconditioner. :meth:`GaussNewtonCG.refine` gives the CG direction alone.
+
+**Status: experimental** (measured in ``experiments/results/bench_issue21.md`` §6–7).
+
+It costs one forward evaluation of the batch with a graph, and ``k`` times two forward and
+one backward evaluation, per step. It needs ``step(closure)`` with a closure
+returning ``(loss, outputs)``; across processes it is not supported yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .curvatures import dot
+
+
+class GaussNewtonCG:
+    """Preconditioned CG on the whole model's Gauss–Newton curvature.
+
+    Args:
+        iters: conjugate-gradient steps per optimizer step (>= 1).
+    """
+
+    def __init__(self, iters: int, damping: float = 0.0):
+        self.iters = iters
+        self.damping = damping  # λ of ``(G + λ I)``: Levenberg–Marquardt in :meth:`step`
+        self._outputs: torch.Tensor | None = None  # the batch's outputs, with their graph
+        self._grad_outputs: torch.Tensor | None = None  # ∂L/∂outputs, with its graph
+        self.last_iters = 0  # the steps the last refinement took
+        self.last_reason = ""
+        self.last_rho = float("nan")
+
+    def _build(self, closure: Callable, quiet: Callable) -> bool:
+        """The graph of the batch at the current parameters; False if the closure gives no
+        outputs, or a loss not computed from the outputs it returns."""
+        with torch.enable_grad(), quiet():
+            value = closure()
+            if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
+                return False
+            loss, outputs = value
+            if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
+                return False
+            (g,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
+        if g is None:  # e.g. ``lambda: (loss_fn(model(x), y), model(x))``: two forwards
+            return False
+        self._outputs, self._grad_outputs = outputs, g
+        return True
+
+    def _release(self) -> None:
+        self._outputs = self._grad_outputs = None
+
+    def product(self, v: dict, closure: Callable, weight_decay: dict, quiet: Callable) -> dict:
+        """``(G + λ + wd) v`` for the parameters of ``v`` (see the module docstring)."""
+        from .trial import loss_and_outputs
+
+        params = list(v)
+        theta = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
+        norm = math.sqrt(sum(float(x.pow(2).sum()) for x in v.values()))
+        if norm == 0.0:
+            return {p: torch.zeros_like(x) for p, x in v.items()}
+        dtype = params[0].dtype
+        eps = torch.finfo(dtype).eps ** (1.0 / 3.0) * (1.0 + theta) / norm
+        # the graph holds the parameters: they are swapped out by ``.data`` (which leaves
+        # their version counters, and so the graph, valid) and the very tensors the graph
+        # saw are put back
+        originals = [p.data for p in params]
+        outs = []
+        try:
+            for sign in (1.0, -1.0):
+                for p, o in zip(params, originals):
+                    p.data = o.add(v[p], alpha=sign * eps)
+                with torch.no_grad():
+                    _, out = loss_and_outputs(closure())
+                outs.append(out.detach())
+        finally:
+            for p, o in zip(params, originals):
+                p.data = o
+        jv = (outs[0] - outs[1]) / (2.0 * eps)
+        with torch.enable_grad(), quiet():
+            (hjv,) = torch.autograd.grad(
+                self._grad_outputs, self._outputs, jv, retain_graph=True, allow_unused=True
+            )
+            if hjv is None:  # a loss linear in the outputs: no curvature
+                hjv = torch.zeros_like(jv)
+            grads = torch.autograd.grad(
+                self._outputs, params, hjv, retain_graph=True, allow_unused=True
+            )
+        out = {}
+        for p, gp in zip(params, grads):
+            gv = torch.zeros_like(v[p]) if gp is None else gp.detach()
+            shift = weight_decay.get(p, 0.0) + self.damping
+            out[p] = gv if shift == 0 else gv.add(v[p], alpha=shift)
+        return out
+
+    def refine(
+        self,
+        grads: dict,
+        directions: dict,
+        precondition: Callable[[dict], dict],
+        closure: Callable,
+        weight_decay: dict,
+        quiet: Callable,
+    ) -> dict:
+        """``d ≈ (G + wd)⁻¹ g`` by ``iters`` CG steps preconditioned by the held curvature
+        (``directions`` is its ``u = M⁻¹ g``); ``directions`` unchanged where the first
+        curvature is not positive or the closure gives no outputs (``last_reason`` says)."""
+        if not self._build(closure, quiet):
+            self.last_iters, self.last_reason = (
+                0,
+                ("the closure returned no outputs, or a loss not computed from them"),
+            )
+            return directions
+        try:
+            d, _ = self._solve(grads, directions, precondition, closure, weight_decay, quiet)
+            return directions if d is None else {**directions, **d}
+        finally:
+            self._release()
+
+    def _solve(self, grads, directions, precondition, closure, weight_decay, quiet):
+        """``(d, r)``: the CG iterate and its residual ``g − A d`` (``(None, None)`` when the
+        first curvature is not positive)."""
+        params = [p for p in directions if p in grads]
+        r = {p: grads[p].clone() for p in params}
+        z = {p: directions[p] for p in params}
+        p_dir = dict(z)
+        d = {p: torch.zeros_like(z[p]) for p in params}
+        rz = _dot(r, z, params)
+        self.last_iters, self.last_reason = 0, "done"
+        for i in range(self.iters):
+            ap = self.product(p_dir, closure, weight_decay, quiet)
+            pap = _dot(p_dir, ap, params)
+            if not (math.isfinite(pap) and pap > 0 and math.isfinite(rz)):
+                self.last_reason = f"curvature pᵀGp = {pap:.3g} at step {i + 1}"
+                break
+            a = rz / pap
+            for p in params:
+                d[p].add_(p_dir[p], alpha=a)
+                r[p].sub_(ap[p], alpha=a)
+            self.last_iters = i + 1
+            if i + 1 == self.iters:
+                break
+            z = precondition(r)
+            rz_new = _dot(r, z, params)
+            beta = rz_new / rz if rz != 0 else 0.0
+            p_dir = {p: z[p].add(p_dir[p], alpha=beta) for p in params}
+            rz = rz_new
+        if self.last_iters == 0:
+            return None, None
+        return d, r
+
+    def step(
+        self,
+        grads: dict,
+        directions: dict,
+        precondition: Callable[[dict], dict],
+        closure: Callable,
+        weight_decay: dict,
+        quiet: Callable,
+        max_trials: int = 4,
+    ) -> tuple[dict | None, float | None]:
+        """A truncated Gauss–Newton step (Martens, 2010): ``δ = −d`` with ``d`` the CG
+        solution of ``(G + λ + wd) d = g``, checked on the batch and halved up to
+        ``max_trials`` times until the loss falls; λ adapts from the reduction ratio ``ρ`` of
+        the quadratic model (× 2/3 above ¾, × 3/2 below ¼). Returns ``(δ or None, the last
+        trial loss or None)``; None when no trial lowered the loss (nothing moves)."""
+        from .trial import loss_and_outputs
+
+        if not self._build(closure, quiet):
+            self.last_iters, self.last_reason = (
+                0,
+                ("the closure returned no outputs, or a loss not computed from them"),
+            )
+            return None, None
+        try:
+            loss0 = float(loss_and_outputs(closure())[0])
+            d, r = self._solve(grads, directions, precondition, closure, weight_decay, quiet)
+        finally:
+            self._release()
+        if d is None:
+            self.damping = min(self.damping * 1.5, MAX_DAMPING) if self.damping else 1.0
+            return None, None
+        params = list(d)
+        gd = _dot(grads, d, params)  # gᵀd
+        dad = gd - _dot(d, r, params)  # dᵀAd
+        backup = [p.detach().clone() for p in params]
+        scale, rho, loss1, taken = 1.0, float("nan"), None, None
+        for _ in range(max_trials):
+            for p, b in zip(params, backup):
+                p.copy_(b).sub_(d[p], alpha=scale)
+            loss1 = float(loss_and_outputs(closure())[0])
+            predicted = -scale * gd + 0.5 * scale * scale * dad
+            rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")
+            if math.isfinite(loss1) and loss1 < loss0:
+                taken = {p: d[p] * -scale for p in params}
+                break
+            scale *= 0.5
+        for p, b in zip(params, backup):
+            p.copy_(b)
+        if math.isfinite(rho) and rho > 0.75:
+            self.damping = max(self.damping * (2.0 / 3.0), MIN_DAMPING)
+        elif not (math.isfinite(rho) and rho >= 0.25):
+            self.damping = min(self.damping * 1.5, MAX_DAMPING)
+        self.last_rho = rho
+        return taken, loss1
+
+
+#: Bounds of the Levenberg–Marquardt λ of :meth:`GaussNewtonCG.step`.
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8
+
+
+def _dot(a: dict, b: dict, params: list) -> float:
+    return float(dot([a[p] for p in params], [b[p] for p in params]))
