@@ -164,7 +164,7 @@ def test_ocnopt_with_cg_iters_trains_and_is_a_config_key():
         out = model(x)
         return _loss(out, y), out
 
-    for _ in range(15):
+    for _ in range(25):
         opt.zero_grad()
         out = model(x)
         loss = _loss(out, y)
@@ -173,7 +173,7 @@ def test_ocnopt_with_cg_iters_trains_and_is_a_config_key():
         losses.append(float(loss.detach()))
         assert opt._cg.last_iters == 4 and opt._cg._outputs is None  # the graph released
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.05 * losses[0]
     table = OptimizerConfig(kind="ocnopt", cg_iters=3)
     table.check("[optimizers.x]")
     assert ocnopt_options(table, math.inf).cg_iters == 3

@@ -24,9 +24,10 @@ gradient steps on ``G d = g`` (plus weight decay), started at ``d = 0``:
 - a non-positive or non-finite curvature ``pᵀGp`` stops the iteration with what it has.
 
 OCNOpt takes a truncated Gauss–Newton step with it (:meth:`GaussNewtonCG.step`, Martens
-2010): CG on ``(G + λ I + wd) d = g``, the step ``−d`` checked on the batch and halved until
-the loss falls, and λ adapted from the reduction ratio of that quadratic model (it starts at
-1). The held curvature's stepper and its trials are not used on these steps; the held
+2010): CG on ``(G + λ I + wd) d = g`` started at 0.95 times the previous step's solution
+(kept in the optimizer state as ``cg_previous``), the step ``−d`` checked on the batch and
+halved until the loss falls, and λ adapted from the reduction ratio of that quadratic model
+(it starts at 1). The held curvature's stepper and its trials are not used on these steps; the held
 curvature is the preconditioner. :meth:`GaussNewtonCG.refine` gives the CG direction alone.
 
 **Status: experimental** (measured in ``experiments/results/bench_issue21.md`` §6–7).
@@ -53,8 +54,10 @@ class GaussNewtonCG:
         iters: conjugate-gradient steps per optimizer step (>= 1).
     """
 
-    def __init__(self, iters: int, damping: float = 0.0):
+    def __init__(self, iters: int, damping: float = 0.0, state=None, decay: float = 0.95):
         self.iters = iters
+        self.state = state  # per-parameter optimizer state: the previous solution, kept
+        self.decay = decay  # the CG of a step starts at ``decay`` times the previous one
         self.damping = damping  # λ of ``(G + λ I)``: Levenberg–Marquardt in :meth:`step`
         self._outputs: torch.Tensor | None = None  # the batch's outputs, with their graph
         self._grad_outputs: torch.Tensor | None = None  # ∂L/∂outputs, with its graph
@@ -77,6 +80,15 @@ class GaussNewtonCG:
             return False
         self._outputs, self._grad_outputs = outputs, g
         return True
+
+    def _start(self, grads: dict) -> dict | None:
+        """``decay`` times the previous step's CG solution (Martens, 2010), or None."""
+        if self.state is None or self.decay == 0:
+            return None
+        prev = {p: self.state[p].get("cg_previous") for p in grads}
+        if any(v is None or v.shape != grads[p].shape for p, v in prev.items()):
+            return None
+        return {p: v * self.decay for p, v in prev.items()}
 
     def _release(self) -> None:
         self._outputs = self._grad_outputs = None
@@ -148,14 +160,20 @@ class GaussNewtonCG:
         finally:
             self._release()
 
-    def _solve(self, grads, directions, precondition, closure, weight_decay, quiet):
+    def _solve(self, grads, directions, precondition, closure, weight_decay, quiet, start=None):
         """``(d, r)``: the CG iterate and its residual ``g − A d`` (``(None, None)`` when the
-        first curvature is not positive)."""
+        first curvature is not positive); ``start``: the first iterate (None: 0)."""
         params = [p for p in directions if p in grads]
-        r = {p: grads[p].clone() for p in params}
-        z = {p: directions[p] for p in params}
+        if start is None:
+            r = {p: grads[p].clone() for p in params}
+            z = {p: directions[p] for p in params}
+            d = {p: torch.zeros_like(z[p]) for p in params}
+        else:
+            d = {p: start[p].clone() for p in params}
+            ad = self.product(d, closure, weight_decay, quiet)
+            r = {p: grads[p] - ad[p] for p in params}
+            z = precondition(r)
         p_dir = dict(z)
-        d = {p: torch.zeros_like(z[p]) for p in params}
         rz = _dot(r, z, params)
         self.last_iters, self.last_reason = 0, "done"
         for i in range(self.iters):
@@ -205,13 +223,17 @@ class GaussNewtonCG:
             return None, None
         try:
             loss0 = float(loss_and_outputs(closure())[0])
-            d, r = self._solve(grads, directions, precondition, closure, weight_decay, quiet)
+            start = self._start(grads)
+            d, r = self._solve(grads, directions, precondition, closure, weight_decay, quiet, start)
         finally:
             self._release()
         if d is None:
             self.damping = min(self.damping * 1.5, MAX_DAMPING) if self.damping else 1.0
             return None, None
         params = list(d)
+        if self.state is not None:
+            for p in params:
+                self.state[p]["cg_previous"] = d[p].detach().clone()
         gd = _dot(grads, d, params)  # gᵀd
         dad = gd - _dot(d, r, params)  # dᵀAd
         backup = [p.detach().clone() for p in params]

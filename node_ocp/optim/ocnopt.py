@@ -264,7 +264,7 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self._generator = torch.Generator().manual_seed(o.seed)
         self._factor_source = FACTOR_SOURCES_BY_NAME[o.factors](o.rank, self._generator)
-        self._cg = GaussNewtonCG(o.cg_iters, damping=1.0) if o.cg_iters else None
+        self._cg = GaussNewtonCG(o.cg_iters, 1.0, self.state) if o.cg_iters else None
         self._warned_cg = False
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
@@ -800,8 +800,9 @@ class OCNOpt(torch.optim.Optimizer):
         self._calibration.load_state_dict(extra.get("unit_calibration", {}))
         last = extra.get("last_adaptation")
         self.last_adaptation = None if last is None else Adaptation(**last)
-        if self._cg is not None and "cg_damping" in extra:
-            self._cg.damping = float(extra["cg_damping"])
+        if self._cg is not None:
+            self._cg.state = self.state  # the loaded state (its previous CG solutions)
+            self._cg.damping = float(extra.get("cg_damping", self._cg.damping))
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._pre.build(self._group_of, self.state)
         self._stepper = self._make_stepper()
