@@ -7,10 +7,12 @@ recurrent cell, the ODE field between observations and a read-out head — the b
 direction is wrong in a way no step size repairs (measured in
 ``experiments/results/bench_issue21.md`` §6: Hessian-free steps with the whole model's
 Gauss–Newton reach 3× lower validation MSE than tuned Adam at equal steps on the ODE-RNN
-spiral forecaster, per-tensor blocks of the same curvature stay 4× above Adam).
+spiral forecaster; cut into cell / field / head blocks, the same curvature stays 4× above
+Adam).
 
 With ``cg_iters = k > 0`` the held curvature becomes the preconditioner of ``k`` conjugate
-gradient steps on ``G d = g`` (plus weight decay), started at ``d = 0``:
+gradient steps on ``(G + λ) d = g`` (plus weight decay); ``curvature="identity"`` makes it
+plain CG, which is what measured best:
 
 - ``G v = Jᵀ H J v``: ``J v`` by a central difference of the step's closure outputs at
   ``θ ± ε v`` (two forward evaluations of the batch; exact to ``O(ε²)`` for a smooth solve:
@@ -30,7 +32,12 @@ halved until the loss falls, and λ adapted from the reduction ratio of that qua
 (it starts at 1). The held curvature's stepper and its trials are not used on these steps; the held
 curvature is the preconditioner. :meth:`GaussNewtonCG.refine` gives the CG direction alone.
 
-**Status: experimental** (measured in ``experiments/results/bench_issue21.md`` §6–7).
+**Status: experimental, measured on one task** (``experiments/results/bench_issue21.md``
+§7, the ODE-RNN spiral forecaster, 150 steps): ``cg_iters=10, curvature="identity"`` ends at
+about 4× lower test MSE than tuned Adam at equal steps (0.0027–0.0031 against 0.011–0.013),
+but costs about 15× Adam's step on the CPU, where Adam reaches the same MSE first in
+wall-clock time. Preconditioned by the Kronecker curvature the same CG ended near Adam
+(0.0118): the block-diagonal preconditioner hurts here.
 
 It costs one forward evaluation of the batch with a graph, and ``k`` times two forward and
 one backward evaluation, per step. It needs ``step(closure)`` with a closure

@@ -187,7 +187,8 @@ class OCNOpt(torch.optim.Optimizer):
             model, preconditioned by the held curvature: the coupling between units that the
             held curvature leaves out (recurrent cells, fields and heads), at two forward and
             one backward evaluation of the batch per CG step (:mod:`.gauss_newton_cg`).
-            Experimental: it does not yet beat the held direction (measured there).
+            Experimental; with ``curvature="identity"`` (plain CG), measured there: 4× lower
+            MSE than tuned Adam at equal steps on an ODE-RNN forecaster, 15× its step time.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
