@@ -72,21 +72,26 @@ class GaussNewtonCG:
         self.last_reason = ""
         self.last_rho = float("nan")
 
-    def _build(self, closure: Callable, quiet: Callable) -> bool:
-        """The graph of the batch at the current parameters; False if the closure gives no
-        outputs, or a loss not computed from the outputs it returns."""
+    def _build(self, closure: Callable, quiet: Callable) -> float | None:
+        """The graph of the batch at the current parameters; returns its loss, or None (with
+        ``last_reason``) if the closure gives no outputs, or a loss not computed from the
+        outputs it returns."""
+        self.last_iters, self.last_reason = (
+            0,
+            ("the closure returned no outputs, or a loss not computed from them"),
+        )
         with torch.enable_grad(), quiet():
             value = closure()
             if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
-                return False
+                return None
             loss, outputs = value
             if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
-                return False
+                return None
             (g,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
         if g is None:  # e.g. ``lambda: (loss_fn(model(x), y), model(x))``: two forwards
-            return False
+            return None
         self._outputs, self._grad_outputs = outputs, g
-        return True
+        return float(loss.detach())
 
     def _start(self, grads: dict) -> dict | None:
         """``decay`` times the previous step's CG solution (Martens, 2010), or None."""
@@ -155,11 +160,7 @@ class GaussNewtonCG:
         """``d ≈ (G + wd)⁻¹ g`` by ``iters`` CG steps preconditioned by the held curvature
         (``directions`` is its ``u = M⁻¹ g``); ``directions`` unchanged where the first
         curvature is not positive or the closure gives no outputs (``last_reason`` says)."""
-        if not self._build(closure, quiet):
-            self.last_iters, self.last_reason = (
-                0,
-                ("the closure returned no outputs, or a loss not computed from them"),
-            )
+        if self._build(closure, quiet) is None:
             return directions
         try:
             d, _ = self._solve(grads, directions, precondition, closure, weight_decay, quiet)
@@ -222,14 +223,10 @@ class GaussNewtonCG:
         trial loss or None)``; None when no trial lowered the loss (nothing moves)."""
         from .trial import loss_and_outputs
 
-        if not self._build(closure, quiet):
-            self.last_iters, self.last_reason = (
-                0,
-                ("the closure returned no outputs, or a loss not computed from them"),
-            )
+        loss0 = self._build(closure, quiet)  # the batch's loss at θ, from that forward
+        if loss0 is None:
             return None, None
         try:
-            loss0 = float(loss_and_outputs(closure())[0])
             start = self._start(grads)
             d, r = self._solve(grads, directions, precondition, closure, weight_decay, quiet, start)
         finally:

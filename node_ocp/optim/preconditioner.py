@@ -156,25 +156,20 @@ class Preconditioner:
     # ------------------------------------------------------------------ use
     def directions(self, grads: dict, damping: Damping) -> dict:
         """``u = (C + λ)⁻¹ g / s`` from every unit whose parameters have gradients."""
-        out = {}
-        for unit in self.units.units:
-            if not all(p in grads for p in unit.params):
-                continue
-            u = unit.direction([grads[p] for p in unit.params], damping, self.samples)
-            scale = scale_of(unit)
-            if scale != 1.0:
-                u = [x / scale for x in u]
-            out.update(zip(unit.params, u))
-        return out
+        return self._per_unit(grads, lambda unit, v: unit.direction(v, damping, self.samples))
 
     def solve(self, vectors: dict, damping: Damping) -> dict:
         """``(C + λ)⁻¹ v / s`` per unit, changing no running statistics (as ``directions``
         without its updates: a preconditioner for :mod:`.gauss_newton_cg`)."""
+        return self._per_unit(vectors, lambda unit, v: unit.solve(v, damping))
+
+    def _per_unit(self, vectors: dict, apply) -> dict:
+        """``apply(unit, its tensors of vectors) / s`` for every unit ``vectors`` covers."""
         out = {}
         for unit in self.units.units:
             if not all(p in vectors for p in unit.params):
                 continue
-            u = unit.solve([vectors[p] for p in unit.params], damping)
+            u = apply(unit, [vectors[p] for p in unit.params])
             scale = scale_of(unit)
             if scale != 1.0:
                 u = [x / scale for x in u]
