@@ -1,10 +1,15 @@
 """Forecasting from irregular samples: procedural series and bundled archives.
 
-Every split's ``x`` is the observed past, an :class:`~node_ocp.data.irregular.IrregularBatch`
-(the time points before ``observe`` of the series' span, with a random ``drop`` fraction
-removed), and its ``y`` is the future to predict, also an ``IrregularBatch`` whose ``times``
-``(B, Q)`` are the query times, ``values`` ``(B, Q, C)`` the targets and ``mask`` what is
-observed there.
+Every split's ``x`` is what the model observes, an
+:class:`~node_ocp.data.irregular.IrregularBatch`, and its ``y`` what it predicts, also an
+``IrregularBatch`` whose ``times`` ``(B, Q)`` are the query times, ``values`` ``(B, Q, C)``
+the targets and ``mask`` what is observed there. Two ways to split a series
+(``predict``):
+
+- ``"extrapolate"``: ``x`` is the past (the time points before ``observe`` of the series'
+  span, with a random ``drop`` fraction removed), ``y`` the future;
+- ``"interpolate"``: ``y`` is a random ``drop`` fraction of the series' time points held
+  out (at least one), ``x`` the rest (at least one).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from .irregular import collate_irregular
 from .splits import Split, TaskData
 
 PROCEDURAL = ("spiral", "oscillator")
+#: what a forecast predicts: the future after the observed span, or held-out points in it
+PREDICTS = ("extrapolate", "interpolate")
 
 
 def procedural_series(
@@ -85,6 +92,54 @@ def past_and_future(
     return collate_irregular(past), collate_irregular(future)
 
 
+def held_out(n: int, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """``(n,)`` bool, True for the time points held out as targets: each with probability
+    ``drop``, and at least one held out and one kept (``n >= 2``)."""
+    if n < 2:
+        raise bad_value("n", n, "a series of >= 2 time points to hold some out")
+    out = torch.rand(n, generator=generator) < drop
+    pick = torch.randperm(n, generator=generator)[:2]
+    if not out.any():
+        out[pick[0]] = True
+    if out.all():
+        out[pick[1]] = False
+    return out
+
+
+def kept_and_held_out(
+    times: torch.Tensor,
+    values: torch.Tensor,
+    drop: float,
+    generator: torch.Generator,
+):
+    """Split series on a shared grid into kept points and held-out points inside the span.
+
+    ``times (L,)``, ``values (N, L, C)`` (NaN where missing) -> ``(kept, held)`` batches: a
+    random ``drop`` fraction of each series' points (at least one, and at least one kept)
+    are the targets.
+    """
+    if not (0.0 < drop < 1.0):
+        raise bad_value("drop", drop, "a fraction in (0, 1) of time points held out")
+    kept, held = [], []
+    for i in range(values.shape[0]):
+        idx = torch.nonzero(~torch.isnan(values[i]).all(-1)).flatten()  # not padding
+        if idx.numel() < 2:
+            raise bad_value(f"values[{i}]", values[i], "series of >= 2 observed time points")
+        out = held_out(idx.numel(), drop, generator)
+        kept.append((times[idx[~out]], values[i, idx[~out]], None))
+        held.append((times[idx[out]], values[i, idx[out]], None))
+    return collate_irregular(kept), collate_irregular(held)
+
+
+def split_series(times, values, predict: str, observe: float, drop: float, generator):
+    """:func:`past_and_future` or :func:`kept_and_held_out`, as ``predict`` says."""
+    if predict == "interpolate":
+        return kept_and_held_out(times, values, drop, generator)
+    if predict != "extrapolate":
+        raise bad_value("predict", predict, f"one of {', '.join(map(repr, PREDICTS))}")
+    return past_and_future(times, values, observe, drop, generator)
+
+
 def procedural_forecast(
     name: str,
     n_train: int,
@@ -95,20 +150,28 @@ def procedural_forecast(
     drop: float = 0.5,
     noise: float = 0.02,
     seed: int = 0,
+    predict: str = "extrapolate",
 ) -> TaskData:
-    """Train/validation/test forecasting splits of a procedural series family."""
+    """Train/validation/test forecasting splits of a procedural series family (``predict``:
+    see :data:`PREDICTS`)."""
     parts = []
     for offset, n in enumerate((n_train, n_val, n_test)):
         t, v = procedural_series(name, n, length, noise, seed=seed * 1000 + offset)
         g = torch.Generator().manual_seed(seed * 1000 + 100 + offset)
-        parts.append(Split(*past_and_future(t, v, observe, drop, g)))
+        parts.append(Split(*split_series(t, v, predict, observe, drop, g)))
     return TaskData(*parts, {"name": name, "channels": parts[0].x.values.shape[-1]})
 
 
 def uea_forecast(
-    name: str, observe: float = 0.75, drop: float = 0.5, seed: int = 0, val_fraction=0.2
+    name: str,
+    observe: float = 0.75,
+    drop: float = 0.5,
+    seed: int = 0,
+    val_fraction=0.2,
+    predict: str = "extrapolate",
 ) -> TaskData:
-    """Forecast the end of each series of a bundled UEA/UCR archive from its irregular start.
+    """Forecast the end of each series of a bundled UEA/UCR archive from its irregular start
+    (or, ``predict = "interpolate"``, its held-out points from the rest).
 
     Channels are standardised with training statistics; the archive's test split is the
     test split and a seeded ``val_fraction`` of its training split the validation split.
@@ -152,7 +215,7 @@ def uea_forecast(
     }
     g = torch.Generator().manual_seed(seed)
     splits = [
-        Split(*past_and_future(times, (chunks[k] - mean) / std, observe, drop, g))
+        Split(*split_series(times, (chunks[k] - mean) / std, predict, observe, drop, g))
         for k in ("train", "val", "test")
     ]
     return TaskData(*splits, {"name": name, "channels": train.shape[-1], "mean": mean, "std": std})

@@ -64,6 +64,7 @@ import torch
 
 from .._errors import bad_value
 from .cells import class_index, number, read_text
+from .forecast import PREDICTS, held_out
 from .irregular import collate_irregular
 from .splits import Split, TaskData
 
@@ -726,8 +727,13 @@ def file_series_forecast(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     columns: dict[str, str] | None = None,
+    predict: str = "extrapolate",
 ) -> TaskData:
     """A series file (labels, if any, ignored) as forecasting splits.
+
+    ``predict = "interpolate"``: per series a random ``drop`` fraction of its time points
+    (at least one, and one kept; seeded) are held out as ``y``, the rest is ``x``; a series
+    of one time point is an error. Otherwise (``"extrapolate"``) as follows.
 
     Per series, the past is its time points before ``observe`` of its own span (times
     ``t < observe * t_last`` after the shift to 0) and the future the rest. Each split's
@@ -737,6 +743,10 @@ def file_series_forecast(
     whose ``times (B, Q)`` are the query times and ``values``/``mask (B, Q, C)`` the
     standardised targets. A series with no time point on one side of its cut is an error.
     """
+    if predict not in PREDICTS:
+        raise bad_value("predict", predict, f"one of {', '.join(map(repr, PREDICTS))}")
+    if predict == "interpolate" and not (0.0 < drop < 1.0):
+        raise bad_value("drop", drop, "a fraction in (0, 1) of time points held out")
     if not (0.0 < observe < 1.0):
         raise bad_value("observe", observe, "a fraction in (0, 1)")
     main, test, parts, info, one = _prepare(path, format, drop, seed, dtype, columns)
@@ -746,6 +756,17 @@ def file_series_forecast(
         past, future = [], []
         for s, i in part:
             t, v = one(s, i)
+            if predict == "interpolate":
+                if len(t) < 2:
+                    raise ValueError(
+                        f"path: {s.file} line {s.lines[i]}: series {s.ids[i]!r} has "
+                        f"{len(t)} time point; accepted: series of >= 2 time points to hold "
+                        "some out (predict = 'interpolate')"
+                    )
+                out = held_out(len(t), drop, gen)
+                past.append((t[~out].to(dtype), v[~out].to(dtype), None))
+                future.append((t[out].to(dtype), v[out].to(dtype), None))
+                continue
             before = t < observe * t[-1]
             for side, mask in (("before", before), ("at or after", ~before)):
                 if not bool(mask.any()):
@@ -763,4 +784,5 @@ def file_series_forecast(
             future.append((t[~before].to(dtype), v[~before].to(dtype), None))
         splits.append(Split(collate_irregular(past), collate_irregular(future)))
     info["observe"] = observe
+    info["predict"] = predict
     return TaskData(*splits, info)
