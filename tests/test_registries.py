@@ -111,7 +111,7 @@ def test_adapt_chooses_by_the_optimizer_class_and_keeps_an_adapter():
     ("key", "value", "accepted"),
     [
         ("task.kind", "survival", "'density', 'classification', 'forecast'"),
-        ("model.kind", "latent_ode", "'cnf', 'ode_mlp', 'image', 'odernn', 'cde'"),
+        ("model.kind", "transformer", "'cnf', 'ode_mlp', 'image', 'odernn', 'cde', 'latent_ode'"),
     ],
 )
 def test_an_unknown_kind_is_one_line_naming_key_received_and_accepted(key, value, accepted):

@@ -4,6 +4,7 @@ from .cde import NeuralCDE
 from .cnf import CNF, CNFDynamics, bits_per_dim, standard_normal_logprob
 from .fields import time_mlp
 from .image import ODEImageClassifier
+from .latent import LatentODE
 from .timeseries import ODERNN
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "CNFDynamics",
     "ODERNN",
     "NeuralCDE",
+    "LatentODE",
     "ODEImageClassifier",
     "time_mlp",
     "standard_normal_logprob",

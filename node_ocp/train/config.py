@@ -46,8 +46,11 @@ class TaskConfig:
         forecast: ``spiral`` or ``oscillator`` (procedural) or a bundled UEA/UCR archive.
     n_train, n_val, n_test: sizes of procedural data sets.
     drop: fraction of each series' time points removed at random (irregular sampling).
-    observe: forecast: fraction of each series' time span that is observed; the model
-        predicts the time points after it.
+    observe: forecast with ``predict = "extrapolate"``: fraction of each series' time span
+        that is observed; the model predicts the time points after it.
+    predict: forecast: ``extrapolate`` (predict the future after the observed span) or
+        ``interpolate`` (predict the ``drop`` fraction of time points held out inside the
+        span from the rest; ``drop`` > 0).
     length: forecast: time points per procedural series.
     noise: observation noise of procedural data.
     path: with ``dataset = "file"``: the user's data file (relative paths are read from the
@@ -78,6 +81,7 @@ class TaskConfig:
     n_test: int = 2048
     drop: float = 0.0
     observe: float = 0.75
+    predict: str = "extrapolate"
     length: int = 40
     noise: float = 0.02
     path: str = ""
@@ -135,6 +139,19 @@ class TaskConfig:
         _in_range(f"{where}.drop", self.drop, 0.0, 1.0, "a fraction in [0, 1)", high_open=True)
         _in_range(f"{where}.observe", self.observe, 0.0, 1.0, "a fraction in (0, 1)", True, True)
         _in_range(f"{where}.noise", self.noise, 0.0, math.inf, "a float >= 0")
+        from ..data.forecast import PREDICTS
+
+        _choice(f"{where}.predict", self.predict, PREDICTS)
+        if self.predict != "extrapolate" and self.kind != "forecast":
+            raise ConfigError(
+                f"{where}.predict: received {self.predict!r} for kind {self.kind!r}; "
+                "accepted: 'extrapolate' (the default), or 'interpolate' for kind 'forecast'"
+            )
+        if self.predict == "interpolate" and self.drop <= 0:
+            raise ConfigError(
+                f"{where}.drop: received {self.drop} with predict = 'interpolate'; accepted: "
+                "a fraction in (0, 1), the share of time points held out as targets"
+            )
 
 
 @dataclass
@@ -151,6 +168,13 @@ class ModelConfig:
     divergence: ``exact`` or ``hutchinson`` (cnf).
     kinetic, jacobian: regulariser weights (cnf; 0 disables).
     interpolation: ``hermite`` or ``linear`` (cde).
+    latent: latent_ode: size of the latent state z (``hidden`` sizes its field and its
+        recognition ODE-RNN's field, ``width`` the recognition hidden state and the
+        decoder's hidden layer).
+    obs_std: latent_ode: σ of the Gaussian observation model.
+    samples: latent_ode: posterior draws per series in training (> 1: the IWAE bound).
+    kl_anneal: latent_ode: steps over which the KL weight rises linearly from 0 to 1
+        (0: weight 1 from the start).
     """
 
     kind: str = "cnf"
@@ -163,6 +187,10 @@ class ModelConfig:
     kinetic: float = 0.0
     jacobian: float = 0.0
     interpolation: str = "hermite"
+    latent: int = 6
+    obs_std: float = 0.1
+    samples: int = 1
+    kl_anneal: int = 0
 
     def check(self, where: str) -> None:
         from .model_kinds import MODELS  # the model kinds, registered there
@@ -184,6 +212,10 @@ class ModelConfig:
         _choice(f"{where}.activation", self.activation, tuple(ACTIVATIONS))
         for key in ("kinetic", "jacobian"):
             _in_range(f"{where}.{key}", getattr(self, key), 0.0, math.inf, "a float >= 0")
+        _at_least(f"{where}.latent", self.latent, 1)
+        _at_least(f"{where}.samples", self.samples, 1)
+        _at_least(f"{where}.kl_anneal", self.kl_anneal, 0)
+        _in_range(f"{where}.obs_std", self.obs_std, 0.0, math.inf, "a float > 0", low_open=True)
 
 
 def _block_default(key: str):

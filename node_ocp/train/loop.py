@@ -523,6 +523,7 @@ class _Run:
         idx = self.sampler.next()[dist.rank() :: world]  # this process's share of the batch
         batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
         self.memory.before_step(self.opt.next_kind(), self.state.step)
+        task.at_step(self.state.step)
         try:
             result = train_step(
                 self.opt,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import IrregularBatch, TaskData
-from ..models import CNF, ODERNN, NeuralCDE, ODEImageClassifier
+from ..models import CNF, ODERNN, LatentODE, NeuralCDE, ODEImageClassifier
 from ..ode.block import ODEBlock
 from ..ode.layers import ConcatSquashLinear, TimeSequential
 from .config import ConfigError, RunConfig
@@ -205,6 +205,12 @@ class CDEModel(SeriesModel):
     @classmethod
     def build_series(cls, config, channels, outputs, task):
         m = config.model
+        if task == "forecast" and config.task.predict == "interpolate":
+            raise ConfigError(
+                "[task].predict: received 'interpolate' for [model].kind 'cde'; accepted: "
+                "'extrapolate' (its decoder runs from a series' last observation on), or "
+                "an 'odernn' or 'latent_ode' model to interpolate"
+            )
         return NeuralCDE(
             channels,
             outputs,
@@ -212,5 +218,29 @@ class CDEModel(SeriesModel):
             field_hidden=tuple(m.hidden),
             interpolation=m.interpolation,
             task=task,
+            **solver_settings(config),
+        )
+
+
+@register_model
+class LatentODEModel(SeriesModel):
+    """A latent ODE (ODE-RNN recognition backward in time, latent ODE, MLP decoder) trained
+    on the evidence lower bound; forecasts (extrapolation or interpolation) only."""
+
+    name = "latent_ode"
+    tasks = ("forecast",)
+
+    @classmethod
+    def build_series(cls, config, channels, outputs, task):
+        m = config.model
+        return LatentODE(
+            channels,
+            latent=m.latent,
+            hidden=m.width,
+            encoder_hidden=tuple(m.hidden),
+            field_hidden=tuple(m.hidden),
+            decoder_hidden=(m.width,),
+            obs_std=m.obs_std,
+            samples=m.samples,
             **solver_settings(config),
         )

@@ -49,9 +49,11 @@ DATA_SEED = 0  # the data set is the same for every run seed; seeds vary init an
 SERIES_FORMATS = ("long", "ts")
 ALL_FORMATS = ("auto", "table", "images", *SERIES_FORMATS)
 
-#: ``(total, count, correct)``: what one evaluation chunk adds (a loss or squared-error
-#: total, the number of examples or observed entries, the correct predictions)
-Sums = tuple[float, float, float]
+#: ``(total, count, correct, *extra)``: what one evaluation chunk adds (a loss or
+#: squared-error total, the number of examples or observed entries, the correct
+#: predictions, then any sums of the kind's own: added element-wise, passed on to
+#: :meth:`Task.metrics`)
+Sums = tuple[float, ...]
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Task:
     def _evaluate(self, split: Split, chunk: int, device) -> dict[str, float]:
         self.model.eval()
         mine = torch.arange(dist.rank(), len(split), dist.world_size())
-        sums = [0.0, 0.0, 0.0]  # loss or squared-error total, count, correct
+        sums = [0.0] * self.sums_size  # loss or squared-error total, count, correct, ...
         failed = 0.0
         try:
             for start in range(0, len(mine), chunk):
@@ -131,10 +133,21 @@ class Task:
             failed = 1.0
         finally:
             self.model.train()
-        total, count, correct, failed = dist.all_reduce_sum_floats([*sums, failed], device)
+        *sums, failed = dist.all_reduce_sum_floats([*sums, failed], device)
+        total, count, correct, *extra = sums
         if failed:  # (the count may be 0: a failure in the first chunk)
             total = correct = math.nan
-        return self.metrics(total, max(count, 1.0), correct)
+            extra = [math.nan] * len(extra)
+        return self.metrics(total, max(count, 1.0), correct, *extra)
+
+    @property
+    def sums_size(self) -> int:
+        """How many :data:`Sums` an evaluation chunk of this task adds (3, or more for a
+        kind with sums of its own)."""
+        return 3
+
+    def at_step(self, step: int) -> None:
+        """Called by the loop before training step ``step + 1`` (schedules of the loss)."""
 
     def _chunk_sums(self, part: Split) -> Sums:
         return self.split_sums(part)
@@ -305,7 +318,14 @@ class ClassificationTask(Task):
 @register_task
 class ForecastTask(Task):
     """Forecasting irregular series: predictions ``(B, Q, C)`` at the query times, the
-    mean squared error over the observed entries."""
+    mean squared error over the observed entries (``[task].predict``: the future after the
+    observed span, or held-out points inside it).
+
+    A model that owns its objective (``owns_objective = True``, the latent ODE) is called
+    as ``model(x, y.times, targets=y)`` in training and returns ``(outputs, −bound summed
+    over series, observed values)``; the loss is the negative bound per observed value, and
+    evaluation adds the metric ``elbo`` (the bound per observed value, KL weight 1).
+    """
 
     name = "forecast"
     metric = "mse"
@@ -316,24 +336,50 @@ class ForecastTask(Task):
     series_files = True
     loss_at_several_times = True
 
+    @property
+    def owns_objective(self) -> bool:
+        """Whether the model computes its own training objective (a bound)."""
+        return bool(getattr(self.model, "owns_objective", False))
+
+    @property
+    def sums_size(self) -> int:
+        return 5 if self.owns_objective else 3
+
+    def at_step(self, step: int) -> None:
+        """KL annealing of a model with a bound: weight ``min(1, step / kl_anneal)``."""
+        if self.owns_objective:
+            n = self.config.model.kl_anneal
+            self.model.kl_weight = 1.0 if n <= 0 else min(1.0, step / n)
+
     def batch_loss(self, model, batch):
-        preds = model(batch.x, batch.y.times)
+        if self.owns_objective:
+            outputs, total, count = model(batch.x, batch.y.times, targets=batch.y)
+        else:
+            outputs = model(batch.x, batch.y.times)
+            m = batch.y.mask.to(outputs.dtype)
+            total, count = ((outputs - batch.y.values) ** 2 * m).sum(), m.sum()
         if dist.world_size() == 1:
-            return preds, masked_mse(preds, batch.y)
+            return outputs, total / count.clamp_min(1.0)
         # the mean over the observed entries of the whole (global) batch, whatever their
         # split over processes: each process divides by the global count / processes
-        count = dist.all_reduce_sum_floats([float(batch.y.mask.sum())], preds.device)[0]
-        m = batch.y.mask.to(preds.dtype)
+        count = dist.all_reduce_sum_floats([float(count)], outputs.device)[0]
         share = max(count, 1.0) / dist.world_size()
-        return preds, ((preds - batch.y.values) ** 2 * m).sum() / share
+        return outputs, total / share
 
     def split_sums(self, part):
         preds = self.model(part.x, part.y.times)
         m = part.y.mask
-        return float(((preds - part.y.values) ** 2 * m).sum()), float(m.sum()), 0.0
+        sums = (float(((preds - part.y.values) ** 2 * m).sum()), float(m.sum()), 0.0)
+        if not self.owns_objective:
+            return sums
+        _, neg_bound, count = self.model(part.x, part.y.times, targets=part.y, kl_weight=1.0)
+        return (*sums, float(neg_bound), float(count))
 
-    def metrics(self, total, count, correct):
-        return {"mse": total / count}
+    def metrics(self, total, count, correct, neg_bound=None, bound_count=None):
+        out = {"mse": total / count}
+        if bound_count:
+            out["elbo"] = -neg_bound / bound_count
+        return out
 
     @classmethod
     def output_size(cls, data):
@@ -352,8 +398,11 @@ class ForecastTask(Task):
                 t.drop,
                 t.noise,
                 seed=DATA_SEED,
+                predict=t.predict,
             )
-        return uea_forecast(t.dataset, observe=t.observe, drop=t.drop, seed=DATA_SEED)
+        return uea_forecast(
+            t.dataset, observe=t.observe, drop=t.drop, seed=DATA_SEED, predict=t.predict
+        )
 
     @classmethod
     def read_file(cls, t, path, fmt, header, labels_path):
@@ -363,5 +412,11 @@ class ForecastTask(Task):
                 f"{', '.join(map(repr, cls.file_formats))}"
             )
         return file_series_forecast(
-            path, fmt, observe=t.observe, drop=t.drop, seed=DATA_SEED, columns=t.columns
+            path,
+            fmt,
+            observe=t.observe,
+            drop=t.drop,
+            seed=DATA_SEED,
+            columns=t.columns,
+            predict=t.predict,
         )
