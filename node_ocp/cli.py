@@ -327,6 +327,11 @@ def run(args) -> int:
         if summary["diverged"]:
             print(f"diverged: {summary.get('diverged_reason')}; exit status {EXIT_DIVERGED}")
             return EXIT_DIVERGED
+        if cfg.task.kind == "forecast":  # a fit is seen, not only scored
+            from .train.forecast_figure import draw_forecast
+
+            if draw_forecast(Path(out) / "forecast.png", {summary["optimizer"]: Path(out)}):
+                print(f"figure: {Path(out) / 'forecast.png'}")
         return 0
     if args.command == "compare":
         from .train.compare import compare

@@ -8,6 +8,9 @@ Comparison figures (``write_report``):
 - ``lr_sensitivity.png``: final validation metric against learning rate per optimizer (the
   robustness picture), when more than one learning rate ran;
 - ``density.png`` (2-D density tasks): data, and each optimizer's learned density and samples;
+- ``forecast.png`` (forecast tasks): a few test series — observed points, the held-out
+  truth, each optimizer's prediction (with a posterior band for a latent ODE); see
+  :mod:`.forecast_figure`;
 - ``t1.png`` when the integration time is a control: t1 against steps.
 """
 
@@ -19,10 +22,18 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from .errors import RunError
+from .forecast_figure import draw_forecast
 from .loop import CHECKPOINT, CONFIG, read_metrics
 
 COMPARISON = "comparison.json"  # written by node_ocp.train.compare
-FIGURES = ("curves_steps.png", "curves_time.png", "lr_sensitivity.png", "density.png", "t1.png")
+FIGURES = (
+    "curves_steps.png",
+    "curves_time.png",
+    "lr_sensitivity.png",
+    "density.png",
+    "forecast.png",
+    "t1.png",
+)
 
 
 def _plt():
@@ -248,13 +259,13 @@ def draw_comparison(out, result: dict) -> list[str]:
         plt.close(fig)
         written.append("lr_sensitivity.png")
     if _draws_density(result["task"], result["config"]["task"]["dataset"]):
-        dirs = {}
-        for name, a in result["optimizers"].items():
-            ok = [r["dir"] for r in result["runs"] if r["dir"] in a["runs"] and not r["diverged"]]
-            if ok:
-                dirs[name] = out / ok[0]
+        dirs = _first_finished_runs(out, result)
         if dirs and draw_density(out / "density.png", dirs):
             written.append("density.png")
+    if result["task"] == "forecast":
+        dirs = _first_finished_runs(out, result)
+        if dirs and draw_forecast(out / "forecast.png", dirs):
+            written.append("forecast.png")
     if result["config"].get("horizon") is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in result["optimizers"]:
@@ -275,6 +286,16 @@ def draw_comparison(out, result: dict) -> list[str]:
         plt.close(fig)
         written.append("t1.png")
     return written
+
+
+def _first_finished_runs(out: Path, result: dict) -> dict[str, Path]:
+    """Each optimizer's first run (lowest seed) that did not diverge: name -> folder."""
+    dirs = {}
+    for name, a in result["optimizers"].items():
+        ok = [r["dir"] for r in result["runs"] if r["dir"] in a["runs"] and not r["diverged"]]
+        if ok:
+            dirs[name] = out / ok[0]
+    return dirs
 
 
 def _draws_density(kind: str, dataset: str) -> bool:
@@ -374,6 +395,9 @@ def plot_run(run_dir) -> list[str]:
     if _draws_density(cfg["task"]["kind"], cfg["task"]["dataset"]):
         if draw_density(d / "density.png", {info["optimizer"]: d}):
             written.append("density.png")
+    if cfg["task"]["kind"] == "forecast":
+        if draw_forecast(d / "forecast.png", {info["optimizer"]: d}):
+            written.append("forecast.png")
     if any(r.get("t1") is not None for r in records):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in records], [r["t1"] for r in records])
