@@ -46,7 +46,8 @@ def main():
     ap.add_argument("pairs", nargs="+")
     ap.add_argument("--cg", required=True)
     ap.add_argument("--adam", default="adam")
-    ap.add_argument("--ref", type=int, default=150, help="reference step of both runs")
+    ap.add_argument("--ref", type=int, default=150, help="Adam's reference step")
+    ap.add_argument("--ref-cg", type=int, default=None, help="the cg run's (default: its last)")
     ap.add_argument("--steps", type=int, nargs="*", default=[10, 30, 60, 90, 120, 150])
     ap.add_argument("--seconds", type=float, nargs="*", default=[30, 60, 120, 240, 480])
     a = ap.parse_args()
@@ -78,13 +79,20 @@ def main():
                     for t, v in zip(a.seconds, secs)
                 )
             )
-        for name, rows, other_name, other in ((a.adam, adam, a.cg, cg), (a.cg, cg, a.adam, adam)):
-            ref = at_step(rows, a.ref) or rows[-1]
+        for name, rows, other_name, other, step in (
+            (a.adam, adam, a.cg, cg, a.ref),
+            (a.cg, cg, a.adam, adam, a.ref_cg),
+        ):
+            ref = (None if step is None else at_step(rows, step)) or rows[-1]
             reach = first_below(other, ref["val_mse"])
             print(
                 f"  {other_name} reaches {name}'s val {ref['val_mse']:.4f} (its step "
                 f"{ref['step']}, {ref['seconds']:.0f} s): "
-                + ("not within its run" if reach is None else f"step {reach[0]}, {reach[1]:.0f} s")
+                + (
+                    f"not within its run ({other[-1]['step']} steps, {other[-1]['seconds']:.0f} s)"
+                    if reach is None
+                    else f"step {reach[0]}, {reach[1]:.0f} s"
+                )
             )
 
 

@@ -192,7 +192,8 @@ class OCNOpt(torch.optim.Optimizer):
         cg_jv: how the ``cg_iters`` products form ``J v``: ``"central"`` (default): a
             central difference, two forward evaluations of the batch; ``"forward"``: a
             forward difference against the step's graph outputs, one forward evaluation
-            (error O(ε) instead of O(ε²), ε ≈ √machine-ε).
+            (error O(ε) instead of O(ε²), ε ≈ √machine-ε; in float32 it cost progress per
+            step on the ODE-RNN forecaster, ``bench_issue21.md`` §8).
         cg_graph: what the ``cg_iters`` products back-propagate ``Jᵀ`` through:
             ``"adjoint"`` (default): the blocks' own gradient (the own adjoint: one
             vector-Jacobian product per solver stage); ``"direct"``: a graph of the batch
