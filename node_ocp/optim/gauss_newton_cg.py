@@ -40,7 +40,13 @@ wall-clock time. Preconditioned by the Kronecker curvature the same CG ended nea
 (0.0118): the block-diagonal preconditioner hurts here.
 
 It costs one forward evaluation of the batch with a graph, and ``k`` times two forward and
-one backward evaluation, per step. It needs ``step(closure)`` with a closure
+one backward evaluation, per step. Two options make the products cheaper (measured in §8 of
+``bench_issue21.md``): ``jv="forward"`` (``cg_jv``) forms ``J v`` by a forward difference
+against the graph's own outputs, one forward evaluation instead of two; ``backprop`` (OCNOpt's
+``cg_graph="direct"``) builds the step's graph, and evaluates the ``J v`` and trial
+forwards, with the ODE blocks backpropagating through their solver, so that ``Jᵀ`` is one
+pass through a stored graph instead of the own adjoint's vector-Jacobian product per solver
+stage. It needs ``step(closure)`` with a closure
 returning ``(loss, outputs)``; across processes it is not supported yet.
 """
 
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -59,13 +66,32 @@ class GaussNewtonCG:
 
     Args:
         iters: conjugate-gradient steps per optimizer step (>= 1).
+        damping: the starting λ; state: the optimizer's per-parameter state (the previous
+            solution is kept there); decay: the warm start's factor.
+        jv: ``"central"`` or ``"forward"`` difference for ``J v`` (:data:`JV_RULES`).
+        backprop: None, or a context factory inside which the closure's forwards build a
+            backprop graph through the solver (OCNOpt's ``cg_graph="direct"``).
     """
 
-    def __init__(self, iters: int, damping: float = 0.0, state=None, decay: float = 0.95):
+    def __init__(
+        self,
+        iters: int,
+        damping: float = 0.0,
+        state=None,
+        decay: float = 0.95,
+        jv: str = "central",
+        backprop: Callable[[], AbstractContextManager] | None = None,
+    ):
         self.iters = iters
         self.state = state  # per-parameter optimizer state: the previous solution, kept
         self.decay = decay  # the CG of a step starts at ``decay`` times the previous one
         self.damping = damping  # λ of ``(G + λ I)``: Levenberg–Marquardt in :meth:`step`
+        if jv not in JV_RULES:
+            raise ValueError(f"jv: received {jv!r}; accepted: {', '.join(JV_RULES)}")
+        self.jv = jv  # ``J v``: "central" (2 forwards, O(ε²)) or "forward" (1, O(ε))
+        # a context in which the closure's forwards build a backprop graph through the solver
+        # (``cg_graph = "direct"``): the graph and every ``J v`` forward are evaluated in it
+        self.backprop = backprop or nullcontext
         self._outputs: torch.Tensor | None = None  # the batch's outputs, with their graph
         self._grad_outputs: torch.Tensor | None = None  # ∂L/∂outputs, with its graph
         self.last_iters = 0  # the steps the last refinement took
@@ -80,7 +106,7 @@ class GaussNewtonCG:
             0,
             ("the closure returned no outputs, or a loss not computed from them"),
         )
-        with torch.enable_grad(), quiet():
+        with torch.enable_grad(), quiet(), self.backprop():
             value = closure()
             if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
                 return None
@@ -115,23 +141,27 @@ class GaussNewtonCG:
         if norm == 0.0:
             return {p: torch.zeros_like(x) for p, x in v.items()}
         dtype = params[0].dtype
-        eps = torch.finfo(dtype).eps ** (1.0 / 3.0) * (1.0 + theta) / norm
+        central = self.jv == "central"
+        eps = torch.finfo(dtype).eps ** (1.0 / 3.0 if central else 0.5) * (1.0 + theta) / norm
         # the graph holds the parameters: they are swapped out by ``.data`` (which leaves
         # their version counters, and so the graph, valid) and the very tensors the graph
         # saw are put back
         originals = [p.data for p in params]
         outs = []
         try:
-            for sign in (1.0, -1.0):
+            for sign in (1.0, -1.0) if central else (1.0,):
                 for p, o in zip(params, originals):
                     p.data = o.add(v[p], alpha=sign * eps)
-                with torch.no_grad():
+                with torch.no_grad(), self.backprop():
                     _, out = loss_and_outputs(closure())
                 outs.append(out.detach())
         finally:
             for p, o in zip(params, originals):
                 p.data = o
-        jv = (outs[0] - outs[1]) / (2.0 * eps)
+        if central:
+            jv = (outs[0] - outs[1]) / (2.0 * eps)
+        else:  # against the graph's own outputs at θ (the same closure, the same draws)
+            jv = (outs[0] - self._outputs.detach()) / eps
         with torch.enable_grad(), quiet():
             (hjv,) = torch.autograd.grad(
                 self._grad_outputs, self._outputs, jv, retain_graph=True, allow_unused=True
@@ -245,7 +275,8 @@ class GaussNewtonCG:
         for _ in range(max_trials):
             for p, b in zip(params, backup):
                 p.copy_(b).sub_(d[p], alpha=scale)
-            loss1 = float(loss_and_outputs(closure())[0])
+            with self.backprop():
+                loss1 = float(loss_and_outputs(closure())[0])
             predicted = -scale * gd + 0.5 * scale * scale * dad
             rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")
             if math.isfinite(loss1) and loss1 < loss0:
@@ -261,6 +292,10 @@ class GaussNewtonCG:
         self.last_rho = rho
         return taken, loss1
 
+
+#: How :meth:`GaussNewtonCG.product` forms ``J v``: a central difference (two forward
+#: evaluations, error O(ε²)) or a forward one against the step's graph outputs (one, O(ε)).
+JV_RULES = ("central", "forward")
 
 #: Bounds of the Levenberg–Marquardt λ of :meth:`GaussNewtonCG.step`.
 MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8

@@ -189,6 +189,18 @@ class OCNOpt(torch.optim.Optimizer):
             one backward evaluation of the batch per CG step (:mod:`.gauss_newton_cg`).
             Experimental; with ``curvature="identity"`` (plain CG), measured there: 4× lower
             MSE than tuned Adam at equal steps on an ODE-RNN forecaster, 15× its step time.
+        cg_jv: how the ``cg_iters`` products form ``J v``: ``"central"`` (default): a
+            central difference, two forward evaluations of the batch; ``"forward"``: a
+            forward difference against the step's graph outputs, one forward evaluation
+            (error O(ε) instead of O(ε²), ε ≈ √machine-ε; in float32 it cost progress per
+            step on the ODE-RNN forecaster, ``bench_issue21.md`` §8).
+        cg_graph: what the ``cg_iters`` products back-propagate ``Jᵀ`` through:
+            ``"adjoint"`` (default): the blocks' own gradient (the own adjoint: one
+            vector-Jacobian product per solver stage); ``"direct"``: a graph of the batch
+            built with every ODE block of ``model`` backpropagating through its solver (the
+            blocks' ``gradient`` is switched for the step's graph and its ``J v`` and trial
+            forwards only; memory grows with the solver steps). Measured on the ODE-RNN
+            forecaster: 3× cheaper backward (``bench_issue21.md`` §8).
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -265,7 +277,17 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self._generator = torch.Generator().manual_seed(o.seed)
         self._factor_source = FACTOR_SOURCES_BY_NAME[o.factors](o.rank, self._generator)
-        self._cg = GaussNewtonCG(o.cg_iters, 1.0, self.state) if o.cg_iters else None
+        self._cg = (
+            GaussNewtonCG(
+                o.cg_iters,
+                1.0,
+                self.state,
+                jv=o.cg_jv,
+                backprop=_backprop(model) if o.cg_graph == "direct" else None,
+            )
+            if o.cg_iters
+            else None
+        )
         self._warned_cg = False
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
@@ -881,3 +903,22 @@ def _check_group(g: dict, requires_lr: bool) -> None:
     )
     check_hyper("groups[...]['diag_beta']", g["diag_beta"], 0, 1, False, True, "a float in [0, 1)")
     check_choice("groups[...]['outside']", g["outside"], OUTSIDE_RULES)
+
+
+def _backprop(model: nn.Module):
+    """A context factory: every ODE block of ``model`` with ``gradient="direct"`` inside
+    (backprop through its solver), its own setting restored on leaving."""
+    blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
+
+    @contextmanager
+    def direct():
+        saved = [b.gradient for b in blocks]
+        try:
+            for b in blocks:
+                b.gradient = "direct"
+            yield
+        finally:
+            for b, g in zip(blocks, saved):
+                b.gradient = g
+
+    return direct

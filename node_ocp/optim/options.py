@@ -26,6 +26,8 @@ FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empi
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
+CG_JV: tuple[str, ...] = ("central", "forward")  # see gauss_newton_cg.JV_RULES
+CG_GRAPHS: tuple[str, ...] = ("adjoint", "direct")
 
 #: Hyper-parameters that were renamed: old name -> new name. The old names keep working
 #: (keywords, parameter-group keys, config keys, saved parameter groups) with a
@@ -92,6 +94,8 @@ class OCNOptOptions:
     time_joint: bool = True
     calibrate_units: bool = True
     cg_iters: int = 0
+    cg_jv: str = "central"
+    cg_graph: str = "adjoint"
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -168,6 +172,8 @@ class OCNOptOptions:
         stiff_ratio = check_positive("stiff_ratio", self.stiff_ratio)
         check_int("adapt_every", self.adapt_every, 1)
         check_int("cg_iters", self.cg_iters, 0)
+        check_choice("cg_jv", self.cg_jv, CG_JV)
+        check_choice("cg_graph", self.cg_graph, CG_GRAPHS)
         return dataclasses.replace(
             self,
             lr=lr,
