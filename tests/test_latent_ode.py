@@ -358,3 +358,25 @@ def test_train_and_compare_draw_the_forecast_figure(tmp_path, capsys):
     assert main(argv) == 0
     assert (out / "forecast.png").exists()
     assert "![forecast.png](forecast.png)" in (out / "report.md").read_text()
+
+
+def test_feedback_runs_over_the_declared_stages():
+    data = procedural_forecast("spiral", 16, 4, 4, 12, drop=0.5)
+    x, y = data.train.x, data.train.y
+    torch.manual_seed(0)
+    m = LatentODE(2, latent=3, hidden=8, encoder_hidden=(8,), field_hidden=(8,), method="rk4")
+    opt = OCNOpt(m, feedback="gauss_newton")
+
+    def loss():
+        torch.manual_seed(1)
+        out = m(x, y.times, targets=y)
+        return out.outputs, out.neg_elbo / out.count
+
+    first = float(loss()[1].detach())
+    for _ in range(3):
+        opt.zero_grad()
+        outputs, value = loss()
+        opt.backward(value, outputs=outputs, likelihood="gaussian")
+        opt.step(lambda: loss()[1])
+    assert opt.feedback_steps >= 1 and opt.feedback_failures == 0
+    assert float(loss()[1].detach()) < first

@@ -114,6 +114,8 @@ class StageRecord:
 
     ``inputs``/``outputs`` are the call's tensors (in the graph of the loss); ``grads`` maps
     ``id(tensor)`` to ``∂L/∂tensor`` from the step's backward (the empirical factors).
+    ``args``/``kwargs`` are the call's arguments, with which a gain re-calls the stage
+    (``inputs`` are the positional tensors: the state a sweep compares).
     """
 
     module: nn.Module
@@ -123,6 +125,7 @@ class StageRecord:
     outputs: list[torch.Tensor]
     calls: int = 1
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)
 
 
 class StageRecorder:
@@ -144,7 +147,8 @@ class StageRecorder:
         self.disarm()
         self.records, self._order = {}, 0
         for m in self.stages:
-            self._handles.append(m.register_forward_hook(self._hook(keep_grads)))
+            hook = self._hook(keep_grads)
+            self._handles.append(m.register_forward_hook(hook, with_kwargs=True))
 
     def disarm(self) -> None:
         """Stop recording calls (the records and their gradient hooks stay)."""
@@ -164,7 +168,7 @@ class StageRecorder:
         self.records = {}
 
     def _hook(self, keep_grads: bool):
-        def hook(module, args, result):
+        def hook(module, args, kwargs, result):
             if not torch.is_grad_enabled():
                 return
             rec = self.records.get(id(module))
@@ -172,6 +176,7 @@ class StageRecorder:
                 rec.calls += 1
                 return
             rec = StageRecord(module, self._order, args, _tensors(args), _tensors(result))
+            rec.kwargs = dict(kwargs)
             self._order += 1
             self.records[id(module)] = rec
             if keep_grads:
@@ -314,8 +319,11 @@ class FeedbackSweep:
         # the stage's vector-Jacobian product at the recorded (nominal) point, on a fresh
         # graph: the step's own graph saw the parameters change in place since
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rec.args)
+        kwargs = {
+            k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in rec.kwargs.items()
+        }
         with torch.enable_grad():
-            fresh = _tensors(rec.module(*args))
+            fresh = _tensors(rec.module(*args, **kwargs))
             index = {id(t): i for i, t in enumerate(rec.outputs)}
             picked = [fresh[index[id(t)]] for t in outs]
             got = torch.autograd.grad(picked, params, grad_outputs=cots, allow_unused=True)
