@@ -174,7 +174,7 @@ def test_compare_writes_report_figures_and_picks_lrs(tmp_path, cfg_path, capsys)
     assert "| adam | " in report and "| ocnopt | " in report and "to target s" in report
     headline = report.splitlines()[2]
     assert headline == f"**{result['verdicts'][0]['text']}.**"
-    assert headline.startswith("**ocnopt ") and "adam" in headline
+    assert headline.startswith("**ocnopt") and "adam" in headline
     assert "## Per seed" in report and result["verdicts"][0]["text"] + "." in printed
     for fig in ("curves_steps.png", "curves_time.png", "lr_sensitivity.png", "density.png"):
         assert (out / fig).stat().st_size > 1000, fig

@@ -41,7 +41,7 @@ from .. import dist
 from ..io import atomic_write_json
 from . import intervals
 from .adapters import adapter_for
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, lr_label
 from .costs import ratio
 from .loop import CONFIG, SUMMARY, RunError, RunOptions, prepare_out_dir, read_metrics, train
 from .report import COMPARISON, write_report
@@ -174,13 +174,13 @@ def compare(
                 said = [ln for ln in lines if ln.startswith("node-ocp: error: ")]
                 if said:  # the run's own one-line error
                     why = said[-1][len("node-ocp: error: ") :]
-                    raise RunError(f"run {name} lr={lr:g} seed={seed}: {why}")
+                    raise RunError(f"run {name} lr={lr_label(lr)} seed={seed}: {why}")
                 tail = "\n".join(lines[-8:])  # a crash: its traceback's end
-                raise RunError(f"run {name} lr={lr:g} seed={seed} failed:\n{tail}")
+                raise RunError(f"run {name} lr={lr_label(lr)} seed={seed} failed:\n{tail}")
             s = _read_json(target / SUMMARY)
         best = s.get("best_test_metric")
         line = (
-            f"{name:<14} lr={lr:<8g} seed={seed}  val {s['metric']} {s['final_val']:.4g}  "
+            f"{name:<14} lr={lr_label(lr):<8} seed={seed}  val {s['metric']} {s['final_val']:.4g}  "
             f"test {s['test_metric']:.4g}"
             + (f"  test (best val, step {s['best_step']}) {best:.4g}" if best is not None else "")
             + f"  {s['train_seconds']:.1f}s"
@@ -307,6 +307,38 @@ def time_to_target(records: list[dict], key: str, target: float, higher: bool):
     return None
 
 
+#: A run *ended far worse than its best* when its final validation metric gave back more
+#: than this fraction of its improvement from its first evaluation to its best one.
+GAVE_BACK = 0.5
+
+
+def ended_far_worse(records: list[dict], key: str, higher: bool) -> dict | None:
+    """The validation figures ``{"first", "first_step", "best", "best_step", "final"}`` of a
+    run that ended far worse than its best, else None.
+
+    The rule is scale-free (it holds for NLLs below 0 and accuracies alike): the final value
+    gave back more than :data:`GAVE_BACK` of the improvement from the first evaluation to
+    the best, or the run never improved on its first evaluation and ended worse than it. A
+    run whose final value is not finite (diverged) is left to the diverged count: None.
+    """
+    seen = [(r["step"], float(r[key])) for r in records if intervals.finite([r.get(key)])]
+    if len(seen) < 2 or not intervals.finite([records[-1].get(key)]):
+        return None
+    sign = 1.0 if higher else -1.0
+    (first_step, first), final = seen[0], seen[-1][1]
+    best_step, best = max(seen, key=lambda sv: sign * sv[1])  # the first of equal bests
+    gain, lost = sign * (best - first), sign * (best - final)
+    if lost <= 0 or lost <= GAVE_BACK * gain:
+        return None
+    return {
+        "first": first,
+        "first_step": first_step,
+        "best": best,
+        "best_step": best_step,
+        "final": final,
+    }
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and std over the finite values (diverged seeds are counted apart)."""
     xs = [x for x in xs if x is not None and math.isfinite(x)]
@@ -372,6 +404,12 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
             "per_seed_best_step": {r["seed"]: r.get("best_step") for r in best},
             "best_test": _mean_std([r.get("best_test_metric") for r in best]),
             "best_test_ci": list(_ci([r.get("best_test_metric") for r in best])),
+            # validation figures of the runs that ended far worse than their best
+            "per_seed_far_worse": {
+                r["seed"]: far
+                for r in best
+                if (far := ended_far_worse(r["records"], key, higher)) is not None
+            },
             "stopped_early": sum(bool(r.get("stopped_early")) for r in best),
             "diverged": sum(r["diverged"] for r in best),
             "seeds": len(best),
@@ -427,8 +465,13 @@ def aggregate(out: Path, config: RunConfig, optimizers: list[str], plan=None) ->
         agg["steps_to_target"] = s_med if math.isfinite(s_med) else None
         agg["reached"] = f"{sum(math.isfinite(t) for t in times.values())}/{len(times)}"
     base = per_opt[baseline]
-    for agg in per_opt.values():
-        agg["time_to_target_ratio"] = ratio(agg["time_to_target_s"], base["time_to_target_s"])
+    for name, agg in per_opt.items():
+        # the time ratio the table prints: the verdicts' (intervals.time_ratio), seeds paired
+        t = intervals.time_ratio(name, baseline, _inf_times(agg), _inf_times(base))
+        agg["time_to_target_ratio"] = _none_if_inf(t.ratio.value) if t.both else None
+        agg["time_ratio_ci"] = [_none_if_inf(t.ratio.lo), _none_if_inf(t.ratio.hi)]
+        agg["time_ratio_seeds"] = list(t.both)
+        agg["time_ratio_cell"] = t.cell if name != baseline else "baseline"
         agg["step_cost_ratio"] = ratio(agg["amortized_step_s"], base["amortized_step_s"])
         agg["refresh_cost_ratio"] = ratio(agg["refresh_time_s"], base["amortized_step_s"])
         agg["memory_ratio"] = ratio(agg["train_memory_mb"], base["train_memory_mb"])
@@ -480,16 +523,7 @@ def _verdicts(per_opt: dict, best_base: str, metric: str, higher: bool) -> list[
             if base == name:
                 continue
             a, b = per_opt[name], per_opt[base]
-            v = intervals.verdict(
-                name,
-                base,
-                metric,
-                higher,
-                a["per_seed_test"],
-                b["per_seed_test"],
-                _inf_times(a),
-                _inf_times(b),
-            )
+            v = intervals.verdict(metric, higher, _side(name, a), _side(base, b))
             out.append(
                 {
                     "name": name,
@@ -497,11 +531,25 @@ def _verdicts(per_opt: dict, best_base: str, metric: str, higher: bool) -> list[
                     "outcome": v.outcome,
                     "text": v.text,
                     "test_difference": [v.difference.value, v.difference.lo, v.difference.hi],
+                    "every_seed": v.final.every_seed,
+                    "sign_test_p": v.final.sign_p,
                     "time_ratio": [v.time_ratio.value, v.time_ratio.lo, v.time_ratio.hi],
+                    "time_ratio_seeds": list(v.time.both),
                     "seeds": v.difference.n,
                 }
             )
     return out
+
+
+def _side(name: str, agg: dict) -> intervals.Side:
+    """An optimizer's per-seed figures as :func:`intervals.verdict` reads them."""
+    return intervals.Side(
+        name,
+        agg["per_seed_test"],
+        _inf_times(agg),
+        agg.get("per_seed_best_test", {}),
+        agg.get("per_seed_far_worse", {}),
+    )
 
 
 def _inf_times(agg: dict) -> dict:

@@ -339,6 +339,15 @@ class HorizonConfig:
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "ocnopt": math.inf}
 
 
+def lr_label(lr) -> str:
+    """A learning rate as reports print it: ``default`` for none (``inf`` or None: OCNOpt's
+    step scale comes from its quadratic model, uncapped), else the number (for OCNOpt the
+    cap it was given)."""
+    if lr is None or (isinstance(lr, (int, float)) and math.isinf(lr)):
+        return "default"
+    return f"{float(lr):g}"
+
+
 @dataclass
 class _OptimizerTable:
     """``[optimizers.NAME]``: one optimizer.

@@ -45,7 +45,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
 from .adapters import adapter_for, build_adapter
 from .checkpoint import CHECKPOINT_SCHEMA, BestModel, Checkpoint, RunState, improves
-from .config import ConfigError, RunConfig, config_from_dict
+from .config import ConfigError, RunConfig, config_from_dict, lr_label
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
@@ -558,7 +558,7 @@ class _Run:
             self.options.progress and self.main,
             self.steps,
             s.step,
-            f"{self.name} lr={self.lr:g} seed={self.seed}",
+            f"{self.name} lr={lr_label(self.lr)} seed={self.seed}",
         )
         stopped_by_time = stopped_early = False
         while s.step < self.steps and not s.diverged:

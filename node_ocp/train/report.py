@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from ..io import atomic_write_text
+from .config import lr_label
 from .errors import RunError
 from .forecast_figure import draw_forecast
 from .loop import CHECKPOINT, CONFIG, read_metrics
@@ -68,13 +69,22 @@ def _best_cell(a) -> str:
 
 
 def _time_cell(a) -> str:
+    """The median time to the target with its interval; without a median (most seeds never
+    reached it), how many seeds did."""
     t = a["time_to_target_s"]
     if t is None:
-        return "never"
+        reached = str(a.get("reached", "0/0"))
+        return "never" if reached.startswith("0/") else f"no median ({reached} reached)"
     lo, hi = a.get("time_to_target_ci", [None, None])
     if lo is None and hi is None:
         return f"{t:.1f}"
     return f"{t:.1f} [{_num(lo, '{:.1f}', 'never')}, {_num(hi, '{:.1f}', 'never')}]"
+
+
+def _ratio_cell(a) -> str:
+    """The time ratio to the baseline as the verdicts word it (the seeds it is over, or why
+    there is none); a comparison.json written before these words: the number."""
+    return a.get("time_ratio_cell") or _num(a.get("time_to_target_ratio"))
 
 
 def verdict_lines(result: dict) -> list[str]:
@@ -103,9 +113,10 @@ def write_report(out, result: dict) -> Path:
         "the learning rate with the best mean final validation metric. Intervals are 95%: "
         "t intervals of means, bootstrap intervals of medians. Times are training wall-clock "
         "(evaluation excluded) on this machine; ratios are to the baseline in the same "
-        "comparison. *test* is the final model's test metric (the one the verdicts use); "
+        "comparison. *test* is the final model's test metric (the verdicts' *final*); "
         "*test (best val)* is that of each run's model at its best validation metric "
-        "(best.pt).",
+        "(best.pt; the verdicts' *best-val*). An lr of *default* is OCNOpt's: none, its step "
+        "scale comes from its quadratic model.",
         "",
         "| optimizer | lr | seeds | test | test (best val) | val | to target s | reached "
         "| time ratio | step cost | refresh cost | memory MB | memory ratio | NFE f/b |",
@@ -124,8 +135,8 @@ def write_report(out, result: dict) -> Path:
         if a.get("stopped_early"):
             best += f" ({a['stopped_early']}/{a['seeds']} stopped early)"
         lines.append(
-            f"| {name} | {a['lr']:g} | {a['seeds']} | {test} | {best} | {_ci_cell(a['val_ci'])} "
-            f"| {_time_cell(a)} | {a['reached']} | {_num(a['time_to_target_ratio'])} "
+            f"| {name} | {lr_label(a['lr'])} | {a['seeds']} | {test} | {best} "
+            f"| {_ci_cell(a['val_ci'])} | {_time_cell(a)} | {a['reached']} | {_ratio_cell(a)} "
             f"| {_num(a['step_cost_ratio'])} | {_num(a['refresh_cost_ratio'])} "
             f"| {_num(a.get('train_memory_mb'), '{:.1f}')} | {_num(a['memory_ratio'])} "
             f"| {nfe} |"
@@ -161,22 +172,32 @@ def write_report(out, result: dict) -> Path:
             vals = ", ".join("nan" if not _finite(v) else f"{v:.4g}" for v in g["vals"])
             mean = g["mean_val"]
             chosen = " **(chosen)**" if float(lr) == float(a["lr"]) else ""
+            shown = "–" if not _finite(mean) else f"{mean:.4g}"
             lines.append(
-                f"| {name} | {lr}{chosen} | {'–' if not _finite(mean) else f'{mean:.4g}'} "
+                f"| {name} | {lr_label(float(lr))}{chosen} | {shown} "
                 f"| {vals} | {g['diverged']}/{g['seeds']} |"
             )
     lines += [
         "",
         "## How to read this",
         "",
-        "- *verdict*: seeds paired; a win or a loss only when the 95% interval of the "
-        "test-metric difference excludes 0, otherwise 'no difference detected' at that many "
-        "seeds. The time ratio is the geometric mean over the seeds where both reached the "
-        "target.",
+        "- *verdict*: seeds paired. *final* figures are the final models', *best-val* "
+        "those of each run's best-validation model (best.pt). A win or a loss only when the "
+        "95% interval of the test-metric difference excludes 0, otherwise 'no difference "
+        "detected' at that many seeds; a difference with the same sign on every seed is said "
+        "('worse on every seed', with the sign test's p) whatever the interval. A run 'ended "
+        "far worse than its best' when its final validation metric gave back more than half "
+        "of its improvement from its first evaluation to its best (or never improved on its "
+        "first and ended worse). The metric leads the verdict unless it shows nothing and no "
+        "run diverged or ended far worse; then the time ratio does.",
+        "- *time ratio*: the geometric mean, over the seeds where both reached the target "
+        "(named), of the per-seed ratio of times to the target, to the baseline; the same "
+        "figure, over the same seeds, as the verdict of that pair. Where one of them never "
+        "reached the target there is no ratio, and the cell says who did on how many seeds.",
         "- *to target s*: median over seeds of the first training second at which the "
         "validation metric reached the target (a seed that never did counts as infinitely "
-        "late: 'never' unless most seeds got there); *reached* counts the seeds that did; "
-        "*time ratio* is that median over the baseline's.",
+        "late: 'no median' unless most seeds got there, 'never' when none did); *reached* "
+        "counts the seeds that did.",
         "- *step cost*: median training step time, amortized over OCNOpt's refresh period "
         "(the refresh step, with curvature capture and eigendecompositions, separately), as "
         "ratios to the baseline's. Both are measured while training, so they include the "
@@ -225,7 +246,7 @@ def draw_comparison(out, result: dict) -> list[str]:
             mean = [_nanmean(v) for v in ys]
             lo = [_nanmin(v) for v in ys]
             hi = [_nanmax(v) for v in ys]
-            (line,) = ax.plot(xs, mean, label=f"{name} (lr {agg['lr']:g})")
+            (line,) = ax.plot(xs, mean, label=f"{name} (lr {lr_label(agg['lr'])})")
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
         if _finite(result.get("target")):
             ax.axhline(result["target"], color="gray", ls="--", lw=0.8, label="target")
@@ -386,7 +407,7 @@ def plot_run(run_dir) -> list[str]:
             ax.plot(*zip(*tl), label="train loss", alpha=0.7)
         ax.set_xlabel(xlabel)
         ax.legend()
-    fig.suptitle(f"{info['optimizer']} lr={info['lr']:g} seed={info['seed']}")
+    fig.suptitle(f"{info['optimizer']} lr={lr_label(info['lr'])} seed={info['seed']}")
     fig.tight_layout()
     fig.savefig(d / "curves.png", dpi=120)
     plt.close(fig)
@@ -507,15 +528,14 @@ def format_summary(result: dict) -> str:
     )
     head = (
         f"{'optimizer':<16} {'lr':>8} {'test ' + metric:>28} {'test (best val)':>28} "
-        f"{'to target s':>20} {'reached':>7} {'time ratio':>10} {'step cost':>9} "
-        f"{'memory MB':>9}"
+        f"{'to target s':>24} {'reached':>7} {'step cost':>9} {'memory MB':>9}  time ratio"
     )
     lines.append(head)
     for name, a in result["optimizers"].items():
         lines.append(
-            f"{name:<16} {a['lr']:>8g} {_ci_cell(a['test_ci']):>28} {_best_cell(a):>28} "
-            f"{_time_cell(a):>20} "
-            f"{a['reached']:>7} {_num(a['time_to_target_ratio']):>10} "
-            f"{_num(a['step_cost_ratio']):>9} {_num(a.get('train_memory_mb'), '{:.1f}'):>9}"
+            f"{name:<16} {lr_label(a['lr']):>8} {_ci_cell(a['test_ci']):>28} "
+            f"{_best_cell(a):>28} {_time_cell(a):>24} {a['reached']:>7} "
+            f"{_num(a['step_cost_ratio']):>9} {_num(a.get('train_memory_mb'), '{:.1f}'):>9}  "
+            f"{_ratio_cell(a)}"
         )
     return "\n".join(lines)
