@@ -401,12 +401,18 @@ def plot_run(run_dir) -> list[str]:
         (axes[0], "step", "step"),
         (axes[1], "seconds", "training wall-clock (s)"),
     ):
-        ax.plot([r[xkey] for r in records], [r[metric_key] for r in records], label=metric_key)
+        (line,) = ax.plot(
+            [r[xkey] for r in records], [r[metric_key] for r in records], label=metric_key
+        )
+        ax.set_ylabel(metric_key)
+        handles = [line]
         tl = [(r[xkey], r["train_loss"]) for r in records if r["train_loss"] is not None]
-        if tl:
-            ax.plot(*zip(*tl), label="train loss", alpha=0.7)
+        if tl:  # on its own axis: a loss and a metric need not share units (ELBO, accuracy)
+            twin = ax.twinx()
+            handles += twin.plot(*zip(*tl), color="C1", label="train loss", alpha=0.7)
+            twin.set_ylabel("train loss")
         ax.set_xlabel(xlabel)
-        ax.legend()
+        ax.legend(handles=handles)
     fig.suptitle(f"{info['optimizer']} lr={lr_label(info['lr'])} seed={info['seed']}")
     fig.tight_layout()
     fig.savefig(d / "curves.png", dpi=120)
