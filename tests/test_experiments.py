@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,30 @@ def test_unit_calibration_main_measures_every_unit(tmp_path):
     rows = _load("unit_calibration").main([str(cfg), "--steps", "2", "--sizes", "1e-3"])
     assert rows and all(r["held"] > 0 for r in rows)
     assert all(math.isfinite(r["kappa_u"]["0.001"]) for r in rows)
+
+
+def test_bench_latent_summary_picks_adams_lr_and_times_each_run_to_its_best(tmp_path, capsys):
+    import subprocess
+
+    def run(name, vals, test):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": 10 * i, "seconds": 2.0 * i, "val_mse": v} for i, v in enumerate(vals)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        summ = {"best_test": {"mse": test, "elbo": -1.0}, "test": {"mse": test, "elbo": -1.0}}
+        summ.update(best_step=10 * vals.index(min(vals)), train_seconds=8.0, steps=40)
+        (d / "summary.json").write_text(json.dumps(summ))
+
+    run("adam_lr0.01_s0", [0.5, 0.3, 0.2], 0.2)
+    run("adam_lr0.1_s0", [0.5, 0.4, 0.25], 0.25)
+    for s in range(3):
+        run(f"adam_best_s{s}", [0.5, 0.3, 0.2], 0.2)
+        run(f"ocnopt_s{s}", [0.5, 0.15, 0.1] if s else [0.5, 0.4, 0.3], 0.1)
+    script = ROOT / "experiments" / "bench_latent_summary.py"
+    argv = [sys.executable, str(script), str(tmp_path)]
+    best = subprocess.run([*argv, "--best-lr"], capture_output=True, text=True, check=True)
+    assert best.stdout.strip() == "0.01"
+    table = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "| 0 | OCNOpt default | 0.1000 (20) | 0.1000 | -1.000 | 0.20 | never |" in table
+    assert "| 1 | OCNOpt default | 0.1000 (20) | 0.1000 | -1.000 | 0.20 | 2 s (10) |" in table
+    assert "| 2 | Adam (tuned) | 0.2000 (20) | 0.2000 | -1.000 | 0.20 | 4 s (20) |" in table
