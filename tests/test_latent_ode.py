@@ -380,3 +380,73 @@ def test_feedback_runs_over_the_declared_stages():
         opt.step(lambda: loss()[1])
     assert opt.feedback_steps >= 1 and opt.feedback_failures == 0
     assert float(loss()[1].detach()) < first
+
+
+def test_reparameterised_gradient_matches_a_finite_difference():
+    m, batch = _model(samples=2), _series()
+    params = list(m.parameters())
+    g = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+
+    def bound():
+        torch.manual_seed(11)  # the same draws of z0 at every evaluation
+        return m(batch, batch.times, targets=batch).neg_elbo
+
+    grads = torch.autograd.grad(bound(), params)
+    along = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+    eps = 1e-5
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            values.append(float(bound()))
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+    assert (values[0] - values[1]) / (2 * eps) == pytest.approx(along, rel=1e-6)
+
+
+def test_unobserved_values_change_nothing():
+    m, batch = _model(), _series()
+    with torch.no_grad():
+        mu, std = m.posterior(batch)
+        values = batch.values.clone()
+        values[~batch.mask] = 123.0  # the unobserved channel and the padding
+        other = type(batch)(batch.times, values, batch.mask)
+        mu2, std2 = m.posterior(other)
+    assert torch.equal(mu, mu2) and torch.equal(std, std2)
+    assert int((~batch.mask).sum()) == 2 * 3 + 1  # padding of two series, one channel
+
+
+class _LinearField(torch.nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.a = torch.nn.Parameter(a)
+
+    def forward(self, t, z):
+        return z @ self.a.T
+
+
+def test_linear_field_and_identity_decoder_extrapolate_the_analytic_solution():
+    m = LatentODE(3, latent=3, hidden=5, decoder_hidden=(), **TIGHT).double()
+    a = torch.tensor([[-0.3, 1.0, 0.0], [-1.0, -0.3, 0.2], [0.0, 0.1, -0.5]], dtype=torch.float64)
+    m.ode.field = _LinearField(a)
+    with torch.no_grad():
+        m.decoder[0].weight.copy_(torch.eye(3))
+        m.decoder[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    batch = collate_irregular(
+        [
+            (torch.tensor([0.0, 0.2, 0.5]), torch.randn(3, 3, generator=g), None),
+            (torch.tensor([0.1, 0.4]), torch.randn(2, 3, generator=g), None),
+        ]
+    )
+    batch = type(batch)(batch.times.double(), batch.values.double(), batch.mask)
+    query = torch.tensor([[0.6, 0.9, 1.5], [0.5, 1.0, 2.0]], dtype=torch.float64)
+    with torch.no_grad():
+        mu, _ = m.posterior(batch)
+        got = m(batch, query)
+    for b in range(2):
+        for q in range(3):
+            want = torch.linalg.matrix_exp(a * query[b, q]) @ mu[b]
+            torch.testing.assert_close(got[b, q], want, rtol=1e-8, atol=1e-9)
