@@ -76,7 +76,8 @@ def draw_forecast(path: Path, run_dirs: dict[str, Path], series: int = 3) -> boo
     n, channels = len(batch.x), batch.x.values.shape[-1]
     cols = min(channels, 3)
     plt = _plt()
-    fig, axes = plt.subplots(n, cols, figsize=(4.2 * cols, 2.6 * n), squeeze=False)
+    width = max(4.2 * cols, 8.0)  # room for the title and legend with one channel
+    fig, axes = plt.subplots(n, cols, figsize=(width, 2.6 * n), squeeze=False)
     for j, (name, (model, which)) in enumerate(models.items()):
         color = f"C{j}"
         query = query_grid(batch, predict, whole=hasattr(model, "sample_forecasts"))
@@ -116,7 +117,7 @@ def draw_forecast(path: Path, run_dirs: dict[str, Path], series: int = 3) -> boo
             ax.set_title(f"test series {b}, channel {c}", fontsize=9)
             if b == n - 1:
                 ax.set_xlabel("time")
-    band = f" (bands: {BAND[0]:.0%}-{BAND[1]:.0%} of posterior draws)"
+    band = f"\nbands: {BAND[0]:.0%}-{BAND[1]:.0%} of posterior draws"
     has_band = any(hasattr(m, "sample_forecasts") for m, _ in models.values())
     fig.suptitle(f"{task.config.task.dataset}: {predict}" + (band if has_band else ""))
     fig.legend(loc="lower center", ncol=min(4, 2 + len(models)), fontsize=8, frameon=False)
