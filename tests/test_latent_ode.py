@@ -450,3 +450,14 @@ def test_linear_field_and_identity_decoder_extrapolate_the_analytic_solution():
         for q in range(3):
             want = torch.linalg.matrix_exp(a * query[b, q]) @ mu[b]
             torch.testing.assert_close(got[b, q], want, rtol=1e-8, atol=1e-9)
+
+
+def test_query_grid_of_an_interpolation_spans_observed_and_held_out_points():
+    from node_ocp.train.forecast_figure import query_grid
+
+    data = procedural_forecast("oscillator", 4, 2, 2, 20, drop=0.3, predict="interpolate")
+    batch = data.test.batch(torch.arange(2))
+    grid = query_grid(batch, "interpolate", points=4)
+    for b in range(2):
+        seen = torch.cat([batch.x.times[b][batch.x.valid[b]], batch.y.times[b][batch.y.valid[b]]])
+        torch.testing.assert_close(grid[b], torch.linspace(float(seen.min()), float(seen.max()), 4))

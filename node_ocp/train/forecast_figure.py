@@ -47,12 +47,14 @@ def load_run_models(run_dirs: dict[str, Path], prefer_best: bool = False):
 
 def query_grid(batch, predict: str, points: int = 80, whole: bool = False) -> torch.Tensor:
     """``(B, points)`` times per series: from its last observation to its last target
-    (``extrapolate``), or over its whole span (``interpolate``, or ``whole``: a model that
-    reconstructs the observed part too, the latent ODE)."""
+    (``extrapolate``), or over its whole span, first to last point observed or held out
+    (``interpolate``, or ``whole``: a model that reconstructs the observed part too, the
+    latent ODE)."""
     x, y = batch.x, batch.y
     inf = torch.tensor(float("inf"))
     t_end = torch.where(y.valid, y.times, -inf).max(1).values
-    if predict == "interpolate" or whole:
+    if predict == "interpolate" or whole:  # to the last point of either kind
+        t_end = torch.maximum(t_end, torch.where(x.valid, x.times, -inf).max(1).values)
         t_obs = torch.where(x.valid, x.times, inf).min(1).values
         t_start = torch.minimum(t_obs, torch.where(y.valid, y.times, inf).min(1).values)
     else:
