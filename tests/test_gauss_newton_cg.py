@@ -195,26 +195,37 @@ def test_cg_solves_the_gauss_newton_system_and_its_first_step_scales_the_held_di
     assert q(few) < q(one) < 0
 
 
-def test_ocnopt_with_cg_iters_trains_and_is_a_config_key():
-    model, x, _ = _setup()
+def _train_to_a_reachable_target(model, x, opt, check, steps=25) -> list[float]:
+    """``steps`` steps of ``opt`` towards another Net's outputs (a target the model can
+    reach), ``check()`` after each; the losses before each step."""
     torch.manual_seed(5)
     with torch.no_grad():
-        y = Net()(x)  # a target the model can reach
-    opt = no.OCNOpt(model, cg_iters=4, update_every=5, momentum=0.0)
+        y = Net()(x)
     losses = []
 
     def closure():
         out = model(x)
         return _loss(out, y), out
 
-    for _ in range(25):
+    for _ in range(steps):
         opt.zero_grad()
         out = model(x)
         loss = _loss(out, y)
         opt.backward(loss, outputs=out, likelihood="gaussian")
         opt.step(closure)
         losses.append(float(loss.detach()))
+        check()
+    return losses
+
+
+def test_ocnopt_with_cg_iters_trains_and_is_a_config_key():
+    model, x, _ = _setup()
+    opt = no.OCNOpt(model, cg_iters=4, update_every=5, momentum=0.0)
+
+    def check():
         assert opt._cg.last_iters == 4 and opt._cg._outputs is None  # the graph released
+
+    losses = _train_to_a_reachable_target(model, x, opt, check)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.05 * losses[0]
     table = OptimizerConfig(kind="ocnopt", cg_iters=3)
@@ -273,26 +284,14 @@ def test_cheaper_cg_options_train_restore_the_blocks_and_are_config_keys():
     """``cg_jv = "forward"`` with ``cg_graph = "direct"``: the run trains as the default CG
     does, every block keeps its own gradient between steps, and both are config keys."""
     model, x, _ = _setup()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        y = Net()(x)
     opt = no.OCNOpt(
         model, cg_iters=4, update_every=5, momentum=0.0, cg_jv="forward", cg_graph="direct"
     )
-    losses = []
 
-    def closure():
-        out = model(x)
-        return _loss(out, y), out
-
-    for _ in range(25):
-        opt.zero_grad()
-        out = model(x)
-        loss = _loss(out, y)
-        opt.backward(loss, outputs=out, likelihood="gaussian")
-        opt.step(closure)
-        losses.append(float(loss.detach()))
+    def check():
         assert opt._cg.last_iters == 4 and model.ode.gradient == "adjoint"
+
+    losses = _train_to_a_reachable_target(model, x, opt, check)
     assert losses[-1] < 0.05 * losses[0]
     table = OptimizerConfig(kind="ocnopt", cg_iters=3, cg_jv="forward", cg_graph="direct")
     table.check("[optimizers.x]")

@@ -23,8 +23,8 @@ from pathlib import Path
 from ..io import atomic_write_text
 from .config import lr_label
 from .errors import RunError
-from .forecast_figure import draw_forecast
-from .loop import CHECKPOINT, CONFIG, read_metrics
+from .forecast_figure import draw_forecast, load_run_models
+from .loop import CONFIG, read_metrics
 
 COMPARISON = "comparison.json"  # written by node_ocp.train.compare
 FIGURES = (
@@ -330,24 +330,11 @@ def draw_density(path: Path, run_dirs: dict[str, Path], grid: int = 80) -> bool:
     """Data, learned log-density and samples of 2-D CNF runs (from their checkpoints)."""
     import torch
 
-    from .config import config_from_dict
-    from .tasks import build_task
-
     plt = _plt()
-    models = {}
-    task = None
-    for name, d in run_dirs.items():
-        if not (d / CHECKPOINT).exists():
-            continue
-        info = json.loads((d / CONFIG).read_text())
-        cfg = config_from_dict(info["config"], source=info["source"])
-        task = build_task(cfg, "cpu")
-        state = torch.load(d / CHECKPOINT, map_location="cpu", weights_only=False)
-        task.model.load_state_dict(state["model"])
-        task.model.eval()
-        models[name] = task.model
+    task, loaded = load_run_models(run_dirs)  # the final models
     if task is None:
         return False
+    models = {name: model for name, (model, _) in loaded.items()}
     data = task.data.test.x[:2000]
     lim = float(data.abs().max()) * 1.1
     axis = torch.linspace(-lim, lim, grid)
