@@ -115,7 +115,7 @@ def _tail_split(data: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndarray, np.n
     n_val = int(0.1 * (data.shape[0] - n_test))
     if n_val == 0:  # (a slice [-0:] would take every row)
         raise ValueError(
-            f"path: {p.name} has {data.shape[0]} rows; accepted: at least 20, so that the "
+            f"path: {p.name} has {data.shape[0]} rows; accepted: at least 11, so that the "
             "validation and test splits (10% each) are not empty"
         )
     rest, test = data[:-n_test], data[-n_test:]
@@ -255,12 +255,12 @@ def hepmass(path) -> TaskData:
         frame = frame.loc[label == 1].iloc[:, 1:]
         frames.append((p, frame.iloc[:, :-1] if index == 1 else frame))
     (p_train, train), (p_test, test) = frames
-    if train.shape[1] != test.shape[1] or train.shape[0] < 20 or test.shape[0] < 1:
+    if train.shape[1] != test.shape[1] or train.shape[0] < 10 or test.shape[0] < 1:
         raise ValueError(
             f"path: {p_train.name} gives {train.shape[0]} signal rows of {train.shape[1]} "
             f"features and {p_test.name} {test.shape[0]} of {test.shape[1]} (its last column "
             "dropped); accepted: the release's files (label first, the test file with one "
-            "column more), 20 or more training rows"
+            "column more), 10 or more training rows"
         )
     mean, std = train.mean().to_numpy(), train.std().to_numpy()
     train = (train.to_numpy() - mean) / std
