@@ -190,8 +190,8 @@ def gas(path) -> TaskData:
        ``int(0.1 N')`` of the rest the validation split (``load_data_and_clean_and_split``).
 
     The release's pickle was written by a 2017 pandas; a pandas that cannot read it is a
-    one-line error (the MAF README, July 2024, and the francois-rozet/uci-datasets fork use
-    pandas < 2.0 for this file).
+    one-line error (the francois-rozet/uci-datasets fork, which the MAF README recommends
+    since July 2024, asks for pandas < 2.0 for this file).
     """
     pd = _require("pandas", "suite")
     p = _file(path, "gas")
