@@ -1,9 +1,11 @@
-"""Offline data: procedural toys, data bundled in packages, irregular series, user files.
+"""Offline data: procedural toys, data bundled in packages, irregular series, user files,
+the standard tabular density suite read from the user's copy of its release files.
 
 Nothing here downloads anything.
 """
 
 from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density, uea_series
+from .density_suite import SUITE, suite_density
 from .files import file_classification, file_density, load_image_file, load_tabular_file
 from .forecast import PROCEDURAL, procedural_forecast, procedural_series, uea_forecast
 from .irregular import IrregularBatch, collate_irregular
@@ -29,6 +31,8 @@ __all__ = [
     "TABULAR",
     "tabular_density",
     "digits_images",
+    "SUITE",
+    "suite_density",
     "uea_series",
     "bundled_uea_names",
     "IrregularBatch",

@@ -40,7 +40,9 @@ class TaskConfig:
 
     kind: ``density`` | ``classification`` | ``forecast``.
     dataset: density: a 2-D toy (moons, circles, 8gaussians, pinwheel, checkerboard,
-        2spirals) or a scikit-learn table (digits, wine, breast_cancer, iris);
+        2spirals), a scikit-learn table (digits, wine, breast_cancer, iris) or a set of
+        the standard tabular suite read from ``path`` (power, gas, hepmass, miniboone,
+        bsds300; see :mod:`node_ocp.data.density_suite`);
         classification: ``spirals`` (procedural 2-D), ``digits`` (8x8 images) or a
         UEA/UCR archive bundled with sktime (``JapaneseVowels``, ``BasicMotions``, ...);
         forecast: ``spiral`` or ``oscillator`` (procedural) or a bundled UEA/UCR archive.
@@ -61,7 +63,9 @@ class TaskConfig:
         ``time``, one per channel, optionally ``label``) or an sktime/UEA ``.ts`` file (a
         ``*_TRAIN.ts`` brings its ``*_TEST.ts`` sibling as the test split); see
         :mod:`node_ocp.data.series_files`. Split 80/10/10 (by series) with a fixed seed,
-        features standardised with training statistics.
+        features standardised with training statistics. With a suite set (power, gas,
+        ...): the folder of the standard release's files (its ``data/`` folder, holding
+        ``power/data.npy``, ...), split and normalised as the release's own code does.
     format: how ``path`` is read: ``auto``, ``table``, ``images``, ``long`` (a long CSV of
         series) or ``ts``. ``auto``: a ``.ts`` file is ``ts``; for forecast, or for
         classification with model kind ``odernn``/``cde``, a long CSV; otherwise a table or
@@ -92,6 +96,7 @@ class TaskConfig:
     columns: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
+        from ..data.density_suite import SUITE
         from .task_kinds import ALL_FORMATS, TASKS  # the task kinds, registered there
 
         _choice(f"{where}.kind", self.kind, TASKS.names())
@@ -110,10 +115,23 @@ class TaskConfig:
                     f"{where}.format: received {self.format!r} for kind {self.kind!r}; "
                     f"accepted: {', '.join(map(repr, formats))}"
                 )
+        elif self.dataset in SUITE:
+            if not self.path:
+                raise ConfigError(
+                    f"{where}.path: received nothing with dataset {self.dataset!r}; accepted: "
+                    "the folder of the standard release's files (its data/ folder, zenodo "
+                    "1161203)"
+                )
+            if self.format != "auto":
+                raise ConfigError(
+                    f"{where}.format: received {self.format!r} with dataset "
+                    f"{self.dataset!r}; accepted: 'auto' (the release's own formats)"
+                )
         elif self.path:
             raise ConfigError(
                 f"{where}.path: received {self.path!r} with dataset {self.dataset!r}; "
-                "accepted: a path only with dataset = 'file'"
+                "accepted: a path only with dataset = 'file' or a set of the tabular "
+                f"suite ({', '.join(SUITE)})"
             )
         elif self.format != "auto":
             raise ConfigError(

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from .. import dist
 from ..data import (
     PROCEDURAL,
+    SUITE,
     TABULAR,
     TOYS,
     IrregularBatch,
@@ -33,6 +34,7 @@ from ..data import (
     file_series_classification,
     file_series_forecast,
     procedural_forecast,
+    suite_density,
     tabular_density,
     toy_2d,
     two_spirals,
@@ -81,6 +83,8 @@ class Task:
     uea_archives: ClassVar[bool] = False
     #: the ``[task].format`` values accepted with ``dataset = "file"``
     file_formats: ClassVar[tuple[str, ...]] = ("auto",)
+    #: data sets read from the folder ``[task].path`` names (:meth:`read_folder`)
+    folder_datasets: ClassVar[tuple[str, ...]] = ()
     #: a user's CSV is read as a long CSV of series whatever the model
     series_files: ClassVar[bool] = False
     #: the loss reaches an ODE block at several times (one loss term per query time)
@@ -193,6 +197,12 @@ class Task:
         """The user's file ``path`` read as ``fmt`` (``auto`` resolved for series)."""
         raise NotImplementedError
 
+    @classmethod
+    def read_folder(cls, t: TaskConfig, path) -> TaskData:
+        """The set ``t.dataset`` (one of :attr:`folder_datasets`) from the folder ``path``
+        (``[task].path``, resolved from the config's folder)."""
+        raise NotImplementedError
+
 
 def _bad_series_format(t: TaskConfig, fmt: str) -> ConfigError:
     return ConfigError(
@@ -226,8 +236,9 @@ class DensityTask(Task):
     name = "density"
     metric = "nll"
     likelihood = "standard_normal"
-    datasets = (*TOYS, *TABULAR, "file")
+    datasets = (*TOYS, *TABULAR, *SUITE, "file")
     file_formats = ("auto", "table")
+    folder_datasets = SUITE
 
     def batch_loss(self, model, batch):
         z, dlogp, reg = model(batch.x)
@@ -260,6 +271,10 @@ class DensityTask(Task):
         if fmt in SERIES_FORMATS:
             raise _bad_series_format(t, fmt)
         return file_density(path, header=header, seed=DATA_SEED)
+
+    @classmethod
+    def read_folder(cls, t, path):
+        return suite_density(t.dataset, path)
 
 
 @register_task

@@ -10,6 +10,7 @@ is better) for forecasts.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -72,7 +73,37 @@ def load_data(config: RunConfig) -> TaskData:
     check_dataset(t)
     if t.dataset == "file":
         return _file_data(config)
+    if t.dataset in TASKS[t.kind].folder_datasets:
+        with _path_errors():
+            return TASKS[t.kind].read_folder(t, _resolver(config)(t.path))
     return TASKS[t.kind].load(t)
+
+
+def _resolver(config: RunConfig):
+    """A function from a config's path to a Path: relative ones from the config's folder."""
+    base = Path(config.source).parent if Path(config.source).is_file() else Path(".")
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base / q
+
+    return resolve
+
+
+@contextlib.contextmanager
+def _path_errors():
+    """A reader's OSError or ValueError as one ConfigError line naming the ``[task]`` key
+    (the readers name their argument first: ``path: ...``)."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        key, _, rest = text.partition(": ")
+        if key not in ("path", "label_column", "columns") or not rest:
+            key, rest = "path", text
+        raise ConfigError(f"[task].{key}: {rest}") from None
 
 
 def _file_data(config: RunConfig) -> TaskData:
@@ -84,12 +115,7 @@ def _file_data(config: RunConfig) -> TaskData:
     file is a table or images."""
     t = config.task
     task, model = TASKS[t.kind], MODELS[config.model.kind]
-    base = Path(config.source).parent if Path(config.source).is_file() else Path(".")
-
-    def resolve(p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else base / q
-
+    resolve = _resolver(config)
     fmt = t.format
     if fmt == "auto":
         if Path(t.path).suffix.lower() == ".ts":
@@ -104,16 +130,8 @@ def _file_data(config: RunConfig) -> TaskData:
         )
     header = {"auto": "auto", "true": True, "false": False}[t.header]
     labels = resolve(t.labels_path) if t.labels_path and fmt not in SERIES_FORMATS else None
-    try:
+    with _path_errors():
         return task.read_file(t, resolve(t.path), fmt, header, labels)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key, _, rest = text.partition(": ")  # the file readers name their argument first
-        if key not in ("path", "label_column", "columns") or not rest:
-            key, rest = "path", text
-        raise ConfigError(f"[task].{key}: {rest}") from None
 
 
 def build_model(config: RunConfig, data: TaskData) -> nn.Module:
