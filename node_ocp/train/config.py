@@ -178,7 +178,7 @@ class ModelConfig:
     hidden: hidden widths of the vector field's MLP (image_cnf: channel widths of its conv
         field).
     width: state width: ODE-RNN / CDE hidden state, image channels, ode_mlp augmentation.
-    activation: the field's activation (cnf).
+    activation: the field's activation (cnf, image_cnf).
     blocks: chained ODE blocks (cnf; image_cnf: per scale).
     horizon: integration time t1 of the blocks (t0 = 0).
     divergence: ``exact`` or ``hutchinson`` (cnf, image_cnf).
