@@ -93,6 +93,12 @@ class Task:
     loss_at_several_times: ClassVar[bool] = False
 
     @property
+    def outputs_determine_loss(self) -> bool:
+        """Whether the loss depends on the parameters through the outputs of
+        :meth:`batch_loss` alone (see ``train_step``'s argument of that name)."""
+        return True
+
+    @property
     def kind(self) -> str:
         return self.name
 
@@ -402,6 +408,10 @@ class ForecastTask(Task):
     def owns_objective(self) -> bool:
         """Whether the model computes its own training objective (a bound)."""
         return bool(getattr(self.model, "owns_objective", False))
+
+    @property
+    def outputs_determine_loss(self) -> bool:
+        return not self.owns_objective  # a bound's KL term is not a function of the outputs
 
     @property
     def sums_size(self) -> int:
