@@ -434,9 +434,11 @@ def test_own_gain_scale_learns_from_the_sweep_against_the_open_loop_trial():
     own.learn(None, 0.5)  # no open-loop trial on this step: nothing learnt
     own.learn(1.0, float("nan"))
     assert own.scale == 0.5 and own.trials == 3
+    assert not own.resting(None)
     for _ in range(20):
         own.learn(1.0, 2.0)
     assert own.scale == LOW
+    assert own.resting(None) and not own.resting(1.0)  # at LOW: sweeps only beside a trial
     for _ in range(20):
         own.learn(2.0, 1.0)
     assert own.scale == HIGH
@@ -624,3 +626,30 @@ def test_a_stage_whose_input_did_not_move_takes_no_gain():
     a = torch.ones(4, dtype=D)
     assert not moved([a], [a + 1e-15]) and moved([a], [a + 1e-12])
     assert not moved([torch.zeros(2, dtype=D)], [torch.zeros(2, dtype=D)])
+
+
+def test_own_gain_at_its_floor_sweeps_only_beside_an_open_loop_trial():
+    """β at its floor: steps without a trial take the open-loop update (no sweep, no report);
+    a step with a trial still sweeps, so β can come back."""
+    from node_ocp.optim.feedback_gain import LOW
+
+    model = _chain(False)
+    x, t = torch.randn(8, 3, dtype=D), torch.randn(8, 2, dtype=D)
+    opt = no.OCNOpt(
+        model,
+        lr=0.02,
+        step="fixed",
+        adapt_every=3,
+        curvature="identity",
+        feedback="gauss_newton",
+        feedback_gain="own",
+    )
+    opt._feedback_runner.gain.scale = LOW
+    swept = []
+    for _ in range(6):
+        due = opt.adapt_due
+        before = opt.feedback_steps
+        ocnopt_step(opt, _compute(model, x, t), "gaussian")
+        swept.append((due, opt.feedback_steps > before))
+    assert all(d == s for d, s in swept), swept
+    assert any(d for d, _ in swept) and not all(d for d, _ in swept)

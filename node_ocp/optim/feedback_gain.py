@@ -14,7 +14,10 @@ the open-loop direction only, which says nothing about how far the linearisation
   random draws) measures what the gain terms did. ``β`` doubles (up to :data:`HIGH`) when the
   sweep's loss is the lower and halves (down to :data:`LOW`) when it is not: a
   trust-region rule on the gain alone, as Levenberg–Marquardt is on the open-loop step. Other
-  steps keep ``β``.
+  steps keep ``β``. While ``β`` is at :data:`LOW` the gain terms have not paid on the batch
+  for several trials in a row: the step *rests* (takes the open-loop update without the
+  sweep's evaluations) unless it has an open-loop trial to compare with, so feedback that
+  does not help costs little more than the open-loop step, and comes back when it wins.
 
 The sweep's clip (``feedback_clip``, the gain term at most that many times the open-loop
 step in the held metric) applies after ``β``.
@@ -68,6 +71,11 @@ class GainCalibration:
             self.scale = min(self.scale * GROW, HIGH)
         else:
             self.scale = max(self.scale * SHRINK, LOW)
+
+    def resting(self, open_loss: float | None) -> bool:
+        """Whether a feedback step skips its sweep: ``β`` at :data:`LOW` (``"own"``) and no
+        open-loop trial on this step to learn from."""
+        return self.mode == "own" and self.scale <= LOW and open_loss is None
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "trials": self.trials, "wins": self.wins}

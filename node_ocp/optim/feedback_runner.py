@@ -170,7 +170,7 @@ class FeedbackRunner:
             if reason is not None and not self.warned:
                 self.warned = True
                 warn_open_loop(reason)
-        if not records or reason is not None:
+        if not records or reason is not None or self.gain.resting(open_loss):
             for p, d in update.items():
                 p.add_(d)
             return update, None
