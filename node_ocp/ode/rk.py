@@ -103,7 +103,21 @@ class Tableau:
 
     def rows(self) -> np.ndarray:
         """float64 ``(R, S)``: the stage rows, then the solution row (fixed step) or the
-        error row and the four rows of the dense output's powers ``x, x², x³, x⁴``."""
+        error row and the four rows of the dense output's powers ``x, x², x³, x⁴``
+        (computed once, in exact fractions)."""
+        rows = self._cache.get("rows")
+        if rows is None:
+            rows = self._cache["rows"] = self._rows()
+        return rows
+
+    def nodes(self, np_dtype) -> np.ndarray:
+        """``c`` as an array of ``np_dtype`` (cached)."""
+        c = self._cache.get(np_dtype)
+        if c is None:
+            c = self._cache[np_dtype] = np.array([float(v) for v in self.c], dtype=np_dtype)
+        return c
+
+    def _rows(self) -> np.ndarray:
         s = self.stages
         out = [list(r) + [0] * (s - len(r)) for r in self.a]
         if not self.adaptive:
@@ -262,21 +276,43 @@ def odeint(
         return func(s, y.view(shape)).reshape(-1)
 
     y = y0.reshape(-1)
-    graph = torch.is_grad_enabled()
-    if tab.adaptive:
-        outs = _adaptive(f, y, times, tab, rtol, atol, options, graph, stats)
-    else:
-        outs = _fixed(f, y, t_work, times, tab, options, graph, stats)
+    st = _Stages.acquire(tab, y, torch.is_grad_enabled())
+    try:
+        if tab.adaptive:
+            outs = _adaptive(f, y, times, tab, rtol, atol, options, st, stats)
+        else:
+            outs = _fixed(f, y, t_work, times, tab, options, st, stats)
+    finally:
+        st.release()
     return torch.stack(outs).view(len(times), *shape)
 
 
 class _Stages:
     """The stage derivatives ``K`` ``(S, N)`` and the weights of the current step.
 
-    Without grad the views ``K[:i]ᵀ`` and the rows of the scaled weights are made once per
-    solve and the weights are rescaled in place; with grad (backprop through the loop) they
-    are fresh tensors, so that autograd's saved tensors are never overwritten.
+    Without grad the views ``K[:i]ᵀ`` and the rows of the scaled weights are made once and
+    the weights are rescaled in place, and the record is kept for the next solve of the same
+    method, size, dtype and device (:meth:`acquire`, :meth:`release`: a solve nested in a
+    field gets its own); with grad (backprop through the loop) they are fresh tensors, so
+    that autograd's saved tensors are never overwritten. No output of a solve is a view of
+    ``K`` or of the weights.
     """
+
+    _pool: dict[tuple, list[_Stages]] = {}
+
+    @classmethod
+    def acquire(cls, tab: Tableau, y: torch.Tensor, graph: bool) -> _Stages:
+        if graph:
+            return cls(tab, y, graph)
+        key = (id(tab), y.numel(), y.dtype, y.device)
+        free = cls._pool.setdefault(key, [])
+        st = free.pop() if free else cls(tab, y, graph)
+        st.key = key
+        return st
+
+    def release(self) -> None:
+        if not self.graph:
+            self._pool[self.key].append(self)
 
     def __init__(self, tab: Tableau, y: torch.Tensor, graph: bool):
         self.graph = graph
@@ -284,6 +320,7 @@ class _Stages:
         self.k = y.new_empty(tab.stages, y.numel())
         self.s = tab.stages
         self.dt = None
+        self.key = None
         if not graph:
             self.wdt = torch.empty_like(self.w)
             self.kt = [self.k[:i].t() for i in range(self.s + 1)]
@@ -320,7 +357,7 @@ class _Stages:
         return torch.addmv(y, self.k.t() if self.graph else self.kt[self.s], w)
 
 
-def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, graph, stats) -> list:
+def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, st: _Stages, stats) -> list:
     dtype, device = y.dtype, y.device
     np_dtype = _NP_DTYPES[dtype]
     norm = options.get("norm")
@@ -332,11 +369,10 @@ def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, graph, stats) -> l
     dfactor = float(options.get("dfactor", 0.2))
     max_num_steps = int(options.get("max_num_steps", 2**31 - 1))
     s = tab.stages
-    c = np.array([float(v) for v in tab.c], dtype=np_dtype)
-    at_end = np.array([v == 1 for v in tab.c])
+    c = tab.nodes(np_dtype)
+    at_end = c == 1
     err_row = s - 1
-    dense = np.array(tab.rows()[s:], dtype=np.float64)  # (4, S): powers x..x⁴
-    st = _Stages(tab, y, graph)
+    dense = tab.rows()[s:]  # (4, S): powers x..x⁴
 
     t = times[0]
     f0 = f(torch.tensor(np_dtype(t), device=device), y)
@@ -437,7 +473,7 @@ def _initial_step(f, t0: float, y0, f0, order: int, rtol, atol, norm, np_dtype, 
     return float(min(np_dtype(100) * h0, h1))
 
 
-def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, graph, stats) -> list:
+def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, st: _Stages, stats) -> list:
     dtype, device = y.dtype, y.device
     np_dtype = _NP_DTYPES[dtype]
     step_size = options.get("step_size")
@@ -460,14 +496,13 @@ def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, graph, stat
         raise AssertionError("the step grid must start and end at the first and last time")
     g_dtype = _NP_DTYPES.get(grid_t.dtype, np.float64)
     s = tab.stages
-    c = np.array([float(v) for v in tab.c], dtype=g_dtype)
+    c = tab.nodes(g_dtype)
     gnp = np.array(grid, dtype=g_dtype)
     dts = gnp[1:] - gnp[:-1]
     ts = gnp[:-1, None] + dts[:, None] * c[None, :]
     ts[:, c == 1] = gnp[1:, None]
     # one tensor of every stage time of the solve, one 0-dim view per stage
     tt = torch.from_numpy(ts.astype(np_dtype)).to(device).reshape(-1).unbind()
-    st = _Stages(tab, y, graph)
     outs = [y]
     j, t_end = 1, len(times)
     for m in range(len(grid) - 1):
