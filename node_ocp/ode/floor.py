@@ -270,6 +270,7 @@ def solver_loop_table(
     device: str | torch.device = "cpu",
     seed: int = 0,
     clock: str = "wall",
+    train_steps: int = 20,
 ) -> list[dict]:
     """Time the floor, the own adjoint and torchdiffeq's adjoint; one row per (field, method).
 
@@ -280,6 +281,9 @@ def solver_loop_table(
         device: where the fields run (float32).
         seed: seed of the field's initialisation and of the data.
         clock: ``"wall"`` or ``"process"`` (see :data:`CLOCKS`; ``"wall"`` on a GPU).
+        train_steps: seeded training steps of :func:`training_losses` with each backend
+            (0: none); the row gets ``loss_torchdiffeq``, ``loss_own`` (the losses after
+            them) and ``loss_max_rel_diff`` (the largest relative difference over the steps).
 
     Returns:
         A list of dicts, one per (field, method), with ``field``, ``method``, ``repeats``,
@@ -306,6 +310,8 @@ def solver_loop_table(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise bad_value("repeats", repeats, "an int >= 1")
     check_choice("clock", clock, tuple(CLOCKS))
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise bad_value("train_steps", train_steps, "an int >= 0")
     device = torch.device(device)
     if clock == "process" and device.type != "cpu":
         raise bad_value("clock", clock, "'wall' on a GPU (CPU time misses queued GPU work)")
@@ -352,8 +358,47 @@ def solver_loop_table(
             ) / per_nfe["floor"]
             row["backward_own_loop_over_floor"] = per_bwd["own_loop"] / per_bwd["floor"]
             row["backward_own_loop_over_torchdiffeq"] = per_bwd["own_loop"] / per_bwd["torchdiffeq"]
+            if train_steps:
+                losses = {
+                    b: training_losses(field_name, method, b, train_steps, device, seed)
+                    for b in ("torchdiffeq", "own")
+                }
+                row["loss_torchdiffeq"] = losses["torchdiffeq"][-1]
+                row["loss_own"] = losses["own"][-1]
+                row["loss_max_rel_diff"] = max(
+                    abs(a - b) / abs(b) for a, b in zip(losses["own"], losses["torchdiffeq"])
+                )
             rows.append(row)
     return rows
+
+
+def training_losses(
+    field_name: str,
+    method: str,
+    backend: str,
+    steps: int = 20,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    lr: float = 1e-2,
+) -> list[float]:
+    """The losses of ``steps`` Adam steps (own adjoint, ``backend``) on one seeded batch of
+    the table's case ``(field_name, method)``: the field, data and solver settings of
+    :func:`solver_loop_table`. Returns the loss before each step."""
+    build, shape = FIELDS[field_name]
+    torch.manual_seed(seed)
+    field = build().to(device)
+    x0 = torch.randn(shape, device=device)
+    target = torch.randn(shape, device=device)
+    block = ODEBlock(field, (0.0, 1.0), backend=backend, **SOLVERS[method])
+    opt = torch.optim.Adam(field.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(block(x0), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def format_solver_loop(rows: list[dict]) -> str:
@@ -396,4 +441,13 @@ def format_solver_loop(rows: list[dict]) -> str:
         "the least own/floor an adjoint on that loop reaches; nfe: one value when "
         f"{', '.join(VARIANTS)} agree."
     )
+    trained = [r for r in rows if "loss_own" in r]
+    if trained:
+        lines.append("losses of seeded Adam steps (own adjoint) with each backend:")
+        for r in trained:
+            lines.append(
+                f"  {r['field']:<5} {r['method']:<6} torchdiffeq {r['loss_torchdiffeq']:.6g}  "
+                f"own {r['loss_own']:.6g}  largest relative difference over the steps "
+                f"{r['loss_max_rel_diff']:.2e}"
+            )
     return "\n".join(lines)
