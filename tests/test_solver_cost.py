@@ -95,7 +95,7 @@ def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--solver-loop-only", "--solver-loop-repeats", "1", "--out", str(out)]
     argv += ["--solver-loop-fields", "conv", "--solver-loop-methods", "rk4", "--device", "cpu"]
-    argv += ["--solver-loop-clock", "process"]
+    argv += ["--solver-loop-clock", "process", "--solver-loop-train-steps", "0"]
     module.main(argv)
     saved = json.loads(out.read_text())
     assert saved["rows"] == []
