@@ -65,6 +65,8 @@ ADAPTIVE_OPTIONS = frozenset(
 )
 FIXED_OPTIONS = frozenset({"norm", "step_size", "grid_constructor", "interp", "perturb"})
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: Sizes (method, numel, dtype, device) whose stage buffers are kept between solves.
+_POOL_KEYS = 16
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ TABLEAUS: dict[str, Tableau] = {"dopri5": _dp5(), "bosh3": _bs3(), "rk4": _rk4_3
 def supports(method: str, options: dict, y0: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether :func:`odeint` can do this solve (else it is torchdiffeq's)."""
     tab = TABLEAUS.get(method)
-    if tab is None or y0.dtype not in _NP_DTYPES or not isinstance(y0, torch.Tensor):
+    if tab is None or not isinstance(y0, torch.Tensor) or y0.dtype not in _NP_DTYPES:
         return False
     if torch.is_grad_enabled() and t.requires_grad:
         return False  # the time grid's own gradient (steps, interpolation) is torchdiffeq's
@@ -305,6 +307,8 @@ class _Stages:
         if graph:
             return cls(tab, y, graph)
         key = (id(tab), y.numel(), y.dtype, y.device)
+        if key not in cls._pool and len(cls._pool) >= _POOL_KEYS:
+            cls._pool.clear()  # many sizes seen: let the old buffers go
         free = cls._pool.setdefault(key, [])
         st = free.pop() if free else cls(tab, y, graph)
         st.key = key
@@ -312,7 +316,7 @@ class _Stages:
 
     def release(self) -> None:
         if not self.graph:
-            self._pool[self.key].append(self)
+            self._pool.setdefault(self.key, []).append(self)
 
     def __init__(self, tab: Tableau, y: torch.Tensor, graph: bool):
         self.graph = graph
