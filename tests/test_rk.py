@@ -331,3 +331,24 @@ def test_failures_of_the_own_loop_are_solver_errors():
     nan_block = no.ODEBlock(NanLater(), (0.0, 1.0), backend="own", name="nan")
     with pytest.raises(no.SolverError, match="nan: in the forward solve.*non-finite"):
         nan_block(torch.ones(2, 2, dtype=F64))
+
+
+def test_solver_backend_of_a_config_reaches_every_block_and_trains_alike(tmp_path):
+    """``[solver].backend = "own"``: every block of the model steps through the own loop, and
+    OCNOpt (own adjoint, curvature capture on its refresh steps) trains as with torchdiffeq."""
+    from train_helpers import tiny
+
+    from node_ocp.train import RunOptions, build_task, config_from_dict, read_metrics, train
+
+    losses = {}
+    for backend in ("torchdiffeq", "own"):
+        cfg = config_from_dict(tiny(**{"solver.backend": backend, "train.steps": 6}))
+        blocks = build_task(cfg, torch.device("cpu")).blocks
+        assert blocks and all(b.backend == backend for b in blocks)
+        train(cfg, tmp_path / backend, RunOptions(progress=False))
+        rows = read_metrics(tmp_path / backend)
+        losses[backend] = [(r["train_loss"], r["val_nll"], r["nfe_forward"]) for r in rows[1:]]
+    assert len(losses["own"]) == len(losses["torchdiffeq"]) == 2
+    for own, ref in zip(losses["own"], losses["torchdiffeq"]):
+        assert own[2] == ref[2]  # the same steps
+        assert own[:2] == pytest.approx(ref[:2], rel=1e-4)
