@@ -381,7 +381,7 @@ def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, st: _Stages, stats
     t = times[0]
     f0 = f(torch.tensor(np_dtype(t), device=device), y)
     st.k[0] = f0
-    if "first_step" in options:
+    if options.get("first_step") is not None:
         dt = float(options["first_step"])
     else:
         dt = _initial_step(f, t, y, f0, tab.order - 1, rtol, atol, norm, np_dtype, stats)
