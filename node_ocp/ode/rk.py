@@ -412,7 +412,7 @@ def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, st: _Stages, stats
             tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
             err = err.div_(tol)
             if norm is None:
-                ratio = float(torch.linalg.vector_norm(err)) / math.sqrt(n)
+                ratio = float(torch.linalg.vector_norm(err)) / math.sqrt(max(n, 1))
             else:
                 ratio = abs(float(norm(err)))
         stats.host_syncs += 1
