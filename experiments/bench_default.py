@@ -38,6 +38,7 @@ import tomllib
 
 from node_ocp.io import atomic_write_json, atomic_write_text
 from node_ocp.train.compare import time_to_target, train_in_process_args
+from node_ocp.train.intervals import Side, verdict
 from node_ocp.train.loop import SUMMARY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +244,19 @@ def summarise(
             ),
             "steps": statistics.median([r["steps"] for r in good] or [0]),
         }
+    sides = {}
+    for arm, runs in seed_runs.items():
+        good = [r for r in runs if "failed" not in r]
+        hits = dict(zip((r["seed"] for r in runs), arms[arm]["time_to_target_per_seed"]))
+        sides[arm] = Side(
+            arm,
+            test={r["seed"]: r["test"] for r in good},
+            times={s: hits[s] for s in (r["seed"] for r in good)},
+            best_test={r["seed"]: r["best_test"] for r in good},
+        )
+    for arm, a in arms.items():  # the verdict in words, as compare's report says it
+        if arm != "adam":
+            a["verdict"] = verdict(metric, higher, sides[arm], sides["adam"]).text
     base = arms["adam"]["time_to_target"]
     base_cost = arms["adam"]["amortized_step_s"]
     for a in arms.values():
@@ -382,7 +396,15 @@ def main(argv=None) -> dict:
     table = format_table(results)
     words = verdicts(results)
     which = "best-validation" if args.model == "best" else "final"
+    said = [
+        f"- {task}, {arm}: {a['verdict']}"
+        for task, res in results.items()
+        if "failed" not in res
+        for arm, a in res["arms"].items()
+        if "verdict" in a
+    ]
     text = "\n".join(words) + f"\n\nTest metrics of each run's {which} model.\n\n" + table
+    text += "\n\nVerdicts against tuned Adam (paired by seed):\n\n" + "\n".join(said)
     print(text)
     saved = {
         "argv": sys.argv if argv is None else list(argv),

@@ -192,7 +192,13 @@ def run_arm(name: str, task, batches: list[torch.Tensor], args) -> dict:
         adaptation = getattr(opt, "last_adaptation", None)
         grads.clear()
         try:
-            result = train_step(opt, forward, blocks=blocks, likelihood=task.likelihood)
+            result = train_step(
+                opt,
+                forward,
+                blocks=blocks,
+                likelihood=task.likelihood,
+                outputs_determine_loss=task.outputs_determine_loss,
+            )
         except StepFailed as exc:
             failed = f"step {i}: {exc.reason}"
             break

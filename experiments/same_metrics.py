@@ -69,6 +69,7 @@ CASES = [
     ("motions-cde-ocnopt", "ts_basic_motions.toml", "ocnopt", 10, ocn()),
     ("horizon-spirals-ocnopt", "horizon_spirals.toml", "ocnopt", 20, ocn()),
     ("iris-cnf-ocnopt", "cnf_iris.toml", "ocnopt", 12, ocn()),
+    ("digits-image-cnf-ocnopt", "cnf_digits_image_multiscale.toml", "ocnopt", 10, ocn()),
     ("own-table-ocnopt", "own_table.toml", "ocnopt", 12, ocn()),
     ("own-series-ocnopt", "own_series.toml", "ocnopt", 10, ocn()),
     ("own-table-feedback-gn", "own_table.toml", "ocnopt", 12, ocn(feedback="gauss_newton")),

@@ -54,6 +54,7 @@ def main(argv=None) -> list[dict]:
             lambda b=b: task.outputs_and_loss(b),
             blocks=task.blocks,
             likelihood=task.likelihood,
+            outputs_determine_loss=task.outputs_determine_loss,
         )
     b = batch()
     opt.zero_grad()

@@ -340,6 +340,11 @@ def run(args) -> int:
 
             if draw_forecast(Path(out) / "forecast.png", {summary["optimizer"]: Path(out)}):
                 print(f"figure: {Path(out) / 'forecast.png'}")
+        if cfg.task.kind == "image_density":  # samples seen, not only scored
+            from .train.sample_figure import draw_samples
+
+            if draw_samples(Path(out) / "samples.png", {summary["optimizer"]: Path(out)}):
+                print(f"figure: {Path(out) / 'samples.png'}")
         return 0
     if args.command == "compare":
         from .train.compare import compare

@@ -88,6 +88,9 @@ def test_bench_default_main_runs_every_arm_and_saves_the_table(tmp_path):
     assert task["target"] == pytest.approx(sum(adam["val_per_seed"]) / 2)
     assert "| tiny_task | nll ↓ | ocnopt | default |" in result["table"]
     assert "OCNOpt's default reached" in (out / "summary.md").read_text()
+    # every arm but Adam carries compare's verdict in words against tuned Adam
+    assert all("adam" in a["verdict"] for n, a in task["arms"].items() if n != "adam")
+    assert "- tiny_task, ocnopt: ocnopt's final" in (out / "summary.md").read_text()
     # finished runs are kept: a second call trains nothing
     runs = sorted((out / "tiny_task").rglob("summary.json"))
     stamps = [p.stat().st_mtime_ns for p in runs]

@@ -419,3 +419,208 @@ def test_feedback_clip_bounds_the_gain_term_in_the_held_metric():
     assert free._clip_factor(units, update, fbs) == 1.0
     small = {w: torch.tensor([0.0, 0.3, 0.4], dtype=D)}
     assert clip._clip_factor(units, update, small) == 1.0
+
+
+# ---------------------------------------------------------------- the gain's own scale
+def test_own_gain_scale_learns_from_the_sweep_against_the_open_loop_trial():
+    from node_ocp.optim.feedback_gain import HIGH, LOW, GainCalibration
+
+    own = GainCalibration("own")
+    own.learn(1.0, 0.9)  # the sweep beat the open-loop trial: the gain grows
+    assert own.scale == 2.0 and (own.trials, own.wins) == (1, 1)
+    own.learn(1.0, 1.1)
+    own.learn(1.0, 1.0)  # a tie is no win
+    assert own.scale == 0.5 and (own.trials, own.wins) == (3, 1)
+    own.learn(None, 0.5)  # no open-loop trial on this step: nothing learnt
+    own.learn(1.0, float("nan"))
+    assert own.scale == 0.5 and own.trials == 3
+    for _ in range(20):
+        own.learn(1.0, 2.0)
+    assert own.scale == LOW
+    for _ in range(20):
+        own.learn(2.0, 1.0)
+    assert own.scale == HIGH
+    kappa = GainCalibration("kappa")
+    kappa.learn(1.0, 0.5)
+    assert kappa.scale == 1.0 and kappa.trials == 0
+    back = GainCalibration("own")
+    back.load_state_dict(own.state_dict())
+    assert back.state_dict() == own.state_dict()
+    with pytest.raises(ValueError, match=r"feedback_gain: received 'mine'"):
+        GainCalibration("mine")
+    with pytest.raises(ValueError, match=r"feedback_gain: received 'mine'"):
+        no.OCNOpt(_chain(False), curvature="diagonal", feedback_gain="mine")
+
+
+def _hand_sweep(nominal, x, t, eta, beta, grads):
+    """The exact-source policy by hand on a chain of Linear stages (identity curvature,
+    fixed step ``eta``): ``δθ_s = −eta (g_s + beta · (1/N) Σ_b J_θᵀ J_x δx_b)``, with
+    ``δx_s`` the change of stage ``s``'s input after the stages before it moved and the
+    Jacobians at the nominal point (:func:`_brute_gain`, ``H = I``). Returns the moved
+    copy."""
+    moved = copy.deepcopy(nominal)
+    lin = [i for i, m in enumerate(nominal) if isinstance(m, nn.Linear)]
+    old, new = x, x
+    for i, (m_old, m_new) in enumerate(zip(nominal, moved)):
+        if i in lin:
+            dx = (new - old).detach()
+            gain = (
+                _brute_gain(nominal, i, x, t, dx, lambda b: torch.eye(2, dtype=D))
+                if i != lin[0]
+                else [torch.zeros_like(p) for p in m_old.parameters()]
+            )
+            with torch.no_grad():
+                for p, g, c in zip(m_new.parameters(), grads[i], gain):
+                    p.add_(-eta * (g + beta * c))
+        with torch.no_grad():
+            old, new = m_old(old), m_new(new)
+    return moved
+
+
+def test_exact_gain_with_its_own_scale_is_the_hand_formula_on_a_three_stage_chain():
+    """``feedback_gain="own"``: after step 0 (a trial of the open-loop update and a sweep on
+    the same batch), β is 2 if the sweep's loss beat the open-loop trial's, else 1/2; step 1's
+    update is then the exact-source policy with its gain terms scaled by that β."""
+    model = _chain(False)  # Linear, Tanh, Linear, Linear: three stages
+    x, t = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
+    eta = 0.4
+    opt = no.OCNOpt(
+        model,
+        lr=eta,
+        step="fixed",
+        momentum=0.0,
+        curvature="identity",
+        factors="exact",
+        feedback="gauss_newton",
+        feedback_gain="own",
+        feedback_clip=None,
+    )
+    lin = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+
+    def grads_at(m):
+        ps = [p for i in lin for p in m[i].parameters()]
+        gs = iter(torch.autograd.grad(_loss(m(x), t), ps))
+        return {i: [next(gs) for _ in m[i].parameters()] for i in lin}
+
+    nominal = copy.deepcopy(model)
+    grads = grads_at(nominal)
+    open_loop = copy.deepcopy(nominal)
+    with torch.no_grad():
+        for i in lin:
+            for p, g in zip(open_loop[i].parameters(), grads[i]):
+                p.add_(-eta * g)
+        open_loss = float(_loss(open_loop(x), t))
+    ocnopt_step(opt, _compute(model, x, t), "gaussian")
+    assert opt.last_adaptation is not None and opt.last_feedback.reason == "ok"
+    want0 = _hand_sweep(nominal, x, t, eta, 1.0, grads)  # β = 1 before anything is learnt
+    for a, b in zip(model.parameters(), want0.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        sweep_loss = float(_loss(model(x), t))
+    beta = opt.feedback_gain_scale
+    assert beta == (2.0 if sweep_loss < open_loss else 0.5)
+    assert opt.last_feedback.gain_scale == 1.0
+
+    nominal = copy.deepcopy(model)
+    grads = grads_at(nominal)
+    ocnopt_step(opt, _compute(model, x, t), "gaussian")
+    assert opt.last_feedback.gain_scale == beta and opt.last_feedback.closed == 2
+    want = _hand_sweep(nominal, x, t, eta, beta, grads)
+    for a, b in zip(model.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    plain = _hand_sweep(nominal, x, t, eta, 1.0, grads)  # the scale is visible in the step
+    assert (
+        max(float((a - b).abs().max()) for a, b in zip(want.parameters(), plain.parameters()))
+        > 1e-6
+    )
+
+
+def _orthogonal_chain(stages: int, dim: int = 3):
+    """Affine stages ``y = Q x + θ`` with orthogonal ``Q``: the exact Gauss–Newton block of
+    every stage's bias is the identity, so identity curvature with ``lr = 1`` is each
+    stage's exact block-Newton step."""
+    g = torch.Generator().manual_seed(11)
+    qs = [torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=D))[0] for _ in range(stages)]
+    model = nn.Sequential(*[Shift(q) for q in qs])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=D))
+    x = torch.randn(10, dim, generator=g, dtype=D)
+    return model, x, torch.randn(10, dim, generator=g, dtype=D)
+
+
+@pytest.mark.parametrize("feedback", ["off", "gauss_newton", "dense"])
+def test_deep_linear_chain_feedback_reaches_the_minimiser_where_open_loop_overshoots(feedback):
+    """Six affine stages, quadratic loss: the minimum over the biases is known (least
+    squares). Open-loop, every stage takes its own exact block-Newton step as if the others
+    stood still, and together they overshoot by the number of stages; with Gauss–Newton
+    feedback each stage corrects what the stages before it already moved (block
+    Gauss–Seidel), which for affine stages reaches the minimiser; so does the dense policy
+    (the Newton step of the whole problem)."""
+    model, x, t = _orthogonal_chain(6)
+    best = _min_loss_of(model, x, t)
+    before = float(_loss(model(x), t))
+    opt = no.OCNOpt(
+        model,
+        lr=1.0,
+        step="fixed",
+        momentum=0.0,
+        curvature="identity",
+        damping=1e-9,
+        damping_mode="absolute",
+        min_damping=1e-12,
+        adapt_damping=False,
+        factors="exact",
+        feedback=feedback,
+        feedback_clip=None,
+    )
+    ocnopt_step(opt, _compute(model, x, t), "gaussian")
+    after = float(_loss(model(x), t))
+    assert before - best > 1.0
+    if feedback == "off":
+        assert after - best > 10 * (before - best)  # 6 stages: (6 − 1)² times the gap
+    else:
+        assert opt.last_feedback.reason == "ok"
+        assert after == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def _min_loss_of(model, x, t):
+    """The minimum over all biases of an affine chain's quadratic loss (least squares)."""
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(th):
+        return functional_call(model, dict(zip(names, th.split(sizes))), (x,))
+
+    j = torch.autograd.functional.jacobian(lambda th: f(th).reshape(-1), theta)
+    r = (f(theta) - t).reshape(-1).detach()
+    step = torch.linalg.lstsq(j, -r.unsqueeze(1)).solution.squeeze(1)
+    return float(_loss(f(theta + step), t))
+
+
+def test_a_stage_whose_input_did_not_move_takes_no_gain():
+    """The first stage's update is zero: the second stage's input does not move and it keeps
+    its open-loop step (no product computed); the third's input moves with the second stage
+    and takes its gain."""
+    from node_ocp.optim.feedback import moved
+
+    model = _chain(False)
+    x, t = torch.randn(8, 3, dtype=D), torch.randn(8, 2, dtype=D)
+    records, o = _recorded(model, x, t)
+    factors = pulled_factors(records, o, output_factors(o, "gaussian", "exact", 1))
+    units = [IdentityUnit([p], {}) for p in model.parameters()]
+    update = {p: torch.zeros_like(p) for p in model[0].parameters()}
+    update.update(
+        {p: 0.01 * torch.randn_like(p) for m in (model[2], model[3]) for p in m.parameters()}
+    )
+    sweep = FeedbackSweep(records, factors, units, Damping(0.0), lambda p: 1.0, False)
+    with torch.no_grad():
+        taken, _, fields = sweep.run(_compute(model, x, t), update, lambda m: set(m.parameters()))
+    assert fields["closed"] == 2 and fields["still"] == 1
+    for p in model[2].parameters():
+        assert torch.equal(taken[p], update[p])  # open-loop
+    assert any(not torch.equal(taken[p], update[p]) for p in model[3].parameters())
+    a = torch.ones(4, dtype=D)
+    assert not moved([a], [a + 1e-15]) and moved([a], [a + 1e-12])
+    assert not moved([torch.zeros(2, dtype=D)], [torch.zeros(2, dtype=D)])

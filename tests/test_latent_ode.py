@@ -456,3 +456,15 @@ def test_query_grid_of_an_interpolation_spans_observed_and_held_out_points():
     for b in range(2):
         seen = torch.cat([batch.x.times[b][batch.x.valid[b]], batch.y.times[b][batch.y.valid[b]]])
         torch.testing.assert_close(grid[b], torch.linspace(float(seen.min()), float(seen.max()), 4))
+
+
+def test_the_latent_ode_says_its_loss_has_a_term_beyond_the_outputs():
+    """The bound's KL term is not a function of the decoded outputs, so the task tells the
+    training step (OCNOpt's trials then read no Gauss–Newton curvature from the outputs); an
+    ODE-RNN forecaster's masked MSE is a function of its outputs alone."""
+    from node_ocp.train import build_task
+
+    assert not build_task(config_from_dict(_latent_cfg())).outputs_determine_loss
+    assert build_task(
+        config_from_dict(_latent_cfg(**{"model.kind": "odernn"}))
+    ).outputs_determine_loss

@@ -636,8 +636,10 @@ def test_model_errors():
         ValueError,
         match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock",
     ):
-        no.OCNOpt(nn.Linear(2, 2))
+        no.OCNOpt(nn.Linear(2, 2), outside="diagonal")
     no.OCNOpt(nn.Linear(2, 2), curvature="diagonal")  # fine without blocks
+    # a network without blocks: its own layers take the Kronecker factors
+    assert [type(u).__name__ for u in no.OCNOpt(nn.Linear(2, 2)).units] == ["EKFACUnit"]
     big = no.ODEBlock(mlp_field(dim=8, hidden=256))
     with pytest.raises(
         ValueError, match=r"'dense' only for fields with at most max_dense_params=4096"

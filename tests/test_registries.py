@@ -110,8 +110,12 @@ def test_adapt_chooses_by_the_optimizer_class_and_keeps_an_adapter():
 @pytest.mark.parametrize(
     ("key", "value", "accepted"),
     [
-        ("task.kind", "survival", "'density', 'classification', 'forecast'"),
-        ("model.kind", "transformer", "'cnf', 'ode_mlp', 'image', 'odernn', 'cde', 'latent_ode'"),
+        ("task.kind", "survival", "'density', 'image_density', 'classification', 'forecast'"),
+        (
+            "model.kind",
+            "transformer",
+            "'cnf', 'image_cnf', 'ode_mlp', 'image', 'odernn', 'cde', 'latent_ode'",
+        ),
     ],
 )
 def test_an_unknown_kind_is_one_line_naming_key_received_and_accepted(key, value, accepted):

@@ -232,3 +232,31 @@ def test_a_state_without_its_required_fields_is_refused():
         RunState.from_dict({"train_clock": 1.0, "step_times": {}})
     with pytest.raises(ValueError, match="step_times of type list"):
         RunState.from_dict({"step": 1, "train_clock": 1.0, "step_times": []})
+
+
+def test_a_loss_beyond_the_outputs_gives_the_trials_no_gauss_newton_curvature():
+    """A loss with a term the outputs do not determine (here a penalty on the head's weight,
+    as a latent ODE's KL term is on its encoder): ``outputs_determine_loss=False`` hands the
+    trial the loss only, so the adaptation learns from the loss's secant (``exact`` False);
+    by default the trial reads the Gauss–Newton curvature from the outputs (``exact`` True)."""
+    x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    exact = {}
+    for determine in (True, False):
+        model = _model()
+        opt = no.OCNOpt(model)
+
+        def forward(model=model):
+            out = model(x)
+            penalty = 0.1 * model[1].weight.pow(2).sum()
+            return out, 0.5 * (out - target).pow(2).sum(1).mean() + penalty
+
+        no.train_step(
+            opt,
+            forward,
+            blocks=[model[0]],
+            likelihood="gaussian",
+            outputs_determine_loss=determine,
+        )
+        exact[determine] = opt.last_adaptation.exact
+    assert exact == {True: True, False: False}

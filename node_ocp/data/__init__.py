@@ -6,7 +6,13 @@ Nothing here downloads anything.
 
 from .bundled import TABULAR, bundled_uea_names, digits_images, tabular_density, uea_series
 from .density_suite import SUITE, suite_density
-from .files import file_classification, file_density, load_image_file, load_tabular_file
+from .files import (
+    file_classification,
+    file_density,
+    file_image_density,
+    load_image_file,
+    load_tabular_file,
+)
 from .forecast import PROCEDURAL, procedural_forecast, procedural_series, uea_forecast
 from .irregular import IrregularBatch, collate_irregular
 from .series_files import (
@@ -39,6 +45,7 @@ __all__ = [
     "collate_irregular",
     "load_tabular_file",
     "file_density",
+    "file_image_density",
     "file_classification",
     "load_image_file",
     "SeriesSet",

@@ -58,7 +58,9 @@ def tabular_density(name: str, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> Task
 
 
 def digits_images(seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> TaskData:
-    """scikit-learn digits: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)`` int64."""
+    """scikit-learn digits: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)`` int64.
+
+    The pixels are counts 0..16 (17 grey levels, ``info["levels"]``), divided by 16."""
     datasets = _require("sklearn.datasets")
     d = datasets.load_digits()
     x = torch.as_tensor(np.asarray(d.images), dtype=torch.float32).unsqueeze(1) / 16.0
@@ -68,7 +70,7 @@ def digits_images(seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> TaskData:
         Split(x[tr], y[tr]),
         Split(x[va], y[va]),
         Split(x[te], y[te]),
-        {"name": "digits", "classes": 10, "shape": (1, 8, 8)},
+        {"name": "digits", "classes": 10, "shape": (1, 8, 8), "levels": 17},
     )
 
 

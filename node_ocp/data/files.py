@@ -207,14 +207,8 @@ def _read_idx(p: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images ``(N, C, H, W)`` float32 in [0, 1] (for 8-bit input) and labels ``(N,)``.
-
-    ``path``: an IDX file (``.idx``, ``-ubyte``, optionally ``.gz``) of shape ``(N, H, W)``
-    or an ``.npz`` with arrays ``x`` (``(N, H, W)`` or ``(N, C, H, W)``) and optionally ``y``.
-    ``labels_path``: the IDX labels file that goes with IDX images.
-    """
-    p = _path(path)
+def _image_arrays(p: Path, labels_path=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raw image array ``(N, C, H, W)`` of ``p`` (IDX or .npz) and its labels, if any."""
     labels = None
     if p.suffix.lower() == ".npz":
         with _open_npz(p) as z:
@@ -233,6 +227,18 @@ def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor 
             f"path: {p.name} holds images of shape {images.shape}; accepted: (N, H, W) or "
             "(N, C, H, W)."
         )
+    return images, labels
+
+
+def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images ``(N, C, H, W)`` float32 in [0, 1] (for 8-bit input) and labels ``(N,)``.
+
+    ``path``: an IDX file (``.idx``, ``-ubyte``, optionally ``.gz``) of shape ``(N, H, W)``
+    or an ``.npz`` with arrays ``x`` (``(N, H, W)`` or ``(N, C, H, W)``) and optionally ``y``.
+    ``labels_path``: the IDX labels file that goes with IDX images.
+    """
+    p = _path(path)
+    images, labels = _image_arrays(p, labels_path)
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     x = torch.as_tensor(images.astype(np.float32) / scale)
     _finite("images", x.numpy(), p)
@@ -245,6 +251,52 @@ def load_image_file(path, labels_path=None) -> tuple[torch.Tensor, torch.Tensor 
             )
         y = torch.as_tensor(labels.astype(np.int64))
     return x, y
+
+
+def file_image_density(path, levels: int = 0, seed: int = 0, fractions=(0.8, 0.1, 0.1)):
+    """Images for density estimation (an image CNF), split 80/10/10 with a fixed seed.
+
+    ``path``: IDX images (MNIST's ``train-images-idx3-ubyte``, optionally gzipped) or an
+    ``.npz`` with ``x`` (``(N, H, W)`` or ``(N, C, H, W)``); labels are not read. The images
+    come back as float32 ``k / (L − 1)`` for integer grey levels ``k = 0..L−1``: integer
+    arrays hold ``k`` (``L = levels``, default 256: 8-bit images); float arrays must already
+    hold ``k / (L − 1)`` in [0, 1] and need ``levels``. ``info``: ``name``, ``shape``
+    ``(C, H, W)``, ``levels``.
+    """
+    from .splits import Split, TaskData, split_indices
+
+    p = _path(path)
+    if not (_is_idx(p) or p.suffix.lower() == ".npz"):
+        raise ValueError(
+            f"path: {p.name} is not an image file; accepted: IDX images (.idx, .gz, MNIST's "
+            "*-ubyte names) or an .npz with an image array 'x' (N, H, W) or (N, C, H, W)"
+        )
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels == 1 or levels < 0:
+        raise bad_value("levels", levels, "0 (the file's own: 256 for integers) or an int >= 2")
+    images, _ = _image_arrays(p)
+    integers = np.issubdtype(images.dtype, np.integer)
+    if not integers and levels == 0:
+        raise ValueError(
+            f"levels: {p.name} holds {images.dtype} images, not integer grey levels; "
+            "accepted: [task].levels = their number of grey levels L (values k / (L - 1))"
+        )
+    levels = levels or 256
+    arr = images.astype(np.float64)
+    _finite("images", arr, p)
+    k = arr if integers else arr * (levels - 1)
+    off = np.abs(k - np.round(k)) > 1e-3
+    if off.any() or k.min() < 0 or np.round(k).max() > levels - 1:
+        what = "integers" if integers else f"values k / {levels - 1}"
+        raise ValueError(
+            f"levels: {p.name} holds values from {arr.min():g} to {arr.max():g}, not {what} "
+            f"for k = 0..{levels - 1}; accepted: [task].levels = the images' number of grey "
+            "levels L"
+        )
+    x = torch.as_tensor(np.round(k) / (levels - 1), dtype=torch.float32)
+    _enough_rows(path, x.shape[0])
+    tr, va, te = split_indices(x.shape[0], fractions, seed)
+    info = {"name": p.name, "shape": tuple(x.shape[1:]), "levels": levels}
+    return TaskData(Split(x[tr]), Split(x[va]), Split(x[te]), info)
 
 
 def file_density(path, header="auto", seed: int = 0, fractions=(0.8, 0.1, 0.1)):

@@ -1,9 +1,11 @@
-"""Models built on ODE blocks: CNFs, time-series models, an image classifier."""
+"""Models built on ODE blocks: CNFs (vectors and images), time-series models, an image
+classifier."""
 
 from .cde import NeuralCDE
 from .cnf import CNF, CNFDynamics, bits_per_dim, standard_normal_logprob
-from .fields import time_mlp
+from .fields import time_conv, time_mlp
 from .image import ODEImageClassifier
+from .image_cnf import ImageCNF
 from .latent import LatentODE
 from .timeseries import ODERNN
 
@@ -14,6 +16,8 @@ __all__ = [
     "NeuralCDE",
     "LatentODE",
     "ODEImageClassifier",
+    "ImageCNF",
+    "time_conv",
     "time_mlp",
     "standard_normal_logprob",
     "bits_per_dim",

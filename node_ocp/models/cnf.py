@@ -201,6 +201,6 @@ def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
 
 
-def bits_per_dim(nll_nats: torch.Tensor, dim: int) -> torch.Tensor:
-    """Convert a per-sample NLL in nats to bits per dimension."""
+def bits_per_dim(nll_nats, dim: int):
+    """A per-sample NLL in nats (a tensor or a float) as bits per dimension: ``nll / (D ln 2)``."""
     return nll_nats / (dim * math.log(2.0))

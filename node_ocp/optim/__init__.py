@@ -18,6 +18,7 @@ The statistics come from the capture of the ODE blocks' backward solves,
 
 from .curvatures import VARIANTS, CurvatureUnit, Damping
 from .feedback import FEEDBACK_MODES, FeedbackReport
+from .feedback_gain import FEEDBACK_GAINS
 from .horizon import HORIZON_MODES, HorizonOptimizer
 from .likelihoods import LIKELIHOODS, gauss_newton_quadratic, output_factors
 from .ocnopt import (
@@ -48,6 +49,7 @@ __all__ = [
     "STEP_MODES",
     "LIKELIHOODS",
     "HORIZON_MODES",
+    "FEEDBACK_GAINS",
     "FEEDBACK_MODES",
     "FeedbackReport",
 ]

@@ -27,7 +27,9 @@ The open-loop term is what OCNOpt takes without feedback. This module adds the s
   boundary, one backward pass per factor.
 - **The forward sweep** (:class:`FeedbackSweep`): one evaluation of the closure with a hook
   before every stage that measures ``δx_s`` against the recorded forward, forms the gain
-  term at the recorded (nominal) point, preconditions it with the stage's own units (the
+  term at the recorded (nominal) point — only where ``δx_s`` stands above rounding (a
+  stage whose input did not move keeps its open-loop step and costs no product) —,
+  preconditions it with the stage's own units (the
   same ``M_s`` as the open-loop term, calibrated like it: ``1/κ`` with the model step,
   ``lr`` with the fixed step), bounds it by ``feedback_clip`` times the stage's open-loop
   step in that metric (the linearisation behind ``K δx`` holds only near the step; without
@@ -215,6 +217,8 @@ class FeedbackReport:
         stages: stages that took a gain term (``closed``) and that stayed open-loop.
         gain_ratio: ``‖Σ_s feedback_s‖ / ‖open-loop update‖`` over the closed stages.
         clipped: closed stages whose gain term ``feedback_clip`` scaled down.
+        still: closed stages whose input did not move (no gain term computed).
+        gain_scale: the multiplier ``β`` of the gain terms' scale (``feedback_gain``).
         loss: the loss of the sweep (the batch at the new parameters).
         reason: "ok", or why the sweep fell back to the open-loop update.
     """
@@ -224,6 +228,8 @@ class FeedbackReport:
     open: int = 0
     gain_ratio: float = 0.0
     clipped: int = 0
+    still: int = 0
+    gain_scale: float = 1.0
     loss: float = float("nan")
     reason: str = "ok"
 
@@ -351,7 +357,7 @@ class FeedbackSweep:
                 p.add_(d)
                 taken[p] = d
         by_module = {id(r.module): r for r in self.records if id(r.module) in closed}
-        fb_sq, open_sq, clipped = [0.0], [0.0], [0]
+        fb_sq, open_sq, clipped, still = [0.0], [0.0], [0], [0]
         done = set()
 
         def pre_hook(module, args):
@@ -361,7 +367,12 @@ class FeedbackSweep:
             done.add(key)
             rec = by_module[key]
             units = [u for u in closed[key] if all(p in update for p in u.params)]
-            gains = self.gain(rec, _tensors(args), units)
+            new_inputs = _tensors(args)
+            if moved(rec.inputs, new_inputs):
+                gains = self.gain(rec, new_inputs, units)
+            else:
+                gains = {}
+                still[0] += 1
             fbs = {p: gains[p] * -self.gain_scale(p) for u in units for p in u.params if p in gains}
             nu = self._clip_factor(units, update, fbs)
             clipped[0] += nu < 1.0
@@ -392,6 +403,7 @@ class FeedbackSweep:
             open=len(self.records) - len(closed),
             gain_ratio=ratio,
             clipped=clipped[0],
+            still=still[0],
         )
         return taken, value, fields
 
@@ -443,6 +455,24 @@ def pulled_factors(
             for t, g in zip(tensors, got):
                 rows[id(t)].append(torch.zeros_like(t) if g is None else g.detach())
     return {id(t): torch.stack(rows[id(t)]) for t in tensors}
+
+
+#: A stage input changed by at most this many ulps of its norm did not move.
+STILL_ULPS = 16.0
+
+
+def moved(old: list[torch.Tensor], new: list[torch.Tensor]) -> bool:
+    """Whether any stage input moved: ``‖new − old‖ > STILL_ULPS · eps · ‖old‖`` (``eps``
+    the dtype's machine epsilon), for some pair of the same shape."""
+    for a, b in zip(old, new):
+        if a.shape != b.shape or not a.is_floating_point():
+            continue
+        eps = STILL_ULPS * torch.finfo(a.dtype).eps
+        if float(torch.linalg.vector_norm(b.detach() - a.detach())) > eps * float(
+            torch.linalg.vector_norm(a.detach())
+        ):
+            return True
+    return False
 
 
 def _batch_size(rec: StageRecord) -> int:

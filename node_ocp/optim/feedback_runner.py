@@ -12,13 +12,16 @@ moments, each one call of :class:`FeedbackRunner` from the optimizer:
 3. :meth:`~FeedbackRunner.apply` in ``step``: ``θ ← θ + δ`` through the policy's forward
    sweep (:mod:`.feedback_policies`), or open-loop — with a warning, once — when the step
    cannot sweep, and back to the open-loop update when the sweep fails (a solver error, a
-   non-finite loss). It counts the sweeps and their failures and keeps the last report.
+   non-finite loss). It counts the sweeps and their failures and keeps the last report;
+   with ``feedback_gain="own"`` it learns the gain terms' scale from the sweep's loss
+   against the step's open-loop trial (:mod:`.feedback_gain`).
 
 ``feedback="off"`` (or a model without stages) has no recorder: every step is open-loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,6 +31,7 @@ from torch import nn
 from .._errors import bad_value
 from ..ode.block import SolverError
 from .feedback import FeedbackReport, StageRecorder, find_stages, warn_open_loop
+from .feedback_gain import GainCalibration
 from .feedback_policies import POLICIES, FeedbackPolicy, SweepContext
 from .trial import loss_and_outputs
 
@@ -42,11 +46,13 @@ class FeedbackRunner:
         stage_source: the factors the stages get (the factor source's ``stage_source``).
         rank, generator, clip, max_dense_params: the policy's (:mod:`.feedback_policies`).
         fixed_step: the optimizer's stepper takes ``lr`` as its step (``step="fixed"``).
+        gain: the ``feedback_gain`` rule (``"kappa"`` or ``"own"``, :mod:`.feedback_gain`).
 
     Attributes:
         steps: feedback sweeps run (fallbacks included).
         failures: sweeps that fell back to the open-loop update.
         last: the :class:`~.feedback.FeedbackReport` of the last sweep, or None.
+        gain: the gain terms' scale ``β`` (:class:`~.feedback_gain.GainCalibration`).
     """
 
     def __init__(
@@ -60,8 +66,10 @@ class FeedbackRunner:
         clip: float | None,
         max_dense_params: int,
         fixed_step: bool,
+        gain: str = "kappa",
     ):
         self.mode = mode
+        self.gain = GainCalibration(gain)
         self.every = every
         self.recorder: StageRecorder | None = None
         self.policy: FeedbackPolicy | None = None
@@ -135,12 +143,19 @@ class FeedbackRunner:
 
     # ------------------------------------------------------------------ base step
     def apply(
-        self, update: dict, closure, step: int, context: Callable[[], SweepContext]
+        self,
+        update: dict,
+        closure,
+        step: int,
+        context: Callable[[], SweepContext],
+        open_loss: float | None = None,
     ) -> tuple[dict, float | None]:
         """``θ ← θ + δ``, through the feedback sweep on feedback steps.
 
         ``context()`` gives the sweep what it needs from the optimizer (called only when it
-        sweeps). Returns ``(the update taken per parameter, the sweep's loss or None)``.
+        sweeps). ``open_loss``: ``L(θ + δ)`` on this step's batch when the step's trial
+        evaluated exactly ``δ`` (else None); the gain's own calibration learns from it.
+        Returns ``(the update taken per parameter, the sweep's loss or None)``.
         """
         due = self.due(step)
         records = self.recorder.ordered() if due else []
@@ -160,9 +175,14 @@ class FeedbackRunner:
                 p.add_(d)
             return update, None
         backup = {p: p.detach().clone() for p in update}
-        report = FeedbackReport(step=step)
+        beta = self.gain.scale
+        report = FeedbackReport(step=step, gain_scale=beta)
+        ctx = context()
+        if beta != 1.0:
+            scale = ctx.gain_scale
+            ctx = dataclasses.replace(ctx, gain_scale=lambda p: beta * scale(p))
         try:
-            taken, value, fields = self.policy.sweep(records, closure, update, context())
+            taken, value, fields = self.policy.sweep(records, closure, update, ctx)
             loss, _ = loss_and_outputs(value)
             report.__dict__.update(fields, loss=loss)
             if not math.isfinite(loss):
@@ -175,6 +195,7 @@ class FeedbackRunner:
         self.steps += 1
         if report.reason != "ok":
             self.failures += 1
+        self.gain.learn(open_loss, loss)
         self.last = report
         return taken, loss
 
@@ -187,6 +208,7 @@ class FeedbackRunner:
             "feedback_steps": self.steps,
             "feedback_failures": self.failures,
             "last_feedback": None if self.last is None else self.last.as_dict(),
+            "feedback_gain": self.gain.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -200,5 +222,6 @@ class FeedbackRunner:
             )
         self.steps = int(state.get("feedback_steps", 0))
         self.failures = int(state.get("feedback_failures", 0))
+        self.gain.load_state_dict(state.get("feedback_gain", {}))
         last = state.get("last_feedback")
         self.last = None if last is None else FeedbackReport(**last)

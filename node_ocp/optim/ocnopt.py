@@ -175,6 +175,10 @@ class OCNOpt(torch.optim.Optimizer):
             open-loop.
         feedback_clip: None, or the largest ratio (default 1) of a stage's gain term to its
             open-loop step in the held metric ``C + λ``; ignored by ``"dense"``.
+        feedback_gain: the scale of the gain terms: ``"kappa"`` (default: the open-loop
+            step's, ``1/κ`` or ``lr``) or ``"own"`` (that times ``β``, learnt from the sweep's
+            loss against the open-loop trial on the steps that have both; see
+            :mod:`node_ocp.optim.feedback_gain`).
         time_joint: True (default): the field layers' curvature is the time-joint one of the
             backward solves. False: the "standard EKFAC" baseline: ordinary K-FAC hooks on
             the field's layers, one statistic per solver evaluation, which needs blocks with
@@ -247,6 +251,7 @@ class OCNOpt(torch.optim.Optimizer):
         self.feedback = o.feedback
         self.feedback_every = o.feedback_every
         self.feedback_clip = o.feedback_clip
+        self.feedback_gain = o.feedback_gain
         self.time_joint = o.time_joint
         if schedule is not None and not callable(schedule):
             raise bad_type("schedule", schedule, "None or a callable step -> factor")
@@ -317,6 +322,7 @@ class OCNOpt(torch.optim.Optimizer):
             o.feedback_clip,
             o.max_dense_params,
             fixed_step=stepper.requires_lr,
+            gain=o.feedback_gain,
         )
         self._arm_if_due()
 
@@ -460,6 +466,12 @@ class OCNOpt(torch.optim.Optimizer):
         """What the last feedback sweep did (:class:`~.feedback.FeedbackReport`), or None."""
         return self._feedback_runner.last
 
+    @property
+    def feedback_gain_scale(self) -> float:
+        """``β``, the multiplier of the gain terms' scale (1 unless ``feedback_gain="own"``
+        has learnt otherwise; :mod:`.feedback_gain`)."""
+        return self._feedback_runner.gain.scale
+
     # ------------------------------------------------------------------ collect: arming
     def _arm_if_due(self) -> None:
         self._disarm()
@@ -574,17 +586,20 @@ class OCNOpt(torch.optim.Optimizer):
             self._sweep_units(closure, observed, grads, damping)
         directions = self._pre.directions(grads, damping)
         coupled = None if self._cg is None else self._coupled(grads, directions, closure, damping)
+        open_loss = None  # L(θ + δ) on the batch, where a trial evaluated the δ taken
         if coupled is not None:  # a truncated Gauss–Newton step (:mod:`.gauss_newton_cg`)
             update, trial_loss = coupled
         else:
             update, trial_loss = self._held_step(
                 grads, directions, step, observed, closure, damping
             )
+            open_loss = trial_loss
         if update is not None:
             if self.kl_clip is not None:
                 update = self._clip(update, damping)
+                open_loss = None
             update, sweep_loss = self._feedback_runner.apply(
-                update, closure, step, lambda: self._sweep_context(damping)
+                update, closure, step, lambda: self._sweep_context(damping), open_loss
             )
             trial_loss = trial_loss if sweep_loss is None else sweep_loss
             self._stepper.remember(update, step)
@@ -845,12 +860,15 @@ def _check_model(model: nn.Module, blocks: list, o: OCNOptOptions) -> None:
             "uses 'adjoint'",
             "Build the blocks with gradient='direct', or keep time_joint=True.",
         )
-    if VARIANTS[o.curvature].needs is not None and not blocks:
+    if VARIANTS[o.curvature].needs is not None and not blocks and o.outside != "kfac":
+        # without blocks only the layers outside them can hold the curvature's factors
         raise bad_value(
             "model",
             type(model).__name__,
-            f"a model containing at least one ODEBlock for curvature={o.curvature!r}",
-            "Use curvature='identity' or 'diagonal' for a model without ODE blocks.",
+            f"a model containing at least one ODEBlock for curvature={o.curvature!r} with "
+            f"outside={o.outside!r}",
+            "Use outside='kfac' (Kronecker factors for the model's own layers), or "
+            "curvature='identity' or 'diagonal'.",
         )
 
 

@@ -18,6 +18,7 @@ from .._errors import bad_type, bad_value, check_choice, check_positive
 from .curvatures import VARIANTS
 from .factor_sources import FACTOR_SOURCES_BY_NAME
 from .feedback import FEEDBACK_MODES
+from .feedback_gain import FEEDBACK_GAINS
 from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
 
@@ -91,6 +92,7 @@ class OCNOptOptions:
     feedback: str = "off"
     feedback_every: int = 1
     feedback_clip: float | None = 1.0
+    feedback_gain: str = "kappa"
     time_joint: bool = True
     calibrate_units: bool = True
     cg_iters: int = 0
@@ -125,6 +127,7 @@ class OCNOptOptions:
         check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
         check_choice("feedback", self.feedback, FEEDBACK_MODES)
         check_int("feedback_every", self.feedback_every, 1)
+        check_choice("feedback_gain", self.feedback_gain, FEEDBACK_GAINS)
         feedback_clip = (
             None
             if self.feedback_clip is None

@@ -107,7 +107,8 @@ class Preconditioner:
         capture is needed to carry a factor source's factors even without Kronecker or
         dense statistics)."""
         u = self.units
-        if u.needs_kronecker_capture or u.needs_dense_capture or carry_factors:
+        captured = u.needs_kronecker_capture or u.needs_dense_capture or carry_factors
+        if captured and self.blocks:  # a network without blocks has its layers' hooks only
             self.capture = CurvatureCapture(
                 kronecker=u.needs_kronecker_capture,
                 dense=u.needs_dense_capture,

@@ -112,6 +112,7 @@ def bench(
                     lambda t=t: t.outputs_and_loss(batch),
                     blocks=t.blocks,
                     likelihood=t.likelihood,
+                    outputs_determine_loss=t.outputs_determine_loss,
                 )
             except StepFailed as exc:
                 raise RunError(

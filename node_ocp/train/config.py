@@ -38,11 +38,12 @@ class ConfigError(ValueError):
 class TaskConfig:
     """``[task]``: what is learned from which data.
 
-    kind: ``density`` | ``classification`` | ``forecast``.
+    kind: ``density`` | ``image_density`` | ``classification`` | ``forecast``.
     dataset: density: a 2-D toy (moons, circles, 8gaussians, pinwheel, checkerboard,
         2spirals), a scikit-learn table (digits, wine, breast_cancer, iris) or a set of
         the standard tabular suite read from ``path`` (power, gas, hepmass, miniboone,
         bsds300; see :mod:`node_ocp.data.density_suite`);
+        image_density: ``digits`` (8x8 images, 17 grey levels) or ``file`` (images);
         classification: ``spirals`` (procedural 2-D), ``digits`` (8x8 images) or a
         UEA/UCR archive bundled with sktime (``JapaneseVowels``, ``BasicMotions``, ...);
         forecast: ``spiral`` or ``oscillator`` (procedural) or a bundled UEA/UCR archive.
@@ -57,7 +58,9 @@ class TaskConfig:
     noise: observation noise of procedural data.
     path: with ``dataset = "file"``: the user's data file (relative paths are read from the
         config file's folder). density: a table (``.csv``, ``.npy``, ``.npz``), rows =
-        samples; classification: a table with a label column (``label_column``, default the
+        samples; image_density: images (IDX, optionally gzipped, e.g. MNIST's
+        ``train-images-idx3-ubyte``, or an ``.npz`` with ``x``; labels are not needed);
+        classification: a table with a label column (``label_column``, default the
         last), images (``.npz`` with ``x`` and ``y``; IDX with ``labels_path``), or time
         series; forecast: time series. Series files are a long CSV (columns ``series``,
         ``time``, one per channel, optionally ``label``) or an sktime/UEA ``.ts`` file (a
@@ -76,6 +79,9 @@ class TaskConfig:
     columns: a long CSV's own names of its series, time and label columns, e.g.
         ``{series = "patient", time = "hour", label = "outcome"}`` (a role not named is
         the column called ``series``, ``time`` or ``label``).
+    levels: image_density: the number of grey levels L of the images (0: the data set's
+        own, 17 for digits and 256 for 8-bit files; a file of floats in [0, 1] needs it:
+        its values must be k / (L − 1)). Bits per dimension are of the data in these units.
     """
 
     kind: str = "density"
@@ -94,6 +100,7 @@ class TaskConfig:
     label_column: int = -1
     format: str = "auto"
     columns: dict = field(default_factory=dict)
+    levels: int = 0
 
     def check(self, where: str) -> None:
         from ..data.density_suite import SUITE
@@ -154,6 +161,13 @@ class TaskConfig:
                 )
         for key in ("n_train", "n_val", "n_test", "length"):
             _at_least(f"{where}.{key}", getattr(self, key), 2)
+        if self.levels and self.kind != "image_density":
+            raise ConfigError(
+                f"{where}.levels: received {self.levels!r} for kind {self.kind!r}; accepted: "
+                "levels only for kind 'image_density'"
+            )
+        if self.levels != 0:
+            _at_least(f"{where}.levels", self.levels, 2)
         _in_range(f"{where}.drop", self.drop, 0.0, 1.0, "a fraction in [0, 1)", high_open=True)
         _in_range(f"{where}.observe", self.observe, 0.0, 1.0, "a fraction in (0, 1)", True, True)
         _in_range(f"{where}.noise", self.noise, 0.0, math.inf, "a float >= 0")
@@ -176,15 +190,20 @@ class TaskConfig:
 class ModelConfig:
     """``[model]``: the model built for the task.
 
-    kind: ``cnf`` (density), ``ode_mlp`` (augmented Neural ODE on vectors), ``image``
-        (conv ODE classifier), ``odernn`` or ``cde`` (irregular series).
-    hidden: hidden widths of the vector field's MLP.
+    kind: ``cnf`` (density), ``image_cnf`` (image_density), ``ode_mlp`` (augmented Neural
+        ODE on vectors), ``image`` (conv ODE classifier), ``odernn`` or ``cde`` (irregular
+        series).
+    hidden: hidden widths of the vector field's MLP (image_cnf: channel widths of its conv
+        field).
     width: state width: ODE-RNN / CDE hidden state, image channels, ode_mlp augmentation.
-    activation: the field's activation (cnf).
-    blocks: chained ODE blocks (cnf).
+    activation: the field's activation (cnf, image_cnf).
+    blocks: chained ODE blocks (cnf; image_cnf: per scale).
     horizon: integration time t1 of the blocks (t0 = 0).
-    divergence: ``exact`` or ``hutchinson`` (cnf).
-    kinetic, jacobian: regulariser weights (cnf; 0 disables).
+    divergence: ``exact`` or ``hutchinson`` (cnf, image_cnf).
+    kinetic, jacobian: regulariser weights (cnf, image_cnf; 0 disables).
+    scales: image_cnf: 1 for the single-scale flow, more for the multiscale flow (a 2x2
+        squeeze and half the channels factored out between scales).
+    alpha: image_cnf: the logit transform's α, ``logit(α + (1 − 2α) x)``, in (0, 0.5).
     interpolation: ``hermite`` or ``linear`` (cde).
     latent: latent_ode: size of the latent state z (``hidden`` sizes its field and its
         recognition ODE-RNN's field, ``width`` the recognition hidden state and the
@@ -209,6 +228,8 @@ class ModelConfig:
     obs_std: float = 0.1
     samples: int = 1
     kl_anneal: int = 0
+    scales: int = 1
+    alpha: float = 1e-6
 
     def check(self, where: str) -> None:
         from .model_kinds import MODELS  # the model kinds, registered there
@@ -233,6 +254,8 @@ class ModelConfig:
         _at_least(f"{where}.latent", self.latent, 1)
         _at_least(f"{where}.samples", self.samples, 1)
         _at_least(f"{where}.kl_anneal", self.kl_anneal, 0)
+        _at_least(f"{where}.scales", self.scales, 1)
+        _in_range(f"{where}.alpha", self.alpha, 0.0, 0.5, "a float in (0, 0.5)", True, True)
         _in_range(f"{where}.obs_std", self.obs_std, 0.0, math.inf, "a float > 0", low_open=True)
 
 

@@ -530,6 +530,7 @@ class _Run:
                 lambda: task.outputs_and_loss(batch),
                 blocks=task.blocks,
                 likelihood=task.likelihood,
+                outputs_determine_loss=task.outputs_determine_loss,
                 scheduler=self.scheduler,
                 horizon=self.horizon,
                 agree=self._agree,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import IrregularBatch, TaskData
-from ..models import CNF, ODERNN, LatentODE, NeuralCDE, ODEImageClassifier
+from ..models import CNF, ODERNN, ImageCNF, LatentODE, NeuralCDE, ODEImageClassifier
 from ..ode.block import ODEBlock
 from ..ode.layers import ConcatSquashLinear, TimeSequential
 from .config import ConfigError, RunConfig
@@ -104,6 +104,45 @@ class CNFModel(ModelKind):
             divergence=m.divergence,
             kinetic=m.kinetic,
             jacobian=m.jacobian,
+            **solver_settings(config),
+        )
+
+
+@register_model
+class ImageCNFModel(ModelKind):
+    """A continuous normalizing flow on images ``(N, C, H, W)`` (single-scale, or
+    multiscale with ``[model].scales`` > 1), its conv field widths from ``hidden``."""
+
+    name = "image_cnf"
+    tasks = ("image_density",)
+
+    @classmethod
+    def build(cls, config, data, task):
+        m, x = config.model, data.train.x
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ConfigError(
+                f"[model].kind: 'image_cnf' needs image inputs (N, C, H, W); "
+                f"{config.task.dataset!r} has other inputs"
+            )
+        c, h, w = x.shape[1:]
+        step = 2 ** (m.scales - 1)
+        if h % step or w % step:
+            raise ConfigError(
+                f"[model].scales: received {m.scales} for {h}x{w} images; accepted: at most "
+                f"as many scales as 2x2 squeezes allow (H and W divisible by 2^(scales - 1))"
+            )
+        return ImageCNF(
+            (c, h, w),
+            levels=data.info["levels"],
+            hidden=tuple(m.hidden),
+            activation=m.activation,
+            scales=m.scales,
+            blocks=m.blocks,
+            horizon=m.horizon,
+            divergence=m.divergence,
+            kinetic=m.kinetic,
+            jacobian=m.jacobian,
+            alpha=m.alpha,
             **solver_settings(config),
         )
 

@@ -11,6 +11,8 @@ Comparison figures (``write_report``):
 - ``forecast.png`` (forecast tasks): a few test series — observed points, the held-out
   truth, each optimizer's prediction (with a posterior band for a latent ODE); see
   :mod:`.forecast_figure`;
+- ``samples.png`` (image density tasks): test images and each optimizer's samples; see
+  :mod:`.sample_figure`;
 - ``t1.png`` when the integration time is a control: t1 against steps.
 """
 
@@ -25,6 +27,7 @@ from .config import lr_label
 from .errors import RunError
 from .forecast_figure import draw_forecast, load_run_models
 from .loop import CONFIG, read_metrics
+from .sample_figure import draw_samples
 
 COMPARISON = "comparison.json"  # written by node_ocp.train.compare
 FIGURES = (
@@ -33,6 +36,7 @@ FIGURES = (
     "lr_sensitivity.png",
     "density.png",
     "forecast.png",
+    "samples.png",
     "t1.png",
 )
 
@@ -287,6 +291,10 @@ def draw_comparison(out, result: dict) -> list[str]:
         dirs = _first_finished_runs(out, result)
         if dirs and draw_forecast(out / "forecast.png", dirs):
             written.append("forecast.png")
+    if result["task"] == "image_density":
+        dirs = _first_finished_runs(out, result)
+        if dirs and draw_samples(out / "samples.png", dirs):
+            written.append("samples.png")
     if result["config"].get("horizon") is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in result["optimizers"]:
@@ -412,6 +420,9 @@ def plot_run(run_dir) -> list[str]:
     if cfg["task"]["kind"] == "forecast":
         if draw_forecast(d / "forecast.png", {info["optimizer"]: d}):
             written.append("forecast.png")
+    if cfg["task"]["kind"] == "image_density":
+        if draw_samples(d / "samples.png", {info["optimizer"]: d}):
+            written.append("samples.png")
     if any(r.get("t1") is not None for r in records):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in records], [r["t1"] for r in records])

@@ -74,6 +74,7 @@ def train_step(
     scheduler=None,
     horizon=None,
     agree: Callable[[str | None], str | None] | None = None,
+    outputs_determine_loss: bool = True,
 ) -> StepResult:
     """One step of ``opt`` on the batch ``forward`` evaluates.
 
@@ -91,6 +92,11 @@ def train_step(
         agree: called with this process's failure (one line, or None) before the backward
             pass; returns the failure every process acts on (data-parallel runs must all stop
             or all go on, since the backward pass synchronises gradients).
+        outputs_determine_loss: False where the loss has terms the outputs do not determine
+            (a latent ODE's KL term): OCNOpt's trial evaluations then get the loss only, so
+            that no Gauss–Newton curvature is read from the change of the outputs (its
+            formula for ``"gaussian"``, ``2(ΔL − ∇_o L · Δo)``, would count the other
+            terms' first-order change as curvature) and ``cg_iters`` keeps the held step.
 
     Raises:
         StepFailed: a non-finite loss or a solver error in the forward pass (nothing stepped).
@@ -114,7 +120,8 @@ def train_step(
         failure = agree(failure) or failure
     if failure is not None:
         raise StepFailed(failure)
-    step.backward_and_step(loss, outputs, likelihood, _same_draws(forward, draws, device))
+    closure = _same_draws(forward, draws, device, outputs_determine_loss)
+    step.backward_and_step(loss, outputs, likelihood, closure)
     if scheduler is not None:
         scheduler.step()
     if horizon is not None:
@@ -148,9 +155,10 @@ def _draw_state(device: torch.device) -> dict:
     return state
 
 
-def _same_draws(forward: Forward, draws: dict, device: torch.device):
-    """The trial closure: ``(loss, outputs)`` of the batch at the current parameters, with the
-    draws of the step's own forward pass; the training's random stream is left alone."""
+def _same_draws(forward: Forward, draws: dict, device: torch.device, with_outputs: bool = True):
+    """The trial closure: ``(loss, outputs)`` (``with_outputs``, else the loss only) of the
+    batch at the current parameters, with the draws of the step's own forward pass; the
+    training's random stream is left alone."""
 
     def closure():
         devices = [device] if device.type == "cuda" else []
@@ -159,6 +167,6 @@ def _same_draws(forward: Forward, draws: dict, device: torch.device):
             if "cuda" in draws:
                 torch.cuda.set_rng_state(draws["cuda"], device)
             outputs, loss = forward()
-        return loss, outputs
+        return (loss, outputs) if with_outputs else loss
 
     return closure

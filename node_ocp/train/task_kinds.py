@@ -1,7 +1,8 @@
-"""Task kinds: what the one training loop needs to know about density estimation,
-classification and forecasting, one class each behind :class:`Task`.
+"""Task kinds: what the one training loop needs to know about density estimation (of
+vectors and of images), classification and forecasting, one class each behind :class:`Task`.
 
-A kind owns its headline metric (``nll`` nats, ``accuracy``, ``mse``) and whether higher is
+A kind owns its headline metric (``nll`` nats, ``bpd`` bits per dimension, ``accuracy``,
+``mse``) and whether higher is
 better, the likelihood OCNOpt's factor sources read the outputs with, the training loss of
 a batch, the sums an evaluation adds over chunks, and its data: the bundled data set names,
 their loading and how a user's file is read. A new kind is one subclass registered with
@@ -31,6 +32,7 @@ from ..data import (
     digits_images,
     file_classification,
     file_density,
+    file_image_density,
     file_series_classification,
     file_series_forecast,
     procedural_forecast,
@@ -41,7 +43,7 @@ from ..data import (
     uea_forecast,
     uea_series,
 )
-from ..models import standard_normal_logprob
+from ..models import bits_per_dim, standard_normal_logprob
 from ..ode.block import ODEBlock, SolverError
 from .config import ConfigError, RunConfig, TaskConfig
 from .registry import Registry
@@ -89,6 +91,12 @@ class Task:
     series_files: ClassVar[bool] = False
     #: the loss reaches an ODE block at several times (one loss term per query time)
     loss_at_several_times: ClassVar[bool] = False
+
+    @property
+    def outputs_determine_loss(self) -> bool:
+        """Whether the loss depends on the parameters through the outputs of
+        :meth:`batch_loss` alone (see ``train_step``'s argument of that name)."""
+        return True
 
     @property
     def kind(self) -> str:
@@ -278,6 +286,51 @@ class DensityTask(Task):
 
 
 @register_task
+class ImageDensityTask(DensityTask):
+    """Density estimation of images ``(N, C, H, W)`` with ``L`` grey levels (values
+    ``k / (L − 1)``): an image flow's ``(z, Δlog p, regulariser)`` as for
+    :class:`DensityTask` — the training loss is the mean NLL in nats per image plus the
+    regulariser —, and the headline metric is bits per dimension, ``bpd = NLL / (D ln 2)``,
+    of the uniformly dequantised data in level units (see
+    :mod:`node_ocp.models.image_cnf`); ``nll`` (nats per image) is logged beside it."""
+
+    name = "image_density"
+    metric = "bpd"
+    datasets = ("digits", "file")
+    folder_datasets = ()
+    file_formats = ("auto", "images")
+
+    def metrics(self, total, count, correct):
+        nll = total / count
+        dims = math.prod(self.data.info["shape"])
+        return {"bpd": float(bits_per_dim(nll, dims)), "nll": nll}
+
+    @classmethod
+    def plots_density(cls, dataset):
+        return False
+
+    @classmethod
+    def output_size(cls, data):
+        return math.prod(data.info["shape"])
+
+    @classmethod
+    def load(cls, t):
+        data = digits_images(seed=DATA_SEED)  # grey levels 0..16 as k / 16
+        if t.levels not in (0, data.info["levels"]):
+            raise ConfigError(
+                f"[task].levels: received {t.levels} for dataset {t.dataset!r}; accepted: 0 "
+                f"or {data.info['levels']} (its pixels are counts 0..16)"
+            )
+        return TaskData(*(Split(s.x) for s in (data.train, data.val, data.test)), data.info)
+
+    @classmethod
+    def read_file(cls, t, path, fmt, header, labels_path):
+        if fmt in SERIES_FORMATS:
+            raise _bad_series_format(t, fmt)
+        return file_image_density(path, levels=t.levels, seed=DATA_SEED)
+
+
+@register_task
 class ClassificationTask(Task):
     """Classification: logits ``(N, classes)``, cross-entropy loss, accuracy."""
 
@@ -355,6 +408,10 @@ class ForecastTask(Task):
     def owns_objective(self) -> bool:
         """Whether the model computes its own training objective (a bound)."""
         return bool(getattr(self.model, "owns_objective", False))
+
+    @property
+    def outputs_determine_loss(self) -> bool:
+        return not self.owns_objective  # a bound's KL term is not a function of the outputs
 
     @property
     def sums_size(self) -> int:

@@ -1,11 +1,12 @@
 """From a :class:`RunConfig` to data, a model, a loss and an evaluation.
 
-``[task].kind`` names a task kind (:mod:`.task_kinds`: density, classification, forecast,
-each owning its metric, loss, likelihood and data) and ``[model].kind`` a model kind
-(:mod:`.model_kinds`: each builds itself from its config). Both are looked up once, in
-:func:`build_task`; the loop then sees one :class:`Task`. Metrics: ``nll`` (nats, lower is
-better) for densities, ``accuracy`` (higher is better) for classification, ``mse`` (lower
-is better) for forecasts.
+``[task].kind`` names a task kind (:mod:`.task_kinds`: density, image_density,
+classification, forecast, each owning its metric, loss, likelihood and data) and
+``[model].kind`` a model kind (:mod:`.model_kinds`: each builds itself from its config).
+Both are looked up once, in :func:`build_task`; the loop then sees one :class:`Task`.
+Metrics: ``nll`` (nats, lower is better) for densities, ``bpd`` (bits per dimension, lower
+is better) for image densities, ``accuracy`` (higher is better) for classification, ``mse``
+(lower is better) for forecasts.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _path_errors():
             raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         key, _, rest = text.partition(": ")
-        if key not in ("path", "label_column", "columns") or not rest:
+        if key not in ("path", "label_column", "columns", "levels") or not rest:
             key, rest = "path", text
         raise ConfigError(f"[task].{key}: {rest}") from None
 
