@@ -14,13 +14,15 @@ the same number of steps.
 
 With ``--solver-loop`` it also prints and saves (key ``"solver_loop"``) the solver-loop table
 of :func:`node_ocp.ode.floor.solver_loop_table`: seconds per function evaluation of a training
-step of the own adjoint and of ``torchdiffeq.odeint_adjoint`` against the floor (the field's
-evaluations and vector-Jacobian products at the same points, with no solver around them),
-timed interleaved in this process; ``--solver-loop-only`` skips the memory rows.
+step of the own adjoint (over torchdiffeq and over the own loop, ``backend="own"``) and of
+``torchdiffeq.odeint_adjoint`` against the floor (the field's evaluations and
+vector-Jacobian products at the same points, with no solver around them), timed interleaved
+in this process, and the losses of seeded training steps with each backend
+(``--solver-loop-train-steps``); ``--solver-loop-only`` skips the memory rows.
 
     python experiments/bench_memory.py [--steps 10 40 160] [--out runs/bench_memory.json]
     python experiments/bench_memory.py --solver-loop-only [--solver-loop-repeats 15]
-        [--solver-loop-clock wall|process]
+        [--solver-loop-clock wall|process] [--solver-loop-train-steps 20]
 """
 
 from __future__ import annotations
@@ -139,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--solver-loop-methods", nargs="+", default=["dopri5", "rk4"], help="methods (dopri5, rk4)"
     )
+    p.add_argument(
+        "--solver-loop-train-steps",
+        type=int,
+        default=20,
+        help="seeded training steps with each backend whose losses are compared (0: none)",
+    )
     p.add_argument("--child", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
     return p
 
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             repeats=args.solver_loop_repeats,
             device=args.device,
             clock=args.solver_loop_clock,
+            train_steps=args.solver_loop_train_steps,
         )
         print(
             f"solver loop: one training step per NFE, {args.solver_loop_clock} clock, "

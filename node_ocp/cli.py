@@ -250,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         "0: skip it)",
     )
     b.add_argument(
+        "--solver-loop-train-steps",
+        type=_nonneg_int,
+        default=20,
+        metavar="STEPS",
+        help="seeded training steps of each solver-loop case with each backend (torchdiffeq, "
+        "own) whose losses are compared (0: none)",
+    )
+    b.add_argument(
         "--force",
         action="store_true",
         help="replace --out even when it is not an earlier bench output (default: off)",
@@ -388,6 +396,7 @@ def run(args) -> int:
             out=args.out or f"runs/bench-{_stem(args.config)}.json",
             force=args.force,
             solver_loop=args.solver_loop,
+            solver_loop_train_steps=args.solver_loop_train_steps,
         )
         return 0
     from .train.loop import RunError

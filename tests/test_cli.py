@@ -188,13 +188,14 @@ def test_compare_writes_report_figures_and_picks_lrs(tmp_path, cfg_path, capsys)
 def test_bench_prints_and_saves_ratios_to_adam(tmp_path, cfg_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", str(cfg_path), "--steps", "7", "--out", str(out), "--solver-loop", "1"]
-    assert main(argv) == 0
+    assert main([*argv, "--solver-loop-train-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "ratios to adam" in printed and "ocnopt" in printed
     result = json.loads(out.read_text())
     loop = {(r["field"], r["method"]) for r in result["solver_loop"]}
     assert loop == {("mlp", "dopri5"), ("mlp", "rk4"), ("conv", "dopri5"), ("conv", "rk4")}
     assert "solver loop" in printed and "own/floor" in printed
+    assert all(r["loss_max_rel_diff"] < 1e-4 for r in result["solver_loop"])
     rows = result["optimizers"]
     want_ratio = rows["ocnopt"]["amortized_s"] / rows["adam"]["amortized_s"]
     assert rows["ocnopt"]["amortized_ratio"] == pytest.approx(want_ratio)

@@ -54,6 +54,19 @@ def test_bench_memory_main_runs(tmp_path):
     assert adjoint[8] == adjoint[4]  # the adjoint stores nothing per step
 
 
+def test_backend_compare_main_trains_both_backends_alike(tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    cfg = ROOT / "configs" / "quickstart.toml"
+    result = _load("backend_compare").main(
+        [str(cfg), "--optimizers", "adam", "--steps", "3", "--out", str(out)]
+    )
+    row = json.loads(out.read_text())["optimizers"]["adam"]
+    assert row == result["optimizers"]["adam"]
+    assert row["same_nfe_every_step"] and row["first_step_with_other_nfe"] is None
+    assert row["loss_max_rel_diff"] < 1e-5 and row["own_over_torchdiffeq"] > 0
+    assert "ratio" in capsys.readouterr().out
+
+
 def test_bench_default_main_runs_every_arm_and_saves_the_table(tmp_path):
     from train_helpers import tiny, write_toml
 

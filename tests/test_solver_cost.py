@@ -19,11 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
-    (row,) = floor.solver_loop_table(fields=("mlp",), methods=(method,), repeats=1)
+    (row,) = floor.solver_loop_table(
+        fields=("mlp",), methods=(method,), repeats=1, train_steps=2 if method == "rk4" else 0
+    )
     assert (row["field"], row["method"], row["repeats"], row["clock"]) == ("mlp", method, 1, "wall")
     nfe = {v: (row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"]) for v in floor.VARIANTS}
-    # the floor and the solver replay the own adjoint's step; torchdiffeq takes the same steps
-    assert nfe["floor"] == nfe["solver"] == nfe["own"] == nfe["torchdiffeq"]
+    # the floor and the solvers replay the own adjoint's step; torchdiffeq and the own loop
+    # take the same steps
+    assert len(set(nfe.values())) == 1, nfe
     if method == "rk4":  # step 0.1 over [0, 1], 4 evaluations per step
         assert nfe["own"] == (40, 40)
     for v in floor.VARIANTS:
@@ -42,8 +45,27 @@ def test_one_row_per_case_with_equal_nfe_and_consistent_ratios(method):
     bound = per["floor"] + per["solver"]
     assert row["floor_plus_solver_over_floor"] == pytest.approx(bound / per["floor"])
     assert row["own_over_floor_plus_solver"] == pytest.approx(per["own"] / bound)
+    assert row["own_loop_over_floor"] == pytest.approx(per["own_loop"] / per["floor"])
+    assert row["own_loop_over_torchdiffeq"] == pytest.approx(per["own_loop"] / per["torchdiffeq"])
+    assert row["own_loop_over_own"] == pytest.approx(per["own_loop"] / per["own"])
+    assert row["floor_plus_solver_own_over_floor"] == pytest.approx(
+        (per["floor"] + per["solver_own"]) / per["floor"]
+    )
+    assert row["backward_own_loop_over_floor"] == pytest.approx(bwd["own_loop"] / bwd["floor"])
     text = floor.format_solver_loop([row])
     assert text.splitlines()[2].startswith(f"mlp   {method}")
+    if method == "rk4":  # the own loop leaves the losses of training steps unchanged
+        assert row["loss_own"] == pytest.approx(row["loss_torchdiffeq"], rel=1e-5)
+        assert row["loss_max_rel_diff"] < 1e-5 and "largest relative difference" in text
+    else:
+        assert "loss_own" not in row
+
+
+def test_training_losses_agree_between_backends():
+    own = floor.training_losses("mlp", "dopri5", "own", steps=3)
+    ref = floor.training_losses("mlp", "dopri5", "torchdiffeq", steps=3)
+    # the same model and batch, the same steps: the same losses to rounding (float32)
+    assert own == pytest.approx(ref, rel=1e-5)
 
 
 def test_conv_field_is_the_image_classifiers_field():
@@ -60,6 +82,8 @@ def test_bad_arguments_are_named():
         floor.solver_loop_table(repeats=0)
     with pytest.raises(ValueError, match="clock: received 'cpu'; accepted: one of 'wall'"):
         floor.solver_loop_table(clock="cpu")
+    with pytest.raises(ValueError, match="train_steps: received -1"):
+        floor.solver_loop_table(train_steps=-1)
 
 
 def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
@@ -71,7 +95,7 @@ def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--solver-loop-only", "--solver-loop-repeats", "1", "--out", str(out)]
     argv += ["--solver-loop-fields", "conv", "--solver-loop-methods", "rk4", "--device", "cpu"]
-    argv += ["--solver-loop-clock", "process"]
+    argv += ["--solver-loop-clock", "process", "--solver-loop-train-steps", "0"]
     module.main(argv)
     saved = json.loads(out.read_text())
     assert saved["rows"] == []

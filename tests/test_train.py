@@ -547,11 +547,12 @@ def test_config_defaults_are_the_librarys():
         return {k: params[k].default for k in keys}
 
     solver = SolverConfig()
-    assert defaults(ODEBlock, ("method", "rtol", "atol", "gradient")) == {
+    assert defaults(ODEBlock, ("method", "rtol", "atol", "gradient", "backend")) == {
         "method": solver.method,
         "rtol": solver.rtol,
         "atol": solver.atol,
         "gradient": solver.gradient,
+        "backend": solver.backend,
     }
     h = HorizonConfig()
     keys = ("mode", "lr", "penalty", "update_every", "beta", "min_horizon", "max_horizon")

@@ -93,7 +93,7 @@ class NeuralCDE(nn.Module):
             -> (B, Q, outputs)``; after the CDE has read a series, a decoder ODE block evolves
             its state from the series' last observation time to each query time (queries at
             or after the last observation).
-        method, rtol, atol, gradient: the ODE blocks' settings.
+        method, rtol, atol, gradient, backend: the ODE blocks' settings.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class NeuralCDE(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-4,
         gradient: str = "adjoint",
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
@@ -123,6 +124,7 @@ class NeuralCDE(nn.Module):
             rtol=rtol,
             atol=atol,
             gradient=gradient,
+            backend=backend,
             name="CDE block",
         )
         self.head = nn.Linear(hidden, outputs)
@@ -136,6 +138,7 @@ class NeuralCDE(nn.Module):
                 rtol=rtol,
                 atol=atol,
                 gradient=gradient,
+                backend=backend,
                 name="CDE decoder block",
             )
 

@@ -95,7 +95,7 @@ class CNF(nn.Module):
         divergence: ``"exact"`` or ``"hutchinson"``; ``probe``: ``"rademacher"``/``"gaussian"``.
         kinetic, jacobian: weights of the kinetic-energy and Jacobian-norm regularisers
             (0 disables; a positive weight adds an integrated channel).
-        method, rtol, atol, gradient: ODE block settings.
+        method, rtol, atol, gradient, backend: ODE block settings.
 
     ``forward(x)`` returns ``(z, delta_logp, reg)``: latent ``(N, D)``, ``(N,)`` and the
     weighted regulariser per sample ``(N,)``. ``log_prob(x)`` is ``(N,)`` in nats.
@@ -116,6 +116,7 @@ class CNF(nn.Module):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         gradient: str = "adjoint",
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
@@ -139,6 +140,7 @@ class CNF(nn.Module):
                 rtol=rtol,
                 atol=atol,
                 gradient=gradient,
+                backend=backend,
                 name=f"CNF block {i}",
             )
             for i in range(blocks)

@@ -16,7 +16,7 @@ class ODEImageClassifier(nn.Module):
         channels: width of the stem and of the ODE state ``(N, channels, H, W)``.
         classes: number of classes.
         horizon: integration time of the block.
-        method, rtol, atol, gradient: the ODE block's settings.
+        method, rtol, atol, gradient, backend: the ODE block's settings.
     """
 
     def __init__(
@@ -29,6 +29,7 @@ class ODEImageClassifier(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-4,
         gradient: str = "adjoint",
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU())
@@ -44,6 +45,7 @@ class ODEImageClassifier(nn.Module):
             rtol=rtol,
             atol=atol,
             gradient=gradient,
+            backend=backend,
             name="image ODE block",
         )
         self.head = nn.Sequential(

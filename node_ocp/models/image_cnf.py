@@ -167,7 +167,7 @@ class ImageCNF(nn.Module):
             for :class:`~node_ocp.models.CNF` (0 disables).
         alpha: the logit transform's α in (0, 0.5).
         layer: the conv layers, ``"concatsquash"`` or ``"concat"``.
-        method, rtol, atol, gradient: ODE block settings.
+        method, rtol, atol, gradient, backend: ODE block settings.
 
     ``forward(x, noise=None)`` returns ``(z, delta_logp, reg)``: the latent ``(N, D)`` (the
     factored-out parts of every scale, then the last scale's output, each flattened), the
@@ -196,6 +196,7 @@ class ImageCNF(nn.Module):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         gradient: str = "adjoint",
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         if (
@@ -248,6 +249,7 @@ class ImageCNF(nn.Module):
                         rtol=rtol,
                         atol=atol,
                         gradient=gradient,
+                        backend=backend,
                         name=f"image CNF scale {s} block {b}",
                     )
                     for b in range(blocks)

@@ -116,7 +116,7 @@ class LatentODE(nn.Module):
         decoder_hidden: hidden widths of the decoder MLP ``g`` (tanh).
         obs_std: σ of the Gaussian observation model.
         samples: K, posterior draws per series in training (``> 1``: the IWAE bound).
-        method, rtol, atol, gradient: the ODE blocks' settings.
+        method, rtol, atol, gradient, backend: the ODE blocks' settings.
 
     ``forward(batch, query_times (B, Q))`` -> ``(B, Q, C)``: the decoded mean from the
     posterior mean of ``z0`` (deterministic; what MSE figures use).
@@ -142,6 +142,7 @@ class LatentODE(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-4,
         gradient: str = "adjoint",
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         for name, v in (("channels", channels), ("latent", latent), ("samples", samples)):
@@ -149,7 +150,13 @@ class LatentODE(nn.Module):
                 raise bad_value(name, v, "an int >= 1")
         if not (isinstance(obs_std, (int, float)) and obs_std > 0 and math.isfinite(obs_std)):
             raise bad_value("obs_std", obs_std, "a finite float > 0")
-        solver = {"method": method, "rtol": rtol, "atol": atol, "gradient": gradient}
+        solver = {
+            "method": method,
+            "rtol": rtol,
+            "atol": atol,
+            "gradient": gradient,
+            "backend": backend,
+        }
         self.channels, self.latent = channels, latent
         self.obs_std, self.samples = float(obs_std), samples
         #: the prior term's weight in training (set per step by KL annealing)

@@ -18,7 +18,7 @@ from .layers import (
     TimeSequential,
 )
 from .settings import SolveSettings
-from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, SolverSpec
+from .solvers import ADAPTIVE_METHODS, BACKENDS, FIXED_METHODS, METHODS, OWN_METHODS, SolverSpec
 
 __all__ = [
     "ODEBlock",
@@ -37,4 +37,6 @@ __all__ = [
     "METHODS",
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
+    "BACKENDS",
+    "OWN_METHODS",
 ]

@@ -16,7 +16,7 @@ from .counters import SolveCounters
 from .factors import SolveRecord
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
-from .solvers import SolverSpec, as_time_grid
+from .solvers import SolverSpec, as_time_grid, check_backend
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
 
@@ -47,6 +47,12 @@ class ODEBlock(nn.Module):
             accumulators left out), ``"state"`` (factors left out too), ``"full"``.
         check_finite: check ``x0`` and the solution for non-finite values.
         name: a name used in error messages.
+        backend: who steps the solves of the ``adjoint`` and ``direct`` modes:
+            ``"torchdiffeq"`` (default, ``torchdiffeq.odeint``) or ``"own"`` (``dopri5``,
+            ``bosh3`` and ``rk4`` through the own loop of :mod:`node_ocp.ode.rk`, same
+            steps and results to solver tolerance with less overhead; other methods and
+            options through torchdiffeq). ``gradient="torchdiffeq"`` is torchdiffeq's
+            ``odeint_adjoint`` whatever the backend.
 
     Shapes: ``x0`` is ``(B, *feat)``, any number of feature dimensions, float32 or float64,
     any device. ``forward(x0, t=None)`` may override the grid for one call (e.g. the k-th
@@ -80,6 +86,7 @@ class ODEBlock(nn.Module):
         adjoint_norm: str = "seminorm",
         check_finite: bool = True,
         name: str | None = None,
+        backend: str = "torchdiffeq",
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -108,6 +115,7 @@ class ODEBlock(nn.Module):
             adjoint_norm=adjoint_norm,
             check_finite=check_finite,
             name=name if name is not None else f"ODEBlock({type(field).__name__})",
+            backend=backend,
         )
         self.counters = SolveCounters()
         self._capture: BackwardCapture | None = None  # see attach_capture
@@ -160,6 +168,20 @@ class ODEBlock(nn.Module):
     @name.setter
     def name(self, value: str) -> None:
         self.settings = replace(self.settings, name=str(value))
+
+    @property
+    def backend(self) -> str:
+        """Who steps the solves: ``"torchdiffeq"`` or ``"own"`` (both solves' ``backend``)."""
+        return self.settings.forward.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        value = check_backend(value)
+        self.settings = replace(
+            self.settings,
+            forward=replace(self.settings.forward, backend=value),
+            backward=replace(self.settings.backward, backend=value),
+        )
 
     @property
     def method(self) -> str:
@@ -215,6 +237,7 @@ class ODEBlock(nn.Module):
         return (
             f"t={t}, method={self.solver.method!r}, rtol={self.solver.rtol}, "
             f"atol={self.solver.atol}, gradient={self.gradient!r}"
+            + (f", backend={self.backend!r}" if self.backend != "torchdiffeq" else "")
         )
 
     @property

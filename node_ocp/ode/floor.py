@@ -6,25 +6,31 @@ the points the solves visit, with no solver around it: one ``field(t, x)`` under
 ``torch.autograd.grad`` (w.r.t. ``x`` and the parameters, one graph per evaluation) per
 backward evaluation. The points are recorded from one step of the own adjoint.
 
-:func:`solver_loop_table` times, in one process and interleaved (each repeat runs the four
+:func:`solver_loop_table` times, in one process and interleaved (each repeat runs them all
 in a rotating order; medians over repeats):
 
 - ``floor``: the loop above;
 - ``solver``: torchdiffeq's own work in the own adjoint's step: its forward and backward
   solves with every evaluation replaced by the output recorded for it (the same steps, no
   field); ``floor + solver`` is the least an adjoint on unpatched torchdiffeq can cost;
-- ``own``: a step of the own adjoint (``gradient="adjoint"``: forward + ``loss.backward()``);
+- ``solver_own``: the same for the own loop (:mod:`node_ocp.ode.rk`, ``backend="own"``);
+- ``own``: a step of the own adjoint over torchdiffeq (``gradient="adjoint"``: forward +
+  ``loss.backward()``);
+- ``own_loop``: the same step with ``backend="own"``: the own adjoint over the own loop;
 - ``torchdiffeq``: the same step through ``torchdiffeq.odeint_adjoint``
   (``gradient="torchdiffeq"``),
 
 and reports each as seconds per NFE (forward + backward evaluations of that step) and the
-ratios own/floor, own/torchdiffeq, torchdiffeq/floor, (floor+solver)/floor and
-own/(floor+solver), for the whole step and for its
-backward phase alone (the forward solve of the own adjoint is a plain ``torchdiffeq.odeint``).
+ratios own/floor, own/torchdiffeq, torchdiffeq/floor, (floor+solver)/floor,
+own/(floor+solver), own_loop/floor, own_loop/torchdiffeq, own_loop/own and
+(floor+solver_own)/floor, for the whole step and for its backward phase alone.
 :func:`format_solver_loop` prints the rows. Fields: ``"mlp"`` (concat-squash MLP
 2-64-64-2, softplus, batch 256) and ``"conv"`` (the vector field of
 :class:`~node_ocp.models.ODEImageClassifier`, 8 channels, 8x8 images, batch 64); methods:
 ``"dopri5"`` (rtol 1e-3, atol 1e-4) and ``"rk4"`` (step 0.1); horizon 1; float32.
+
+:func:`training_losses` trains one case for a few seeded steps with either backend, to show
+that the own loop leaves a training run's losses unchanged within solver tolerance.
 """
 
 from __future__ import annotations
@@ -50,7 +56,13 @@ SOLVERS: dict[str, dict] = {
     "rk4": {"method": "rk4", "options": {"step_size": 0.1}},
 }
 #: The timed variants, in the order of a repeat's rotation.
-VARIANTS: tuple[str, ...] = ("floor", "solver", "own", "torchdiffeq")
+VARIANTS: tuple[str, ...] = ("floor", "solver", "solver_own", "own", "own_loop", "torchdiffeq")
+#: The variants that are steps of a block, and the block's settings.
+BLOCK_VARIANTS: dict[str, dict] = {
+    "own": {"gradient": "adjoint"},
+    "own_loop": {"gradient": "adjoint", "backend": "own"},
+    "torchdiffeq": {"gradient": "torchdiffeq"},
+}
 #: Clocks: ``"wall"`` (``time.perf_counter``) or ``"process"`` (``time.process_time``, the
 #: CPU time of this process: on a CPU shared with other jobs it leaves out the time spent
 #: waiting for a core; meaningless for work queued on a GPU).
@@ -195,8 +207,7 @@ class _Case:
         self.device = device
         kw = SOLVERS[method]
         self.blocks = {
-            "own": ODEBlock(self.field, (0.0, 1.0), gradient="adjoint", **kw),
-            "torchdiffeq": ODEBlock(self.field, (0.0, 1.0), gradient="torchdiffeq", **kw),
+            v: ODEBlock(self.field, (0.0, 1.0), **b, **kw) for v, b in BLOCK_VARIANTS.items()
         }
         recorder = _Recorder(self.field)
         _loss(ODEBlock(recorder, (0.0, 1.0), **kw)(self.x0), self.target).backward()
@@ -206,8 +217,12 @@ class _Case:
             (t, x.requires_grad_(True), torch.randn_like(x)) for t, x in recorder.backward_points
         ]
         self.nfe = {"floor": (len(self.forward_points), len(self.backward_points))}
-        self.solver_only = _SolverOnly(self.blocks["own"], self.x0, self.target)
-        self.nfe["solver"] = self.solver_only.nfe
+        self.solver_only = {
+            "solver": _SolverOnly(self.blocks["own"], self.x0, self.target),
+            "solver_own": _SolverOnly(self.blocks["own_loop"], self.x0, self.target),
+        }
+        for v, replay in self.solver_only.items():
+            self.nfe[v] = replay.nfe
 
     def _clear(self) -> None:
         self.x0.grad = None
@@ -229,11 +244,11 @@ class _Case:
             middle = clock()
             for t, x, v in self.backward_points:
                 torch.autograd.grad(field(t, x), (x, *params), v)
-        elif variant == "solver":
-            self.solver_only.forward()
+        elif variant in self.solver_only:
+            self.solver_only[variant].forward()
             _sync(self.device)
             middle = clock()
-            self.solver_only.backward()
+            self.solver_only[variant].backward()
         else:
             block = self.blocks[variant]
             block.reset_nfe()
@@ -255,6 +270,7 @@ def solver_loop_table(
     device: str | torch.device = "cpu",
     seed: int = 0,
     clock: str = "wall",
+    train_steps: int = 20,
 ) -> list[dict]:
     """Time the floor, the own adjoint and torchdiffeq's adjoint; one row per (field, method).
 
@@ -265,6 +281,9 @@ def solver_loop_table(
         device: where the fields run (float32).
         seed: seed of the field's initialisation and of the data.
         clock: ``"wall"`` or ``"process"`` (see :data:`CLOCKS`; ``"wall"`` on a GPU).
+        train_steps: seeded training steps of :func:`training_losses` with each backend
+            (0: none); the row gets ``loss_torchdiffeq``, ``loss_own`` (the losses after
+            them) and ``loss_max_rel_diff`` (the largest relative difference over the steps).
 
     Returns:
         A list of dicts, one per (field, method), with ``field``, ``method``, ``repeats``,
@@ -274,9 +293,11 @@ def solver_loop_table(
         VJPs), ``{v}_s_per_nfe``, ``{v}_nfe_forward``, ``{v}_nfe_backward``; the ratios of
         seconds per NFE ``own_over_floor``, ``own_over_torchdiffeq``,
         ``torchdiffeq_over_floor``, ``floor_plus_solver_over_floor``,
-        ``own_over_floor_plus_solver``; and those of the backward phase alone (per backward
-        NFE), ``backward_own_over_floor`` and ``backward_own_over_torchdiffeq``, where the
-        own adjoint differs from a plain ``torchdiffeq.odeint`` forward solve.
+        ``own_over_floor_plus_solver``, ``own_loop_over_floor``,
+        ``own_loop_over_torchdiffeq``, ``own_loop_over_own``,
+        ``floor_plus_solver_own_over_floor``; and those of the backward phase alone (per
+        backward NFE), ``backward_own_over_floor``, ``backward_own_over_torchdiffeq``,
+        ``backward_own_loop_over_floor`` and ``backward_own_loop_over_torchdiffeq``.
     """
     if isinstance(fields, str) or not isinstance(fields, Sequence):
         raise bad_type("fields", fields, f"a sequence of names from {tuple(FIELDS)}")
@@ -289,6 +310,8 @@ def solver_loop_table(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise bad_value("repeats", repeats, "an int >= 1")
     check_choice("clock", clock, tuple(CLOCKS))
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise bad_value("train_steps", train_steps, "an int >= 0")
     device = torch.device(device)
     if clock == "process" and device.type != "cpu":
         raise bad_value("clock", clock, "'wall' on a GPU (CPU time misses queued GPU work)")
@@ -327,19 +350,75 @@ def solver_loop_table(
             bound = per_nfe["floor"] + per_nfe["solver"]
             row["floor_plus_solver_over_floor"] = bound / per_nfe["floor"]
             row["own_over_floor_plus_solver"] = per_nfe["own"] / bound
+            row["own_loop_over_floor"] = per_nfe["own_loop"] / per_nfe["floor"]
+            row["own_loop_over_torchdiffeq"] = per_nfe["own_loop"] / per_nfe["torchdiffeq"]
+            row["own_loop_over_own"] = per_nfe["own_loop"] / per_nfe["own"]
+            row["floor_plus_solver_own_over_floor"] = (
+                per_nfe["floor"] + per_nfe["solver_own"]
+            ) / per_nfe["floor"]
+            row["backward_own_loop_over_floor"] = per_bwd["own_loop"] / per_bwd["floor"]
+            row["backward_own_loop_over_torchdiffeq"] = per_bwd["own_loop"] / per_bwd["torchdiffeq"]
+            if train_steps:
+                losses = {
+                    b: training_losses(field_name, method, b, train_steps, device, seed)
+                    for b in ("torchdiffeq", "own")
+                }
+                row["loss_torchdiffeq"] = losses["torchdiffeq"][-1]
+                row["loss_own"] = losses["own"][-1]
+                row["loss_max_rel_diff"] = max(
+                    abs(a - b) / abs(b) for a, b in zip(losses["own"], losses["torchdiffeq"])
+                )
             rows.append(row)
     return rows
+
+
+def training_losses(
+    field_name: str,
+    method: str,
+    backend: str,
+    steps: int = 20,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    lr: float = 1e-2,
+) -> list[float]:
+    """The losses of ``steps`` Adam steps (own adjoint, ``backend``) on one seeded batch of
+    the table's case ``(field_name, method)``: the field, data and solver settings of
+    :func:`solver_loop_table`. Returns the loss before each step."""
+    build, shape = FIELDS[field_name]
+    torch.manual_seed(seed)
+    field = build().to(device)
+    x0 = torch.randn(shape, device=device)
+    target = torch.randn(shape, device=device)
+    block = ODEBlock(field, (0.0, 1.0), backend=backend, **SOLVERS[method])
+    opt = torch.optim.Adam(field.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(block(x0), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def format_solver_loop(rows: list[dict]) -> str:
     """The rows of :func:`solver_loop_table` as a text table: µs per NFE of each variant,
     the ratios of the whole step and of its backward phase, and the NFE (forward+backward)."""
+    names = {
+        "solver": "solver",
+        "solver_own": "slv_own",
+        "own_loop": "own_lp",
+        "torchdiffeq": "tdq",
+    }
+    us_head = " ".join(f"{names.get(v, v):>7}" for v in VARIANTS)
     head = (
-        f"{'field':<5} {'method':<6} {'floor':>7} {'solver':>7} {'own':>7} {'tdq':>7} "
-        f"{'own/floor':>9} {'own/tdq':>7} {'tdq/floor':>9} {'(f+s)/f':>7} {'own/(f+s)':>9} "
-        f"{'bwd own/floor':>13} {'bwd own/tdq':>11}  nfe f+b"
+        f"{'field':<5} {'method':<6} {us_head} "
+        f"{'own/floor':>9} {'own/tdq':>7} {'tdq/floor':>9} {'(f+s)/f':>7} "
+        f"{'lp/floor':>8} {'lp/tdq':>6} {'lp/own':>6} {'(f+so)/f':>8} "
+        f"{'bwd own/floor':>13} {'bwd own/tdq':>11} {'bwd lp/floor':>12} {'bwd lp/tdq':>10}"
+        "  nfe f+b"
     )
-    lines = [f"{'':<12} {'us per NFE':^31}", head]
+    lines = [f"{'':<12} {'us per NFE':^{8 * len(VARIANTS) - 1}}", head]
     for r in rows:
         nfe = " / ".join(f"{r[f'{v}_nfe_forward']}+{r[f'{v}_nfe_backward']}" for v in VARIANTS)
         nfe = nfe if len(set(nfe.split(" / "))) > 1 else nfe.split(" / ")[0]
@@ -348,13 +427,27 @@ def format_solver_loop(rows: list[dict]) -> str:
             f"{r['field']:<5} {r['method']:<6} {us} "
             f"{r['own_over_floor']:>9.3f} {r['own_over_torchdiffeq']:>7.3f} "
             f"{r['torchdiffeq_over_floor']:>9.3f} {r['floor_plus_solver_over_floor']:>7.3f} "
-            f"{r['own_over_floor_plus_solver']:>9.3f} {r['backward_own_over_floor']:>13.3f} "
-            f"{r['backward_own_over_torchdiffeq']:>11.3f}  {nfe}"
+            f"{r['own_loop_over_floor']:>8.3f} {r['own_loop_over_torchdiffeq']:>6.3f} "
+            f"{r['own_loop_over_own']:>6.3f} {r['floor_plus_solver_own_over_floor']:>8.3f} "
+            f"{r['backward_own_over_floor']:>13.3f} {r['backward_own_over_torchdiffeq']:>11.3f} "
+            f"{r['backward_own_loop_over_floor']:>12.3f} "
+            f"{r['backward_own_loop_over_torchdiffeq']:>10.3f}  {nfe}"
         )
     lines.append(
-        "floor: the field's evaluations and VJPs at the same points, no solver; solver: "
-        "torchdiffeq's own work at the same steps, the evaluations replayed; (f+s)/f: the "
-        "least own/floor an adjoint on unpatched torchdiffeq reaches; nfe: one value when "
+        "floor: the field's evaluations and VJPs at the same points, no solver; solver / "
+        "slv_own: torchdiffeq's / the own loop's work at the same steps, the evaluations "
+        "replayed; own: the own adjoint over torchdiffeq; own_lp (lp): the own adjoint over "
+        "the own loop (backend='own'); tdq: torchdiffeq's odeint_adjoint; (f+s)/f, (f+so)/f: "
+        "the least own/floor an adjoint on that loop reaches; nfe: one value when "
         f"{', '.join(VARIANTS)} agree."
     )
+    trained = [r for r in rows if "loss_own" in r]
+    if trained:
+        lines.append("losses of seeded Adam steps (own adjoint) with each backend:")
+        for r in trained:
+            lines.append(
+                f"  {r['field']:<5} {r['method']:<6} torchdiffeq {r['loss_torchdiffeq']:.6g}  "
+                f"own {r['loss_own']:.6g}  largest relative difference over the steps "
+                f"{r['loss_max_rel_diff']:.2e}"
+            )
     return "\n".join(lines)

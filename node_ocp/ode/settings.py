@@ -53,16 +53,19 @@ def make_settings(
     adjoint_norm: Any = "seminorm",
     check_finite: Any = True,
     name: str = "ODEBlock",
+    backend: Any = "torchdiffeq",
 ) -> SolveSettings:
     """Check the user's solver arguments (named as ``ODEBlock`` names them) and build the
-    settings; an ``adjoint_*`` left None takes the forward solve's value."""
-    forward = make_spec(method, rtol, atol, options)
+    settings; an ``adjoint_*`` left None takes the forward solve's value; ``backend``
+    applies to both solves."""
+    forward = make_spec(method, rtol, atol, options, backend=backend)
     backward = make_spec(
         method if adjoint_method is None else adjoint_method,
         rtol if adjoint_rtol is None else adjoint_rtol,
         atol if adjoint_atol is None else adjoint_atol,
         options if adjoint_options is None else adjoint_options,
         prefix="adjoint_",
+        backend=backend,
     )
     adjoint_norm = check_choice("adjoint_norm", adjoint_norm, ADJOINT_NORMS)
     if not isinstance(check_finite, bool):

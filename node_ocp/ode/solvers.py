@@ -2,8 +2,10 @@
 
 Everything the user passes about *how* to integrate (method, tolerances, options, the time
 grid) is checked here once, at the boundary, and turned into a :class:`SolverSpec` that the
-rest of the package uses without re-checking. The integration itself is always
-``torchdiffeq.odeint`` (public API, never patched).
+rest of the package uses without re-checking. The integration is ``torchdiffeq.odeint``
+(public API, never patched) unless ``backend="own"``: then ``dopri5``, ``bosh3`` and ``rk4``
+step through the own loop of :mod:`node_ocp.ode.rk` (same semantics, less overhead), and
+every other method, and every option the own loop does not implement, stays torchdiffeq's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torchdiffeq import odeint
 
 from .._errors import bad_type, bad_value, check_choice, check_positive
+from . import rk
 
 #: Methods with error control; they take ``rtol``/``atol`` and choose their own steps.
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -31,16 +34,24 @@ FIXED_METHODS: tuple[str, ...] = (
     "implicit_adams",
 )
 METHODS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS
+#: Who steps the solves: ``"torchdiffeq"`` (``torchdiffeq.odeint``) or ``"own"`` (the own
+#: loop of :mod:`node_ocp.ode.rk` for :data:`OWN_METHODS`, torchdiffeq for the rest).
+BACKENDS: tuple[str, ...] = ("torchdiffeq", "own")
+#: Methods the ``"own"`` backend steps itself.
+OWN_METHODS: tuple[str, ...] = rk.OWN_METHODS
 
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """Validated settings for one direction of integration (forward or backward)."""
+    """Validated settings for one direction of integration (forward or backward).
+
+    ``backend``: ``"torchdiffeq"`` or ``"own"`` (see :data:`BACKENDS`)."""
 
     method: str
     rtol: float
     atol: float
     options: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torchdiffeq"
 
     @property
     def adaptive(self) -> bool:
@@ -68,16 +79,17 @@ class SolverSpec:
             opts["grid_constructor"] = _endpoints_grid
         return opts
 
+    def uses_own_loop(self, y0: torch.Tensor, t: torch.Tensor, options: dict) -> bool:
+        """Whether a solve of ``y0`` over ``t`` with ``options`` steps through the own loop."""
+        return self.backend == "own" and rk.supports(self.method, options, y0, t)
+
     def integrate(self, func, y0, t: torch.Tensor, norm=None, keep_grid: bool = False):
-        """``torchdiffeq.odeint(func, y0, t)`` with these settings."""
-        return odeint(
-            func,
-            y0,
-            t,
-            rtol=self.rtol,
-            atol=self.atol,
-            method=self.method,
-            options=self.odeint_options(norm=norm, keep_grid=keep_grid),
+        """``torchdiffeq.odeint(func, y0, t)`` with these settings, or the same solve by the
+        own loop (:func:`node_ocp.ode.rk.odeint`) where :meth:`uses_own_loop`."""
+        options = self.odeint_options(norm=norm, keep_grid=keep_grid)
+        solve = rk.odeint if self.uses_own_loop(y0, t, options) else odeint
+        return solve(
+            func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=options
         )
 
 
@@ -85,11 +97,19 @@ def _endpoints_grid(func, y0, t: torch.Tensor) -> torch.Tensor:
     return t[[0, -1]]
 
 
-def make_spec(method: Any, rtol: Any, atol: Any, options: Any, prefix: str = "") -> SolverSpec:
+def make_spec(
+    method: Any,
+    rtol: Any,
+    atol: Any,
+    options: Any,
+    prefix: str = "",
+    backend: Any = "torchdiffeq",
+) -> SolverSpec:
     """Check user inputs and build a :class:`SolverSpec`.
 
     ``prefix`` is prepended to argument names in error messages (``"adjoint_"``).
     """
+    check_backend(backend)
     check_choice(f"{prefix}method", method, METHODS)
     rtol = check_positive(f"{prefix}rtol", rtol)
     atol = check_positive(f"{prefix}atol", atol)
@@ -107,7 +127,20 @@ def make_spec(method: Any, rtol: Any, atol: Any, options: Any, prefix: str = "")
                 f"'step_size' only with a fixed-grid method ({', '.join(FIXED_METHODS)})",
                 "Use 'first_step' or 'max_step' to guide an adaptive method.",
             )
-    return SolverSpec(method=method, rtol=rtol, atol=atol, options=options)
+    return SolverSpec(method=method, rtol=rtol, atol=atol, options=options, backend=backend)
+
+
+def check_backend(backend: Any) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise a ``ValueError``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise bad_value(
+            "backend",
+            backend,
+            "one of " + ", ".join(repr(b) for b in BACKENDS),
+            f"'own' steps {', '.join(OWN_METHODS)} through node_ocp's own loop and every "
+            "other method through torchdiffeq; 'torchdiffeq' steps every method there.",
+        )
+    return backend
 
 
 def as_time_grid(t: Any, name: str = "t") -> torch.Tensor:

@@ -48,12 +48,14 @@ def bench(
     out=None,
     force: bool = False,
     solver_loop: int = 0,
+    solver_loop_train_steps: int = 20,
 ) -> dict:
     """Measure and print the figures; save them as JSON to ``out`` when given.
 
     ``solver_loop``: repeats of the solver-loop table (:func:`node_ocp.ode.floor.
     solver_loop_table`: time per NFE of the own adjoint against the floor and torchdiffeq's
-    ``odeint_adjoint``, MLP and conv fields, dopri5 and rk4), 0 to skip it.
+    ``odeint_adjoint``, MLP and conv fields, dopri5 and rk4), 0 to skip it;
+    ``solver_loop_train_steps``: its seeded training steps with each backend (0: none).
 
     ``out`` may replace an earlier ``bench`` output; any other existing file only with
     ``force``.
@@ -175,7 +177,9 @@ def bench(
     if solver_loop:
         from ..ode.floor import solver_loop_table
 
-        result["solver_loop"] = solver_loop_table(repeats=solver_loop, device=dev)
+        result["solver_loop"] = solver_loop_table(
+            repeats=solver_loop, device=dev, train_steps=solver_loop_train_steps
+        )
     print(format_bench(result))
     if out is not None:
         path = atomic_write_json(out, result)

@@ -273,21 +273,24 @@ class SolverConfig:
     """``[solver]``: every ODE block's solver, with ODEBlock's defaults (dopri5, rtol 1e-4,
     atol 1e-5, the own adjoint). ``gradient``: ``adjoint`` (the own adjoint),
     ``direct`` (backprop through the solver) or ``torchdiffeq`` (torchdiffeq's
-    ``odeint_adjoint``; first-order optimizers only)."""
+    ``odeint_adjoint``; first-order optimizers only). ``backend``: ``torchdiffeq`` or
+    ``own`` (dopri5, bosh3 and rk4 stepped by node_ocp's own loop)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
     atol: float = field(default_factory=lambda: _block_default("atol"))
     gradient: str = field(default_factory=lambda: _block_default("gradient"))
+    backend: str = field(default_factory=lambda: _block_default("backend"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
-        from ..ode.solvers import METHODS
+        from ..ode.solvers import BACKENDS, METHODS
 
         _choice(f"{where}.method", self.method, tuple(METHODS))
         _in_range(f"{where}.rtol", self.rtol, 0.0, math.inf, "a float > 0", low_open=True)
         _in_range(f"{where}.atol", self.atol, 0.0, math.inf, "a float > 0", low_open=True)
         _choice(f"{where}.gradient", self.gradient, GRADIENT_MODES)
+        _choice(f"{where}.backend", self.backend, BACKENDS)
 
 
 @dataclass

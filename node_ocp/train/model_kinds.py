@@ -52,7 +52,13 @@ register_model = MODELS.register
 def solver_settings(config: RunConfig) -> dict:
     """``[solver]`` as the keyword arguments of every ODE block."""
     s = config.solver
-    return {"method": s.method, "rtol": s.rtol, "atol": s.atol, "gradient": s.gradient}
+    return {
+        "method": s.method,
+        "rtol": s.rtol,
+        "atol": s.atol,
+        "gradient": s.gradient,
+        "backend": s.backend,
+    }
 
 
 class AugmentedODEClassifier(nn.Module):
