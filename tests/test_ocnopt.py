@@ -634,10 +634,12 @@ def test_constructor_errors(kwargs, message):
 def test_model_errors():
     with pytest.raises(
         ValueError,
-        match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock",
+        match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock "
+        r"for curvature='dense'",
     ):
-        no.OCNOpt(nn.Linear(2, 2))
+        no.OCNOpt(nn.Linear(2, 2), curvature="dense")
     no.OCNOpt(nn.Linear(2, 2), curvature="diagonal")  # fine without blocks
+    no.OCNOpt(nn.Linear(2, 2))  # Kronecker factors from the layer's hooks
     big = no.ODEBlock(mlp_field(dim=8, hidden=256))
     with pytest.raises(
         ValueError, match=r"'dense' only for fields with at most max_dense_params=4096"

@@ -845,12 +845,14 @@ def _check_model(model: nn.Module, blocks: list, o: OCNOptOptions) -> None:
             "uses 'adjoint'",
             "Build the blocks with gradient='direct', or keep time_joint=True.",
         )
-    if VARIANTS[o.curvature].needs is not None and not blocks:
+    if VARIANTS[o.curvature].needs == "dense" and not blocks:
+        # Kronecker variants serve a model without ODE blocks from its layers' hooks alone
         raise bad_value(
             "model",
             type(model).__name__,
             f"a model containing at least one ODEBlock for curvature={o.curvature!r}",
-            "Use curvature='identity' or 'diagonal' for a model without ODE blocks.",
+            "Use curvature='ekfac', 'kfac', 'identity' or 'diagonal' for a model without "
+            "ODE blocks.",
         )
 
 

@@ -105,9 +105,11 @@ class Preconditioner:
     def arm(self, carry_factors: bool = False) -> None:
         """Gather statistics in the coming forward/backward pass (``carry_factors``: a
         capture is needed to carry a factor source's factors even without Kronecker or
-        dense statistics)."""
+        dense statistics; a model without ODE blocks has no capture, only the hooks of its
+        layers)."""
         u = self.units
-        if u.needs_kronecker_capture or u.needs_dense_capture or carry_factors:
+        wanted = u.needs_kronecker_capture or u.needs_dense_capture or carry_factors
+        if wanted and self.blocks:  # a model without ODE blocks: its layers' hooks alone
             self.capture = CurvatureCapture(
                 kronecker=u.needs_kronecker_capture,
                 dense=u.needs_dense_capture,
