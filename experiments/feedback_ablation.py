@@ -198,36 +198,62 @@ def summarise(task: str, runs: dict) -> dict:
         base = statistics.fmean(first["s_per_step"]) if first and first["s_per_step"] else 0
         mine = statistics.fmean(a["s_per_step"]) if a["s_per_step"] else math.nan
         a["s_per_step_x_first"] = mine / base if base > 0 else None
+    # the validation metric at the last evaluation step every run reached (per step, free of
+    # the machine's load, which sets how many steps a time budget buys)
+    key = f"val_{out.get('metric')}"
+    evals = [
+        {m["step"] for m in r["records"] if m.get(key) is not None}
+        for rs in runs.values()
+        for r in rs
+        if "failed" not in r
+    ]
+    common = max(set.intersection(*evals), default=None) if evals else None
+    out["common_step"] = common
+    for arm, rs in runs.items():
+        for name, k in (("val_at_common_step", key), ("val_loss_at_common_step", "val_loss")):
+            vals = []
+            for r in (r for r in rs if "failed" not in r):
+                at = [m[k] for m in r["records"] if m.get(k) is not None and m["step"] == common]
+                vals.append(at[0] if at else None)
+            out["arms"][arm][name] = vals
     return out
 
 
 def plot(task: str, runs: dict, metric: str, path: Path) -> None:
-    """Validation metric against steps and against seconds, one line per run."""
+    """Validation metric against steps and against seconds, one line per run (and below, on
+    a log scale, the validation loss where the runs log one beside their metric: a
+    classifier's accuracy saturates early)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    keys = [f"val_{metric}"]
+    good = [r for rs in runs.values() for r in rs if "failed" not in r]
+    if metric != "loss" and any(m.get("val_loss") is not None for r in good for m in r["records"]):
+        keys.append("val_loss")
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.5 * len(keys)), squeeze=False)
     fixed = {"open-loop": "tab:blue", "feedback": "tab:red"}
     spare = cycle(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:cyan"])
     colours = {arm: fixed.get(arm) or next(spare) for arm in runs}
-    key = f"val_{metric}"
-    for arm, rs in runs.items():
-        for i, r in enumerate(r for r in rs if "failed" not in r):
-            recs = [m for m in r["records"] if m.get(key) is not None]
-            pts = [(m["step"], m["seconds"], m[key]) for m in recs]
-            if not pts:
-                continue
-            steps, secs, vals = zip(*pts)
-            label = arm if i == 0 else None
-            axes[0].plot(steps, vals, color=colours.get(arm), alpha=0.8, label=label)
-            axes[1].plot(secs, vals, color=colours.get(arm), alpha=0.8, label=label)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("seconds")
-    for ax in axes:
-        ax.set_ylabel(key)
-        ax.legend()
+    for row, key in zip(axes, keys):
+        for arm, rs in runs.items():
+            for i, r in enumerate(r for r in rs if "failed" not in r):
+                recs = [m for m in r["records"] if m.get(key) is not None]
+                pts = [(m["step"], m["seconds"], m[key]) for m in recs]
+                if not pts:
+                    continue
+                steps, secs, vals = zip(*pts)
+                label = arm if i == 0 else None
+                row[0].plot(steps, vals, color=colours.get(arm), alpha=0.8, label=label)
+                row[1].plot(secs, vals, color=colours.get(arm), alpha=0.8, label=label)
+        row[0].set_xlabel("step")
+        row[1].set_xlabel("seconds")
+        for ax in row:
+            ax.set_ylabel(key)
+            if key == "val_loss":
+                ax.set_yscale("log")
+            ax.legend()
     fig.suptitle(f"{task}: feedback on vs off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -241,18 +267,23 @@ def _fmt(v) -> str:
 def table(summaries: list[dict]) -> str:
     lines = [
         "| task | metric | arm | test (mean ± std) | per seed | steps | s/step | s/step × "
-        "first arm | gain ratio | diverged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "first arm | val at common step (per seed) | gain ratio | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         for arm, a in s["arms"].items():
             per = ", ".join(_fmt(v) for v in a["test_per_seed"])
+            at = ", ".join(_fmt(v) for v in a.get("val_at_common_step", []))
+            at = f"step {s.get('common_step')}: {at}" if at else "-"
+            loss = a.get("val_loss_at_common_step", [])
+            if any(v is not None for v in loss):  # classification: the loss beside accuracy
+                at += f" (val loss {', '.join(_fmt(v) for v in loss)})"
             sps = statistics.fmean(a["s_per_step"]) if a["s_per_step"] else None
             steps = statistics.fmean(a["steps"]) if a["steps"] else None
             lines.append(
                 f"| {s['task']} | {s['metric']} | {arm} | {_fmt(a['test_mean'])} ± "
                 f"{_fmt(a['test_std'])} | {per} | {_fmt(steps)} | {_fmt(sps)} | "
-                f"{_fmt(a.get('s_per_step_x_first'))} | {_fmt(a['mean_gain_ratio'])} | "
+                f"{_fmt(a.get('s_per_step_x_first'))} | {at} | {_fmt(a['mean_gain_ratio'])} | "
                 f"{a['diverged']} |"
             )
     return "\n".join(lines)
