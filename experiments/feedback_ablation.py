@@ -187,6 +187,7 @@ def summarise(task: str, runs: dict) -> dict:
             "test_mean": mean,
             "test_std": std,
             "val_per_seed": [r["final_val"] for r in good],
+            "test_loss_per_seed": [r.get("test_figures", {}).get("loss") for r in good],
             "steps": [r["steps"] for r in good],
             "s_per_step": [r["seconds"] / max(r["steps"], 1) for r in good],
             "diverged": sum(bool(r["diverged"]) for r in good),
@@ -278,6 +279,9 @@ def table(summaries: list[dict]) -> str:
             loss = a.get("val_loss_at_common_step", [])
             if any(v is not None for v in loss):  # classification: the loss beside accuracy
                 at += f" (val loss {', '.join(_fmt(v) for v in loss)})"
+            tl = a.get("test_loss_per_seed", [])
+            if s["metric"] != "loss" and any(v is not None for v in tl):
+                per += f" (test loss {', '.join(_fmt(v) for v in tl)})"
             sps = statistics.fmean(a["s_per_step"]) if a["s_per_step"] else None
             steps = statistics.fmean(a["steps"]) if a["steps"] else None
             lines.append(
