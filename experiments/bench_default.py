@@ -168,6 +168,7 @@ def _result(s: dict, folder: Path) -> dict:
         "final_val": s["final_val"],
         "test": s["test_metric"],
         "best_test": s.get("best_test_metric", s["test_metric"]),
+        "test_figures": s.get("test") or {},  # every test figure (a classifier's loss too)
         "diverged": s["diverged"],
         "steps": s["steps"],
         "seconds": s["train_seconds"],

@@ -10,8 +10,13 @@ as ratios to Adam, and OCNOpt against the standard EKFAC. Printed, and saved as
 resident memory, which includes the interpreter and torch and barely separates optimizers;
 on CUDA it is the allocator's peak.
 
+On the deep discrete networks (``mlp_digits``, ``cnn_digits``) the feedback arms of the other
+factor sources are timed too (``TASK_ARMS``), and ``--arm NAME KEY=VALUE ...`` adds an arm of
+any OCNOpt options; every arm's step time is also given against OCNOpt open-loop.
+
     python experiments/feedback_price.py
     python experiments/feedback_price.py --tasks spirals --steps 21 --no-memory
+    python experiments/feedback_price.py --tasks mlp_digits cnn_digits --no-memory
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from feedback_ablation import ROOT, TASKS, write_config  # noqa: E402
+from feedback_ablation import ROOT, TASKS, parse_arm, write_config  # noqa: E402
 
 from node_ocp.io import atomic_write_json, atomic_write_text  # noqa: E402
 from node_ocp.train.bench import bench  # noqa: E402
@@ -34,6 +39,12 @@ ARMS = {
     "ocnopt-feedback": {"kind": "ocnopt", "feedback": "gauss_newton"},
     "ekfac-direct": {"kind": "ocnopt", "time_joint": False, "gradient": "direct"},
 }
+_SOURCES = {
+    "ocnopt-feedback-sampled": {"kind": "ocnopt", "feedback": "gauss_newton", "factors": "sampled"},
+    "ocnopt-feedback-exact": {"kind": "ocnopt", "feedback": "gauss_newton", "factors": "exact"},
+}
+#: arms timed beside ARMS on some tasks
+TASK_ARMS = {"mlp_digits": _SOURCES, "cnn_digits": _SOURCES}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "runs" / "feedback_price"))
+    p.add_argument(
+        "--arm",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="time one more arm: its [optimizers.NAME] keys (kind defaults to ocnopt)",
+    )
     return p
 
 
@@ -56,8 +75,10 @@ def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     rows = []
+    extra = dict(parse_arm(words) for words in args.arm)
     for task in args.tasks:
-        cfg = write_config(task, out / task / "config.toml", 60.0, ARMS)
+        arms = {**ARMS, **TASK_ARMS.get(task, {}), **extra}
+        cfg = write_config(task, out / task / "config.toml", 60.0, arms)
         res = bench(
             load_config(cfg),
             steps=args.steps,
@@ -80,6 +101,7 @@ def main(argv=None) -> dict:
                 "feedback_x_ekfac": fb["amortized_s"] / o["ekfac-direct"]["amortized_s"],
                 "feedback_nfe": (fb["nfe_forward"], fb["nfe_backward"]),
                 "open_loop_nfe": (ol["nfe_forward"], ol["nfe_backward"]),
+                "x_open_loop": {k: v["amortized_s"] / ol["amortized_s"] for k, v in o.items()},
             }
         )
     lines = [
@@ -98,6 +120,17 @@ def main(argv=None) -> dict:
             f"{no[0]:.0f}/{no[1]:.0f} | {nf[0]:.0f}/{nf[1]:.0f} | {_x(m['ocnopt'])} / "
             f"{_x(m['ocnopt-feedback'])} / {_x(m['ekfac-direct'])} |"
         )
+    lines += [
+        "",
+        "| task | arm | amortized s/step | × Adam | × OCNOpt open-loop |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for arm, sec in r["amortized_s"].items():
+            lines.append(
+                f"| {r['task']} | {arm} | {sec:.4g} | {_x(r['amortized_x_adam'][arm])} | "
+                f"{_x(r['x_open_loop'][arm])} |"
+            )
     text = "\n".join(lines)
     print(text)
     result = {"tasks": rows}

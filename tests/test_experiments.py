@@ -252,3 +252,21 @@ def test_bench_latent_summary_picks_adams_lr_and_times_each_run_to_its_best(tmp_
     assert "| 0 | OCNOpt default | 0.1000 (20) | 0.1000 | -1.000 | 0.20 | never |" in table
     assert "| 1 | OCNOpt default | 0.1000 (20) | 0.1000 | -1.000 | 0.20 | 2 s (10) |" in table
     assert "| 2 | Adam (tuned) | 0.2000 (20) | 0.2000 | -1.000 | 0.20 | 4 s (20) |" in table
+
+
+def test_feedback_arms_are_data_and_take_any_extra_option_table():
+    module = _load("feedback_ablation")
+    argv = ["--tasks", "spirals", "mlp_digits", "--arm", "fb-own", "feedback=gauss_newton"]
+    args = module._parser().parse_args(argv + ["feedback_gain=own", "feedback_clip=3"])
+    arms = module.arms_per_task(args, module.ARMS, module.DEFAULT_ARMS, module.TASK_ARMS)
+    assert list(arms["spirals"]) == ["open-loop", "feedback", "fb-own"]
+    sources = ["open-loop", "feedback", "feedback-sampled", "feedback-exact"]
+    assert list(arms["mlp_digits"]) == [*sources, "fb-own"]
+    own = {"kind": "ocnopt", "feedback": "gauss_newton", "feedback_gain": "own", "feedback_clip": 3}
+    assert arms["spirals"]["fb-own"] == own
+    with pytest.raises(SystemExit, match="--arms: received 'nope'"):
+        module.arms_per_task(module._parser().parse_args(["--arms", "nope"]), module.ARMS, [], {})
+    # the learning-rate experiment's arms on the discrete networks span >= 3 decades each
+    lr = _load("lr_robustness")
+    for table in lr.TASK_ARMS["cnn_digits"].values():
+        assert max(table["lr_grid"]) / min(table["lr_grid"]) >= 1e3

@@ -634,8 +634,11 @@ def test_constructor_errors(kwargs, message):
 def test_model_errors():
     with pytest.raises(
         ValueError,
-        match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock",
+        match=r"model: received 'Linear'; accepted: a model containing at least one ODEBlock "
+        r"for curvature='dense'",
     ):
+        no.OCNOpt(nn.Linear(2, 2), curvature="dense")
+    with pytest.raises(ValueError, match=r"ODEBlock for curvature='ekfac' with outside='diagonal'"):
         no.OCNOpt(nn.Linear(2, 2), outside="diagonal")
     no.OCNOpt(nn.Linear(2, 2), curvature="diagonal")  # fine without blocks
     # a network without blocks: its own layers take the Kronecker factors

@@ -114,7 +114,7 @@ def test_adapt_chooses_by_the_optimizer_class_and_keeps_an_adapter():
         (
             "model.kind",
             "transformer",
-            "'cnf', 'image_cnf', 'ode_mlp', 'image', 'odernn', 'cde', 'latent_ode'",
+            "'cnf', 'image_cnf', 'ode_mlp', 'image', 'mlp', 'cnn', 'odernn', 'cde', 'latent_ode'",
         ),
     ],
 )

@@ -22,7 +22,7 @@ The sources:
 - :class:`SampledFactors` (``"sampled"``): the factor flow where one chain of block calls
   leads to the outputs, else the Fisher route.
 - :class:`ExactFactors` (``"exact"``): all factors of the output Hessian through the factor
-  flow (one chain of block calls only).
+  flow (one chain of block calls only); on a model without ODE blocks the Fisher route.
 
 ``"sampled"`` and ``"exact"`` need ``outputs`` and ``likelihood`` on refresh steps.
 """
@@ -229,10 +229,14 @@ class ExactFactors(FactorSource):
         super().__init__(rank, generator)
         self.flow = FactorFlow(self.name, rank, generator)
         self.carried = FlowRoute(self.flow)
+        self.fisher = FisherRoute(generator)
 
     def route(self, outputs, likelihood, capture):
         self._require(outputs, likelihood)
-        return EMPIRICAL if capture is None else self.carried
+        # no capture: a model without ODE blocks (no solve to carry factors); its layers'
+        # hooks read a sampled cotangent's backward pass, the unbiased estimate of the
+        # Gauss-Newton statistics (the feedback stages still get the exact factors)
+        return self.fisher if capture is None else self.carried
 
 
 FACTOR_SOURCES_BY_NAME: dict[str, type[FactorSource]] = {

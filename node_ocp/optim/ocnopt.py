@@ -860,15 +860,16 @@ def _check_model(model: nn.Module, blocks: list, o: OCNOptOptions) -> None:
             "uses 'adjoint'",
             "Build the blocks with gradient='direct', or keep time_joint=True.",
         )
-    if VARIANTS[o.curvature].needs is not None and not blocks and o.outside != "kfac":
-        # without blocks only the layers outside them can hold the curvature's factors
+    needs = VARIANTS[o.curvature].needs
+    if not blocks and (needs == "dense" or (needs is not None and o.outside != "kfac")):
+        # without blocks only the layers' own hooks can hold Kronecker factors
         raise bad_value(
             "model",
             type(model).__name__,
-            f"a model containing at least one ODEBlock for curvature={o.curvature!r} with "
-            f"outside={o.outside!r}",
-            "Use outside='kfac' (Kronecker factors for the model's own layers), or "
-            "curvature='identity' or 'diagonal'.",
+            f"a model containing at least one ODEBlock for curvature={o.curvature!r}"
+            + ("" if needs == "dense" else f" with outside={o.outside!r}"),
+            "Use curvature='ekfac' or 'kfac' with outside='kfac' (Kronecker factors from "
+            "the model's own layers), or curvature='identity' or 'diagonal'.",
         )
 
 

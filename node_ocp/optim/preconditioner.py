@@ -105,7 +105,8 @@ class Preconditioner:
     def arm(self, carry_factors: bool = False) -> None:
         """Gather statistics in the coming forward/backward pass (``carry_factors``: a
         capture is needed to carry a factor source's factors even without Kronecker or
-        dense statistics)."""
+        dense statistics; a model without ODE blocks has no capture, only the hooks of its
+        layers)."""
         u = self.units
         captured = u.needs_kronecker_capture or u.needs_dense_capture or carry_factors
         if captured and self.blocks:  # a network without blocks has its layers' hooks only

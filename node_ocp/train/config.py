@@ -192,11 +192,11 @@ class ModelConfig:
 
     kind: ``cnf`` (density), ``image_cnf`` (image_density), ``ode_mlp`` (augmented Neural
         ODE on vectors), ``image`` (conv ODE classifier), ``odernn`` or ``cde`` (irregular
-        series).
+        series); ``mlp`` and ``cnn``: discrete classifiers without ODE blocks.
     hidden: hidden widths of the vector field's MLP (image_cnf: channel widths of its conv
-        field).
+        field; mlp: its hidden layers' widths; cnn: its conv stages' channels).
     width: state width: ODE-RNN / CDE hidden state, image channels, ode_mlp augmentation.
-    activation: the field's activation (cnf, image_cnf).
+    activation: the field's activation (cnf, image_cnf); mlp, cnn: their layers'.
     blocks: chained ODE blocks (cnf; image_cnf: per scale).
     horizon: integration time t1 of the blocks (t0 = 0).
     divergence: ``exact`` or ``hutchinson`` (cnf, image_cnf).

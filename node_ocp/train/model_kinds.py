@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from ..data import IrregularBatch, TaskData
-from ..models import CNF, ODERNN, ImageCNF, LatentODE, NeuralCDE, ODEImageClassifier
+from ..models import (
+    CNF,
+    ODERNN,
+    DeepMLP,
+    ImageCNF,
+    LatentODE,
+    NeuralCDE,
+    ODEImageClassifier,
+    SmallCNN,
+)
 from ..ode.block import ODEBlock
 from ..ode.layers import ConcatSquashLinear, TimeSequential
 from .config import ConfigError, RunConfig
@@ -37,6 +46,8 @@ class ModelKind:
     horizon_control: ClassVar[bool] = True
     #: its loss reaches the ODE block at several times (a recurrent update per observation)
     loss_at_several_times: ClassVar[bool] = False
+    #: a discrete network without ODE blocks (``mlp``, ``cnn``: the feedback experiments')
+    discrete: ClassVar[bool] = False
 
     @classmethod
     def build(cls, config: RunConfig, data: TaskData, task: type[Task]) -> nn.Module:
@@ -193,6 +204,58 @@ class ImageModel(ModelKind):
             classes=task.output_size(data),
             horizon=m.horizon,
             **solver_settings(config),
+        )
+
+
+@register_model
+class MLPModel(ModelKind):
+    """A deep fully connected network (no ODE block) on vectors ``(N, D)`` or images
+    ``(N, C, H, W)`` (flattened): ``len(hidden) + 1`` linear layers, each a feedback stage."""
+
+    name = "mlp"
+    tasks = ("classification",)
+    horizon_control = False
+    discrete = True
+
+    @classmethod
+    def build(cls, config, data, task):
+        m, x = config.model, data.train.x
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ConfigError(
+                f"[model].kind: 'mlp' needs vector (N, D) or image (N, C, H, W) inputs; "
+                f"{config.task.dataset!r} has other inputs; accepted for it: 'odernn' or 'cde'"
+            )
+        return DeepMLP(
+            int(x[0].numel()), task.output_size(data), hidden=m.hidden, activation=m.activation
+        )
+
+
+@register_model
+class CNNModel(ModelKind):
+    """A small CNN (no ODE block) on images ``(N, C, H, W)``: one 3x3 conv stage per entry of
+    ``hidden`` (its channels), two 2x2 max-poolings, a linear head; each layer a feedback
+    stage."""
+
+    name = "cnn"
+    tasks = ("classification",)
+    horizon_control = False
+    discrete = True
+
+    @classmethod
+    def build(cls, config, data, task):
+        m, x = config.model, data.train.x
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or min(x.shape[2:]) < 4:
+            raise ConfigError(
+                f"[model].kind: 'cnn' needs image inputs (N, C, H, W) of at least 4x4; "
+                f"{config.task.dataset!r} has other inputs; accepted for vectors: 'mlp', "
+                "'ode_mlp'"
+            )
+        return SmallCNN(
+            x.shape[1],
+            tuple(x.shape[2:]),
+            task.output_size(data),
+            hidden=m.hidden,
+            activation=m.activation,
         )
 
 
