@@ -186,7 +186,7 @@ def _captured(factors, twice=False):
         ("sampled", "gaussian", "empty", "fisher"),
         ("sampled", "gaussian", None, "fisher"),
         ("exact", "gaussian", "chain", "flow"),
-        ("exact", "gaussian", None, "empirical"),
+        ("exact", "gaussian", None, "fisher"),  # no capture: a model without blocks
     ],
 )
 def test_each_factor_source_routes_the_statistics(factors, likelihood, capture, route):
@@ -247,6 +247,7 @@ def test_the_feedback_runner_state_dict_round_trips():
         "feedback_steps": 7,
         "feedback_failures": 2,
         "last_feedback": runner.last.as_dict(),
+        "feedback_gain": {"scale": 1.0, "trials": 0, "wins": 0},
     }
     other = _runner()
     other.load_state_dict(state)
@@ -278,7 +279,8 @@ def test_the_feedback_runner_is_due_every_feedback_every_steps():
 
 def test_a_checkpoint_keeps_the_keys_of_its_format():
     """The saved dict keeps the keys (and order) OCNOpt has always written, so checkpoints
-    load across the split into parts."""
+    load across the split into parts (``feedback_gain``, the feedback gain's own scale, is
+    new; a checkpoint without it loads with the scale at 1)."""
     _, opt = _round_trip(feedback="gauss_newton", step="fixed", lr=0.05)
     assert list(opt.state_dict()["ocnopt"]) == [
         "step",
@@ -288,6 +290,7 @@ def test_a_checkpoint_keeps_the_keys_of_its_format():
         "feedback_steps",
         "feedback_failures",
         "last_feedback",
+        "feedback_gain",
         "generator",
         "curvature",
         "factors",
