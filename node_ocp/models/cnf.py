@@ -125,12 +125,7 @@ class CNF(nn.Module):
         self.probe_kind = check_choice("probe", probe, PROBES)
         check_choice("divergence", divergence, DIVERGENCES)
         horizon = check_positive("horizon", horizon)
-        for name, w in (("kinetic", kinetic), ("jacobian", jacobian)):
-            if not isinstance(w, (int, float)) or w < 0:
-                raise bad_value(name, w, "a float >= 0")
-        self.reg_weights = [w for w in (kinetic, jacobian) if w > 0]
-        if jacobian > 0 and kinetic == 0:
-            self.reg_weights = [0.0, jacobian]
+        self.reg_weights = regulariser_weights(kinetic, jacobian)
         extra = len(self.reg_weights)
         self.blocks = nn.ModuleList(
             ODEBlock(
@@ -194,6 +189,18 @@ class CNF(nn.Module):
         for block in reversed(self.blocks):
             s = block(s, t=block.t.flip(0))
         return s[:, : self.dim]
+
+
+def regulariser_weights(kinetic, jacobian) -> list[float]:
+    """The weights of the RNODE regularisers a CNF integrates beside its state (Finlay et al.,
+    2020): ``[kinetic]``, ``[kinetic, jacobian]``, ``[0, jacobian]`` (the kinetic slot kept so
+    that the Jacobian term has its place) or ``[]``; each weight checked to be a float >= 0."""
+    for name, w in (("kinetic", kinetic), ("jacobian", jacobian)):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise bad_value(name, w, "a float >= 0")
+    if jacobian > 0 and kinetic == 0:
+        return [0.0, float(jacobian)]
+    return [float(w) for w in (kinetic, jacobian) if w > 0]
 
 
 def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,14 @@ from torch import nn
 
 from .._errors import bad_type, bad_value, check_choice, check_positive
 from ..ode.block import ODEBlock
-from .cnf import DIVERGENCES, PROBES, CNFDynamics, bits_per_dim, standard_normal_logprob
+from .cnf import (
+    DIVERGENCES,
+    PROBES,
+    CNFDynamics,
+    bits_per_dim,
+    regulariser_weights,
+    standard_normal_logprob,
+)
 from .fields import time_conv
 
 #: FFJORD's α for MNIST
@@ -224,12 +231,7 @@ class ImageCNF(nn.Module):
         self.probe_kind = check_choice("probe", probe, PROBES)
         check_choice("divergence", divergence, DIVERGENCES)
         horizon = check_positive("horizon", horizon)
-        for name, wgt in (("kinetic", kinetic), ("jacobian", jacobian)):
-            if isinstance(wgt, bool) or not isinstance(wgt, (int, float)) or wgt < 0:
-                raise bad_value(name, wgt, "a float >= 0")
-        self.reg_weights = [float(v) for v in (kinetic, jacobian) if v > 0]
-        if jacobian > 0 and kinetic == 0:
-            self.reg_weights = [0.0, float(jacobian)]
+        self.reg_weights = regulariser_weights(kinetic, jacobian)
         extra = len(self.reg_weights)
         self.dim = c * h * w
         self.shapes = [(c * 2**s, h // 2**s, w // 2**s) for s in range(self.n_scales)]

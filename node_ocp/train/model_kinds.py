@@ -119,6 +119,18 @@ class CNFModel(ModelKind):
         )
 
 
+def image_inputs(config, data, kind: str, also: str = "") -> torch.Tensor:
+    """The training inputs ``(N, C, H, W)`` of an image model ``kind``; a ConfigError naming
+    ``[model].kind`` when the data set's inputs are not images (``also``: more to say)."""
+    x = data.train.x
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ConfigError(
+            f"[model].kind: {kind!r} needs image inputs (N, C, H, W); "
+            f"{config.task.dataset!r} has other inputs{also}"
+        )
+    return x
+
+
 @register_model
 class ImageCNFModel(ModelKind):
     """A continuous normalizing flow on images ``(N, C, H, W)`` (single-scale, or
@@ -129,12 +141,7 @@ class ImageCNFModel(ModelKind):
 
     @classmethod
     def build(cls, config, data, task):
-        m, x = config.model, data.train.x
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ConfigError(
-                f"[model].kind: 'image_cnf' needs image inputs (N, C, H, W); "
-                f"{config.task.dataset!r} has other inputs"
-            )
+        m, x = config.model, image_inputs(config, data, "image_cnf")
         c, h, w = x.shape[1:]
         step = 2 ** (m.scales - 1)
         if h % step or w % step:
@@ -192,12 +199,7 @@ class ImageModel(ModelKind):
 
     @classmethod
     def build(cls, config, data, task):
-        m, x = config.model, data.train.x
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ConfigError(
-                f"[model].kind: 'image' needs image inputs (N, C, H, W); "
-                f"{config.task.dataset!r} has other inputs"
-            )
+        m, x = config.model, image_inputs(config, data, "image")
         return ODEImageClassifier(
             x.shape[1],
             channels=m.width,
