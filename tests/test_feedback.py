@@ -226,18 +226,23 @@ def _affine_problem():
 
 
 def _min_loss(model, x, t):
-    """The minimum over all biases of the linear-quadratic problem, by least squares."""
+    """The minimum over all biases of an affine chain's quadratic loss (least squares)."""
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    f = lambda th: functional_call(  # noqa: E731
-        model, dict(zip([n for n, _ in model.named_parameters()], th.split([3, 3, 2]))), (x,)
-    )
+
+    def f(th):
+        return functional_call(model, dict(zip(names, th.split(sizes))), (x,))
+
     j = torch.autograd.functional.jacobian(lambda th: f(th).reshape(-1), theta)
     r = (f(theta) - t).reshape(-1).detach()
     step = torch.linalg.lstsq(j, -r.unsqueeze(1)).solution.squeeze(1)
     return float(_loss(f(theta + step), t))
 
 
-def _dense_step(model, x, t, feedback):
+def _dense_step(model, x, t, feedback, **options):
+    """One fixed step ``lr = 1`` with identity curvature and (almost) no damping: on affine
+    stages whose exact Gauss–Newton block is the identity, each stage's block-Newton step."""
     opt = no.OCNOpt(
         model,
         lr=1.0,
@@ -249,6 +254,7 @@ def _dense_step(model, x, t, feedback):
         min_damping=1e-12,
         adapt_damping=False,
         feedback=feedback,
+        **options,
     )
     opt.zero_grad()
     o = model(x)
@@ -560,23 +566,9 @@ def test_deep_linear_chain_feedback_reaches_the_minimiser_where_open_loop_oversh
     Gauss–Seidel), which for affine stages reaches the minimiser; so does the dense policy
     (the Newton step of the whole problem)."""
     model, x, t = _orthogonal_chain(6)
-    best = _min_loss_of(model, x, t)
+    best = _min_loss(model, x, t)
     before = float(_loss(model(x), t))
-    opt = no.OCNOpt(
-        model,
-        lr=1.0,
-        step="fixed",
-        momentum=0.0,
-        curvature="identity",
-        damping=1e-9,
-        damping_mode="absolute",
-        min_damping=1e-12,
-        adapt_damping=False,
-        factors="exact",
-        feedback=feedback,
-        feedback_clip=None,
-    )
-    ocnopt_step(opt, _compute(model, x, t), "gaussian")
+    opt = _dense_step(model, x, t, feedback, factors="exact", feedback_clip=None)
     after = float(_loss(model(x), t))
     assert before - best > 1.0
     if feedback == "off":
@@ -584,21 +576,6 @@ def test_deep_linear_chain_feedback_reaches_the_minimiser_where_open_loop_oversh
     else:
         assert opt.last_feedback.reason == "ok"
         assert after == pytest.approx(best, rel=1e-6, abs=1e-9)
-
-
-def _min_loss_of(model, x, t):
-    """The minimum over all biases of an affine chain's quadratic loss (least squares)."""
-    names = [n for n, _ in model.named_parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(th):
-        return functional_call(model, dict(zip(names, th.split(sizes))), (x,))
-
-    j = torch.autograd.functional.jacobian(lambda th: f(th).reshape(-1), theta)
-    r = (f(theta) - t).reshape(-1).detach()
-    step = torch.linalg.lstsq(j, -r.unsqueeze(1)).solution.squeeze(1)
-    return float(_loss(f(theta + step), t))
 
 
 def test_a_stage_whose_input_did_not_move_takes_no_gain():

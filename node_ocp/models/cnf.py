@@ -127,16 +127,13 @@ class CNF(nn.Module):
         horizon = check_positive("horizon", horizon)
         self.reg_weights = regulariser_weights(kinetic, jacobian)
         extra = len(self.reg_weights)
+        solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, backend=backend)
         self.blocks = nn.ModuleList(
-            ODEBlock(
+            cnf_block(
                 CNFDynamics(time_mlp(dim, hidden, activation), dim, divergence, extra),
-                (0.0, horizon),
-                method=method,
-                rtol=rtol,
-                atol=atol,
-                gradient=gradient,
-                backend=backend,
-                name=f"CNF block {i}",
+                horizon,
+                f"CNF block {i}",
+                solver,
             )
             for i in range(blocks)
         )
@@ -189,6 +186,12 @@ class CNF(nn.Module):
         for block in reversed(self.blocks):
             s = block(s, t=block.t.flip(0))
         return s[:, : self.dim]
+
+
+def cnf_block(dynamics: CNFDynamics, horizon: float, name: str, solver: dict) -> ODEBlock:
+    """One CNF block: ``dynamics`` integrated over ``(0, horizon)`` with the ``solver``
+    settings (``method``, ``rtol``, ``atol``, ``gradient``, ``backend``)."""
+    return ODEBlock(dynamics, (0.0, horizon), name=name, **solver)
 
 
 def regulariser_weights(kinetic, jacobian) -> list[float]:

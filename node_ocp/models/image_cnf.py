@@ -49,6 +49,7 @@ from .cnf import (
     PROBES,
     CNFDynamics,
     bits_per_dim,
+    cnf_block,
     regulariser_weights,
     standard_normal_logprob,
 )
@@ -235,24 +236,21 @@ class ImageCNF(nn.Module):
         extra = len(self.reg_weights)
         self.dim = c * h * w
         self.shapes = [(c * 2**s, h // 2**s, w // 2**s) for s in range(self.n_scales)]
+        solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, backend=backend)
         self.scales = nn.ModuleList()
         for s, shp in enumerate(self.shapes):
             self.scales.append(
                 nn.ModuleList(
-                    ODEBlock(
+                    cnf_block(
                         CNFDynamics(
                             FlatImageField(time_conv(shp[0], hidden, activation, layer), shp),
                             math.prod(shp),
                             divergence,
                             extra,
                         ),
-                        (0.0, horizon),
-                        method=method,
-                        rtol=rtol,
-                        atol=atol,
-                        gradient=gradient,
-                        backend=backend,
-                        name=f"image CNF scale {s} block {b}",
+                        horizon,
+                        f"image CNF scale {s} block {b}",
+                        solver,
                     )
                     for b in range(blocks)
                 )
