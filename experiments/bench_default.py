@@ -48,7 +48,7 @@ TASKS = {
     "cnf_moons": 90.0,
     "cnf_breast_cancer": 90.0,
     "cnf_digits": 120.0,
-    "digits_classification": 150.0,
+    "digits_classification": 240.0,  # tuned Adam is still climbing at 150 s (0.92)
     "ts_japanese_vowels": 90.0,
     "forecast_spiral": 120.0,
 }
