@@ -8,7 +8,13 @@ import pytest
 from train_helpers import tiny
 
 from node_ocp.train import config_from_dict
-from node_ocp.train.compare import aggregate, ended_far_worse, run_dir, time_to_target
+from node_ocp.train.compare import (
+    aggregate,
+    ended_far_worse,
+    late_gain,
+    run_dir,
+    time_to_target,
+)
 from node_ocp.train.config import lr_label
 from node_ocp.train.report import format_summary, write_report
 
@@ -264,3 +270,25 @@ def test_ended_far_worse_gives_back_more_than_half_of_its_gain():
 def test_lr_label_says_default_for_an_optimizer_without_one():
     assert lr_label(math.inf) == lr_label(None) == "default"
     assert lr_label(0.5) == "0.5" and lr_label(1e-3) == "0.001"
+
+
+def test_late_gain_share_of_the_improvement_in_the_tail():
+    def recs(vals):
+        return [{"seconds": float(i), "val_nll": v} for i, v in enumerate(vals)]
+
+    # 0..8 s: the NLL falls 10 -> 2 by 6 s, then stays: nothing in the last quarter (6..8 s)
+    flat = recs([10, 6, 4, 3, 2.5, 2.2, 2.0, 2.0, 2.0])
+    assert late_gain(flat, "val_nll", higher=False) == 0.0
+    # half of the improvement in the last quarter: 10 -> 6 before 6 s, 6 -> 2 after
+    late = recs([10, 9, 8, 7, 6.5, 6.2, 6.0, 4.0, 2.0])
+    assert late_gain(late, "val_nll", higher=False) == 0.5
+    # a worse tail does not count as a gain: the best so far stays
+    worse = recs([10, 6, 4, 3, 2.5, 2.2, 2.0, 5.0, 9.0])
+    assert late_gain(worse, "val_nll", higher=False) == 0.0
+    # accuracy (higher is better): an eighth of the gain late
+    accs = [0.1, 0.5, 0.7, 0.8, 0.9]
+    acc = [{"seconds": float(i), "val_accuracy": v} for i, v in enumerate(accs)]
+    assert late_gain(acc, "val_accuracy", higher=True) == pytest.approx(0.1 / 0.8)
+    # never improved, or too few evaluations: None
+    assert late_gain(recs([3, 4, 5]), "val_nll", higher=False) is None
+    assert late_gain(recs([3]), "val_nll", higher=False) is None

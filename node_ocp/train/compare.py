@@ -339,6 +339,37 @@ def ended_far_worse(records: list[dict], key: str, higher: bool) -> dict | None:
     }
 
 
+#: The share of a run's validation improvement made in the last quarter of its training
+#: time below which the run is said to have *plateaued* within its budget.
+PLATEAU = 0.1
+
+
+def late_gain(records: list[dict], key: str, higher: bool, tail: float = 0.25) -> float | None:
+    """The share of a run's improvement (best validation so far, from its first evaluation
+    to its end) made in the last ``tail`` of its training time; None when the run never
+    improved or has fewer than two finite evaluations.
+
+    0 means the best-so-far validation metric did not move in the tail (plateaued), 1 that
+    all of the improvement came in it. Used to state whether a budget let a run plateau.
+    """
+    seen = [(r["seconds"], float(r[key])) for r in records if intervals.finite([r.get(key)])]
+    if len(seen) < 2:
+        return None
+    sign = 1.0 if higher else -1.0
+    start, end = seen[0][0], seen[-1][0]
+    cut = end - tail * (end - start)
+    best, best_before = seen[0][1], seen[0][1]
+    for t, v in seen:
+        if sign * v > sign * best:
+            best = v
+        if t <= cut:
+            best_before = best
+    gain = sign * (best - seen[0][1])
+    if not gain > 0:
+        return None
+    return sign * (best - best_before) / gain
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and std over the finite values (diverged seeds are counted apart)."""
     xs = [x for x in xs if x is not None and math.isfinite(x)]
