@@ -367,7 +367,7 @@ def late_gain(records: list[dict], key: str, higher: bool, tail: float = 0.25) -
     gain = sign * (best - seen[0][1])
     if not gain > 0:
         return None
-    return sign * (best - best_before) / gain
+    return max(0.0, sign * (best - best_before) / gain)  # (no -0.0)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
