@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from .calls import FieldCall
 from .checked import checked_solve
+from .compiled import is_compile_failure
 from .counters import SolveCounters
 from .settings import SolveSettings
 from .state import StateLayout
@@ -188,10 +189,12 @@ def forward_solve(
     counters: SolveCounters,
     x0: torch.Tensor,
     grid: torch.Tensor,
+    run=None,
 ) -> torch.Tensor:
     """The forward solve of one block call: ``(T, B, *feat)`` from ``x0`` ``(B, *feat)``
-    over ``grid`` ``(T,)``, evaluations counted in ``counters.forward``."""
-    call = FieldCall(field, counters, settings.name)
+    over ``grid`` ``(T,)``, evaluations counted in ``counters.forward``; ``run``: what to call
+    for ``field`` (its compiled module), None: ``field``."""
+    call = FieldCall(field if run is None else run, counters, settings.name)
     return checked_solve(settings, call, x0, grid, settings.forward, "forward")
 
 
@@ -228,7 +231,10 @@ def adjoint_backward(
     rank = record.rank
     kron = capture is not None and capture.kronecker_enabled
     dense = capture is not None and capture.dense_enabled
-    call = FieldCall(field, counters, settings.name, backward=True)
+    # the solver's evaluations go through the call's compiled field if it has one; the
+    # capture (hooks on the layers, batched products) always sees the eager field
+    run = field if record.run is None else record.run
+    call = FieldCall(run, counters, settings.name, backward=True)
     spec = settings.backward
     # backward in time (an increasing grid): solve forward in s = -t, like odeint would
     reverse = bool(grid[0] < grid[-1]) and not any(k in spec.options for k in _TIME_OPTIONS)
@@ -298,7 +304,9 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, field, settings, counters, record, x0, grid, *params):
-        ys = forward_solve(field, settings, counters, x0, grid)
+        ys = _compiled_errors(
+            record, forward_solve, field, settings, counters, x0, grid, record.run
+        )
         ctx.solve = (field, settings, counters, record)
         ctx.save_for_backward(grid, ys, *params)
         return ys
@@ -308,7 +316,9 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_ys):
         field, settings, counters, record = ctx.solve
         grid, ys, *params = ctx.saved_tensors
-        grads = adjoint_backward(
+        grads = _compiled_errors(
+            record,
+            adjoint_backward,
             field,
             settings,
             counters,
@@ -320,6 +330,18 @@ class AdjointSolve(torch.autograd.Function):
             ctx.needs_input_grad[_GRID],
         )
         return (None, None, None, None, *grads)
+
+
+def _compiled_errors(record, solve, *args):
+    """``solve(*args)``, a failure of ``torch.compile`` re-raised naming ``compile_field``."""
+    if record.compiler is None:
+        return solve(*args)
+    try:
+        return solve(*args)
+    except Exception as err:
+        if is_compile_failure(err):
+            raise record.compiler.failure(err) from err
+        raise
 
 
 #: The position of ``grid`` among :meth:`AdjointSolve.forward`'s inputs (after ``ctx``).
