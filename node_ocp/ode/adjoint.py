@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .calls import FieldCall
-from .checked import checked_solve
+from .checked import check_solution, checked_solve
 from .compiled import is_compile_failure
 from .counters import SolveCounters
 from .settings import SolveSettings
@@ -304,9 +304,12 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, field, settings, counters, record, x0, grid, *params):
-        ys = _compiled_errors(
-            record, forward_solve, field, settings, counters, x0, grid, record.run
-        )
+        if record.graphs is not None:
+            ys = graphed_forward(field, settings, counters, record, x0, grid)
+        else:
+            ys = _compiled_errors(
+                record, forward_solve, field, settings, counters, x0, grid, record.run
+            )
         ctx.solve = (field, settings, counters, record)
         ctx.save_for_backward(grid, ys, *params)
         return ys
@@ -316,6 +319,12 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_ys):
         field, settings, counters, record = ctx.solve
         grid, ys, *params = ctx.saved_tensors
+        if record.graphs is not None and record.capture is None and record.rank == 0:
+            if not ctx.needs_input_grad[_GRID]:
+                grads = graphed_backward(
+                    field, settings, counters, record, grid, ys, tuple(params), grad_ys
+                )
+                return (None, None, None, None, *grads)
         grads = _compiled_errors(
             record,
             adjoint_backward,
@@ -330,6 +339,29 @@ class AdjointSolve(torch.autograd.Function):
             ctx.needs_input_grad[_GRID],
         )
         return (None, None, None, None, *grads)
+
+
+def graphed_forward(field, settings, counters, record, x0, grid) -> torch.Tensor:
+    """The forward solve replayed from a CUDA graph (``record.graphs``, see
+    :mod:`~node_ocp.ode.graphs`): ``(T, B, *feat)``."""
+    call = FieldCall(field if record.run is None else record.run, counters, settings.name)
+    ys = record.graphs.forward(call, settings, x0, grid)
+    if settings.check_finite:
+        check_solution(settings, ys, grid, settings.forward, "forward")
+    return ys
+
+
+def graphed_backward(field, settings, counters, record, grid, ys, params, grad_ys):
+    """The plain own adjoint's backward solve replayed from a CUDA graph (no capture, no
+    factors, no time gradient): ``(grad_x0, None, *grad_params)``."""
+    run = field if record.run is None else record.run
+    call = FieldCall(run, counters, settings.name, backward=True)
+    dyn = AugmentedDynamics(call, params, ys.shape[1:], 0, False)
+    a, *acc = record.graphs.backward(dyn, settings, grid, ys, grad_ys.to(ys.dtype))
+    if settings.check_finite:
+        check_solution(settings, a.unsqueeze(0), grid[:1], settings.backward, "backward")
+    record.input_factors = a.unsqueeze(0)
+    return (a, None, *acc)
 
 
 def _compiled_errors(record, solve, *args):

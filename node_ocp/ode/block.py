@@ -15,13 +15,21 @@ from .checked import SolverError, check_solution, checked_solve
 from .compiled import CompileFieldError, FieldCompiler, check_compile_field, is_compile_failure
 from .counters import SolveCounters
 from .factors import SolveRecord
+from .graphs import CudaGraphError, CudaGraphSolves, check_graph_settings
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
 
-__all__ = ["ODEBlock", "SolverError", "CompileFieldError", "GRADIENT_MODES", "ADJOINT_NORMS"]
+__all__ = [
+    "ODEBlock",
+    "SolverError",
+    "CompileFieldError",
+    "CudaGraphError",
+    "GRADIENT_MODES",
+    "ADJOINT_NORMS",
+]
 
 
 class ODEBlock(nn.Module):
@@ -62,6 +70,12 @@ class ODEBlock(nn.Module):
             capture is attached or a layer of the field is hooked evaluate the eager field
             (see :mod:`node_ocp.ode.compiled`); a failure of ``torch.compile`` raises
             :class:`~node_ocp.ode.compiled.CompileFieldError` naming the option.
+        cuda_graph: replay the fixed-grid solves of the own adjoint (``euler``,
+            ``midpoint``, ``rk4``; forward, and backward when no capture is attached and the
+            grid needs no gradient) from CUDA graphs captured on first use per state shape,
+            dtype and grid (:mod:`node_ocp.ode.graphs`). Needs ``gradient="adjoint"``,
+            fixed-grid methods with no option but ``step_size``, and CUDA states; refused
+            with an error naming the option otherwise.
 
     Shapes: ``x0`` is ``(B, *feat)``, any number of feature dimensions, float32 or float64,
     any device. ``forward(x0, t=None)`` may override the grid for one call (e.g. the k-th
@@ -97,6 +111,7 @@ class ODEBlock(nn.Module):
         name: str | None = None,
         backend: str = "torchdiffeq",
         compile_field: bool | str = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -131,6 +146,8 @@ class ODEBlock(nn.Module):
         self._capture: BackwardCapture | None = None  # see attach_capture
         self._compiler: FieldCompiler | None = None
         self.compile_field = compile_field
+        self._graphs: CudaGraphSolves | None = None
+        self.cuda_graph = cuda_graph
 
     # ------------------------------------------------------------------ settings
     @property
@@ -182,6 +199,8 @@ class ODEBlock(nn.Module):
         self.settings = replace(self.settings, name=str(value))
         if self._compiler is not None:
             self._compiler.name = self.settings.name
+        if self._graphs is not None:
+            self._graphs.name = self.settings.name
 
     @property
     def backend(self) -> str:
@@ -218,6 +237,23 @@ class ODEBlock(nn.Module):
             self._compiler = None
         elif self._compiler is None or self._compiler.mode != mode:
             self._compiler = FieldCompiler(mode, self.name)
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether the fixed-grid solves are replayed from CUDA graphs (see the
+        ``cuda_graph`` argument; assign True or False)."""
+        return self._graphs is not None
+
+    @cuda_graph.setter
+    def cuda_graph(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise bad_type("cuda_graph", value, "True or False")
+        if not value:
+            self._graphs = None
+            return
+        check_graph_settings(self.settings, self.gradient)
+        if self._graphs is None:
+            self._graphs = CudaGraphSolves(self.name)
 
     @property
     def method(self) -> str:
@@ -275,6 +311,7 @@ class ODEBlock(nn.Module):
             f"atol={self.solver.atol}, gradient={self.gradient!r}"
             + (f", backend={self.backend!r}" if self.backend != "torchdiffeq" else "")
             + (f", compile_field={self.compile_field!r}" if self.compile_field else "")
+            + (", cuda_graph=True" if self.cuda_graph else "")
         )
 
     @property
@@ -333,6 +370,10 @@ class ODEBlock(nn.Module):
                 record.run = self._compiler.evaluator(self.field, capture)
                 if record.run is not self.field:
                     record.compiler = self._compiler
+            if self._graphs is not None:
+                check_graph_settings(self.settings, self.gradient)  # settings may be replaced
+                self._graphs.check_state(x0)
+                record.graphs = self._graphs
             params = tuple(p for p in self.field.parameters() if p.requires_grad)
             ys = AdjointSolve.apply(
                 self.field, self.settings, self.counters, record, x0, grid, *params

@@ -42,6 +42,8 @@ class SolveRecord:
             field, see :mod:`~node_ocp.ode.compiled`), or None: the field itself.
         compiler: the :class:`~node_ocp.ode.compiled.FieldCompiler` that built ``run``
             (its failures are re-raised naming ``compile_field``), or None.
+        graphs: the block's :class:`~node_ocp.ode.graphs.CudaGraphSolves` when its solves
+            are replayed from CUDA graphs (``cuda_graph=True``), or None.
     """
 
     __slots__ = (
@@ -54,6 +56,7 @@ class SolveRecord:
         "input_factors",
         "run",
         "compiler",
+        "graphs",
     )
 
     def __init__(self, block: ODEBlock, grid_output: bool, capture=None):
@@ -66,6 +69,7 @@ class SolveRecord:
         self.input_factors: torch.Tensor | None = None
         self.run = None
         self.compiler = None
+        self.graphs = None
 
     @property
     def rank(self) -> int:
