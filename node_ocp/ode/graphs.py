@@ -127,11 +127,12 @@ def plan_fixed(
     reverse = len(t) > 1 and t[0] > t[1]
     s_out = [-v for v in t] if reverse else list(t)
     if step_size is not None:
-        # torchdiffeq's grid, computed as it does: in the grid's dtype, on the host's CPU
-        tw = torch.tensor(s_out, dtype=dtype)
+        # torchdiffeq's grid, computed as it does: in the grid's dtype on its device (before
+        # any capture; a division by a scalar may round differently on a GPU)
+        tw = torch.tensor(s_out, dtype=dtype, device=device)
         start, end = tw[0], tw[-1]
         niters = math.ceil(float((end - start) / step_size + 1))
-        grid_t = torch.arange(0, niters, dtype=dtype) * step_size + start
+        grid_t = torch.arange(0, niters, dtype=dtype, device=device) * step_size + start
         grid_t[-1] = tw[-1]
         grid = grid_t.tolist()
     else:
