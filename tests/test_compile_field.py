@@ -102,3 +102,18 @@ def test_a_field_differentiated_in_its_forward_is_refused_naming_the_option():
         b.compile_field = True
     with pytest.raises(CompileFieldError, match="compile_field='default'.*differentiate it twice"):
         flow.log_prob(torch.randn(3, 2, dtype=F64)).sum().backward()
+
+
+def test_the_solver_table_reaches_every_block():
+    """``[solver].compile_field`` and ``cuda_graph`` are set on every block of a built model
+    (nothing is compiled or captured before a call)."""
+    from train_helpers import tiny
+
+    from node_ocp.train import build_task, config_from_dict
+
+    over = {"solver.compile_field": "max-autotune", "solver.method": "rk4"}
+    blocks = build_task(config_from_dict(tiny(**over)), torch.device("cpu")).blocks
+    assert blocks and all(b.compile_field == "max-autotune" and not b.cuda_graph for b in blocks)
+    over = {"solver.cuda_graph": True, "solver.method": "rk4"}
+    blocks = build_task(config_from_dict(tiny(**over)), torch.device("cpu")).blocks
+    assert blocks and all(b.cuda_graph and b.compile_field is None for b in blocks)
