@@ -47,8 +47,11 @@ def test_capture_and_hooked_layers_get_the_eager_field():
     assert comp.evaluator(field, None) is field
     handle.remove()
     assert comp.evaluator(field, None) is compiled
-    # a copy of a block compiles again, its own field
+    # the compiled module is not a submodule: the state_dict keys are the field's own
     block = no.ODEBlock(field, compile_field=True)
+    block._compiler.evaluator(field, None)
+    assert list(block.state_dict()) == list(no.ODEBlock(field).state_dict())
+    # a copy of a block compiles again, its own field
     twin = copy.deepcopy(block)
     assert twin.compile_field == "default" and twin._compiler._module is None
 
