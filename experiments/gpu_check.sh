@@ -94,9 +94,9 @@ cat "$OUT_DIR/env.txt" >>"$SUMMARY"
 
 # 1. the CUDA tests (skipped cleanly without CUDA; collected only in a dry run)
 if [ "$DRY" = 1 ]; then
-    stage tests_cuda 40 "$PY" -m pytest -m cuda tests/ -q -p no:warnings --collect-only
+    stage tests_cuda 40 "$PY" -m pytest -m cuda tests/test_cuda_graph.py -q -p no:warnings --collect-only
 else
-    stage tests_cuda 40 "$PY" -m pytest -m cuda tests/ -q -p no:warnings -x
+    stage tests_cuda 40 "$PY" -m pytest -m cuda tests/test_cuda_graph.py -q -p no:warnings -x
 fi
 
 # 2. the solve-loop table at each batch: floor, own adjoint, torchdiffeq, own_graph (rk4)
@@ -104,7 +104,7 @@ EXTRA=()
 [ "$DEVICE" = cuda ] && EXTRA=(--solver-loop-extra own_graph)
 for b in $BATCHES; do
     # shellcheck disable=SC2086
-    stage "solver_loop_b$b" 65 "$PY" experiments/bench_memory.py --solver-loop-only \
+    stage "solver_loop_b$b" 55 "$PY" experiments/bench_memory.py --solver-loop-only \
         --device "$DEVICE" --solver-loop-batch "$b" --solver-loop-repeats "$REPEATS" \
         --solver-loop-fields $FIELDS --solver-loop-methods dopri5 rk4 \
         --solver-loop-train-steps 0 ${EXTRA[@]+"${EXTRA[@]}"} \
@@ -112,7 +112,7 @@ for b in $BATCHES; do
 done
 
 # 3. torch.compile of the field: its gain per NFE and its compile time (first step)
-stage compile 60 "$PY" experiments/bench_memory.py --solver-loop-only --device "$DEVICE" \
+stage compile 90 "$PY" experiments/bench_memory.py --solver-loop-only --device "$DEVICE" \
     --solver-loop-batch "${BATCHES##* }" --solver-loop-repeats "$REPEATS" \
     --solver-loop-fields mlp --solver-loop-methods rk4 --solver-loop-train-steps 0 \
     --solver-loop-extra own_compiled --out "$OUT_DIR/compile.json" ${BENCH_DRY[@]+"${BENCH_DRY[@]}"}
