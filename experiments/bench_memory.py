@@ -23,6 +23,11 @@ in this process, and the losses of seeded training steps with each backend
     python experiments/bench_memory.py [--steps 10 40 160] [--out runs/bench_memory.json]
     python experiments/bench_memory.py --solver-loop-only [--solver-loop-repeats 15]
         [--solver-loop-clock wall|process] [--solver-loop-train-steps 20]
+        [--solver-loop-batch 1024] [--solver-loop-extra own_graph own_compiled] [--dry-run]
+
+``--solver-loop-batch`` sets the batch of every case; ``--solver-loop-extra`` adds the own
+adjoint with CUDA-graph replay (``own_graph``: rk4 rows on CUDA) or with a compiled field
+(``own_compiled``), each with the time of its first step (capture or compilation).
 """
 
 from __future__ import annotations
@@ -142,6 +147,25 @@ def _parser() -> argparse.ArgumentParser:
         "--solver-loop-methods", nargs="+", default=["dopri5", "rk4"], help="methods (dopri5, rk4)"
     )
     p.add_argument(
+        "--solver-loop-batch",
+        type=int,
+        default=None,
+        help="batch size of every solver-loop case (default: each field's own, 256 / 64)",
+    )
+    p.add_argument(
+        "--solver-loop-extra",
+        nargs="*",
+        default=[],
+        choices=["own_graph", "own_compiled"],
+        help="extra variants: own_graph (rk4 replayed from CUDA graphs, CUDA only), "
+        "own_compiled (torch.compile of the field; its first step includes the compilation)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse the arguments, print them and exit (checks a prepared command line)",
+    )
+    p.add_argument(
         "--solver-loop-train-steps",
         type=int,
         default=20,
@@ -197,6 +221,9 @@ def _memory_rows(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "child"}))
+        return {}
     if args.child:
         print(json.dumps(_one(args.child[0], int(args.child[1]), args)))
         return {}
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             clock=args.solver_loop_clock,
             train_steps=args.solver_loop_train_steps,
+            batch=args.solver_loop_batch,
+            extra=args.solver_loop_extra,
         )
         print(
             f"solver loop: one training step per NFE, {args.solver_loop_clock} clock, "

@@ -105,6 +105,43 @@ def test_bench_memory_saves_the_solver_loop_table(tmp_path, capsys):
     assert "own/floor" in capsys.readouterr().out
 
 
+def test_the_batch_and_the_extra_variants():
+    """``batch`` sizes every case; ``own_graph`` rows only for rk4 on CUDA (none here)."""
+    (row,) = floor.solver_loop_table(
+        fields=("mlp",), methods=("rk4",), repeats=1, train_steps=0, batch=8, extra=("own_graph",)
+    )
+    assert row["batch"] == 8 and "own_graph_s" not in row
+    with pytest.raises(ValueError, match="batch: received 0"):
+        floor.solver_loop_table(batch=0)
+    with pytest.raises(ValueError, match=r"extra\[...\]: received 'fast'"):
+        floor.solver_loop_table(extra=("fast",))
+
+
+@pytest.mark.slow
+def test_the_compiled_variant_takes_the_same_steps():
+    (row,) = floor.solver_loop_table(
+        fields=("mlp",), methods=("rk4",), repeats=1, train_steps=0, batch=8,
+        extra=("own_compiled",),
+    )  # fmt: skip
+    assert (row["own_compiled_nfe_forward"], row["own_compiled_nfe_backward"]) == (40, 40)
+    assert row["own_compiled_first_s"] > row["own_compiled_s"] > 0
+    assert "own_compiled" in floor.format_solver_loop([row])
+
+
+def test_bench_memory_dry_run_checks_the_arguments(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory", ROOT / "experiments" / "bench_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--solver-loop-only", "--solver-loop-batch", "1024", "--device", "cuda"]
+    argv += ["--solver-loop-extra", "own_graph", "own_compiled", "--dry-run"]
+    assert module.main(argv) == {}
+    parsed = json.loads(capsys.readouterr().out)
+    assert parsed["solver_loop_batch"] == 1024
+    assert parsed["solver_loop_extra"] == ["own_graph", "own_compiled"]
+
+
 def test_state_layout_round_trip_and_views():
     layout = StateLayout([(2, 3), (), (4,), (0,)])
     parts = [torch.randn(2, 3), torch.tensor(5.0), torch.randn(4), torch.zeros(0)]

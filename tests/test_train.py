@@ -556,6 +556,11 @@ def test_config_defaults_are_the_librarys():
         "gradient": solver.gradient,
         "backend": solver.backend,
     }
+    from node_ocp.ode.compiled import check_compile_field
+
+    block = defaults(ODEBlock, ("compile_field", "cuda_graph"))
+    assert check_compile_field(block["compile_field"]) == check_compile_field(solver.compile_field)
+    assert block["cuda_graph"] == solver.cuda_graph
     h = HorizonConfig()
     keys = ("mode", "lr", "penalty", "update_every", "beta", "min_horizon", "max_horizon")
     assert defaults(HorizonOptimizer, keys + ("warmup",)) == {

@@ -29,7 +29,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .calls import FieldCall
-from .checked import checked_solve
+from .checked import check_solution, checked_solve
+from .compiled import is_compile_failure
 from .counters import SolveCounters
 from .settings import SolveSettings
 from .state import StateLayout
@@ -188,10 +189,12 @@ def forward_solve(
     counters: SolveCounters,
     x0: torch.Tensor,
     grid: torch.Tensor,
+    run=None,
 ) -> torch.Tensor:
     """The forward solve of one block call: ``(T, B, *feat)`` from ``x0`` ``(B, *feat)``
-    over ``grid`` ``(T,)``, evaluations counted in ``counters.forward``."""
-    call = FieldCall(field, counters, settings.name)
+    over ``grid`` ``(T,)``, evaluations counted in ``counters.forward``; ``run``: what to call
+    for ``field`` (its compiled module), None: ``field``."""
+    call = FieldCall(field if run is None else run, counters, settings.name)
     return checked_solve(settings, call, x0, grid, settings.forward, "forward")
 
 
@@ -228,7 +231,10 @@ def adjoint_backward(
     rank = record.rank
     kron = capture is not None and capture.kronecker_enabled
     dense = capture is not None and capture.dense_enabled
-    call = FieldCall(field, counters, settings.name, backward=True)
+    # the solver's evaluations go through the call's compiled field if it has one; the
+    # capture (hooks on the layers, batched products) always sees the eager field
+    run = field if record.run is None else record.run
+    call = FieldCall(run, counters, settings.name, backward=True)
     spec = settings.backward
     # backward in time (an increasing grid): solve forward in s = -t, like odeint would
     reverse = bool(grid[0] < grid[-1]) and not any(k in spec.options for k in _TIME_OPTIONS)
@@ -298,7 +304,12 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, field, settings, counters, record, x0, grid, *params):
-        ys = forward_solve(field, settings, counters, x0, grid)
+        if record.graphs is not None:
+            ys = graphed_forward(field, settings, counters, record, x0, grid)
+        else:
+            ys = _compiled_errors(
+                record, forward_solve, field, settings, counters, x0, grid, record.run
+            )
         ctx.solve = (field, settings, counters, record)
         ctx.save_for_backward(grid, ys, *params)
         return ys
@@ -308,7 +319,15 @@ class AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_ys):
         field, settings, counters, record = ctx.solve
         grid, ys, *params = ctx.saved_tensors
-        grads = adjoint_backward(
+        if record.graphs is not None and record.capture is None and record.rank == 0:
+            if not ctx.needs_input_grad[_GRID]:
+                grads = graphed_backward(
+                    field, settings, counters, record, grid, ys, tuple(params), grad_ys
+                )
+                return (None, None, None, None, *grads)
+        grads = _compiled_errors(
+            record,
+            adjoint_backward,
             field,
             settings,
             counters,
@@ -320,6 +339,41 @@ class AdjointSolve(torch.autograd.Function):
             ctx.needs_input_grad[_GRID],
         )
         return (None, None, None, None, *grads)
+
+
+def graphed_forward(field, settings, counters, record, x0, grid) -> torch.Tensor:
+    """The forward solve replayed from a CUDA graph (``record.graphs``, see
+    :mod:`~node_ocp.ode.graphs`): ``(T, B, *feat)``."""
+    call = FieldCall(field if record.run is None else record.run, counters, settings.name)
+    ys = record.graphs.forward(call, settings, x0, grid)
+    if settings.check_finite:
+        check_solution(settings, ys, grid, settings.forward, "forward")
+    return ys
+
+
+def graphed_backward(field, settings, counters, record, grid, ys, params, grad_ys):
+    """The plain own adjoint's backward solve replayed from a CUDA graph (no capture, no
+    factors, no time gradient): ``(grad_x0, None, *grad_params)``."""
+    run = field if record.run is None else record.run
+    call = FieldCall(run, counters, settings.name, backward=True)
+    dyn = AugmentedDynamics(call, params, ys.shape[1:], 0, False)
+    a, *acc = record.graphs.backward(dyn, settings, grid, ys, grad_ys.to(ys.dtype))
+    if settings.check_finite:
+        check_solution(settings, a.unsqueeze(0), grid[:1], settings.backward, "backward")
+    record.input_factors = a.unsqueeze(0)
+    return (a, None, *acc)
+
+
+def _compiled_errors(record, solve, *args):
+    """``solve(*args)``, a failure of ``torch.compile`` re-raised naming ``compile_field``."""
+    if record.compiler is None:
+        return solve(*args)
+    try:
+        return solve(*args)
+    except Exception as err:
+        if is_compile_failure(err):
+            raise record.compiler.failure(err) from err
+        raise
 
 
 #: The position of ``grid`` among :meth:`AdjointSolve.forward`'s inputs (after ``ctx``).

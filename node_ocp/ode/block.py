@@ -12,15 +12,24 @@ from .._errors import bad_type, bad_value, check_choice
 from .adjoint import AdjointSolve, forward_solve
 from .backward_capture import BackwardCapture, check_capture
 from .checked import SolverError, check_solution, checked_solve
+from .compiled import CompileFieldError, FieldCompiler, check_compile_field, is_compile_failure
 from .counters import SolveCounters
 from .factors import SolveRecord
+from .graphs import CudaGraphError, CudaGraphSolves, check_graph_settings
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
 
-__all__ = ["ODEBlock", "SolverError", "GRADIENT_MODES", "ADJOINT_NORMS"]
+__all__ = [
+    "ODEBlock",
+    "SolverError",
+    "CompileFieldError",
+    "CudaGraphError",
+    "GRADIENT_MODES",
+    "ADJOINT_NORMS",
+]
 
 
 class ODEBlock(nn.Module):
@@ -53,6 +62,20 @@ class ODEBlock(nn.Module):
             steps and results to solver tolerance with less overhead; other methods and
             options through torchdiffeq). ``gradient="torchdiffeq"`` is torchdiffeq's
             ``odeint_adjoint`` whatever the backend.
+        compile_field: ``False`` (default), ``True`` or a ``torch.compile`` mode
+            (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``): the solvers of the ``adjoint`` and ``direct``
+            modes evaluate ``torch.compile(field)`` (compiled on first use; the field itself,
+            its parameters and ``state_dict`` are unchanged). Calls made while a curvature
+            capture is attached or a layer of the field is hooked evaluate the eager field
+            (see :mod:`node_ocp.ode.compiled`); a failure of ``torch.compile`` raises
+            :class:`~node_ocp.ode.compiled.CompileFieldError` naming the option.
+        cuda_graph: replay the fixed-grid solves of the own adjoint (``euler``,
+            ``midpoint``, ``rk4``; forward, and backward when no capture is attached and the
+            grid needs no gradient) from CUDA graphs captured on first use per state shape,
+            dtype and grid (:mod:`node_ocp.ode.graphs`). Needs ``gradient="adjoint"``,
+            fixed-grid methods with no option but ``step_size``, and CUDA states; refused
+            with an error naming the option otherwise.
 
     Shapes: ``x0`` is ``(B, *feat)``, any number of feature dimensions, float32 or float64,
     any device. ``forward(x0, t=None)`` may override the grid for one call (e.g. the k-th
@@ -87,6 +110,8 @@ class ODEBlock(nn.Module):
         check_finite: bool = True,
         name: str | None = None,
         backend: str = "torchdiffeq",
+        compile_field: bool | str = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -119,6 +144,10 @@ class ODEBlock(nn.Module):
         )
         self.counters = SolveCounters()
         self._capture: BackwardCapture | None = None  # see attach_capture
+        self._compiler: FieldCompiler | None = None
+        self.compile_field = compile_field
+        self._graphs: CudaGraphSolves | None = None
+        self.cuda_graph = cuda_graph
 
     # ------------------------------------------------------------------ settings
     @property
@@ -168,6 +197,10 @@ class ODEBlock(nn.Module):
     @name.setter
     def name(self, value: str) -> None:
         self.settings = replace(self.settings, name=str(value))
+        if self._compiler is not None:
+            self._compiler.name = self.settings.name
+        if self._graphs is not None:
+            self._graphs.name = self.settings.name
 
     @property
     def backend(self) -> str:
@@ -182,6 +215,45 @@ class ODEBlock(nn.Module):
             forward=replace(self.settings.forward, backend=value),
             backward=replace(self.settings.backward, backend=value),
         )
+
+    @property
+    def compile_field(self) -> str | None:
+        """The ``torch.compile`` mode of the field's solver evaluations, None: not compiled
+        (assign ``True``/``False`` or a mode; see the ``compile_field`` argument)."""
+        return None if self._compiler is None else self._compiler.mode
+
+    @compile_field.setter
+    def compile_field(self, value: bool | str | None) -> None:
+        mode = check_compile_field(value)
+        if mode is not None and self.gradient == "torchdiffeq":
+            raise bad_value(
+                "compile_field",
+                value,
+                "False with gradient='torchdiffeq' (torchdiffeq's odeint_adjoint evaluates the "
+                "field itself)",
+                "Use gradient='adjoint' or 'direct' to solve with a compiled field.",
+            )
+        if mode is None:
+            self._compiler = None
+        elif self._compiler is None or self._compiler.mode != mode:
+            self._compiler = FieldCompiler(mode, self.name)
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether the fixed-grid solves are replayed from CUDA graphs (see the
+        ``cuda_graph`` argument; assign True or False)."""
+        return self._graphs is not None
+
+    @cuda_graph.setter
+    def cuda_graph(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise bad_type("cuda_graph", value, "True or False")
+        if not value:
+            self._graphs = None
+            return
+        check_graph_settings(self.settings, self.gradient)
+        if self._graphs is None:
+            self._graphs = CudaGraphSolves(self.name)
 
     @property
     def method(self) -> str:
@@ -238,6 +310,8 @@ class ODEBlock(nn.Module):
             f"t={t}, method={self.solver.method!r}, rtol={self.solver.rtol}, "
             f"atol={self.solver.atol}, gradient={self.gradient!r}"
             + (f", backend={self.backend!r}" if self.backend != "torchdiffeq" else "")
+            + (f", compile_field={self.compile_field!r}" if self.compile_field else "")
+            + (", cuda_graph=True" if self.cuda_graph else "")
         )
 
     @property
@@ -292,6 +366,14 @@ class ODEBlock(nn.Module):
         if self.gradient == "adjoint":
             capture = self._capture if torch.is_grad_enabled() else None
             record = SolveRecord(self, grid_output, capture)
+            if self._compiler is not None:
+                record.run = self._compiler.evaluator(self.field, capture)
+                if record.run is not self.field:
+                    record.compiler = self._compiler
+            if self._graphs is not None:
+                check_graph_settings(self.settings, self.gradient)  # settings may be replaced
+                self._graphs.check_state(x0)
+                record.graphs = self._graphs
             params = tuple(p for p in self.field.parameters() if p.requires_grad)
             ys = AdjointSolve.apply(
                 self.field, self.settings, self.counters, record, x0, grid, *params
@@ -303,11 +385,23 @@ class ODEBlock(nn.Module):
                 check_solution(self.settings, ys, grid, self.solver, "forward")
         else:
             capture = None
-            ys = forward_solve(self.field, self.settings, self.counters, x0, grid)
+            ys = self._direct_solve(x0, grid)
         out = ys if grid_output else ys[-1]
         if capture is not None:
             capture.record_call(record, x0, out)
         return out
+
+    def _direct_solve(self, x0: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """``gradient="direct"``: the forward solve, through the compiled field if any."""
+        if self._compiler is None:
+            return forward_solve(self.field, self.settings, self.counters, x0, grid)
+        run = self._compiler.evaluator(self.field, None)
+        try:
+            return forward_solve(self.field, self.settings, self.counters, x0, grid, run)
+        except Exception as err:
+            if run is not self.field and is_compile_failure(err):
+                raise self._compiler.failure(err) from err
+            raise
 
     # ------------------------------------------------------------------ solving
     def solve(

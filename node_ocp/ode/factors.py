@@ -38,6 +38,12 @@ class SolveRecord:
         output: the tensor the block returned (kept only when ``capture`` is set).
         terminal_factors: ``(R, *output.shape)`` factors set by a consumer, or None.
         input_factors: ``(R, *x0.shape)`` factors at the block input after backward, or None.
+        run: what the solvers call to evaluate the field in this call (the block's compiled
+            field, see :mod:`~node_ocp.ode.compiled`), or None: the field itself.
+        compiler: the :class:`~node_ocp.ode.compiled.FieldCompiler` that built ``run``
+            (its failures are re-raised naming ``compile_field``), or None.
+        graphs: the block's :class:`~node_ocp.ode.graphs.CudaGraphSolves` when its solves
+            are replayed from CUDA graphs (``cuda_graph=True``), or None.
     """
 
     __slots__ = (
@@ -48,6 +54,9 @@ class SolveRecord:
         "output",
         "terminal_factors",
         "input_factors",
+        "run",
+        "compiler",
+        "graphs",
     )
 
     def __init__(self, block: ODEBlock, grid_output: bool, capture=None):
@@ -58,6 +67,9 @@ class SolveRecord:
         self.output: torch.Tensor | None = None
         self.terminal_factors: torch.Tensor | None = None
         self.input_factors: torch.Tensor | None = None
+        self.run = None
+        self.compiler = None
+        self.graphs = None
 
     @property
     def rank(self) -> int:

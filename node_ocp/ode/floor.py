@@ -63,6 +63,13 @@ BLOCK_VARIANTS: dict[str, dict] = {
     "own_loop": {"gradient": "adjoint", "backend": "own"},
     "torchdiffeq": {"gradient": "torchdiffeq"},
 }
+#: Optional variants (``extra=``): own adjoint over the own loop with its fixed-grid solves
+#: replayed from CUDA graphs (rk4 on CUDA only), or with a ``torch.compile``d field. Their
+#: first (warm-up) step, which captures or compiles, is reported as ``{v}_first_s``.
+EXTRA_VARIANTS: dict[str, dict] = {
+    "own_graph": {"gradient": "adjoint", "backend": "own", "cuda_graph": True},
+    "own_compiled": {"gradient": "adjoint", "backend": "own", "compile_field": True},
+}
 #: Clocks: ``"wall"`` (``time.perf_counter``) or ``"process"`` (``time.process_time``, the
 #: CPU time of this process: on a CPU shared with other jobs it leaves out the time spent
 #: waiting for a core; meaningless for work queued on a GPU).
@@ -195,10 +202,19 @@ class _Case:
     """One (field, method): the blocks, the data and the recorded points of one step."""
 
     def __init__(
-        self, field_name: str, method: str, device: torch.device, seed: int, clock=time.perf_counter
+        self,
+        field_name: str,
+        method: str,
+        device: torch.device,
+        seed: int,
+        clock=time.perf_counter,
+        batch: int | None = None,
+        extra: Sequence[str] = (),
     ):
         self.clock = clock
         build, shape = FIELDS[field_name]
+        if batch is not None:
+            shape = (batch, *shape[1:])
         torch.manual_seed(seed)
         self.field = build().to(device)
         self.params = [p for p in self.field.parameters() if p.requires_grad]
@@ -206,9 +222,8 @@ class _Case:
         self.target = torch.randn(shape, device=device)
         self.device = device
         kw = SOLVERS[method]
-        self.blocks = {
-            v: ODEBlock(self.field, (0.0, 1.0), **b, **kw) for v, b in BLOCK_VARIANTS.items()
-        }
+        variants = {**BLOCK_VARIANTS, **{v: EXTRA_VARIANTS[v] for v in extra}}
+        self.blocks = {v: ODEBlock(self.field, (0.0, 1.0), **b, **kw) for v, b in variants.items()}
         recorder = _Recorder(self.field)
         _loss(ODEBlock(recorder, (0.0, 1.0), **kw)(self.x0), self.target).backward()
         self.forward_points = recorder.forward_points
@@ -271,6 +286,8 @@ def solver_loop_table(
     seed: int = 0,
     clock: str = "wall",
     train_steps: int = 20,
+    batch: int | None = None,
+    extra: Sequence[str] = (),
 ) -> list[dict]:
     """Time the floor, the own adjoint and torchdiffeq's adjoint; one row per (field, method).
 
@@ -281,6 +298,11 @@ def solver_loop_table(
         device: where the fields run (float32).
         seed: seed of the field's initialisation and of the data.
         clock: ``"wall"`` or ``"process"`` (see :data:`CLOCKS`; ``"wall"`` on a GPU).
+        batch: the batch size of every case (None: each field's own, see :data:`FIELDS`).
+        extra: names of :data:`EXTRA_VARIANTS` timed as well (``"own_graph"`` only in rows
+            of ``rk4`` on CUDA); the row gets their ``{v}_s``, ``{v}_s_per_nfe``,
+            ``{v}_first_s`` (the warm-up step: capture or compilation) and
+            ``{v}_over_torchdiffeq``, ``{v}_over_own_loop``.
         train_steps: seeded training steps of :func:`training_losses` with each backend
             (0: none); the row gets ``loss_torchdiffeq``, ``loss_own`` (the losses after
             them) and ``loss_max_rel_diff`` (the largest relative difference over the steps).
@@ -312,25 +334,33 @@ def solver_loop_table(
     check_choice("clock", clock, tuple(CLOCKS))
     if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
         raise bad_value("train_steps", train_steps, "an int >= 0")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise bad_value("batch", batch, "an int >= 1 or None (each field's own batch)")
+    for name in extra:
+        check_choice("extra[...]", name, tuple(EXTRA_VARIANTS))
     device = torch.device(device)
     if clock == "process" and device.type != "cpu":
         raise bad_value("clock", clock, "'wall' on a GPU (CPU time misses queued GPU work)")
     rows = []
     for field_name in fields:
         for method in methods:
-            case = _Case(field_name, method, device, seed, CLOCKS[clock])
-            times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
-            for v in VARIANTS:  # warm-up
-                case.run(v)
+            extras = tuple(
+                v for v in extra if v != "own_graph" or (method == "rk4" and device.type == "cuda")
+            )
+            case = _Case(field_name, method, device, seed, CLOCKS[clock], batch, extras)
+            timed = VARIANTS + extras
+            times: dict[str, list[tuple[float, float]]] = {v: [] for v in timed}
+            first = {v: sum(case.run(v)) for v in timed}  # warm-up
             for r in range(repeats):
-                k = r % len(VARIANTS)
-                for v in VARIANTS[k:] + VARIANTS[:k]:
+                k = r % len(timed)
+                for v in timed[k:] + timed[:k]:
                     times[v].append(case.run(v))
             row: dict = {
                 "field": field_name,
                 "method": method,
                 "repeats": repeats,
                 "clock": clock,
+                "batch": int(case.x0.shape[0]),
             }
             per_nfe, per_bwd = {}, {}
             for v in VARIANTS:
@@ -358,6 +388,14 @@ def solver_loop_table(
             ) / per_nfe["floor"]
             row["backward_own_loop_over_floor"] = per_bwd["own_loop"] / per_bwd["floor"]
             row["backward_own_loop_over_torchdiffeq"] = per_bwd["own_loop"] / per_bwd["torchdiffeq"]
+            for v in extras:
+                nf, nb = case.nfe[v]
+                row[f"{v}_s"] = statistics.median(f + b for f, b in times[v])
+                row[f"{v}_s_per_nfe"] = row[f"{v}_s"] / max(nf + nb, 1)
+                row[f"{v}_nfe_forward"], row[f"{v}_nfe_backward"] = nf, nb
+                row[f"{v}_first_s"] = first[v]
+                row[f"{v}_over_torchdiffeq"] = row[f"{v}_s_per_nfe"] / per_nfe["torchdiffeq"]
+                row[f"{v}_over_own_loop"] = row[f"{v}_s_per_nfe"] / per_nfe["own_loop"]
             if train_steps:
                 losses = {
                     b: training_losses(field_name, method, b, train_steps, device, seed)
@@ -441,6 +479,16 @@ def format_solver_loop(rows: list[dict]) -> str:
         "the least own/floor an adjoint on that loop reaches; nfe: one value when "
         f"{', '.join(VARIANTS)} agree."
     )
+    for r in rows:
+        for v in EXTRA_VARIANTS:
+            if f"{v}_s" in r:
+                lines.append(
+                    f"  {r['field']:<5} {r['method']:<6} batch {r['batch']}: {v} "
+                    f"{1e6 * r[f'{v}_s_per_nfe']:.1f} us per NFE, "
+                    f"{r[f'{v}_over_torchdiffeq']:.3f}x tdq, {r[f'{v}_over_own_loop']:.3f}x "
+                    f"own_lp; its first step (capture/compile) {r[f'{v}_first_s']:.2f} s; "
+                    f"nfe {r[f'{v}_nfe_forward']}+{r[f'{v}_nfe_backward']}"
+                )
     trained = [r for r in rows if "loss_own" in r]
     if trained:
         lines.append("losses of seeded Adam steps (own adjoint) with each backend:")

@@ -10,8 +10,15 @@ other method and option). It differs in how the work is laid out:
   the step, one ``torch.mul`` per step) — no per-stage Python lists of tensors;
 - times and the step-size control are Python floats (IEEE double, torchdiffeq's float64
   time arithmetic); the one quantity the host needs from the device is the error ratio of
-  an adaptive step attempt (one host sync per attempt, plus two for the initial step and
-  one for the output grid per solve; fixed-grid solves make none per step);
+  an adaptive step attempt. Host syncs (counted in :class:`SolveStats` and checked by
+  ``tests/test_host_syncs.py``): one per adaptive step attempt (the ratio decides accept or
+  reject, the next step, which outputs the step emits and whether the solve has ended, so
+  keeping the control on the device would not remove it: the loop's end condition needs
+  it), one for the output grid and one for the initial step (``d0``, ``d1``, ``h0``,
+  ``d2`` read together) per solve; fixed-grid solves make none per step (one per solve,
+  three with ``step_size``, whose grid is computed on the device as torchdiffeq does).
+  Stage times and dense-output weights go to the device without waiting for it
+  (``non_blocking``: a blocking copy to a GPU is a stream sync of its own);
 - the dense output of an adaptive step is not fitted per step: torchdiffeq's quartic
   through ``y0, y1, y(t0 + dt/2), f0, f1`` is a linear combination of ``y0`` and the
   stages, so an output time costs one ``addmv`` and steps with no output cost nothing.
@@ -261,15 +268,15 @@ def odeint(
     stats = SolveStats() if stats is None else stats
     shape = y0.shape
     t_work = t.detach()
-    reverse = t_work.numel() > 1 and bool(t_work[0] > t_work[1])
+    times = t_work.tolist()  # the one read of the output grid (direction and values)
     stats.host_syncs += 1
+    reverse = len(times) > 1 and times[0] > times[1]
     if reverse:
         t_work = -t_work
+        times = [-v for v in times]
         gc = options.get("grid_constructor")
         if gc is not None:
             options["grid_constructor"] = lambda f, y, s, gc=gc: -gc(f, y, -s)
-    times = t_work.tolist()
-    stats.host_syncs += 1
 
     def f(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         stats.nfe += 1
@@ -379,7 +386,7 @@ def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, st: _Stages, stats
     dense = tab.rows()[s:]  # (4, S): powers x..x⁴
 
     t = times[0]
-    f0 = f(torch.tensor(np_dtype(t), device=device), y)
+    f0 = f(_to_device(np.array(t, dtype=np_dtype), device), y)
     st.k[0] = f0
     if options.get("first_step") is not None:
         dt = float(options["first_step"])
@@ -401,7 +408,7 @@ def _adaptive(f, y, times, tab: Tableau, rtol, atol, options, st: _Stages, stats
         # stages at c = 1 just below t1 (its Perturb.PREV)
         ts = np_dtype(t) + c * np_dtype(dt)
         ts[at_end] = np.nextafter(np_dtype(t1), np_dtype(-np.inf))
-        tt = torch.from_numpy(ts).to(device).unbind()
+        tt = _to_device(ts, device).unbind()
         yi = y
         for i in range(1, s):
             yi = st.combine(y, i - 1)
@@ -450,25 +457,39 @@ def _dense(st: _Stages, y0, y1, t0: float, t1: float, dt: float, t: float, dense
         return y1
     x = (t - t0) / (t1 - t0)
     w = (dense.T @ np.array([x, x * x, x**3, x**4])) * dt
-    return st.combine_all(y0, torch.from_numpy(w.astype(np_dtype)).to(device))
+    return st.combine_all(y0, _to_device(w.astype(np_dtype), device))
+
+
+def _to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the device (a blocking copy to a GPU
+    would wait for the stream: a host round-trip; the array is staged at once, so it may be
+    freed after the call)."""
+    return torch.from_numpy(a).to(device, non_blocking=True)
 
 
 def _initial_step(f, t0: float, y0, f0, order: int, rtol, atol, norm, np_dtype, stats) -> float:
-    """Hairer, Nørsett & Wanner's initial step, in the state's dtype like torchdiffeq's."""
+    """Hairer, Nørsett & Wanner's initial step, in the state's dtype like torchdiffeq's.
+
+    ``d0``, ``d1``, the first guess ``h0`` and ``d2`` are computed on the device (the same
+    IEEE operations in the state's dtype as on the host) and read together: one host sync."""
     rms = norm if norm is not None else (lambda v: v.pow(2).mean().sqrt())
+    dtype, device = y0.dtype, y0.device
+
+    def scalar(v) -> torch.Tensor:
+        return torch.as_tensor(v, device=device).abs().to(dtype)
+
     with torch.no_grad():
         scale = y0.abs().mul(rtol).add_(atol)
-        d0, d1 = torch.stack([rms(y0 / scale), rms(f0 / scale)]).abs().tolist()
-    stats.host_syncs += 1
-    d0, d1 = np_dtype(d0), np_dtype(d1)
-    if d0 < 1e-5 or d1 < 1e-5:
-        h0 = np_dtype(1e-6)
-    else:
-        h0 = np_dtype(0.01) * d0 / d1
-    y1 = y0 + float(h0) * f0
-    f1 = f(torch.tensor(np_dtype(t0 + float(h0)), device=y0.device), y1)
+        d0, d1 = scalar(rms(y0 / scale)), scalar(rms(f0 / scale))
+        guess = d0 * torch.full((), 0.01, dtype=dtype, device=device) / d1
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(guess, 1e-6), guess)
+        y1 = y0 + h0 * f0
+        # the time t0 + h0 in float64 (torchdiffeq's time arithmetic), then the state's dtype
+        t1 = (torch.full((), t0, dtype=torch.float64, device=device) + h0.double()).to(dtype)
+    f1 = f(t1, y1)
     with torch.no_grad():
-        d2 = np_dtype(abs(float(rms((f1 - f0) / scale)))) / h0
+        d2 = scalar(rms((f1 - f0) / scale)) / h0
+        d0, d1, d2, h0 = (np_dtype(v) for v in torch.stack([d0, d1, d2, h0]).tolist())
     stats.host_syncs += 1
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(np_dtype(1e-6), h0 * np_dtype(1e-3))
@@ -486,7 +507,8 @@ def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, st: _Stages
         raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
     if step_size is not None:
         start, end = t_work[0], t_work[-1]
-        niters = math.ceil(float((end - start) / step_size + 1))
+        niters = math.ceil(float((end - start) / step_size + 1))  # computed as torchdiffeq does
+        stats.host_syncs += 1
         grid_t = torch.arange(0, niters, dtype=t_work.dtype, device=t_work.device) * step_size
         grid_t = grid_t + start
         grid_t[-1] = t_work[-1]
@@ -494,8 +516,11 @@ def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, st: _Stages
         grid_t = gc(f, y, t_work)
     else:
         grid_t = t_work
-    grid = grid_t.tolist()
-    stats.host_syncs += 1
+    if grid_t is t_work:
+        grid = times  # already read
+    else:
+        grid = grid_t.tolist()
+        stats.host_syncs += 1
     if grid[0] != times[0] or grid[-1] != times[-1]:
         raise AssertionError("the step grid must start and end at the first and last time")
     g_dtype = _NP_DTYPES.get(grid_t.dtype, np.float64)
@@ -506,7 +531,7 @@ def _fixed(f, y, t_work: torch.Tensor, times, tab: Tableau, options, st: _Stages
     ts = gnp[:-1, None] + dts[:, None] * c[None, :]
     ts[:, c == 1] = gnp[1:, None]
     # one tensor of every stage time of the solve, one 0-dim view per stage
-    tt = torch.from_numpy(ts.astype(np_dtype)).to(device).reshape(-1).unbind()
+    tt = _to_device(ts.astype(np_dtype), device).reshape(-1).unbind()
     outs = [y]
     j, t_end = 1, len(times)
     for m in range(len(grid) - 1):

@@ -274,13 +274,20 @@ class SolverConfig:
     atol 1e-5, the own adjoint). ``gradient``: ``adjoint`` (the own adjoint),
     ``direct`` (backprop through the solver) or ``torchdiffeq`` (torchdiffeq's
     ``odeint_adjoint``; first-order optimizers only). ``backend``: ``torchdiffeq`` or
-    ``own`` (dopri5, bosh3 and rk4 stepped by node_ocp's own loop)."""
+    ``own`` (dopri5, bosh3 and rk4 stepped by node_ocp's own loop). ``compile_field``:
+    ``"off"`` (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``,
+    ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``) for every block's field
+    (``ODEBlock(compile_field=...)``; not with ``gradient = "torchdiffeq"``).
+    ``cuda_graph``: replay the fixed-grid solves (euler, midpoint, rk4) of every block from
+    CUDA graphs (``ODEBlock(cuda_graph=True)``; the own adjoint, CUDA devices only)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
     atol: float = field(default_factory=lambda: _block_default("atol"))
     gradient: str = field(default_factory=lambda: _block_default("gradient"))
     backend: str = field(default_factory=lambda: _block_default("backend"))
+    compile_field: str = "off"
+    cuda_graph: bool = False
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
@@ -291,6 +298,24 @@ class SolverConfig:
         _in_range(f"{where}.atol", self.atol, 0.0, math.inf, "a float > 0", low_open=True)
         _choice(f"{where}.gradient", self.gradient, GRADIENT_MODES)
         _choice(f"{where}.backend", self.backend, BACKENDS)
+        from ..ode.compiled import COMPILE_MODES
+
+        _choice(f"{where}.compile_field", self.compile_field, ("off", *COMPILE_MODES))
+        if self.compile_field != "off" and self.gradient == "torchdiffeq":
+            raise ConfigError(
+                f"{where}.compile_field: received {self.compile_field!r} with gradient = "
+                "'torchdiffeq'; accepted: 'off' there (torchdiffeq's odeint_adjoint evaluates "
+                "the field itself). Use gradient = 'adjoint' or 'direct' to compile the field."
+            )
+        from ..ode.graphs import GRAPH_METHODS
+
+        if self.cuda_graph and (self.gradient != "adjoint" or self.method not in GRAPH_METHODS):
+            raise ConfigError(
+                f"{where}.cuda_graph: received true with method = {self.method!r} and gradient "
+                f"= {self.gradient!r}; accepted: true only with a fixed-grid method of "
+                f"{', '.join(GRAPH_METHODS)} and gradient = 'adjoint' (an adaptive method "
+                "decides its steps on the host). Set cuda_graph = false or change the method."
+            )
 
 
 @dataclass

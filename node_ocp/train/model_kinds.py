@@ -72,6 +72,16 @@ def solver_settings(config: RunConfig) -> dict:
     }
 
 
+def configure_blocks(model: nn.Module, config: RunConfig) -> None:
+    """The ``[solver]`` keys that are settings of the built blocks rather than arguments of
+    the models (``compile_field``, ``cuda_graph``), set on every :class:`ODEBlock` of
+    ``model``."""
+    for m in model.modules():
+        if isinstance(m, ODEBlock):
+            m.compile_field = config.solver.compile_field
+            m.cuda_graph = config.solver.cuda_graph
+
+
 class AugmentedODEClassifier(nn.Module):
     """Vectors ``(N, D)`` padded with ``augment`` zeros, an ODE block, a linear head."""
 

@@ -20,7 +20,13 @@ from torch import nn
 from ..data import Split, TaskData
 from .adapters import adapter_for
 from .config import ConfigError, RunConfig, TaskConfig
-from .model_kinds import MODELS, AugmentedODEClassifier, ModelKind, register_model
+from .model_kinds import (
+    MODELS,
+    AugmentedODEClassifier,
+    ModelKind,
+    configure_blocks,
+    register_model,
+)
 from .task_kinds import (
     DATA_SEED,
     SERIES_FORMATS,
@@ -136,8 +142,10 @@ def _file_data(config: RunConfig) -> TaskData:
 
 
 def build_model(config: RunConfig, data: TaskData) -> nn.Module:
-    """The model of ``config.model`` sized for ``data``."""
-    return MODELS[config.model.kind].build(config, data, TASKS[config.task.kind])
+    """The model of ``config.model`` sized for ``data``, its blocks set as ``[solver]`` says."""
+    model = MODELS[config.model.kind].build(config, data, TASKS[config.task.kind])
+    configure_blocks(model, config)
+    return model
 
 
 def build_task(config: RunConfig, device: torch.device | str = "cpu") -> Task:
