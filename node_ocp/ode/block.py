@@ -14,6 +14,7 @@ from .backward_capture import BackwardCapture, check_capture
 from .checked import SolverError, check_solution, checked_solve
 from .counters import SolveCounters
 from .factors import SolveRecord
+from .per_sample import check_per_sample
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
@@ -53,6 +54,14 @@ class ODEBlock(nn.Module):
             steps and results to solver tolerance with less overhead; other methods and
             options through torchdiffeq). ``gradient="torchdiffeq"`` is torchdiffeq's
             ``odeint_adjoint`` whatever the backend.
+        step_control: ``"batch"`` (default: one step size shared by the batch) or
+            ``"per_sample"`` (every row of ``x0`` keeps its own time, step size and
+            accept/reject, :mod:`node_ocp.ode.per_sample`; for batches of independent
+            samples). ``"per_sample"`` needs ``backend="own"``, ``dopri5`` or ``bosh3`` for
+            both solves, a field with ``accepts_batched_time = True`` (it is called with one
+            time per row), ``gradient`` ``"adjoint"`` or ``"direct"``, and
+            ``adjoint_norm`` ``"seminorm"`` or ``"state"``; dense curvature capture is
+            refused with it.
 
     Shapes: ``x0`` is ``(B, *feat)``, any number of feature dimensions, float32 or float64,
     any device. ``forward(x0, t=None)`` may override the grid for one call (e.g. the k-th
@@ -87,6 +96,7 @@ class ODEBlock(nn.Module):
         check_finite: bool = True,
         name: str | None = None,
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -116,7 +126,9 @@ class ODEBlock(nn.Module):
             check_finite=check_finite,
             name=name if name is not None else f"ODEBlock({type(field).__name__})",
             backend=backend,
+            step_control=step_control,
         )
+        self._check_step_control()
         self.counters = SolveCounters()
         self._capture: BackwardCapture | None = None  # see attach_capture
 
@@ -129,6 +141,7 @@ class ODEBlock(nn.Module):
     @solver.setter
     def solver(self, spec: SolverSpec) -> None:
         self.settings = replace(self.settings, forward=_spec("solver", spec))
+        self._check_step_control()
 
     @property
     def adjoint_solver(self) -> SolverSpec:
@@ -138,6 +151,7 @@ class ODEBlock(nn.Module):
     @adjoint_solver.setter
     def adjoint_solver(self, spec: SolverSpec) -> None:
         self.settings = replace(self.settings, backward=_spec("adjoint_solver", spec))
+        self._check_step_control()
 
     @property
     def adjoint_norm(self) -> str:
@@ -177,11 +191,41 @@ class ODEBlock(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         value = check_backend(value)
+        if value != "own" and self.step_control == "per_sample":
+            check_per_sample(self.method, self.options, value)
         self.settings = replace(
             self.settings,
             forward=replace(self.settings.forward, backend=value),
             backward=replace(self.settings.backward, backend=value),
         )
+
+    @property
+    def step_control(self) -> str:
+        """``"batch"`` or ``"per_sample"`` (the forward solve's; both solves share it)."""
+        return self.settings.forward.step_control
+
+    def _check_step_control(self) -> None:
+        """Refuse per-sample control with what it cannot serve, naming the argument."""
+        fw, bw = self.settings.forward, self.settings.backward
+        if not (fw.per_sample or bw.per_sample):
+            return
+        if self.gradient == "torchdiffeq":
+            raise bad_value(
+                "step_control",
+                "per_sample",
+                "gradient 'adjoint' or 'direct' with step_control='per_sample' "
+                "(gradient='torchdiffeq' is torchdiffeq's odeint_adjoint, one step size)",
+                "Use gradient='adjoint' (the own adjoint) or 'direct'.",
+            )
+        if not getattr(self.field, "accepts_batched_time", False):
+            raise bad_value(
+                "step_control",
+                "per_sample",
+                f"a field that accepts one time per batch row with step_control='per_sample' "
+                f"({type(self.field).__name__} does not set accepts_batched_time = True)",
+                "Build the field from node_ocp.ode.layers (time_column accepts t of shape "
+                "(batch,)) and set accepts_batched_time = True, or use step_control='batch'.",
+            )
 
     @property
     def method(self) -> str:
@@ -238,6 +282,7 @@ class ODEBlock(nn.Module):
             f"t={t}, method={self.solver.method!r}, rtol={self.solver.rtol}, "
             f"atol={self.solver.atol}, gradient={self.gradient!r}"
             + (f", backend={self.backend!r}" if self.backend != "torchdiffeq" else "")
+            + (f", step_control={self.step_control!r}" if self.step_control != "batch" else "")
         )
 
     @property
@@ -288,6 +333,18 @@ class ODEBlock(nn.Module):
                 f"{self.name} received NaN/inf in its initial state; check the layers before it.",
             )
         grid = grid.to(device=x0.device, dtype=x0.dtype)
+        if (
+            self.gradient == "direct"
+            and self.step_control == "per_sample"
+            and grid.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            raise bad_value(
+                "t",
+                grid,
+                "a time grid without gradient with step_control='per_sample' and gradient='direct'",
+                "Use gradient='adjoint' for the gradient of the time grid.",
+            )
         grid_output = grid.numel() > 2
         if self.gradient == "adjoint":
             capture = self._capture if torch.is_grad_enabled() else None
