@@ -354,6 +354,7 @@ class ODEBlock(nn.Module):
                 self.field, self.settings, self.counters, record, x0, grid, *params
             )
         elif self.gradient == "torchdiffeq":
+            self._check_step_control()  # gradient may have been set after construction
             capture = None
             ys = torchdiffeq_solve(self.field, self.settings, self.counters, x0, grid)
             if self.check_finite:

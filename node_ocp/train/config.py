@@ -274,13 +274,16 @@ class SolverConfig:
     atol 1e-5, the own adjoint). ``gradient``: ``adjoint`` (the own adjoint),
     ``direct`` (backprop through the solver) or ``torchdiffeq`` (torchdiffeq's
     ``odeint_adjoint``; first-order optimizers only). ``backend``: ``torchdiffeq`` or
-    ``own`` (dopri5, bosh3 and rk4 stepped by node_ocp's own loop)."""
+    ``own`` (dopri5, bosh3 and rk4 stepped by node_ocp's own loop). ``step_control``:
+    ``batch`` (one step size for the batch) or ``per_sample`` (one per sample; with
+    ``backend = "own"`` and dopri5 or bosh3, see ``ODEBlock``)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
     atol: float = field(default_factory=lambda: _block_default("atol"))
     gradient: str = field(default_factory=lambda: _block_default("gradient"))
     backend: str = field(default_factory=lambda: _block_default("backend"))
+    step_control: str = field(default_factory=lambda: _block_default("step_control"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
@@ -291,6 +294,23 @@ class SolverConfig:
         _in_range(f"{where}.atol", self.atol, 0.0, math.inf, "a float > 0", low_open=True)
         _choice(f"{where}.gradient", self.gradient, GRADIENT_MODES)
         _choice(f"{where}.backend", self.backend, BACKENDS)
+        from ..ode.per_sample import METHODS as PER_SAMPLE_METHODS
+        from ..ode.per_sample import STEP_CONTROLS
+
+        _choice(f"{where}.step_control", self.step_control, STEP_CONTROLS)
+        if self.step_control == "per_sample":
+            _choice(f"{where}.backend (with step_control = 'per_sample')", self.backend, ("own",))
+            _choice(
+                f"{where}.method (with step_control = 'per_sample')",
+                self.method,
+                PER_SAMPLE_METHODS,
+            )
+            if self.gradient == "torchdiffeq":
+                raise ConfigError(
+                    f"{where}.gradient: received 'torchdiffeq'; accepted with step_control = "
+                    "'per_sample': 'adjoint' or 'direct' (torchdiffeq's odeint_adjoint has one "
+                    "step size for the batch)"
+                )
 
 
 @dataclass
