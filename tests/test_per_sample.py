@@ -314,3 +314,62 @@ def test_config_step_control_reaches_every_block():
         SolverConfig(step_control="per_sample", backend="own", gradient="torchdiffeq").check(
             "[solver]"
         )
+
+
+class FactorCapture:
+    """A minimal capture: terminal factors of rank 2, three sample times per interval; keeps
+    what the backward solve hands over."""
+
+    kronecker_enabled = True
+    dense_enabled = False
+
+    def __init__(self):
+        self.records, self.seen = [], []
+
+    def record_call(self, record, x0, out):
+        record.output = out  # so that terminal factors can be set on the record
+        self.records.append(record)
+
+    def sample_grid(self, t_start, t_end, like):
+        frac = (torch.arange(3, dtype=like.dtype) + 0.5) / 3
+        return t_start + frac * (t_end - t_start), float(abs(t_end - t_start)) / 3
+
+    def accumulate_kronecker(self, field, times, weight, states, factors):
+        self.seen.append((times, states.clone(), factors.clone()))
+        return 0
+
+    def accumulate_dense(self, block, names, p):
+        raise AssertionError("not enabled")
+
+
+def test_second_order_factors_go_through_the_per_sample_backward_solve():
+    """Terminal factors ``q`` (the second-order backward) with the capture's sample times:
+    the states, factors and input factors of the per-sample backward solve are those of the
+    batch one, to solver tolerance."""
+    torch.manual_seed(3)
+    field = mlp_field(3, 8)
+    x0 = torch.randn(4, 3, dtype=F64) * torch.tensor([0.1, 1.0, 4.0, 8.0], dtype=F64)[:, None]
+    q = torch.randn(2, 3, 4, 3, dtype=F64)
+    got = {}
+    for control in ("batch", "per_sample"):
+        block = no.ODEBlock(
+            field, [0.0, 0.3, 0.8], rtol=1e-10, atol=1e-12, backend="own", step_control=control
+        )
+        cap = FactorCapture()
+        block.attach_capture(cap)
+        out = block(x0.clone().requires_grad_(True))
+        cap.records[0].set_terminal_factors(q)
+        grads = torch.autograd.grad((out**2).sum(), list(field.parameters()))
+        got[control] = (cap, grads)
+    (cb, gb), (cp, gp) = got["batch"], got["per_sample"]
+    assert len(cb.seen) == len(cp.seen) == 2
+    for (tb, sb, fb), (tp, sp, fp) in zip(cb.seen, cp.seen):
+        assert torch.equal(tb, tp)
+        assert sp.shape == (3, 4, 3) and fp.shape == (3, 2, 4, 3)
+        torch.testing.assert_close(sp, sb, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(fp, fb, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(
+        cp.records[0].input_factors, cb.records[0].input_factors, rtol=1e-7, atol=1e-7
+    )
+    for a, b in zip(gp, gb):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
