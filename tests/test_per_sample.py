@@ -280,6 +280,25 @@ def test_refusals_after_construction():
         direct(torch.randn(2, 3, dtype=F64))
     with pytest.raises(ValueError, match="step_control"):
         make_spec("dopri5", 1e-3, 1e-3, {}, step_control="per_sample")
+    with pytest.raises(ValueError, match="adjoint_norm: received 'full'"):
+        per_sample_block(mlp_field()).adjoint_norm = "full"
+
+
+def test_step_control_can_be_switched_on_a_block():
+    block = no.ODEBlock(mlp_field(), backend="own")
+    block.step_control = "per_sample"
+    assert block.solver.step_control == block.adjoint_solver.step_control == "per_sample"
+    block.step_control = "batch"
+    assert block.step_control == "batch"
+    with pytest.raises(ValueError, match="step_control: received 'x'"):
+        block.step_control = "x"
+    fixed = no.ODEBlock(mlp_field(), method="rk4", backend="own")
+    with pytest.raises(ValueError, match="^method: received 'rk4'"):
+        fixed.step_control = "per_sample"
+    plain = no.ODEBlock(NoBatchedTime(), backend="own")
+    with pytest.raises(ValueError, match="accepts_batched_time"):
+        plain.step_control = "per_sample"
+    assert plain.step_control == "batch"
 
 
 def test_failures_are_solver_errors():

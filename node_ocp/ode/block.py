@@ -14,7 +14,7 @@ from .backward_capture import BackwardCapture, check_capture
 from .checked import SolverError, check_solution, checked_solve
 from .counters import SolveCounters
 from .factors import SolveRecord
-from .per_sample import check_per_sample
+from .per_sample import check_per_sample, check_step_control
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
@@ -75,7 +75,8 @@ class ODEBlock(nn.Module):
     Settings: :attr:`settings` (:class:`~node_ocp.ode.settings.SolveSettings`) holds the
     solver settings, the adjoint norm, ``check_finite`` and ``name``; ``solver``,
     ``adjoint_solver``, ``adjoint_norm``, ``check_finite``, ``name`` and the forward solve's
-    ``method``, ``rtol``, ``atol``, ``options`` read it (the first five may be assigned).
+    ``method``, ``rtol``, ``atol``, ``options`` read it (the first five may be assigned, and
+    ``backend`` and ``step_control``, which set both solves').
     """
 
     def __init__(
@@ -161,6 +162,10 @@ class ODEBlock(nn.Module):
     @adjoint_norm.setter
     def adjoint_norm(self, value: str) -> None:
         value = check_choice("adjoint_norm", value, ADJOINT_NORMS)
+        if value == "full" and self.settings.backward.per_sample:
+            raise bad_value(
+                "adjoint_norm", value, "'seminorm' or 'state' with step_control='per_sample'"
+            )
         self.settings = replace(self.settings, adjoint_norm=value)
 
     @property
@@ -203,6 +208,31 @@ class ODEBlock(nn.Module):
     def step_control(self) -> str:
         """``"batch"`` or ``"per_sample"`` (the forward solve's; both solves share it)."""
         return self.settings.forward.step_control
+
+    @step_control.setter
+    def step_control(self, value: str) -> None:
+        value = check_step_control(value)
+        fw, bw = self.settings.forward, self.settings.backward
+        if value == "per_sample":
+            check_per_sample(fw.method, fw.options, fw.backend)
+            check_per_sample(bw.method, bw.options, bw.backend, "adjoint_")
+            if self.adjoint_norm == "full":
+                raise bad_value(
+                    "adjoint_norm",
+                    self.adjoint_norm,
+                    "'seminorm' or 'state' with step_control='per_sample'",
+                )
+        settings = replace(
+            self.settings,
+            forward=replace(fw, step_control=value),
+            backward=replace(bw, step_control=value),
+        )
+        old, self.settings = self.settings, settings
+        try:
+            self._check_step_control()
+        except ValueError:
+            self.settings = old
+            raise
 
     def _check_step_control(self) -> None:
         """Refuse per-sample control with what it cannot serve, naming the argument."""
