@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchdiffeq
-from conftest import mlp_field
+from conftest import conv_field, mlp_field
 
 import node_ocp as no
 from node_ocp.ode import per_sample as ps
@@ -135,7 +135,7 @@ def _separate(field, x0, grid, gradient, method="dopri5", backend="own"):
         gx.append(grads[0])
         for acc, g in zip(gp, grads[1:]):
             acc += g
-    return torch.cat(outs, dim=-2), torch.cat(gx), gp
+    return torch.cat(outs, dim=0 if len(grid) == 2 else 1), torch.cat(gx), gp
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "direct"])
@@ -392,3 +392,23 @@ def test_second_order_factors_go_through_the_per_sample_backward_solve():
     )
     for a, b in zip(gp, gb):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "direct"])
+def test_image_states_keep_their_shape(gradient):
+    """A conv field on ``(B, C, H, W)``: each sample (all its channels and pixels) is a row."""
+    torch.manual_seed(0)
+    field = conv_field(2)
+    x0 = torch.randn(3, 2, 4, 4, dtype=F64) * torch.tensor([0.1, 1.0, 5.0], dtype=F64).view(
+        3, 1, 1, 1
+    )
+    block = per_sample_block(field, (0.0, 0.5), gradient=gradient)
+    x = x0.clone().requires_grad_(True)
+    out = block(x)
+    assert out.shape == x0.shape
+    grads = torch.autograd.grad((out**2).sum(), [x, *field.parameters()])
+    want_out, want_gx, want_gp = _separate(field, x0, (0.0, 0.5), gradient)
+    torch.testing.assert_close(out.detach(), want_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0], want_gx, rtol=1e-9, atol=1e-9)
+    for g, w in zip(grads[1:], want_gp):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)

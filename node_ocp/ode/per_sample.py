@@ -170,7 +170,8 @@ def odeint(
         dy = dy.reshape(b_rows, -1)
         return (-dy if reverse else dy), token
 
-    return _solve(f, y0.reshape(b_rows, -1), times, tab, rtol, atol, options, norm, stats, shared)
+    ys = _solve(f, y0.reshape(b_rows, -1), times, tab, rtol, atol, options, norm, stats, shared)
+    return ys.view(ys.shape[0], *shape)
 
 
 def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
@@ -295,7 +296,7 @@ def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
             dt = (dt * factor).clamp(min=min_step, max=max_step)
     stats.accepted = accepted if stats.accepted is None else stats.accepted + accepted
     stats.rejected = rejected if stats.rejected is None else stats.rejected + rejected
-    return outs.view(n_out, n_rows, m)
+    return outs
 
 
 def _initial_step(f, t0, y0, f0, order: int, rtol, atol, norm) -> torch.Tensor:
