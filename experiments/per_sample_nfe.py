@@ -1,8 +1,10 @@
 """Batch vs per-sample step control on a CNF and a digits classifier: steps, NFE, time.
 
-For each config the model (own backend, the config's solver) takes a few seeded Adam steps
-with batch control, so that its field is a trained one rather than its initialisation; then,
-on seeded evaluation batches of each size, the input of its (first) ODE block is solved by:
+A synthetic case first (``pulses``: every sample hard at its own time, where per-sample
+control should pay), then for each config the model (own backend, the config's solver)
+takes a few seeded Adam steps with batch control, so that its field is a trained one rather
+than its initialisation; then, on seeded evaluation batches of each size, the input of its
+(first) ODE block is solved by:
 
 - batch control: the own loop (:func:`node_ocp.ode.rk.odeint`), one step size for the batch;
 - per-sample control: :func:`node_ocp.ode.per_sample.odeint`, one step size per sample.
@@ -20,7 +22,7 @@ forward+backward loss with either control (run it alone on the machine, ``OMP_NU
 
     OMP_NUM_THREADS=1 python experiments/per_sample_nfe.py [--configs configs/quickstart.toml
         configs/digits_classification.toml] [--train-steps 30] [--batches 32 256]
-        [--time] [--repeats 7] [--out experiments/results/bench_per_sample.json]
+        [--time] [--repeats 7] [--no-pulses] [--out experiments/results/bench_per_sample.json]
 """
 
 from __future__ import annotations
@@ -165,8 +167,88 @@ def timings(task, batch, x0, repeats: int) -> dict:
     }
 
 
-def run(configs, train_steps: int, batches, timed: bool, repeats: int, seed: int = 0) -> dict:
+class Pulses(torch.nn.Module):
+    """A synthetic batch whose samples are hard at different times: ``dy_b/dt = ω_b(t) J y_b``
+    (a rotation of ``(B, 2)`` rows), ``ω_b(t) = 1 + A exp(-((t - τ_b)/w)²)``, each sample's
+    pulse at its own ``τ_b`` (seeded, uniform in [0.1, 0.9]); ``A`` is a parameter."""
+
+    accepts_batched_time = True
+
+    def __init__(self, n: int, seed: int = 0, amplitude: float = 50.0, width: float = 0.03):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("tau", 0.1 + 0.8 * torch.rand(n, generator=gen, dtype=torch.float64))
+        self.amplitude = torch.nn.Parameter(torch.tensor(amplitude, dtype=torch.float64))
+        self.width = width
+
+    def forward(self, t, y):
+        t = t.reshape(-1).to(y.dtype)
+        w = 1 + self.amplitude * torch.exp(-(((t - self.tau) / self.width) ** 2))
+        return w[:, None] * torch.stack([-y[:, 1], y[:, 0]], 1)
+
+
+class PulsesTask:
+    """The synthetic case in the shape the counting functions use (one ODE block, a loss)."""
+
+    def __init__(self, n: int, seed: int, rtol: float = 1e-6, atol: float = 1e-8):
+        from node_ocp import ODEBlock
+
+        self.field = Pulses(n, seed)
+        block = ODEBlock(self.field, (0.0, 1.0), rtol=rtol, atol=atol, backend="own")
+        self.blocks = [block]
+        self.model = block
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.x0 = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+
+    def outputs_and_loss(self, batch):
+        out = self.blocks[0](self.x0)
+        return out, (out**2).sum()
+
+
+def run_pulses(batches, timed: bool, repeats: int, seed: int) -> dict:
+    rows = {}
+    for size in batches:
+        task = PulsesTask(size, seed)
+        block = task.blocks[0]
+        row = solve_counts(block, task.x0)
+        row["loss_nfe"] = {c: loss_nfe(task, None, c) for c in CONTROLS}
+        if timed:
+            row["time"] = timings(task, None, task.x0, repeats)
+        rows[str(size)] = row
+        report("pulses (synthetic, a pulse per sample)", block, size, row, timed)
+    return {"model": "pulses", "batches": rows}
+
+
+def report(name: str, block, size: int, row: dict, timed: bool) -> None:
+    b, p = row["batch"], row["per_sample"]
+    ln = row["loss_nfe"]
+    s = block.solver
+    print(
+        f"{name} [{s.method} rtol={s.rtol} atol={s.atol}] batch {size}: iterations batch "
+        f"{b['iterations']} / per-sample {p['iterations']}; NFE {b['nfe']} / {p['nfe']}; "
+        f"accepted steps batch {b['accepted']} / per-sample mean {p['accepted_mean']:.1f} "
+        f"median {p['accepted_median']:.0f} max {p['accepted_max']} min {p['accepted_min']}; "
+        f"active rows {100 * p['active_fraction']:.0f}%; loss fwd+bwd NFE "
+        f"{ln['batch']['forward']}+{ln['batch']['backward']} / "
+        f"{ln['per_sample']['forward']}+{ln['per_sample']['backward']}; "
+        f"max |diff| {row['max_abs_diff']:.1e}"
+    )
+    if timed:
+        tb, tp = row["time"]["batch"], row["time"]["per_sample"]
+        print(
+            f"    time: solve {1e3 * tb['solve_s']:.1f} / {1e3 * tp['solve_s']:.1f} ms "
+            f"(x{tp['solve_s'] / tb['solve_s']:.2f}); loss fwd+bwd "
+            f"{1e3 * tb['loss_backward_s']:.1f} / {1e3 * tp['loss_backward_s']:.1f} ms "
+            f"(x{tp['loss_backward_s'] / tb['loss_backward_s']:.2f})"
+        )
+
+
+def run(
+    configs, train_steps: int, batches, timed: bool, repeats: int, seed: int = 0, pulses=True
+) -> dict:
     result = {"train_steps": train_steps, "configs": {}}
+    if pulses:
+        result["configs"]["pulses"] = run_pulses(batches, timed, repeats, seed)
     for path in configs:
         cfg, task = trained_task(path, train_steps, seed)
         rows = {}
@@ -181,42 +263,32 @@ def run(configs, train_steps: int, batches, timed: bool, repeats: int, seed: int
             if timed:
                 row["time"] = timings(task, batch, x0, repeats)
             rows[str(size)] = row
-            b, p = row["batch"], row["per_sample"]
-            ln = row["loss_nfe"]
-            print(
-                f"{path} [{cfg.model.kind}, {cfg.solver.method} rtol={cfg.solver.rtol} "
-                f"atol={cfg.solver.atol}] batch {x0.shape[0]}: iterations batch {b['iterations']}"
-                f" / per-sample {p['iterations']}; NFE {b['nfe']} / {p['nfe']}; accepted steps "
-                f"batch {b['accepted']} / per-sample mean {p['accepted_mean']:.1f} median "
-                f"{p['accepted_median']:.0f} max {p['accepted_max']} min {p['accepted_min']}; "
-                f"active rows {100 * p['active_fraction']:.0f}%; loss fwd+bwd NFE "
-                f"{ln['batch']['forward']}+{ln['batch']['backward']} / "
-                f"{ln['per_sample']['forward']}+{ln['per_sample']['backward']}; "
-                f"max |diff| {row['max_abs_diff']:.1e}"
-            )
-            if timed:
-                tb, tp = row["time"]["batch"], row["time"]["per_sample"]
-                print(
-                    f"    time: solve {1e3 * tb['solve_s']:.1f} / {1e3 * tp['solve_s']:.1f} ms "
-                    f"(x{tp['solve_s'] / tb['solve_s']:.2f}); loss fwd+bwd "
-                    f"{1e3 * tb['loss_backward_s']:.1f} / {1e3 * tp['loss_backward_s']:.1f} ms "
-                    f"(x{tp['loss_backward_s'] / tb['loss_backward_s']:.2f})"
-                )
+            name = f"{path} ({cfg.model.kind}, after {train_steps} Adam steps)"
+            report(name, task.blocks[0], x0.shape[0], row, timed)
         result["configs"][path] = {"model": cfg.model.kind, "batches": rows}
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    p.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS))
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
     p.add_argument("--time", action="store_true", help="wall-clock medians as well")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pulses", action="store_true", help="skip the synthetic case")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args(argv)
-    result = run(args.configs, args.train_steps, args.batches, args.time, args.repeats, args.seed)
+    result = run(
+        args.configs,
+        args.train_steps,
+        args.batches,
+        args.time,
+        args.repeats,
+        args.seed,
+        pulses=not args.no_pulses,
+    )
     if args.out:
         print(f"saved {atomic_write_json(args.out, result)}")
     return result

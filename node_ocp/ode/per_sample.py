@@ -212,44 +212,63 @@ def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
     accepted = torch.zeros(n_rows, dtype=torch.long, device=device)
     rejected = torch.zeros_like(accepted)
     rows = torch.arange(n_rows, device=device)
+    graph = torch.is_grad_enabled()
+    kbuf = None if graph else y.new_empty(s, n_rows, m)  # the stages, rewritten in place
+    if kbuf is not None:
+        kbuf[0] = f0
     while True:
         active = nxt < n_out
-        if not bool(active.any()):
-            break
-        if bool((since_out >= max_num_steps).any()):
-            raise AssertionError(f"max_num_steps exceeded ({max_num_steps})")
         dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, min_step))
         dt = dt.clamp(min=min_step, max=max_step)
         dt = torch.where(active, dt, torch.zeros_like(dt))  # finished samples stay put
         t1 = t + dt
-        if bool((active & ~(t1 > t)).any()):
-            bad = float(dt[active & ~(t1 > t)][0])
-            raise AssertionError(f"underflow in dt {bad}")
+        underflow = active & ~(t1 > t)
+        # one read of the device per check round: done, too many steps, underflow
+        go, too_many, under = torch.stack(
+            [active.any(), (since_out >= max_num_steps).any(), underflow.any()]
+        ).tolist()
+        if not go:
+            break
+        if too_many:
+            raise AssertionError(f"max_num_steps exceeded ({max_num_steps})")
+        if under:
+            raise AssertionError(f"underflow in dt {float(dt[underflow][0])}")
         stats.iterations += 1
         dt_col = dt.to(dtype)[:, None]
         # stage times t + c·dt (the stages at c = 1 just below t1, as the batch loop)
         below = torch.nextafter(t1.to(dtype), torch.full_like(t1, -float("inf"), dtype=dtype))
         yi = y
         for i in range(1, s):
-            ki = torch.stack(k[:i])
-            yi = torch.addcmul(y, dt_col, torch.einsum("j,jbm->bm", w[i - 1, :i], ki))
+            if graph:
+                comb = torch.einsum("j,jbm->bm", w[i - 1, :i], torch.stack(k[:i]))
+            else:
+                comb = torch.mv(kbuf[:i].view(i, -1).t(), w[i - 1, :i]).view(n_rows, m)
+            yi = torch.addcmul(y, dt_col, comb)
             ti = below if tab.c[i] == 1 else (t + c[i] * dt).to(dtype)
-            k[i], tok = f(ti, yi)
+            ki, tok = f(ti, yi)
+            if graph:
+                k[i] = ki
+            else:
+                kbuf[i] = ki
             if shared is not None:
                 slots[i] = [(tok, torch.ones(n_rows, dtype=torch.bool, device=device))]
         y1 = yi
-        kk = torch.stack(k)
+        kk = torch.stack(k) if graph else kbuf
         with torch.no_grad():
             err = torch.einsum("j,jbm->bm", w[s - 1], kk) * dt_col
             tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
             ratio = norm(err / tol).to(torch.float64)
-        if bool(torch.isnan(ratio[active]).any()):
-            first = int(rows[active & torch.isnan(ratio)][0])
+        bad = active & torch.isnan(ratio)
+        accept = active & ((ratio <= 1) | (dt <= min_step))
+        idx = nxt.clamp(max=n_out - 1)
+        emit = accept & (nxt < n_out) & (times[idx] <= t1)
+        nan, emitting = torch.stack([bad.any(), emit.any()]).tolist()
+        if nan:
+            first = int(rows[bad][0])
             raise AssertionError(
                 f"non-finite values in the error estimate of sample {first}'s step from "
                 f"t={float(t[first])} (dt={float(dt[first])})"
             )
-        accept = active & ((ratio <= 1) | (dt <= min_step))
         reject = active & ~accept
         accepted += accept
         rejected += reject
@@ -258,12 +277,8 @@ def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
         wts = None  # (S, B) the weights of each sample's step, for the shared integral
         if shared is not None:
             wts = torch.where(accept[None, :], b_row[:, None] * dt[None, :], 0.0)
-        while True:
-            idx = nxt.clamp(max=n_out - 1)
+        while emitting:
             tj = times[idx]
-            emit = accept & (nxt < n_out) & (tj <= t1)
-            if not bool(emit.any()):
-                break
             x = torch.where(emit, (tj - t) / torch.where(emit, dt, 1.0), 1.0)
             pw = torch.stack([x, x * x, x**3, x**4])  # (4, B)
             wd = (dense.T @ pw) * dt  # (S, B)
@@ -276,12 +291,18 @@ def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
                 wts = torch.where(final[None, :], wd, wts)
             since_out = torch.where(emit, 0, since_out)
             nxt = nxt + emit
+            idx = nxt.clamp(max=n_out - 1)
+            emit = accept & (nxt < n_out) & (times[idx] <= t1)
+            emitting = bool(emit.any())
         if shared is not None:
             shared(slots, wts)
         acc_col = accept[:, None]
         y = torch.where(acc_col, y1, y)
         t = torch.where(accept, t1, t)
-        k[0] = torch.where(acc_col, k[s - 1], k[0])  # FSAL
+        if graph:
+            k[0] = torch.where(acc_col, k[s - 1], k[0])  # FSAL
+        else:
+            kbuf[0] = torch.where(acc_col, kbuf[s - 1], kbuf[0])
         if shared is not None:
             slots[0] = [(tok, r & ~accept) for tok, r in slots[0]] + [
                 (tok, r & accept) for tok, r in slots[s - 1]
