@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._errors import bad_value
@@ -50,8 +51,9 @@ STEP_CONTROLS: tuple[str, ...] = ("batch", "per_sample")
 #: Methods with per-sample control.
 METHODS: tuple[str, ...] = ("dopri5", "bosh3")
 #: Solver options per-sample control implements.
-OPTIONS = frozenset({"first_step", "min_step", "max_step", "safety", "ifactor", "dfactor"})
-OPTIONS = OPTIONS | {"max_num_steps"}
+OPTIONS = frozenset(
+    {"first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps"}
+)
 
 
 def check_step_control(value, name: str = "step_control") -> str:
@@ -190,8 +192,7 @@ def _solve(f, y, times, tab, rtol, atol, options, norm, stats, shared):
     w64 = torch.as_tensor(tab.rows(), dtype=torch.float64, device=device)
     b_row = w64[s - 2]  # the solution: the last stage's input (FSAL)
     dense = w64[s:]  # (4, S): the powers x..x⁴ of the dense output
-    c = tab.nodes(float)  # numpy float64
-    c = torch.as_tensor(c, dtype=torch.float64, device=device)
+    c = torch.as_tensor(tab.nodes(np.float64), device=device)
     order = tab.order
 
     t = times[0].expand(n_rows).clone()
