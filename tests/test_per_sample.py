@@ -412,3 +412,21 @@ def test_image_states_keep_their_shape(gradient):
     torch.testing.assert_close(grads[0], want_gx, rtol=1e-9, atol=1e-9)
     for g, w in zip(grads[1:], want_gp):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_matches_each_sample_alone():
+    torch.manual_seed(0)
+    field = mlp_field(3, 8, dtype=torch.float32)
+    x0 = torch.randn(4, 3) * torch.tensor([0.1, 1.0, 4.0, 8.0])[:, None]
+    block = per_sample_block(field, (0.0, 1.0), rtol=1e-5, atol=1e-6)
+    x = x0.clone().requires_grad_(True)
+    out = block(x)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad((out**2).sum(), [x, *field.parameters()])
+    alone = no.ODEBlock(field, (0.0, 1.0), rtol=1e-5, atol=1e-6, backend="own")
+    for b in range(4):
+        xb = x0[b : b + 1].clone().requires_grad_(True)
+        ob = alone(xb)
+        (gb,) = torch.autograd.grad((ob**2).sum(), [xb])
+        torch.testing.assert_close(out[b : b + 1].detach(), ob.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0][b : b + 1], gb, rtol=1e-4, atol=1e-4)
