@@ -270,3 +270,15 @@ def test_feedback_arms_are_data_and_take_any_extra_option_table():
     lr = _load("lr_robustness")
     for table in lr.TASK_ARMS["cnn_digits"].values():
         assert max(table["lr_grid"]) / min(table["lr_grid"]) >= 1e3
+
+
+def test_per_sample_nfe_main_runs(capsys):
+    result = _load("per_sample_nfe").main(
+        ["--configs", str(ROOT / "configs" / "quickstart.toml"), "--train-steps", "1",
+         "--batches", "8", "--time", "--repeats", "1"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "iterations batch" in out and "time: solve" in out
+    (row,) = next(iter(result["configs"].values()))["batches"].values()
+    assert row["per_sample"]["iterations"] >= row["per_sample"]["accepted_max"]
+    assert row["max_abs_diff"] < 1e-2

@@ -93,7 +93,7 @@ class NeuralCDE(nn.Module):
             -> (B, Q, outputs)``; after the CDE has read a series, a decoder ODE block evolves
             its state from the series' last observation time to each query time (queries at
             or after the last observation).
-        method, rtol, atol, gradient, backend: the ODE blocks' settings.
+        method, rtol, atol, gradient, backend, step_control: the ODE blocks' settings.
     """
 
     def __init__(
@@ -109,6 +109,7 @@ class NeuralCDE(nn.Module):
         atol: float = 1e-4,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         self.interpolation = check_choice("interpolation", interpolation, INTERPOLATIONS)
@@ -125,6 +126,7 @@ class NeuralCDE(nn.Module):
             atol=atol,
             gradient=gradient,
             backend=backend,
+            step_control=step_control,
             name="CDE block",
         )
         self.head = nn.Linear(hidden, outputs)
@@ -139,6 +141,7 @@ class NeuralCDE(nn.Module):
                 atol=atol,
                 gradient=gradient,
                 backend=backend,
+                step_control=step_control,
                 name="CDE decoder block",
             )
 

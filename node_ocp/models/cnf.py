@@ -95,7 +95,7 @@ class CNF(nn.Module):
         divergence: ``"exact"`` or ``"hutchinson"``; ``probe``: ``"rademacher"``/``"gaussian"``.
         kinetic, jacobian: weights of the kinetic-energy and Jacobian-norm regularisers
             (0 disables; a positive weight adds an integrated channel).
-        method, rtol, atol, gradient, backend: ODE block settings.
+        method, rtol, atol, gradient, backend, step_control: ODE block settings.
 
     ``forward(x)`` returns ``(z, delta_logp, reg)``: latent ``(N, D)``, ``(N,)`` and the
     weighted regulariser per sample ``(N,)``. ``log_prob(x)`` is ``(N,)`` in nats.
@@ -117,6 +117,7 @@ class CNF(nn.Module):
         atol: float = 1e-5,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
@@ -127,7 +128,14 @@ class CNF(nn.Module):
         horizon = check_positive("horizon", horizon)
         self.reg_weights = regulariser_weights(kinetic, jacobian)
         extra = len(self.reg_weights)
-        solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, backend=backend)
+        solver = dict(
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            gradient=gradient,
+            backend=backend,
+            step_control=step_control,
+        )
         self.blocks = nn.ModuleList(
             cnf_block(
                 CNFDynamics(time_mlp(dim, hidden, activation), dim, divergence, extra),

@@ -16,7 +16,7 @@ class ODEImageClassifier(nn.Module):
         channels: width of the stem and of the ODE state ``(N, channels, H, W)``.
         classes: number of classes.
         horizon: integration time of the block.
-        method, rtol, atol, gradient, backend: the ODE block's settings.
+        method, rtol, atol, gradient, backend, step_control: the ODE block's settings.
     """
 
     def __init__(
@@ -30,6 +30,7 @@ class ODEImageClassifier(nn.Module):
         atol: float = 1e-4,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU())
@@ -46,6 +47,7 @@ class ODEImageClassifier(nn.Module):
             atol=atol,
             gradient=gradient,
             backend=backend,
+            step_control=step_control,
             name="image ODE block",
         )
         self.head = nn.Sequential(

@@ -175,7 +175,7 @@ class ImageCNF(nn.Module):
             for :class:`~node_ocp.models.CNF` (0 disables).
         alpha: the logit transform's α in (0, 0.5).
         layer: the conv layers, ``"concatsquash"`` or ``"concat"``.
-        method, rtol, atol, gradient, backend: ODE block settings.
+        method, rtol, atol, gradient, backend, step_control: ODE block settings.
 
     ``forward(x, noise=None)`` returns ``(z, delta_logp, reg)``: the latent ``(N, D)`` (the
     factored-out parts of every scale, then the last scale's output, each flattened), the
@@ -205,6 +205,7 @@ class ImageCNF(nn.Module):
         atol: float = 1e-5,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         if (
@@ -236,7 +237,14 @@ class ImageCNF(nn.Module):
         extra = len(self.reg_weights)
         self.dim = c * h * w
         self.shapes = [(c * 2**s, h // 2**s, w // 2**s) for s in range(self.n_scales)]
-        solver = dict(method=method, rtol=rtol, atol=atol, gradient=gradient, backend=backend)
+        solver = dict(
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            gradient=gradient,
+            backend=backend,
+            step_control=step_control,
+        )
         self.scales = nn.ModuleList()
         for s, shp in enumerate(self.shapes):
             self.scales.append(

@@ -116,7 +116,7 @@ class LatentODE(nn.Module):
         decoder_hidden: hidden widths of the decoder MLP ``g`` (tanh).
         obs_std: σ of the Gaussian observation model.
         samples: K, posterior draws per series in training (``> 1``: the IWAE bound).
-        method, rtol, atol, gradient, backend: the ODE blocks' settings.
+        method, rtol, atol, gradient, backend, step_control: the ODE blocks' settings.
 
     ``forward(batch, query_times (B, Q))`` -> ``(B, Q, C)``: the decoded mean from the
     posterior mean of ``z0`` (deterministic; what MSE figures use).
@@ -143,6 +143,7 @@ class LatentODE(nn.Module):
         atol: float = 1e-4,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         for name, v in (("channels", channels), ("latent", latent), ("samples", samples)):
@@ -156,6 +157,7 @@ class LatentODE(nn.Module):
             "atol": atol,
             "gradient": gradient,
             "backend": backend,
+            "step_control": step_control,
         }
         self.channels, self.latent = channels, latent
         self.obs_std, self.samples = float(obs_std), samples

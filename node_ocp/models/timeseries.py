@@ -33,7 +33,7 @@ class ODERNN(nn.Module):
         hidden: size H of the hidden state.
         field_hidden: hidden widths of the ODE field (a tanh concat-squash MLP on H).
         task: ``"classification"`` or ``"forecast"``.
-        method, rtol, atol, gradient, backend: the ODE block's settings.
+        method, rtol, atol, gradient, backend, step_control: the ODE block's settings.
 
     ``forward(batch)`` returns logits ``(B, outputs)``; ``forward(batch, query_times)`` with
     ``query_times (B, Q)`` returns forecasts ``(B, Q, outputs)``.
@@ -51,6 +51,7 @@ class ODERNN(nn.Module):
         atol: float = 1e-4,
         gradient: str = "adjoint",
         backend: str = "torchdiffeq",
+        step_control: str = "batch",
     ):
         super().__init__()
         self.task = check_choice("task", task, TASKS)
@@ -64,6 +65,7 @@ class ODERNN(nn.Module):
             atol=atol,
             gradient=gradient,
             backend=backend,
+            step_control=step_control,
             name="ODE-RNN block",
         )
         self.head = nn.Linear(hidden, outputs)

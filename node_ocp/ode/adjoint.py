@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .adjoint_per_sample import adjoint_backward_per_sample
 from .calls import FieldCall
 from .checked import check_solution, checked_solve
 from .compiled import is_compile_failure
@@ -225,6 +226,10 @@ def adjoint_backward(
 
     Returns ``(grad_x0 (B, *feat), grad_grid (T,) or None, *grad_params)``.
     """
+    if settings.backward.per_sample:
+        return adjoint_backward_per_sample(
+            field, settings, counters, record, grid, ys, params, grad_ys, need_t
+        )
     n_times = grid.numel()
     capture = record.capture
     factors = record.factors_per_time(n_times)  # (R, T, B, ...) or None

@@ -16,6 +16,7 @@ from .compiled import CompileFieldError, FieldCompiler, check_compile_field, is_
 from .counters import SolveCounters
 from .factors import SolveRecord
 from .graphs import CudaGraphError, CudaGraphSolves, check_graph_settings
+from .per_sample import check_per_sample, check_step_control
 from .reference import torchdiffeq_solve
 from .settings import ADJOINT_NORMS, SolveSettings, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
@@ -76,6 +77,14 @@ class ODEBlock(nn.Module):
             dtype and grid (:mod:`node_ocp.ode.graphs`). Needs ``gradient="adjoint"``,
             fixed-grid methods with no option but ``step_size``, and CUDA states; refused
             with an error naming the option otherwise.
+        step_control: ``"batch"`` (default: one step size shared by the batch) or
+            ``"per_sample"`` (every row of ``x0`` keeps its own time, step size and
+            accept/reject, :mod:`node_ocp.ode.per_sample`; for batches of independent
+            samples). ``"per_sample"`` needs ``backend="own"``, ``dopri5`` or ``bosh3`` for
+            both solves, a field with ``accepts_batched_time = True`` (it is called with one
+            time per row), ``gradient`` ``"adjoint"`` or ``"direct"``, and
+            ``adjoint_norm`` ``"seminorm"`` or ``"state"``; dense curvature capture is
+            refused with it.
 
     Shapes: ``x0`` is ``(B, *feat)``, any number of feature dimensions, float32 or float64,
     any device. ``forward(x0, t=None)`` may override the grid for one call (e.g. the k-th
@@ -89,7 +98,8 @@ class ODEBlock(nn.Module):
     Settings: :attr:`settings` (:class:`~node_ocp.ode.settings.SolveSettings`) holds the
     solver settings, the adjoint norm, ``check_finite`` and ``name``; ``solver``,
     ``adjoint_solver``, ``adjoint_norm``, ``check_finite``, ``name`` and the forward solve's
-    ``method``, ``rtol``, ``atol``, ``options`` read it (the first five may be assigned).
+    ``method``, ``rtol``, ``atol``, ``options`` read it (the first five may be assigned, and
+    ``backend`` and ``step_control``, which set both solves').
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class ODEBlock(nn.Module):
         backend: str = "torchdiffeq",
         compile_field: bool | str = False,
         cuda_graph: bool = False,
+        step_control: str = "batch",
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -141,7 +152,9 @@ class ODEBlock(nn.Module):
             check_finite=check_finite,
             name=name if name is not None else f"ODEBlock({type(field).__name__})",
             backend=backend,
+            step_control=step_control,
         )
+        self._check_step_control()
         self.counters = SolveCounters()
         self._capture: BackwardCapture | None = None  # see attach_capture
         self._compiler: FieldCompiler | None = None
@@ -158,6 +171,7 @@ class ODEBlock(nn.Module):
     @solver.setter
     def solver(self, spec: SolverSpec) -> None:
         self.settings = replace(self.settings, forward=_spec("solver", spec))
+        self._check_step_control()
 
     @property
     def adjoint_solver(self) -> SolverSpec:
@@ -167,6 +181,7 @@ class ODEBlock(nn.Module):
     @adjoint_solver.setter
     def adjoint_solver(self, spec: SolverSpec) -> None:
         self.settings = replace(self.settings, backward=_spec("adjoint_solver", spec))
+        self._check_step_control()
 
     @property
     def adjoint_norm(self) -> str:
@@ -176,6 +191,10 @@ class ODEBlock(nn.Module):
     @adjoint_norm.setter
     def adjoint_norm(self, value: str) -> None:
         value = check_choice("adjoint_norm", value, ADJOINT_NORMS)
+        if value == "full" and self.settings.backward.per_sample:
+            raise bad_value(
+                "adjoint_norm", value, "'seminorm' or 'state' with step_control='per_sample'"
+            )
         self.settings = replace(self.settings, adjoint_norm=value)
 
     @property
@@ -210,6 +229,8 @@ class ODEBlock(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         value = check_backend(value)
+        if value != "own" and self.step_control == "per_sample":
+            check_per_sample(self.method, self.options, value)
         self.settings = replace(
             self.settings,
             forward=replace(self.settings.forward, backend=value),
@@ -254,6 +275,59 @@ class ODEBlock(nn.Module):
         check_graph_settings(self.settings, self.gradient)
         if self._graphs is None:
             self._graphs = CudaGraphSolves(self.name)
+
+    @property
+    def step_control(self) -> str:
+        """``"batch"`` or ``"per_sample"`` (the forward solve's; both solves share it)."""
+        return self.settings.forward.step_control
+
+    @step_control.setter
+    def step_control(self, value: str) -> None:
+        value = check_step_control(value)
+        fw, bw = self.settings.forward, self.settings.backward
+        if value == "per_sample":
+            check_per_sample(fw.method, fw.options, fw.backend)
+            check_per_sample(bw.method, bw.options, bw.backend, "adjoint_")
+            if self.adjoint_norm == "full":
+                raise bad_value(
+                    "adjoint_norm",
+                    self.adjoint_norm,
+                    "'seminorm' or 'state' with step_control='per_sample'",
+                )
+        settings = replace(
+            self.settings,
+            forward=replace(fw, step_control=value),
+            backward=replace(bw, step_control=value),
+        )
+        old, self.settings = self.settings, settings
+        try:
+            self._check_step_control()
+        except ValueError:
+            self.settings = old
+            raise
+
+    def _check_step_control(self) -> None:
+        """Refuse per-sample control with what it cannot serve, naming the argument."""
+        fw, bw = self.settings.forward, self.settings.backward
+        if not (fw.per_sample or bw.per_sample):
+            return
+        if self.gradient == "torchdiffeq":
+            raise bad_value(
+                "step_control",
+                "per_sample",
+                "gradient 'adjoint' or 'direct' with step_control='per_sample' "
+                "(gradient='torchdiffeq' is torchdiffeq's odeint_adjoint, one step size)",
+                "Use gradient='adjoint' (the own adjoint) or 'direct'.",
+            )
+        if not getattr(self.field, "accepts_batched_time", False):
+            raise bad_value(
+                "step_control",
+                "per_sample",
+                f"a field that accepts one time per batch row with step_control='per_sample' "
+                f"({type(self.field).__name__} does not set accepts_batched_time = True)",
+                "Build the field from node_ocp.ode.layers (time_column accepts t of shape "
+                "(batch,)) and set accepts_batched_time = True, or use step_control='batch'.",
+            )
 
     @property
     def method(self) -> str:
@@ -312,6 +386,7 @@ class ODEBlock(nn.Module):
             + (f", backend={self.backend!r}" if self.backend != "torchdiffeq" else "")
             + (f", compile_field={self.compile_field!r}" if self.compile_field else "")
             + (", cuda_graph=True" if self.cuda_graph else "")
+            + (f", step_control={self.step_control!r}" if self.step_control != "batch" else "")
         )
 
     @property
@@ -362,6 +437,18 @@ class ODEBlock(nn.Module):
                 f"{self.name} received NaN/inf in its initial state; check the layers before it.",
             )
         grid = grid.to(device=x0.device, dtype=x0.dtype)
+        if (
+            self.gradient == "direct"
+            and self.step_control == "per_sample"
+            and grid.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            raise bad_value(
+                "t",
+                grid,
+                "a time grid without gradient with step_control='per_sample' and gradient='direct'",
+                "Use gradient='adjoint' for the gradient of the time grid.",
+            )
         grid_output = grid.numel() > 2
         if self.gradient == "adjoint":
             capture = self._capture if torch.is_grad_enabled() else None
@@ -379,6 +466,7 @@ class ODEBlock(nn.Module):
                 self.field, self.settings, self.counters, record, x0, grid, *params
             )
         elif self.gradient == "torchdiffeq":
+            self._check_step_control()  # gradient may have been set after construction
             capture = None
             ys = torchdiffeq_solve(self.field, self.settings, self.counters, x0, grid)
             if self.check_finite:

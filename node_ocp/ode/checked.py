@@ -67,7 +67,12 @@ def solver_error(
     else:
         what = f"the solver stopped ({text[:120]})"
     reached = getattr(func, "last_t", None)
-    reached = "unknown" if reached is None else f"{float(reached):.6g}"
+    if reached is None:
+        reached = "unknown"
+    elif reached.numel() == 1:
+        reached = f"{float(reached):.6g}"
+    else:  # one time per sample (per-sample step control): the earliest
+        reached = f"{float(reached.min()):.6g} (the earliest sample)"
     return SolverError(
         f"{settings.name}: in the {phase} solve with method={spec.method!r} (rtol={spec.rtol}, "
         f"atol={spec.atol}) over [{float(grid[0]):.6g}, {float(grid[-1]):.6g}], {what} at "

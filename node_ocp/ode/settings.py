@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import bad_type, check_choice
+from .._errors import bad_type, bad_value, check_choice
 from .solvers import SolverSpec, make_spec
 
 #: Error norms of the adaptive backward solve over the augmented state (see ``ODEBlock``).
@@ -54,11 +54,12 @@ def make_settings(
     check_finite: Any = True,
     name: str = "ODEBlock",
     backend: Any = "torchdiffeq",
+    step_control: Any = "batch",
 ) -> SolveSettings:
     """Check the user's solver arguments (named as ``ODEBlock`` names them) and build the
-    settings; an ``adjoint_*`` left None takes the forward solve's value; ``backend``
-    applies to both solves."""
-    forward = make_spec(method, rtol, atol, options, backend=backend)
+    settings; an ``adjoint_*`` left None takes the forward solve's value; ``backend`` and
+    ``step_control`` apply to both solves."""
+    forward = make_spec(method, rtol, atol, options, backend=backend, step_control=step_control)
     backward = make_spec(
         method if adjoint_method is None else adjoint_method,
         rtol if adjoint_rtol is None else adjoint_rtol,
@@ -66,8 +67,16 @@ def make_settings(
         options if adjoint_options is None else adjoint_options,
         prefix="adjoint_",
         backend=backend,
+        step_control=step_control,
     )
     adjoint_norm = check_choice("adjoint_norm", adjoint_norm, ADJOINT_NORMS)
+    if step_control == "per_sample" and adjoint_norm == "full":
+        raise bad_value(
+            "adjoint_norm",
+            adjoint_norm,
+            "'seminorm' or 'state' with step_control='per_sample' (each sample's error norm "
+            "cannot include the parameter accumulators, a sum over samples)",
+        )
     if not isinstance(check_finite, bool):
         raise bad_type("check_finite", check_finite, "True or False")
     return SolveSettings(forward, backward, adjoint_norm, check_finite, name)

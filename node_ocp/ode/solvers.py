@@ -18,7 +18,7 @@ import torch
 from torchdiffeq import odeint
 
 from .._errors import bad_type, bad_value, check_choice, check_positive
-from . import rk
+from . import per_sample, rk
 
 #: Methods with error control; they take ``rtol``/``atol`` and choose their own steps.
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -45,13 +45,20 @@ OWN_METHODS: tuple[str, ...] = rk.OWN_METHODS
 class SolverSpec:
     """Validated settings for one direction of integration (forward or backward).
 
-    ``backend``: ``"torchdiffeq"`` or ``"own"`` (see :data:`BACKENDS`)."""
+    ``backend``: ``"torchdiffeq"`` or ``"own"`` (see :data:`BACKENDS`). ``step_control``:
+    ``"batch"`` (one step size for the batch) or ``"per_sample"`` (one per row of the state,
+    :mod:`node_ocp.ode.per_sample`; own backend, ``dopri5``/``bosh3``)."""
 
     method: str
     rtol: float
     atol: float
     options: dict[str, Any] = field(default_factory=dict)
     backend: str = "torchdiffeq"
+    step_control: str = "batch"
+
+    @property
+    def per_sample(self) -> bool:
+        return self.step_control == "per_sample"
 
     @property
     def adaptive(self) -> bool:
@@ -86,10 +93,28 @@ class SolverSpec:
     def integrate(self, func, y0, t: torch.Tensor, norm=None, keep_grid: bool = False):
         """``torchdiffeq.odeint(func, y0, t)`` with these settings, or the same solve by the
         own loop (:func:`node_ocp.ode.rk.odeint`) where :meth:`uses_own_loop`."""
+        if self.per_sample:
+            return self.integrate_per_sample(func, y0, t)
         options = self.odeint_options(norm=norm, keep_grid=keep_grid)
         solve = rk.odeint if self.uses_own_loop(y0, t, options) else odeint
         return solve(
             func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=options
+        )
+
+    def integrate_per_sample(self, func, y0, t: torch.Tensor, norm=None, shared=None, stats=None):
+        """The solve with one step size per row of ``y0``
+        (:func:`node_ocp.ode.per_sample.odeint`; ``func`` gets ``t`` of shape ``(B,)``)."""
+        return per_sample.odeint(
+            func,
+            y0,
+            t,
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            options=self.options,
+            norm=norm,
+            shared=shared,
+            stats=stats,
         )
 
 
@@ -104,12 +129,14 @@ def make_spec(
     options: Any,
     prefix: str = "",
     backend: Any = "torchdiffeq",
+    step_control: Any = "batch",
 ) -> SolverSpec:
     """Check user inputs and build a :class:`SolverSpec`.
 
     ``prefix`` is prepended to argument names in error messages (``"adjoint_"``).
     """
     check_backend(backend)
+    per_sample.check_step_control(step_control)
     check_choice(f"{prefix}method", method, METHODS)
     rtol = check_positive(f"{prefix}rtol", rtol)
     atol = check_positive(f"{prefix}atol", atol)
@@ -127,7 +154,16 @@ def make_spec(
                 f"'step_size' only with a fixed-grid method ({', '.join(FIXED_METHODS)})",
                 "Use 'first_step' or 'max_step' to guide an adaptive method.",
             )
-    return SolverSpec(method=method, rtol=rtol, atol=atol, options=options, backend=backend)
+    if step_control == "per_sample":
+        per_sample.check_per_sample(method, options, backend, prefix)
+    return SolverSpec(
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        options=options,
+        backend=backend,
+        step_control=step_control,
+    )
 
 
 def check_backend(backend: Any) -> str:

@@ -279,7 +279,9 @@ class SolverConfig:
     ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``) for every block's field
     (``ODEBlock(compile_field=...)``; not with ``gradient = "torchdiffeq"``).
     ``cuda_graph``: replay the fixed-grid solves (euler, midpoint, rk4) of every block from
-    CUDA graphs (``ODEBlock(cuda_graph=True)``; the own adjoint, CUDA devices only)."""
+    CUDA graphs (``ODEBlock(cuda_graph=True)``; the own adjoint, CUDA devices only).
+    ``step_control``: ``batch`` (one step size for the batch) or ``per_sample`` (one per
+    sample; with ``backend = "own"`` and dopri5 or bosh3, see ``ODEBlock``)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
@@ -288,6 +290,7 @@ class SolverConfig:
     backend: str = field(default_factory=lambda: _block_default("backend"))
     compile_field: str = "off"
     cuda_graph: bool = False
+    step_control: str = field(default_factory=lambda: _block_default("step_control"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
@@ -316,6 +319,23 @@ class SolverConfig:
                 f"{', '.join(GRAPH_METHODS)} and gradient = 'adjoint' (an adaptive method "
                 "decides its steps on the host). Set cuda_graph = false or change the method."
             )
+        from ..ode.per_sample import METHODS as PER_SAMPLE_METHODS
+        from ..ode.per_sample import STEP_CONTROLS
+
+        _choice(f"{where}.step_control", self.step_control, STEP_CONTROLS)
+        if self.step_control == "per_sample":
+            _choice(f"{where}.backend (with step_control = 'per_sample')", self.backend, ("own",))
+            _choice(
+                f"{where}.method (with step_control = 'per_sample')",
+                self.method,
+                PER_SAMPLE_METHODS,
+            )
+            if self.gradient == "torchdiffeq":
+                raise ConfigError(
+                    f"{where}.gradient: received 'torchdiffeq'; accepted with step_control = "
+                    "'per_sample': 'adjoint' or 'direct' (torchdiffeq's odeint_adjoint has one "
+                    "step size for the batch)"
+                )
 
 
 @dataclass

@@ -69,6 +69,7 @@ def solver_settings(config: RunConfig) -> dict:
         "atol": s.atol,
         "gradient": s.gradient,
         "backend": s.backend,
+        "step_control": s.step_control,
     }
 
 
