@@ -314,12 +314,18 @@ def format_table(results: dict) -> str:
 def verdicts(results: dict) -> list[str]:
     """The issue's aims, in words, from the figures."""
     done = {t: r for t, r in results.items() if "failed" not in r}
-    fast = [
-        t
-        for t, r in done.items()
-        if (r["arms"]["ocnopt"]["time_ratio"] or math.inf) <= 0.5
-        and r["arms"]["ocnopt"]["reached"] * 2 > len(r["arms"]["ocnopt"]["time_to_target_per_seed"])
-    ]
+
+    def within(ratio: float) -> list[str]:
+        """Tasks where most of OCNOpt's seeds reached the target, in <= ratio x Adam's time."""
+        return [
+            t
+            for t, r in done.items()
+            if (r["arms"]["ocnopt"]["time_ratio"] or math.inf) <= ratio
+            and r["arms"]["ocnopt"]["reached"] * 2
+            > len(r["arms"]["ocnopt"]["time_to_target_per_seed"])
+        ]
+
+    fast = within(0.5)
     diverged = [t for t, r in done.items() if r["arms"]["ocnopt"]["diverged"]]
 
     def beats(r, other):
@@ -329,12 +335,7 @@ def verdicts(results: dict) -> list[str]:
     level = [t for t, r in done.items() if not beats(r, "adam")]
     ablated = {t: r for t, r in done.items() if "ocnopt-identity" in r["arms"]}
     ablation = [t for t, r in ablated.items() if beats(r, "ocnopt-identity")]
-    near = [
-        t
-        for t, r in done.items()
-        if (r["arms"]["ocnopt"]["time_ratio"] or math.inf) <= 0.7
-        and r["arms"]["ocnopt"]["reached"] * 2 > len(r["arms"]["ocnopt"]["time_to_target_per_seed"])
-    ]
+    near = within(0.7)
     moving = [t for t, r in done.items() if not r["arms"]["adam"]["late_gain"] <= PLATEAU]
     n = len(done)
     words = [
