@@ -99,12 +99,40 @@ def _parser() -> argparse.ArgumentParser:
         default="best",
         help="the test metric of each run's best-validation model (default) or final model",
     )
+    p.add_argument(
+        "--ocnopt-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options added to the ocnopt arm's table (VALUE in TOML: weight_decay=0.001), to "
+        "measure a candidate default against runs of the other arms already in --out",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_default"))
     return p
 
 
-def _write_config(src: Path, dest: Path, budget: float, grids: dict) -> Path:
-    """The task's config with the four arms as its optimizer tables and a time budget."""
+def _settings(pairs: list[str]) -> dict:
+    """``["weight_decay=0.001", ...]`` as a dict of TOML values; a clear error otherwise."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--ocnopt-set: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise SystemExit(
+                f"--ocnopt-set: the value of {key.strip()!r} is not a TOML value "
+                f"(a number, true/false or a quoted string), got {value!r}: {e}"
+            ) from None
+    return out
+
+
+def _write_config(
+    src: Path, dest: Path, budget: float, grids: dict, ocnopt_set: dict | None = None
+) -> Path:
+    """The task's config with the four arms as its optimizer tables and a time budget;
+    ``ocnopt_set`` adds options to the ``ocnopt`` arm's table (a candidate default)."""
     raw = tomllib.loads(src.read_text())
     path = raw.get("task", {}).get("path")
     if isinstance(path, str) and not Path(path).is_absolute():  # relative to the source
@@ -114,6 +142,8 @@ def _write_config(src: Path, dest: Path, budget: float, grids: dict) -> Path:
         t = dict(table)
         if arm in grids:
             t["lr_grid"] = grids[arm]
+        if arm == "ocnopt":
+            t.update(ocnopt_set or {})
         raw["optimizers"][arm] = t
     raw["train"] = {**raw.get("train", {}), "steps": 10**7, "max_seconds": budget}
     raw["train"]["optimizer"] = "ocnopt"
@@ -368,10 +398,11 @@ def main(argv=None) -> dict:
         else {t: ROOT / "configs" / f"{t}.toml" for t in args.tasks}
     )
     grids = {"adam": args.adam_grid, "ocnopt-tuned": args.tuned_grid}
+    ocnopt_set = _settings(args.ocnopt_set)
     plan = {}
     for task, src in configs.items():
         budget = args.budget if args.budget is not None else {**TASKS, **MORE_TASKS}.get(task, 60.0)
-        cfg = _write_config(src, out / task / "config.toml", budget, grids)
+        cfg = _write_config(src, out / task / "config.toml", budget, grids, ocnopt_set)
         plan[task] = (cfg, budget)
     arms = [a for a in ARMS if a in {"ocnopt", "adam", *args.arms}]
     pool = ThreadPoolExecutor(max_workers=args.jobs)
@@ -430,6 +461,7 @@ def main(argv=None) -> dict:
         "seeds": args.seeds,
         "model": args.model,
         "grids": grids,
+        "ocnopt_set": ocnopt_set,
         "verdicts": words,
         "results": results,
     }

@@ -98,6 +98,23 @@ def test_bench_default_main_runs_every_arm_and_saves_the_table(tmp_path):
     assert [p.stat().st_mtime_ns for p in runs] == stamps
 
 
+def test_bench_default_ocnopt_set_reaches_only_the_default_arm(tmp_path):
+    import tomllib
+    from train_helpers import tiny, write_toml
+
+    bench = _load("bench_default")
+    settings = bench._settings(["weight_decay=0.001", "damping = 0.1", 'factors="sampled"'])
+    assert settings == {"weight_decay": 0.001, "damping": 0.1, "factors": "sampled"}
+    src = write_toml(tmp_path / "t.toml", tiny())
+    cfg = bench._write_config(src, tmp_path / "out.toml", 3.0, {"adam": [0.01]}, settings)
+    tables = tomllib.loads(cfg.read_text())["optimizers"]
+    assert tables["ocnopt"] == {"kind": "ocnopt", **settings}
+    assert "weight_decay" not in tables["ocnopt-tuned"] and "weight_decay" not in tables["adam"]
+    for bad in (["weight_decay"], ["=1"], ["weight_decay=1e-3x"]):
+        with pytest.raises(SystemExit, match="--ocnopt-set"):
+            bench._settings(bad)
+
+
 def test_compare_all_main_collects_one_summary_table(tmp_path):
     from train_helpers import tiny, write_toml
 
