@@ -129,6 +129,47 @@ def masked_mse_hessian(target) -> torch.Tensor:
     return 2.0 * m / m.sum().clamp_min(1.0)
 
 
+def latent_terms(model: nn.Module, x, y, eps: torch.Tensor):
+    """A latent ODE's training loss as a function of outputs ``o = (preds, mu, std)``
+    (flattened, concatenated) and the loss's exact Hessian diagonal wrt ``o``:
+    ``(o, loss, hdiag)``.
+
+    The loss is the model's own (``model(x, y.times, targets=y)``: the negative bound per
+    observed value) for one posterior draw ``z = mu + std * eps`` (``eps (1, B, L)``, fixed
+    by the caller so that a step's trials see the same draw): with one draw the bound is the
+    observation log-likelihood minus ``w`` times the closed-form KL, so it is a function of
+    the decoded means and of ``(mu, std)`` only. Its Hessian is diagonal:
+    ``m / (σ² n)`` in the decoded means (mask ``m``, ``n`` observed values), ``w / n`` in
+    ``mu`` and ``w (1 + 1/std²) / n`` in ``std`` (KL ``= ½(std² + mu²) − log std − ½``).
+    So ``Jᵀ H J`` is the exact Gauss–Newton matrix of the whole bound: decoder, latent field
+    and encoder coupled, the KL's curvature included.
+    """
+    from node_ocp.models.latent import bound_per_series, observation_log_likelihood
+
+    if eps.shape[0] != 1:
+        raise ValueError(f"eps: received shape {tuple(eps.shape)}; accepted: (1, B, L)")
+    mu, std = model.posterior(x)
+    times = torch.cat([x.times, y.times], 1)
+    values = torch.cat([x.values, y.values], 1)
+    mask = torch.cat([x.mask, y.mask], 1)
+    z = mu + std * eps
+    preds = model.decode(z, times)  # (1, B, P, C)
+    n = mask.sum().to(preds.dtype).clamp_min(1.0)
+    w = float(model.kl_weight)
+    outputs = torch.cat([preds.reshape(-1), mu.reshape(-1), std.reshape(-1)])
+    sizes = [preds.numel(), mu.numel(), std.numel()]
+    p_, mu_, std_ = outputs.split(sizes)
+    log_lik = observation_log_likelihood(p_.view(preds.shape), values, mask, model.obs_std)
+    bound = bound_per_series(log_lik, z, mu_.view(mu.shape), std_.view(std.shape), w)
+    loss = -bound.sum() / n
+    m = mask.to(preds.dtype).expand(preds.shape).reshape(-1)
+    sd = std.detach().reshape(-1)
+    hdiag = torch.cat(
+        [m / (model.obs_std**2 * n), torch.full_like(sd, w) / n, w * (1 + 1 / sd**2) / n]
+    )
+    return outputs, loss, hdiag.detach()
+
+
 def conjugate_gradient(matvec, b, x0, iters: int):
     """``iters`` CG iterations on ``A x = b`` from ``x0``; returns ``(x, A x)``."""
     x = x0.clone()
@@ -285,8 +326,10 @@ def run(arm: str, seed: int, steps: int, report: list[int], args) -> dict:
     record["curve"].append({"step": 0, "train_loss": None, f"val_{metric}": val0})
     best = (val0, 0, copy.deepcopy(model.state_dict()))
     clock, losses = 0.0, []
+    latent = bool(getattr(task, "owns_objective", False))  # a latent ODE: the bound
     for step in range(1, steps + 1):
         batch = task.data.train.batch(sampler.next())
+        task.at_step(step - 1)  # as the training loop (KL annealing)
         t0 = time.perf_counter()
         if hf is None:
             opt.zero_grad()
@@ -300,6 +343,14 @@ def run(arm: str, seed: int, steps: int, report: list[int], args) -> dict:
                 with torch.set_grad_enabled(with_grad):
                     outputs, loss = task.batch_loss(model, batch)
                 return outputs, loss, masked_mse_hessian(batch.y)
+
+            if latent:  # the bound with every term's curvature, one draw fixed per step
+                mu0 = model.posterior(batch.x)[0].detach()
+                eps = torch.randn(1, *mu0.shape, dtype=mu0.dtype)
+
+                def batch_fn(with_grad, batch=batch, eps=eps):
+                    with torch.set_grad_enabled(with_grad):
+                        return latent_terms(model, batch.x, batch.y, eps)
 
             losses.append(hf.step(batch_fn))
         clock += time.perf_counter() - t0

@@ -88,3 +88,59 @@ def test_conjugate_gradient_solves_a_small_system():
     x, ax = dc.conjugate_gradient(lambda v: a @ v, b, torch.zeros(6, dtype=torch.float64), 12)
     assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-8)
     assert torch.allclose(ax, a @ x, atol=1e-8)
+
+
+def test_latent_terms_are_the_models_bound_and_its_exact_output_hessian():
+    """The latent ODE's loss as a function of (preds, mu, std): the model's own bound for
+    the same draw, and its Hessian wrt those outputs is the stated diagonal (autograd)."""
+    from node_ocp.models import LatentODE
+
+    mod = _module()
+    torch.manual_seed(0)
+    model = LatentODE(
+        2,
+        latent=2,
+        hidden=3,
+        encoder_hidden=(3,),
+        field_hidden=(3,),
+        decoder_hidden=(3,),
+        method="rk4",
+        gradient="direct",
+    ).double()
+    model.kl_weight = 0.7
+    _, x, y = _tiny()
+    eps = torch.randn(1, 2, 2, dtype=torch.float64)
+    outputs, loss, hdiag = mod.latent_terms(model, x, y, eps)
+    # the model's own objective, with its draw replaced by ours
+    real_randn = torch.randn
+    torch.randn = lambda *a, **k: eps.clone()
+    try:
+        terms = model(x, y.times, targets=y)
+    finally:
+        torch.randn = real_randn
+    assert torch.allclose(loss, terms.neg_elbo / terms.count, rtol=1e-12, atol=0)
+    # the loss depends on the parameters only through the outputs: a function of o alone
+    o = outputs.detach().requires_grad_(True)
+    sizes = [outputs.numel() - 8, 4, 4]
+
+    def loss_of(o):
+        from node_ocp.models.latent import bound_per_series, observation_log_likelihood
+
+        p, mu, std = o.split(sizes)
+        mask = torch.cat([x.mask, y.mask], 1)
+        values = torch.cat([x.values, y.values], 1)
+        ll = observation_log_likelihood(p.view(1, 2, 5, 2), values, mask, model.obs_std)
+        z = mu.view(2, 2) + std.view(2, 2) * eps
+        return -bound_per_series(ll, z, mu.view(2, 2), std.view(2, 2), 0.7).sum() / mask.sum()
+
+    assert torch.allclose(loss_of(o), loss, rtol=1e-12, atol=0)
+    hess = torch.autograd.functional.hessian(loss_of, o)
+    assert torch.allclose(hess, torch.diag(hdiag), rtol=1e-10, atol=1e-12)
+    # and the gradient through the outputs is the loss's whole gradient
+    params = [p for p in model.parameters()]
+    g_direct = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    (g_o,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+    g_chain = torch.autograd.grad(outputs, params, grad_outputs=g_o, allow_unused=True)
+    for a, b in zip(g_direct, g_chain):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
