@@ -229,41 +229,20 @@ def parameter_blocks(model: nn.Module, how: str) -> list[list[int]] | None:
 
 
 # ---------------------------------------------------------------------- optimizers
-class HessianFree:
-    """Truncated Newton with CG on the (block-diagonal) Gauss-Newton matrix; see the module
-    docstring. ``step(batch_fn)``: ``batch_fn(with_grad)`` -> ``(outputs, loss, hdiag)``."""
+class _Checked:
+    """A step ``d`` checked on the batch: λ by Levenberg–Marquardt on its reduction ratio
+    ρ, then Armijo backtracking (α halved up to 8 times, no step when none passes)."""
 
-    def __init__(self, model, cg_iters, blocks="full", damping=1.0, decay=0.95):
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.cg_iters, self.damping, self.decay = cg_iters, damping, decay
-        self.blocks = parameter_blocks(model, blocks)
-        self.d_prev = None
-        self.products = 0
-        self.log: list[dict] = []
+    params: list
+    damping: float
 
     def _set(self, theta):
         with torch.no_grad():
             for p, t in zip(self.params, unflat(theta, self.params)):
                 p.copy_(t)
 
-    def step(self, batch_fn) -> float:
-        outputs, loss, hdiag = batch_fn(True)
-        grads = torch.autograd.grad(loss, self.params, retain_graph=True)
-        g = flat(grads).detach()
-        gn = GaussNewton(outputs, self.params, hdiag, self.blocks)
-        lam = self.damping
-
-        def a(v):
-            return gn.gv(v).detach() + lam * v
-
-        x0 = torch.zeros_like(g) if self.d_prev is None else self.decay * self.d_prev
-        d, ad = conjugate_gradient(a, -g, x0, self.cg_iters)
-        self.products += gn.count
-        f0 = float(loss.detach())
-        gd = float(g @ d)
-        dgd = float(d @ ad) - lam * float(d @ d)  # dᵀGd without the damping
-        predicted = gd + 0.5 * dgd
+    def _take(self, batch_fn, d, f0: float, gd: float, predicted: float, lam: float):
+        """Apply ``d`` (or a fraction, or nothing); returns ``(ρ, α)``."""
         theta = flat(self.params).detach().clone()
         with torch.no_grad():
             self._set(theta + d)
@@ -286,6 +265,40 @@ class HessianFree:
         if not (math.isfinite(f) and f <= f0 + 0.01 * alpha * gd):
             alpha = 0.0
             self._set(theta)
+        return rho, alpha
+
+
+class HessianFree(_Checked):
+    """Truncated Newton with CG on the (block-diagonal) Gauss-Newton matrix; see the module
+    docstring. ``step(batch_fn)``: ``batch_fn(with_grad)`` -> ``(outputs, loss, hdiag)``."""
+
+    def __init__(self, model, cg_iters, blocks="full", damping=1.0, decay=0.95):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.cg_iters, self.damping, self.decay = cg_iters, damping, decay
+        self.blocks = parameter_blocks(model, blocks)
+        self.d_prev = None
+        self.products = 0
+        self.log: list[dict] = []
+
+    def step(self, batch_fn) -> float:
+        outputs, loss, hdiag = batch_fn(True)
+        grads = torch.autograd.grad(loss, self.params, retain_graph=True)
+        g = flat(grads).detach()
+        gn = GaussNewton(outputs, self.params, hdiag, self.blocks)
+        lam = self.damping
+
+        def a(v):
+            return gn.gv(v).detach() + lam * v
+
+        x0 = torch.zeros_like(g) if self.d_prev is None else self.decay * self.d_prev
+        d, ad = conjugate_gradient(a, -g, x0, self.cg_iters)
+        self.products += gn.count
+        f0 = float(loss.detach())
+        gd = float(g @ d)
+        dgd = float(d @ ad) - lam * float(d @ d)  # dᵀGd without the damping
+        predicted = gd + 0.5 * dgd
+        rho, alpha = self._take(batch_fn, d, f0, gd, predicted, lam)
         self.d_prev = d
         self.log.append(
             {"loss": f0, "rho": rho, "lambda": lam, "alpha": alpha, "gd": gd, "dgd": dgd}
@@ -293,7 +306,7 @@ class HessianFree:
         return f0
 
 
-class CoupledRescale:
+class CoupledRescale(_Checked):
     """Adam's direction cut into blocks, plus the previous update, combined by the exact,
     coupled Gauss-Newton quadratic model of the batch (K-FAC's re-scaling and momentum,
     Martens & Grosse 2015 §7, with exact products): ``D = [d_1 … d_k, δ_prev]``,
@@ -310,11 +323,6 @@ class CoupledRescale:
         self.prev = None
         self.products = 0
         self.log: list[dict] = []
-
-    def _set(self, theta):
-        with torch.no_grad():
-            for p, t in zip(self.params, unflat(theta, self.params)):
-                p.copy_(t)
 
     def combine(self, dirs, g, gn: GaussNewton, hdiag, lam: float):
         """``(c, DᵀGD, Dᵀg)``: the coefficients minimising the damped coupled model."""
@@ -353,24 +361,7 @@ class CoupledRescale:
         d = sum(float(ci) * di for ci, di in zip(c, dirs))
         predicted = float(b @ c + 0.5 * c @ mat @ c)
         f0 = float(loss.detach())
-        theta = flat(self.params).detach().clone()
-        self._set(theta + d)
-        f1 = float(batch_fn(False)[1])
-        rho = (f1 - f0) / predicted if predicted < 0 and math.isfinite(f1) else -math.inf
-        if rho < 0.25:
-            self.damping = lam * 1.5
-        elif rho > 0.75:
-            self.damping = max(lam * (2.0 / 3.0), 1e-8)
-        alpha, f, gd = 1.0, f1, float(g @ d)
-        tries = 0
-        while not (math.isfinite(f) and f <= f0 + 0.01 * alpha * gd) and tries < 8:
-            alpha *= 0.5
-            tries += 1
-            self._set(theta + alpha * d)
-            f = float(batch_fn(False)[1])
-        if not (math.isfinite(f) and f <= f0 + 0.01 * alpha * gd):
-            alpha = 0.0
-            self._set(theta)
+        rho, alpha = self._take(batch_fn, d, f0, float(g @ d), predicted, lam)
         self.prev = alpha * d
         self.log.append({"loss": f0, "rho": rho, "lambda": lam, "alpha": alpha})
         return f0

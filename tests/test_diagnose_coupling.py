@@ -38,9 +38,9 @@ def _tiny():
     return model, x, y
 
 
-def test_gauss_newton_products_match_the_dense_ggn():
-    dc = _module()
-    model, x, y = _tiny()
+def _dense_ggn(dc, model, x, y):
+    """``(params, θ, outputs_of, the masked MSE's output Hessian h, Jᵀ diag(h) J)`` from the
+    full Jacobian."""
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     theta = dc.flat(params).detach()
@@ -52,11 +52,17 @@ def test_gauss_newton_products_match_the_dense_ggn():
     jac = torch.autograd.functional.jacobian(outputs_of, theta)  # (B, Q, C, P)
     jac = jac.reshape(-1, theta.numel())
     h = dc.masked_mse_hessian(y)
+    return params, theta, outputs_of, h, jac.T @ (h.reshape(-1, 1) * jac)
+
+
+def test_gauss_newton_products_match_the_dense_ggn():
+    dc = _module()
+    model, x, y = _tiny()
+    params, theta, outputs_of, h, dense = _dense_ggn(dc, model, x, y)
     # the Hessian of the masked MSE is the diagonal 2 m / Σ m: checked against autograd
     preds = outputs_of(theta).detach()
     hess = torch.autograd.functional.hessian(lambda p: masked_mse(p, y), preds)
     assert torch.allclose(hess.reshape(preds.numel(), -1), torch.diag(h.reshape(-1)))
-    dense = jac.T @ (h.reshape(-1, 1) * jac)
 
     v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
     out = model(x, y.times)
@@ -151,16 +157,7 @@ def test_coupled_rescale_minimises_the_coupled_model_over_its_directions():
     damped model ``(DᵀGD + λ diag) c = −Dᵀg`` (float64, the tiny ODE-RNN)."""
     dc = _module()
     model, x, y = _tiny()
-    names = [n for n, _ in model.named_parameters()]
-    params = [p for _, p in model.named_parameters()]
-    theta = dc.flat(params).detach()
-
-    def outputs_of(flat_theta):
-        return functional_call(model, dict(zip(names, dc.unflat(flat_theta, params))), (x, y.times))
-
-    jac = torch.autograd.functional.jacobian(outputs_of, theta).reshape(-1, theta.numel())
-    h = dc.masked_mse_hessian(y)
-    dense = jac.T @ (h.reshape(-1, 1) * jac)
+    params, theta, _, h, dense = _dense_ggn(dc, model, x, y)
     gen = torch.Generator().manual_seed(2)
     dirs = [torch.randn(theta.numel(), generator=gen, dtype=torch.float64) for _ in range(4)]
     g = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
