@@ -314,7 +314,16 @@ class CoupledRescale(_Checked):
     loss falls, λ by Levenberg-Marquardt on ρ). A probe of how much of the whole curvature's
     coupling a few products per step recover (``k + 1`` products ``J d``, no CG)."""
 
-    def __init__(self, model, blocks="parts", damping=1.0, betas=(0.9, 0.999), eps=1e-8):
+    #: the base direction: Adam's ``m̂/(√v̂+ε)``; ``rms``: ``g/(√v̂+ε)``; ``momentum``: ``m̂``;
+    #: ``gradient``: ``g`` (which part of Adam's direction the re-scaling needs, §19)
+    BASES = ("adam", "rms", "momentum", "gradient")
+
+    def __init__(
+        self, model, blocks="parts", damping=1.0, betas=(0.9, 0.999), eps=1e-8, base="adam"
+    ):
+        if base not in self.BASES:
+            raise ValueError(f"base: received {base!r}; accepted: {', '.join(self.BASES)}")
+        self.base = base
         self.params = [p for p in model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in self.params)
         self.blocks = parameter_blocks(model, blocks) or [list(range(len(self.params)))]
@@ -346,7 +355,11 @@ class CoupledRescale(_Checked):
         self.t += 1
         self.m.mul_(b1).add_(g, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        a = (self.m / (1 - b1**self.t)) / ((self.v / (1 - b2**self.t)).sqrt() + self.eps)
+        top = g if self.base in ("rms", "gradient") else self.m / (1 - b1**self.t)
+        if self.base in ("adam", "rms"):
+            a = top / ((self.v / (1 - b2**self.t)).sqrt() + self.eps)
+        else:
+            a = top
         gn = GaussNewton(outputs, self.params, hdiag)
         dirs = []
         for block in self.blocks:
@@ -392,7 +405,7 @@ def run(arm: str, seed: int, steps: int, report: list[int], args) -> dict:
     blocks = None
     if arm == "cr":  # Adam's blocks re-scaled by the coupled model (CoupledRescale)
         blocks = args.blocks
-        hf = CoupledRescale(model, blocks=blocks, damping=args.damping)
+        hf = CoupledRescale(model, blocks=blocks, damping=args.damping, base=args.cr_base)
     elif arm == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=args.adam_lr, betas=(0.9, 0.999))
         hf = None
@@ -405,6 +418,7 @@ def run(arm: str, seed: int, steps: int, report: list[int], args) -> dict:
         "seed": seed,
         "steps": steps,
         "blocks": blocks,
+        "cr_base": args.cr_base if arm == "cr" else None,
         "curve": [],
         "reports": {},
     }
@@ -507,6 +521,9 @@ def main() -> None:
     ap.add_argument("--adam-lr", type=float, default=0.01)
     ap.add_argument("--damping", type=float, default=1.0, help="initial λ")
     ap.add_argument("--blocks", default="parts", choices=["parts", "layers", "tensors", "full"])
+    ap.add_argument(
+        "--cr-base", default="adam", choices=CoupledRescale.BASES, help="the cr arm's direction"
+    )
     ap.add_argument("--out", default="experiments/results/diagnose_coupling.json")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -4,6 +4,7 @@ built from the full Jacobian (float64, a tiny ODE-RNN forecaster)."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch.func import functional_call
 
@@ -171,3 +172,10 @@ def test_coupled_rescale_minimises_the_coupled_model_over_its_directions():
         damped = mat + lam * torch.diag(mat.diagonal())
         assert torch.allclose(damped @ c, -b, rtol=1e-6, atol=1e-9)
     assert cr.products == 8
+
+
+def test_coupled_rescale_refuses_an_unknown_base_direction():
+    dc = _module()
+    model, _, _ = _tiny()
+    with pytest.raises(ValueError, match="base: received 'lion'"):
+        dc.CoupledRescale(model, base="lion")
