@@ -86,6 +86,7 @@ from .options import (  # noqa: F401  (re-exported: the public names of the opti
 from .preconditioner import Preconditioner
 from .step_control import Adaptation, StepControl
 from .steppers import STEPPERS
+from .subspace import SubspaceStep
 from .trial import Observed, Trials
 from .unit_scales import UnitCalibration, unit_groups
 
@@ -205,6 +206,22 @@ class OCNOpt(torch.optim.Optimizer):
             blocks' ``gradient`` is switched for the step's graph and its ``J v`` and trial
             forwards only; memory grows with the solver steps). Measured on the ODE-RNN
             forecaster: 3× cheaper backward (``bench_issue21.md`` §8).
+        scale_power: ``p`` in (0, 1] (default 1): the ekfac and diagonal units divide by
+            ``(s + λ)ᵖ`` instead of ``s + λ`` (``s`` their diagonal in the eigenbasis; ½:
+            Adam's square-root scaling in the Kronecker eigenbasis, as Shampoo/SOAP). Other
+            curvatures accept only 1.
+        numerator: ``"gradient"`` (default): the held directions precondition this step's
+            gradient; ``"average"``: its bias-corrected running average with coefficient
+            ``numerator_beta`` (default 0.9; Adam's first moment). The units' statistics
+            still come from the gradient.
+        subspace: ``"off"`` (default); ``"parts"``: the held directions, one per top-level
+            child module of the model, and the previous update are combined by the exact,
+            coupled Gauss–Newton model of the batch and the step checked on the batch every
+            step (:mod:`.subspace`; needs ``step(closure)`` with a closure returning
+            ``(loss, outputs)``, the loss computed from the outputs; one forward and backward
+            with a graph through the solvers and ``k + 1`` double-backward products per
+            step); ``"whole"``: the same with the held direction whole. Measured with
+            ``scale_power=0.5, numerator="average"`` in ``bench_issue21.md`` §20.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -294,6 +311,12 @@ class OCNOpt(torch.optim.Optimizer):
             else None
         )
         self._warned_cg = False
+        self._subspace = (
+            SubspaceStep(model, o.subspace, self.state, backprop=_backprop(model))
+            if o.subspace != "off"
+            else None
+        )
+        self._warned_subspace = False
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
@@ -580,12 +603,17 @@ class OCNOpt(torch.optim.Optimizer):
             self._factor_source.check_handed_over(step, self._capture, self._statistics_route)
             self._refresh()
         grads = self._gradients(step)
-        damping = Damping(self._lm.value, self._relative)
+        damping = Damping(self._lm.value, self._relative, self.options.scale_power)
         if self._calibration.due(step, self.update_every) and closure is not None:
             observed = observed or self._trials.here(closure)
             self._sweep_units(closure, observed, grads, damping)
-        directions = self._pre.directions(grads, damping)
-        coupled = None if self._cg is None else self._coupled(grads, directions, closure, damping)
+        directions = self._pre.directions(grads, damping, self._numerator(grads))
+        if self._cg is not None:
+            coupled = self._coupled(grads, directions, closure, damping)
+        elif self._subspace is not None:
+            coupled = self._subspace_step(grads, directions, closure)
+        else:
+            coupled = None
         open_loss = None  # L(θ + δ) on the batch, where a trial evaluated the δ taken
         if coupled is not None:  # a truncated Gauss–Newton step (:mod:`.gauss_newton_cg`)
             update, trial_loss = coupled
@@ -643,17 +671,12 @@ class OCNOpt(torch.optim.Optimizer):
                 "(the Gauss–Newton products are not averaged over processes yet)"
             )
         if closure is not None:
-            decay = {
-                p: value_at(g["weight_decay"], self._step)
-                for g in self.param_groups
-                for p in g["params"]
-            }
             taken = self._cg.step(
                 grads,
                 directions,
                 lambda r: self._pre.solve(r, damping),
                 closure,
-                decay,
+                self._decay(),
                 self._paused,
             )
             if self._cg.last_iters > 0:
@@ -669,12 +692,63 @@ class OCNOpt(torch.optim.Optimizer):
             )
         return None
 
+    def _numerator(self, grads: dict) -> dict | None:
+        """``numerator="average"``: the bias-corrected running average of the gradients,
+        ``m ← β m + (1 − β) g``, ``m / (1 − βᵗ)`` (kept per parameter as ``numerator_avg``);
+        None for ``"gradient"`` (the held directions precondition ``g`` itself)."""
+        if self.options.numerator == "gradient":
+            return None
+        beta = self.options.numerator_beta
+        out = {}
+        for p, g in grads.items():
+            st = self.state[p]
+            if "numerator_avg" not in st or st["numerator_avg"].shape != g.shape:
+                st["numerator_avg"], st["numerator_t"] = torch.zeros_like(g), 0
+            st["numerator_t"] += 1
+            st["numerator_avg"].mul_(beta).add_(g, alpha=1.0 - beta)
+            out[p] = st["numerator_avg"] / (1.0 - beta ** st["numerator_t"])
+        return out
+
+    def _subspace_step(self, grads: dict, directions: dict, closure):
+        """``subspace``: the held directions per part and the previous update combined by the
+        exact coupled model of the batch (:mod:`.subspace`): ``(update or None, trial loss)``;
+        None (the held step instead, with one warning) where the step has no closure or the
+        closure returns no outputs its loss is computed from."""
+        if self._reduces() and dist.world_size() > 1:
+            raise ValueError(
+                f"subspace: received {self.options.subspace!r} in a run across processes; "
+                "accepted: 'off' there (the exact products are not averaged over processes yet)"
+            )
+        if closure is not None:
+            taken = self._subspace.step(grads, directions, closure, self._decay(), self._paused)
+            if taken is not None:
+                return taken
+        if not self._warned_subspace:
+            self._warned_subspace = True
+            why = "no closure" if closure is None else self._subspace.last_reason
+            warnings.warn(
+                f"OCNOpt: subspace: {why}; the step keeps the held step (subspace needs "
+                "step(closure) with a closure returning (loss, outputs), the loss computed "
+                "from the outputs).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+
+    def _decay(self) -> dict:
+        """Parameter -> its weight decay at this step."""
+        return {
+            p: value_at(g["weight_decay"], self._step)
+            for g in self.param_groups
+            for p in g["params"]
+        }
+
     def _sweep_context(self, damping: Damping) -> SweepContext:
         """What a feedback sweep needs from the optimizer (``damping``: the step's)."""
         return SweepContext(
             self._units.units,
             damping,
-            Damping(self._lm.value, damping.relative),
+            Damping(self._lm.value, damping.relative, damping.power),
             self._stepper.gain_scale(self._step),
             self._reduces(),
             self._stage_params,
@@ -785,6 +859,8 @@ class OCNOpt(torch.optim.Optimizer):
         }
         if self._cg is not None:
             sd["ocnopt"]["cg_damping"] = self._cg.damping
+        if self._subspace is not None:
+            sd["ocnopt"]["subspace_damping"] = self._subspace.damping
         return sd
 
     def _check_shapes(self, extra: dict, state: dict) -> None:
@@ -841,6 +917,9 @@ class OCNOpt(torch.optim.Optimizer):
         if self._cg is not None:
             self._cg.state = self.state  # the loaded state (its previous CG solutions)
             self._cg.damping = float(extra.get("cg_damping", self._cg.damping))
+        if self._subspace is not None:
+            self._subspace.state = self.state  # the loaded state (its previous updates)
+            self._subspace.damping = float(extra.get("subspace_damping", self._subspace.damping))
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._pre.build(self._group_of, self.state)
         self._stepper = self._make_stepper()

@@ -21,6 +21,7 @@ from .feedback import FEEDBACK_MODES
 from .feedback_gain import FEEDBACK_GAINS
 from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
+from .subspace import SUBSPACES
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
 FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empirical", ...
@@ -29,6 +30,9 @@ NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 CG_JV: tuple[str, ...] = ("central", "forward")  # see gauss_newton_cg.JV_RULES
 CG_GRAPHS: tuple[str, ...] = ("adjoint", "direct")
+NUMERATORS: tuple[str, ...] = ("gradient", "average")
+#: the curvatures ``scale_power != 1`` applies to (a diagonal in the unit's eigenbasis)
+POWER_CURVATURES: tuple[str, ...] = ("ekfac", "diagonal", "identity")
 
 #: Hyper-parameters that were renamed: old name -> new name. The old names keep working
 #: (keywords, parameter-group keys, config keys, saved parameter groups) with a
@@ -98,6 +102,10 @@ class OCNOptOptions:
     cg_iters: int = 0
     cg_jv: str = "central"
     cg_graph: str = "adjoint"
+    scale_power: float = 1.0
+    numerator: str = "gradient"
+    numerator_beta: float = 0.9
+    subspace: str = "off"
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -177,6 +185,23 @@ class OCNOptOptions:
         check_int("cg_iters", self.cg_iters, 0)
         check_choice("cg_jv", self.cg_jv, CG_JV)
         check_choice("cg_graph", self.cg_graph, CG_GRAPHS)
+        scale_power = _number("scale_power", self.scale_power, 0, 1, True, False, "(0, 1]")
+        if scale_power != 1.0 and self.curvature not in POWER_CURVATURES:
+            raise bad_value(
+                "scale_power",
+                self.scale_power,
+                f"1 with curvature={self.curvature!r}; another power needs a curvature with a "
+                f"diagonal in its eigenbasis: {', '.join(POWER_CURVATURES)}",
+            )
+        check_choice("numerator", self.numerator, NUMERATORS)
+        numerator_beta = _number("numerator_beta", self.numerator_beta, 0, 1, False, True, "[0, 1)")
+        check_choice("subspace", self.subspace, SUBSPACES)
+        if self.subspace != "off" and self.cg_iters:
+            raise bad_value(
+                "subspace",
+                self.subspace,
+                "'off' with cg_iters > 0 (both replace the held step; choose one)",
+            )
         return dataclasses.replace(
             self,
             lr=lr,
@@ -191,6 +216,8 @@ class OCNOptOptions:
             ekfac_decay=ekfac_decay,
             diag_beta=diag_beta,
             stiff_ratio=stiff_ratio,
+            scale_power=scale_power,
+            numerator_beta=numerator_beta,
         )
 
     def group_defaults(self) -> dict:
@@ -203,6 +230,13 @@ class OCNOptOptions:
             outside=self.outside,
             diag_beta=self.diag_beta,
         )
+
+
+def _number(name: str, value, low, high, low_open, high_open, interval: str) -> float:
+    """A plain number (no schedule) in ``interval``, as a float."""
+    if callable(value):
+        raise bad_type(name, value, f"a float in {interval} (not a schedule)")
+    return float(check_hyper(name, value, low, high, low_open, high_open, f"a float in {interval}"))
 
 
 #: The one default of OCNOpt as a dict (the fields a config table may set among them).

@@ -156,9 +156,17 @@ class Preconditioner:
         self.disarm()
 
     # ------------------------------------------------------------------ use
-    def directions(self, grads: dict, damping: Damping) -> dict:
-        """``u = (C + λ)⁻¹ g / s`` from every unit whose parameters have gradients."""
-        return self._per_unit(grads, lambda unit, v: unit.direction(v, damping, self.samples))
+    def directions(self, grads: dict, damping: Damping, numerator: dict | None = None) -> dict:
+        """``u = (C + λ)⁻¹ g / s`` from every unit whose parameters have gradients (the
+        units' per-step statistics updated from ``g``); with ``numerator`` (a dict like
+        ``grads``: OCNOpt's averaged gradient), ``u = (C + λ)⁻¹ numerator / s``, the
+        statistics still updated from ``g``."""
+        if numerator is None:
+            return self._per_unit(grads, lambda unit, v: unit.direction(v, damping, self.samples))
+        for unit in self.units.units:
+            if all(p in grads for p in unit.params):
+                unit.observe([grads[p] for p in unit.params], self.samples)
+        return self.solve(numerator, damping)
 
     def solve(self, vectors: dict, damping: Damping) -> dict:
         """``(C + λ)⁻¹ v / s`` per unit, changing no running statistics (as ``directions``

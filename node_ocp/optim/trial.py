@@ -146,7 +146,7 @@ class Trials:
         adaptation's record)``.
         """
         control = stepper.control
-        zero = Damping(0.0, damping.relative)
+        zero = damping.without_damping()
         params = list(update)
         if observed is None:  # the loss of the batch at θ is unknown: one more evaluation
             observed = self.here(closure)

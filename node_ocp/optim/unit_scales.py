@@ -124,7 +124,7 @@ class UnitCalibration:
         """
         if len(groups) < 2:  # one group: its scale is the geometric mean, 1
             return
-        zero = Damping(0.0, damping.relative)
+        zero = damping.without_damping()
         kappas: dict[int, float] = {}
         for index, group in enumerate(groups):
             params = [p for unit in group for p in unit.params]

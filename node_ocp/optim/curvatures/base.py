@@ -40,10 +40,24 @@ class Damping:
 
     value: float
     relative: bool = True
+    #: ``p`` of OCNOpt's ``scale_power``: units with a diagonal in their eigenbasis (ekfac,
+    #: diagonal) use ``(s + λ)ᵖ`` where they would use ``s + λ`` (½: Adam's square-root
+    #: scaling in the unit's eigenbasis)
+    power: float = 1.0
 
     def of(self, scale: float) -> float:
         """The absolute damping λ of a unit whose curvature has mean eigenvalue ``scale``."""
         return self.value * scale if self.relative else self.value
+
+    def denominator(self, s: torch.Tensor, scale: float) -> torch.Tensor:
+        """``(s + λ)ᵖ`` for a diagonal ``s`` (any shape) of a unit of mean eigenvalue
+        ``scale``; exactly ``s + λ`` at ``p = 1``."""
+        shifted = s + self.of(scale)
+        return shifted if self.power == 1.0 else shifted.pow(self.power)
+
+    def without_damping(self) -> Damping:
+        """The same rule with ``λ = 0`` (the undamped quadratic model)."""
+        return Damping(0.0, self.relative, self.power)
 
 
 class CurvatureUnit(ABC):
@@ -92,6 +106,12 @@ class CurvatureUnit(ABC):
         ``samples`` is the number of examples behind one gradient (the batch size of the
         last refresh), which turns a squared mean gradient into a per-sample second moment.
         """
+
+    def observe(self, grads: list[torch.Tensor], samples: float) -> None:
+        """Update the per-step statistics from this step's gradient without forming a
+        direction (OCNOpt's ``numerator="average"`` then calls :meth:`solve` with the
+        averaged gradient); units without per-step statistics do nothing."""
+        return None
 
     def solve(self, v: list[torch.Tensor], damping: Damping) -> list[torch.Tensor]:
         """``(C + λ)⁻¹ v`` with the held curvature, changing nothing (the feedback gains).

@@ -2,9 +2,10 @@
 
 The curvature of a coordinate is the running average of its squared gradient scaled to one
 sample, ``s ← β s + (1 − β) n g²`` (``n`` the examples behind one gradient, as EKFAC does in
-its eigenbasis), bias-corrected: ``ŝ = s / (1 − βᵗ)``. The direction is ``g / (ŝ + λ)`` with
-``λ`` relative to the mean of ``ŝ`` over the tensor — EKFAC with the identity as eigenbasis,
-on the same scale as the Kronecker layers, so that one step size means the same for both.
+its eigenbasis), bias-corrected: ``ŝ = s / (1 − βᵗ)``. The direction is ``g / (ŝ + λ)ᵖ``
+(``p``: OCNOpt's ``scale_power``, 1 by default) with ``λ`` relative to the mean of ``ŝ`` over
+the tensor — EKFAC with the identity as eigenbasis, on the same scale as the Kronecker
+layers, so that one step size means the same for both.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class DiagonalUnit(CurvatureUnit):
         mean = float(self._corrected().mean())
         return mean if mean > 0 else 1.0
 
-    def direction(self, grads, damping: Damping, samples: float) -> list[torch.Tensor]:
+    def observe(self, grads, samples: float) -> None:
         (g,) = grads
         st = self.state
         if "diag_s" not in st:
@@ -53,18 +54,20 @@ class DiagonalUnit(CurvatureUnit):
             st["diag_t"] = 0
         st["diag_t"] += 1
         st["diag_s"].mul_(self.beta).addcmul_(g, g, value=(1.0 - self.beta) * samples)
-        s = self._corrected()
-        return [g / (s + damping.of(self.scale()))]
+
+    def direction(self, grads, damping: Damping, samples: float) -> list[torch.Tensor]:
+        self.observe(grads, samples)
+        return self.solve(grads, damping)
 
     def solve(self, v, damping: Damping) -> list[torch.Tensor]:
         (x,) = v
         if not self.ready:
             return [x]
-        return [x / (self._corrected() + damping.of(self.scale()))]
+        return [x / damping.denominator(self._corrected(), self.scale())]
 
     def quadratic(self, v, damping: Damping) -> torch.Tensor:
         (x,) = v
         if not self.ready:
             return (x * x).sum()
         s = self._corrected()
-        return ((s + damping.of(self.scale())) * x * x).sum()
+        return (damping.denominator(s, self.scale()) * x * x).sum()

@@ -1,0 +1,237 @@
+"""The subspace step (OCNOpt's ``subspace``): the held directions, cut into the model's parts,
+and the previous update, combined by the exact, coupled Gauss–Newton model of the batch.
+
+OCNOpt's held curvature is block-diagonal over layers. Where the parts of a model act on its
+outputs together across time — a recurrent cell, the ODE field between observations and a
+read-out head — the block-diagonal model gets the relative sizes of the parts' steps wrong,
+and no single step size repairs that (``experiments/results/bench_issue21.md`` §6, §15). This
+step keeps the held directions but chooses their sizes with every coupling of the batch's
+exact curvature, as K-FAC chooses its step and momentum (Martens & Grosse, 2015, §7) — one
+coefficient per part instead of one for all:
+
+- the directions ``D = [d_1 … d_k, δ_prev]``: ``d_i`` is the held direction ``−u`` restricted
+  to part ``i`` (``"parts"``: one per top-level child module of the model, one more for
+  parameters held by the model itself; ``"whole"``: ``−u`` itself) and ``δ_prev`` the update
+  of the previous step (when there is one);
+- the exact model of the batch, ``m(c) = bᵀc + ½ cᵀ M c`` with ``b_i = gᵀ d_i`` and
+  ``M_ij = (J d_i)ᵀ H (J d_j) + d_iᵀ W d_j`` (``J`` the Jacobian of the closure's outputs in
+  the parameters, ``H`` the Hessian of the loss in the outputs, ``W`` the weight decay);
+  ``J d`` by double backward through a graph of the batch built with the ODE blocks
+  backpropagating through their solvers, ``H J d`` by double backward through the loss;
+- the coefficients ``c = −(M + λ diag M)⁻¹ b`` (Levenberg–Marquardt damping on the diagonal,
+  λ adapted from the reduction ratio ρ of every step: × 2/3 above ¾, × 3/2 below ¼);
+- the step ``δ = α D c`` is checked on the batch **every step**: α halves (up to
+  ``max_trials`` evaluations) until the loss falls by the Armijo fraction of ``α bᵀc``; when
+  none does, nothing moves and λ grows.
+
+It costs per step one forward and one backward of the batch with a graph (the ``J``-products'
+graph), ``k + 1`` double-backward products and at least one trial forward. It needs
+``step(closure)`` with a closure returning ``(loss, outputs)`` whose loss is computed from the
+outputs; otherwise OCNOpt keeps its held step (one warning). Across processes it is refused.
+
+Tensors: ``grads``, ``directions`` and updates are dicts ``parameter -> tensor`` of the
+parameter's shape; ``outputs`` any shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+#: The accepted values of OCNOpt's ``subspace``.
+SUBSPACES: tuple[str, ...] = ("off", "parts", "whole")
+
+#: Bounds of the Levenberg–Marquardt λ of the combination.
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8
+
+#: The Armijo fraction: a trial is taken when ``L(θ + αδ) ≤ L(θ) + ARMIJO · α bᵀc``.
+ARMIJO = 1e-4
+
+
+def model_parts(model: nn.Module) -> dict[torch.Tensor, str]:
+    """Parameter -> the name of its part: the top-level child module holding it (``""`` for
+    parameters the model holds itself)."""
+    return {p: (n.split(".", 1)[0] if "." in n else "") for n, p in model.named_parameters()}
+
+
+class SubspaceStep:
+    """The exact coupled combination of the held directions (see the module docstring).
+
+    Args:
+        model: the whole model (its top-level children are the parts).
+        how: ``"parts"`` or ``"whole"``.
+        state: the optimizer's per-parameter state (the previous update is kept there as
+            ``subspace_prev``).
+        backprop: a context factory inside which the closure's forwards build a backprop
+            graph through the solvers (OCNOpt passes one for its ODE blocks).
+        damping: the starting λ.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        how: str,
+        state,
+        backprop: Callable[[], AbstractContextManager] | None = None,
+        damping: float = 1.0,
+        max_trials: int = 4,
+    ):
+        self.how = how
+        self.part_of = model_parts(model)
+        self.state = state
+        self.backprop = backprop or nullcontext
+        self.damping = damping
+        self.max_trials = max_trials
+        self.last_reason = ""  # why the last step fell back to the held step ("" if it did not)
+        self.last_rho = float("nan")
+        self.last_alpha = float("nan")
+        self.last_coefficients: list[float] = []
+
+    # ------------------------------------------------------------------ the directions
+    def basis(self, directions: dict) -> list[dict]:
+        """The directions ``D`` (each a dict over a subset of the parameters; descent: −u)."""
+        params = list(directions)
+        if self.how == "whole":
+            dirs = [{p: -directions[p] for p in params}]
+        else:
+            keys = list(dict.fromkeys(self.part_of.get(p, "") for p in params))
+            dirs = [
+                {p: -directions[p] for p in params if self.part_of.get(p, "") == key}
+                for key in keys
+            ]
+        prev = {p: self.state[p].get("subspace_prev") for p in params}
+        if all(v is not None and v.shape == directions[p].shape for p, v in prev.items()):
+            if any(bool(v.ne(0).any()) for v in prev.values()):
+                dirs.append(prev)
+        return dirs
+
+    # ------------------------------------------------------------------ the exact model
+    def model(
+        self, closure: Callable, dirs: list[dict], grads: dict, weight_decay: dict, quiet
+    ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        """``(L(θ), M, b)`` of the batch (float64 ``M`` of ``k × k`` and ``b`` of ``k``), or
+        None (with ``last_reason``) when the closure gives no outputs the loss depends on."""
+        params = list(grads)
+        with torch.enable_grad(), quiet(), self.backprop():
+            value = closure()
+            if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
+                self.last_reason = "the closure returned no outputs"
+                return None
+            loss, outputs = value
+            if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
+                self.last_reason = "the closure's outputs carry no graph"
+                return None
+            (g_out,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
+            if g_out is None:
+                self.last_reason = "the closure's loss is not computed from its outputs"
+                return None
+            u = torch.zeros_like(outputs, requires_grad=True)
+            jtu = torch.autograd.grad(outputs, params, u, create_graph=True, allow_unused=True)
+            live = [(p, t) for p, t in zip(params, jtu) if t is not None and t.requires_grad]
+            products = []
+            for d in dirs:
+                pairs = [(t, d[p]) for p, t in live if p in d]
+                if not pairs:
+                    products.append(torch.zeros_like(outputs))
+                    continue
+                (jd,) = torch.autograd.grad(
+                    [t for t, _ in pairs], u, [v for _, v in pairs], retain_graph=True
+                )
+                products.append(jd.detach())
+            hjd = []
+            for jd in products:
+                if g_out.requires_grad:
+                    (h,) = torch.autograd.grad(
+                        g_out, outputs, jd, retain_graph=True, allow_unused=True
+                    )
+                else:
+                    h = None
+                hjd.append(torch.zeros_like(jd) if h is None else h.detach())
+        k = len(dirs)
+        mat = torch.zeros(k, k, dtype=torch.float64)
+        for i in range(k):
+            for j in range(i, k):
+                value = float((products[i] * hjd[j]).sum())
+                value += sum(
+                    float(weight_decay.get(p, 0.0)) * float((dirs[i][p] * dirs[j][p]).sum())
+                    for p in dirs[i]
+                    if p in dirs[j]
+                )
+                mat[i, j] = mat[j, i] = value
+        b = torch.tensor(
+            [sum(float((grads[p] * d[p]).sum()) for p in d) for d in dirs], dtype=torch.float64
+        )
+        return float(loss.detach()), mat, b
+
+    def coefficients(self, mat: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``c = −(M + λ diag M)⁻¹ b`` by Cholesky (least squares where the damped ``M`` is
+        not positive definite; both deterministic, unlike LAPACK's default ``gelsy``)."""
+        diag = mat.diagonal().clamp_min(1e-30)
+        damped = mat + self.damping * torch.diag(diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return torch.cholesky_solve(-b[:, None], factor)[:, 0]
+        return torch.linalg.lstsq(damped, -b[:, None], driver="gelsd").solution[:, 0]
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, grads: dict, directions: dict, closure: Callable, weight_decay: dict, quiet
+    ) -> tuple[dict | None, float | None] | None:
+        """``(the update taken or None, the last trial loss)``; None (nothing evaluated
+        beyond the graph, ``last_reason`` says why) where the held step should be taken."""
+        from .trial import loss_and_outputs
+
+        self.last_reason = ""
+        directions = {p: d for p, d in directions.items() if p in grads}
+        dirs = self.basis(directions)
+        built = self.model(closure, dirs, {p: grads[p] for p in directions}, weight_decay, quiet)
+        if built is None:
+            return None
+        loss0, mat, b = built
+        c = self.coefficients(mat, b)
+        gd = float(b @ c)
+        quad = float(c @ mat @ c)
+        if not (math.isfinite(loss0) and math.isfinite(gd) and math.isfinite(quad) and gd < 0):
+            self.last_reason = f"no descent in the subspace (bᵀc = {gd:.3g})"
+            self._grow()
+            return None, None
+        self.last_coefficients = [float(x) for x in c]
+        params = list(directions)
+        delta = {p: torch.zeros_like(directions[p]) for p in params}
+        for ci, d in zip(c.tolist(), dirs):
+            for p, v in d.items():
+                delta[p].add_(v, alpha=ci)
+        backup = [p.detach().clone() for p in params]
+        alpha, rho, loss1, taken = 1.0, float("nan"), None, None
+        try:
+            for trial in range(self.max_trials):
+                for p, bk in zip(params, backup):
+                    p.copy_(bk).add_(delta[p], alpha=alpha)
+                loss1 = loss_and_outputs(closure())[0]
+                if trial == 0:
+                    predicted = gd + 0.5 * quad
+                    rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")
+                if math.isfinite(loss1) and loss1 <= loss0 + ARMIJO * alpha * gd:
+                    taken = {p: delta[p] * alpha for p in params}
+                    break
+                alpha *= 0.5
+        finally:
+            for p, bk in zip(params, backup):
+                p.copy_(bk)
+        if math.isfinite(rho) and rho > 0.75:
+            self.damping = max(self.damping * (2.0 / 3.0), MIN_DAMPING)
+        elif not (math.isfinite(rho) and rho >= 0.25):
+            self._grow()
+        self.last_rho, self.last_alpha = rho, alpha if taken is not None else 0.0
+        for p in params:
+            self.state[p]["subspace_prev"] = (
+                taken[p].detach().clone() if taken is not None else torch.zeros_like(delta[p])
+            )
+        return taken, loss1
+
+    def _grow(self) -> None:
+        self.damping = min(self.damping * 1.5, MAX_DAMPING)
