@@ -244,7 +244,9 @@ def test_ocnopt_subspace_without_outputs_keeps_the_held_step():
     model, x, y = _setup()
     twin = copy.deepcopy(model)
     caught = {}
-    for m, o in ((model, no.OCNOpt(model, subspace="parts")), (twin, no.OCNOpt(twin))):
+    same = dict(scale_power=0.5, numerator="average")  # the held step with parts' directions
+    pairs = ((model, no.OCNOpt(model, subspace="parts")), (twin, no.OCNOpt(twin, **same)))
+    for m, o in pairs:
         o.zero_grad()
         out = m(x)
         o.backward(_loss(out, y), outputs=out, likelihood="gaussian")
@@ -273,3 +275,75 @@ def test_ocnopt_subspace_without_outputs_keeps_the_held_step():
 def test_bad_options_are_refused_by_name(kw, name):
     with pytest.raises((ValueError, TypeError), match=name):
         no.OCNOpt(Net(), **kw)
+
+
+# ---------------------------------------------------------------------- subspace="auto"
+class Recurrent(nn.Module):
+    """A GRU cell over a short sequence and a linear read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(2, 3)
+        self.head = nn.Linear(3, 2)
+        self.double()
+
+    def forward(self, x):  # x: (N, T, 2)
+        h = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def test_auto_chooses_the_subspace_step_for_recurrent_models_only():
+    rec = no.OCNOpt(Recurrent()).options
+    assert (rec.subspace, rec.scale_power, rec.numerator) == ("parts", 0.5, "average")
+    ode = no.OCNOpt(Net()).options
+    assert (ode.subspace, ode.scale_power, ode.numerator) == ("off", 1.0, "gradient")
+    fixed = no.OCNOpt(Recurrent(), step="fixed", lr=0.1).options
+    assert fixed.subspace == "off"
+    kfac = no.OCNOpt(Net(), subspace="parts", curvature="kfac").options
+    assert (kfac.subspace, kfac.scale_power, kfac.numerator) == ("parts", 1.0, "average")
+
+
+def _recurrent_run(opt, model, x, y, closure_outputs: bool, steps=4):
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(_loss(out, y), outputs=out, likelihood="gaussian")
+        if closure_outputs:
+            opt.step(lambda: (_loss(o := model(x), y), o))
+        else:
+            opt.step(lambda: _loss(model(x), y))
+
+
+def test_auto_without_outputs_is_the_held_step_bit_for_bit():
+    torch.manual_seed(0)
+    model = Recurrent()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 4, 2, dtype=F64), torch.randn(8, 2, dtype=F64)
+    opt, ref = no.OCNOpt(model), no.OCNOpt(twin, subspace="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silent: the automatic choice is withdrawn quietly
+        _recurrent_run(opt, model, x, y, closure_outputs=False)
+    _recurrent_run(ref, twin, x, y, closure_outputs=False)
+    assert opt.options.subspace == "off" and opt.options.scale_power == 1.0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_auto_with_outputs_takes_subspace_steps_and_resumes_exactly():
+    torch.manual_seed(0)
+    model = Recurrent()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 4, 2, dtype=F64), torch.randn(8, 2, dtype=F64)
+    opt = no.OCNOpt(model)
+    _recurrent_run(opt, model, x, y, closure_outputs=True, steps=6)
+    assert opt.options.subspace == "parts"
+    assert len(opt._subspace.last_coefficients) == 3  # cell, head, previous update
+    first = no.OCNOpt(twin)
+    _recurrent_run(first, twin, x, y, closure_outputs=True, steps=3)
+    second = no.OCNOpt(twin)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    _recurrent_run(second, twin, x, y, closure_outputs=True, steps=3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

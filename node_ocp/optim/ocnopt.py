@@ -206,22 +206,26 @@ class OCNOpt(torch.optim.Optimizer):
             blocks' ``gradient`` is switched for the step's graph and its ``J v`` and trial
             forwards only; memory grows with the solver steps). Measured on the ODE-RNN
             forecaster: 3× cheaper backward (``bench_issue21.md`` §8).
-        scale_power: ``p`` in (0, 1] (default 1): the ekfac and diagonal units divide by
-            ``(s + λ)ᵖ`` instead of ``s + λ`` (``s`` their diagonal in the eigenbasis; ½:
-            Adam's square-root scaling in the Kronecker eigenbasis, as Shampoo/SOAP). Other
-            curvatures accept only 1.
-        numerator: ``"gradient"`` (default): the held directions precondition this step's
-            gradient; ``"average"``: its bias-corrected running average with coefficient
-            ``numerator_beta`` (default 0.9; Adam's first moment). The units' statistics
-            still come from the gradient.
-        subspace: ``"off"`` (default); ``"parts"``: the held directions, one per top-level
-            child module of the model, and the previous update are combined by the exact,
-            coupled Gauss–Newton model of the batch and the step checked on the batch every
-            step (:mod:`.subspace`; needs ``step(closure)`` with a closure returning
-            ``(loss, outputs)``, the loss computed from the outputs; one forward and backward
-            with a graph through the solvers and ``k + 1`` double-backward products per
-            step); ``"whole"``: the same with the held direction whole. Measured with
-            ``scale_power=0.5, numerator="average"`` in ``bench_issue21.md`` §20.
+        scale_power: ``p`` in (0, 1], or None (default: ½ on subspace steps, 1 otherwise):
+            the ekfac and diagonal units divide by ``(s + λ)ᵖ`` instead of ``s + λ`` (``s``
+            their diagonal in the eigenbasis; ½: Adam's square-root scaling in the Kronecker
+            eigenbasis, as Shampoo/SOAP). Other curvatures accept only 1.
+        numerator: ``"auto"`` (default: ``"average"`` on subspace steps, ``"gradient"``
+            otherwise), ``"gradient"`` (the held directions precondition this step's
+            gradient) or ``"average"`` (its bias-corrected running average with coefficient
+            ``numerator_beta``, default 0.9: Adam's first moment). The units' statistics come
+            from the gradient either way.
+        subspace: ``"auto"`` (default: ``"parts"`` for a model with a recurrent layer —
+            ``nn.GRUCell``, ``nn.LSTM``, ... — with ``step="model"``, no ``cg_iters`` and one
+            process; ``"off"`` otherwise, see :func:`.subspace.automatic`), ``"off"`` (the
+            held step), ``"parts"``: the held directions, one per top-level child module of
+            the model, and the previous update combined by the exact, coupled Gauss–Newton
+            model of the batch, the step checked on the batch every step
+            (:mod:`.subspace`; needs ``step(closure)`` with a closure returning ``(loss,
+            outputs)``, the loss computed from the outputs, else the held step is taken with
+            one warning; one forward and backward with a graph through the solvers and
+            ``k + 1`` double-backward products per step), or ``"whole"``: the same with the
+            held direction whole. Measured in ``bench_issue21.md`` §20.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -253,7 +257,14 @@ class OCNOpt(torch.optim.Optimizer):
                 "an OCNOptOptions (or None); hyper-parameters by keyword, OCNOpt(model, lr=...)",
             )
         o = options.replace(**overrides).checked()
-        self.options = o
+        across = dist.is_distributed() if o.distributed is None else o.distributed
+        o = o.resolved(model, across_processes=bool(across) and dist.world_size() > 1)
+        self.options = o  # with the automatic choices made (``subspace``, ``scale_power``, ...)
+        # ``subspace="auto"`` chose a subspace step: the first step checks that the closure
+        # gives outputs the loss is computed from (else the run keeps the held step)
+        self._auto_pending = options.replace(**overrides).subspace == "auto" and (
+            o.subspace != "off"
+        )
         self.curvature = o.curvature
         self.factors = o.factors
         self.step_mode = o.step
@@ -598,6 +609,8 @@ class OCNOpt(torch.optim.Optimizer):
         observed, self._observed = self._observed, None
         if not self._all_finite():
             return None
+        if self._auto_pending:
+            self._settle_auto(closure)
         step = self._step
         if self.refresh_due:
             self._factor_source.check_handed_over(step, self._capture, self._statistics_route)
@@ -708,6 +721,18 @@ class OCNOpt(torch.optim.Optimizer):
             st["numerator_avg"].mul_(beta).add_(g, alpha=1.0 - beta)
             out[p] = st["numerator_avg"] / (1.0 - beta ** st["numerator_t"])
         return out
+
+    def _settle_auto(self, closure) -> None:
+        """``subspace="auto"`` chose a subspace step: keep it if ``closure`` returns
+        ``(loss, outputs)`` with the loss computed from the outputs (one evaluation of the
+        batch, first step only); otherwise turn it off for the run, with the held step's
+        own rule (``scale_power=1``, ``numerator="gradient"``), silently (a latent ODE's
+        bound, a loss alone)."""
+        self._auto_pending = False
+        if closure is not None and self._subspace.accepts(closure, self._paused):
+            return
+        self._subspace = None
+        self.options = self.options.replace(subspace="off", scale_power=1.0, numerator="gradient")
 
     def _subspace_step(self, grads: dict, directions: dict, closure):
         """``subspace``: the held directions per part and the previous update combined by the
@@ -859,6 +884,8 @@ class OCNOpt(torch.optim.Optimizer):
         }
         if self._cg is not None:
             sd["ocnopt"]["cg_damping"] = self._cg.damping
+        sd["ocnopt"]["subspace"] = self.options.subspace
+        sd["ocnopt"]["auto_pending"] = self._auto_pending
         if self._subspace is not None:
             sd["ocnopt"]["subspace_damping"] = self._subspace.damping
         return sd
@@ -917,6 +944,10 @@ class OCNOpt(torch.optim.Optimizer):
         if self._cg is not None:
             self._cg.state = self.state  # the loaded state (its previous CG solutions)
             self._cg.damping = float(extra.get("cg_damping", self._cg.damping))
+        pending = bool(extra.get("auto_pending", False))
+        if self._subspace is not None and extra.get("subspace", "off") == "off" and not pending:
+            self._settle_auto(None)  # the saved run took held steps (or predates subspace)
+        self._auto_pending = self._auto_pending and pending
         if self._subspace is not None:
             self._subspace.state = self.state  # the loaded state (its previous updates)
             self._subspace.damping = float(extra.get("subspace_damping", self._subspace.damping))

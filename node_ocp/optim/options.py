@@ -21,7 +21,7 @@ from .feedback import FEEDBACK_MODES
 from .feedback_gain import FEEDBACK_GAINS
 from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
-from .subspace import SUBSPACES
+from .subspace import SUBSPACES, automatic
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
 FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empirical", ...
@@ -30,7 +30,7 @@ NONFINITE: tuple[str, ...] = ("skip", "raise")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 CG_JV: tuple[str, ...] = ("central", "forward")  # see gauss_newton_cg.JV_RULES
 CG_GRAPHS: tuple[str, ...] = ("adjoint", "direct")
-NUMERATORS: tuple[str, ...] = ("gradient", "average")
+NUMERATORS: tuple[str, ...] = ("auto", "gradient", "average")
 #: the curvatures ``scale_power != 1`` applies to (a diagonal in the unit's eigenbasis)
 POWER_CURVATURES: tuple[str, ...] = ("ekfac", "diagonal", "identity")
 
@@ -102,10 +102,10 @@ class OCNOptOptions:
     cg_iters: int = 0
     cg_jv: str = "central"
     cg_graph: str = "adjoint"
-    scale_power: float = 1.0
-    numerator: str = "gradient"
+    scale_power: float | None = None
+    numerator: str = "auto"
     numerator_beta: float = 0.9
-    subspace: str = "off"
+    subspace: str = "auto"
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -185,8 +185,12 @@ class OCNOptOptions:
         check_int("cg_iters", self.cg_iters, 0)
         check_choice("cg_jv", self.cg_jv, CG_JV)
         check_choice("cg_graph", self.cg_graph, CG_GRAPHS)
-        scale_power = _number("scale_power", self.scale_power, 0, 1, True, False, "(0, 1]")
-        if scale_power != 1.0 and self.curvature not in POWER_CURVATURES:
+        scale_power = (
+            None
+            if self.scale_power is None
+            else _number("scale_power", self.scale_power, 0, 1, True, False, "(0, 1]")
+        )
+        if scale_power not in (None, 1.0) and self.curvature not in POWER_CURVATURES:
             raise bad_value(
                 "scale_power",
                 self.scale_power,
@@ -196,11 +200,11 @@ class OCNOptOptions:
         check_choice("numerator", self.numerator, NUMERATORS)
         numerator_beta = _number("numerator_beta", self.numerator_beta, 0, 1, False, True, "[0, 1)")
         check_choice("subspace", self.subspace, SUBSPACES)
-        if self.subspace != "off" and self.cg_iters:
+        if self.subspace not in ("off", "auto") and self.cg_iters:
             raise bad_value(
                 "subspace",
                 self.subspace,
-                "'off' with cg_iters > 0 (both replace the held step; choose one)",
+                "'off' or 'auto' with cg_iters > 0 (both replace the held step; choose one)",
             )
         return dataclasses.replace(
             self,
@@ -219,6 +223,23 @@ class OCNOptOptions:
             scale_power=scale_power,
             numerator_beta=numerator_beta,
         )
+
+    def resolved(self, model, across_processes: bool = False) -> OCNOptOptions:
+        """The options with their automatic values made concrete for ``model``:
+        ``subspace="auto"`` (:func:`.subspace.automatic`), then ``scale_power=None`` (½ with
+        a subspace step and a curvature of :data:`POWER_CURVATURES`, else 1) and
+        ``numerator="auto"`` (``"average"`` with a subspace step, else ``"gradient"``)."""
+        subspace = self.subspace
+        if subspace == "auto":
+            subspace = automatic(model, self.step, self.cg_iters, across_processes)
+        on = subspace != "off"
+        power = self.scale_power
+        if power is None:
+            power = 0.5 if on and self.curvature in POWER_CURVATURES else 1.0
+        numerator = self.numerator
+        if numerator == "auto":
+            numerator = "average" if on else "gradient"
+        return dataclasses.replace(self, subspace=subspace, scale_power=power, numerator=numerator)
 
     def group_defaults(self) -> dict:
         """The per-parameter-group hyper-parameters (``torch.optim`` defaults)."""

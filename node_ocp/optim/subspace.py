@@ -42,14 +42,32 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-#: The accepted values of OCNOpt's ``subspace``.
-SUBSPACES: tuple[str, ...] = ("off", "parts", "whole")
+#: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
+SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
 
 #: Bounds of the Levenberg–Marquardt λ of the combination.
 MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8
 
 #: The Armijo fraction: a trial is taken when ``L(θ + αδ) ≤ L(θ) + ARMIJO · α bᵀc``.
 ARMIJO = 1e-4
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds a recurrent layer (``nn.GRUCell``, ``nn.LSTMCell``,
+    ``nn.RNNCell``, ``nn.GRU``, ``nn.LSTM``, ``nn.RNN``): parameters applied at every step of
+    a sequence, the case the block-diagonal curvature gets wrong."""
+    return any(isinstance(m, (nn.RNNCellBase, nn.RNNBase)) for m in model.modules())
+
+
+def automatic(model: nn.Module, step: str, cg_iters: int, across_processes: bool) -> str:
+    """What ``subspace="auto"`` is for ``model``: ``"parts"`` where it holds a recurrent
+    layer (ODE-RNNs, latent ODEs with a recurrent encoder, a user's GRU/LSTM model) and the
+    step is OCNOpt's own (``step="model"``, no ``cg_iters``, one process); ``"off"``
+    elsewhere (CNFs, Neural CDEs, conv and MLP ODE models keep the held step). Chosen from
+    the measurements of ``experiments/results/bench_issue21.md`` §20."""
+    if step != "model" or cg_iters or across_processes:
+        return "off"
+    return "parts" if has_recurrent_layers(model) else "off"
 
 
 def model_parts(model: nn.Module) -> dict[torch.Tensor, str]:
@@ -110,6 +128,31 @@ class SubspaceStep:
         return dirs
 
     # ------------------------------------------------------------------ the exact model
+    def accepts(self, closure: Callable, quiet) -> bool:
+        """Whether ``closure`` returns ``(loss, outputs)`` with the loss computed from the
+        outputs (one evaluation of the batch with a graph; ``last_reason`` says why not)."""
+        with torch.enable_grad(), quiet():
+            value = closure()
+            why = self._unusable(value)
+            if why is None:
+                (g_out,) = torch.autograd.grad(value[0], value[1], allow_unused=True)
+                why = (
+                    None
+                    if g_out is not None
+                    else "the closure's loss is not computed from its outputs"
+                )
+        self.last_reason = why or ""
+        return why is None
+
+    @staticmethod
+    def _unusable(value) -> str | None:
+        """Why a closure's value gives no exact model, or None."""
+        if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
+            return "the closure returned no outputs"
+        if not (isinstance(value[1], torch.Tensor) and value[1].requires_grad):
+            return "the closure's outputs carry no graph"
+        return None
+
     def model(
         self, closure: Callable, dirs: list[dict], grads: dict, weight_decay: dict, quiet
     ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
@@ -118,13 +161,11 @@ class SubspaceStep:
         params = list(grads)
         with torch.enable_grad(), quiet(), self.backprop():
             value = closure()
-            if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
-                self.last_reason = "the closure returned no outputs"
+            why = self._unusable(value)
+            if why is not None:
+                self.last_reason = why
                 return None
             loss, outputs = value
-            if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
-                self.last_reason = "the closure's outputs carry no graph"
-                return None
             (g_out,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
             if g_out is None:
                 self.last_reason = "the closure's loss is not computed from its outputs"
