@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import mlp_field
 from test_gauss_newton_cg import Net, _dense_ggn, _loss, _setup
 from torch import nn
 
@@ -244,7 +245,9 @@ def test_ocnopt_subspace_without_outputs_keeps_the_held_step():
     model, x, y = _setup()
     twin = copy.deepcopy(model)
     caught = {}
-    same = dict(scale_power=0.5, numerator="average")  # the held step with parts' directions
+    # the held step with the directions of "parts" (whose per-part coefficients replace the
+    # per-part calibration)
+    same = dict(scale_power=0.5, numerator="average", calibrate_units=False)
     pairs = ((model, no.OCNOpt(model, subspace="parts")), (twin, no.OCNOpt(twin, **same)))
     for m, o in pairs:
         o.zero_grad()
@@ -347,3 +350,81 @@ def test_auto_with_outputs_takes_subspace_steps_and_resumes_exactly():
     _recurrent_run(second, twin, x, y, closure_outputs=True, steps=3)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------- the step's own graph
+class ODERecurrent(nn.Module):
+    """A GRU cell, an ODE block between observations and a read-out (an ODE-RNN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(2, 3)
+        self.ode = no.ODEBlock(
+            mlp_field(3, 4), (0.0, 0.25), method="rk4", options={"step_size": 0.125}
+        )
+        self.head = nn.Linear(3, 2)
+        self.double()
+
+    def forward(self, x):  # x: (N, T, 2)
+        h = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], self.ode(h))
+        return self.head(h)
+
+
+def test_kept_graph_gives_the_closures_model():
+    torch.manual_seed(0)
+    model = ODERecurrent()
+    x, y = torch.randn(6, 3, 2, dtype=F64), torch.randn(6, 2, dtype=F64)
+    state = {p: {} for p in model.parameters()}
+    step = SubspaceStep(model, "parts", state, backprop=_backprop(model))
+    model.ode.gradient = "direct"
+    out = model(x)
+    loss = _loss(out, y)
+    loss.backward(retain_graph=True)
+    grads = {p: p.grad.detach().clone() for p in model.parameters()}
+    model.ode.gradient = "adjoint"
+    dirs = step.basis(_directions(model))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        o = model(x)
+        return _loss(o, y), o
+
+    with torch.no_grad():
+        kept = step.model(closure, dirs, grads, {}, _noop, graph=(loss, out))
+        assert not calls  # the kept graph: no evaluation of the batch
+        fresh = step.model(closure, dirs, grads, {}, _noop)
+    assert calls == [1]
+    assert kept[0] == pytest.approx(fresh[0], rel=1e-14)
+    assert torch.allclose(kept[1], fresh[1], rtol=1e-10, atol=1e-14)
+    assert torch.allclose(kept[2], fresh[2], rtol=1e-12)
+
+
+def test_subspace_steps_keep_the_forward_graph_between_refreshes():
+    torch.manual_seed(0)
+    model = ODERecurrent()
+    x, y = torch.randn(6, 3, 2, dtype=F64), torch.randn(6, 2, dtype=F64)
+    opt = no.OCNOpt(model, update_every=4)
+    calls, modes = [], []
+
+    def closure():
+        calls.append(1)
+        o = model(x)
+        return _loss(o, y), o
+
+    for i in range(8):
+        opt.zero_grad()
+        modes.append(model.ode.gradient)
+        out = model(x)
+        opt.backward(_loss(out, y), outputs=out, likelihood="gaussian")
+        kept = opt._graph is not None
+        before = len(calls)
+        opt.step(closure)
+        used = len(calls) - before
+        if i % 4:  # between refreshes
+            assert kept and used == opt._subspace.last_trials, (i, used)  # only the trials
+    # refresh steps (0, 4) run the own adjoint (the time-joint capture), the others direct
+    assert modes == ["adjoint", "direct", "direct", "direct"] * 2
+    assert opt.options.subspace == "parts"

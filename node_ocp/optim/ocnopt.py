@@ -90,6 +90,10 @@ from .subspace import SubspaceStep
 from .trial import Observed, Trials
 from .unit_scales import UnitCalibration, unit_groups
 
+#: The attribute an ODE block's own ``gradient`` is kept in while OCNOpt's subspace steps
+#: run it with ``gradient="direct"`` (:meth:`OCNOpt._set_direct`).
+_OWN_GRADIENT = "_gradient_before_subspace"
+
 GROUP_KEYS: tuple[str, ...] = (
     "params",
     "lr",
@@ -291,6 +295,7 @@ class OCNOpt(torch.optim.Optimizer):
         defaults = o.group_defaults()
         self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
+        self._set_direct(False)  # blocks an earlier optimizer of this model left direct
         _check_model(model, self.blocks, o)
         horizons = {id(b.t) for b in self.blocks if isinstance(b.t, nn.Parameter)}
         params = [p for p in model.parameters() if id(p) not in horizons]
@@ -328,6 +333,8 @@ class OCNOpt(torch.optim.Optimizer):
             else None
         )
         self._warned_subspace = False
+        self._keep_graph = False  # the coming step's backward keeps its graph (subspace)
+        self._graph: tuple | None = None  # the step's (loss, outputs), retained for subspace
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
@@ -511,12 +518,39 @@ class OCNOpt(torch.optim.Optimizer):
         self._disarm()
         self._statistics_route = EMPIRICAL
         self._feedback_runner.arm(self._step)
+        self._set_direct(
+            self._subspace is not None
+            and not self._auto_pending
+            and self._step % self.update_every != 0
+            and self.feedback == "off"
+        )
         if self._step % self.update_every != 0:
             return
         self._pre.arm(carry_factors=self._factor_source.carries_factors)
 
     def _disarm(self) -> None:
         self._pre.disarm()
+
+    def _versions(self) -> list[int]:
+        """The parameters' in-place version counters (a kept graph is valid while they stay)."""
+        return [p._version for g in self.param_groups for p in g["params"]]
+
+    def _set_direct(self, on: bool) -> None:
+        """Subspace steps between refreshes: the ODE blocks backpropagate through their
+        solvers in the coming forward (``gradient="direct"``), so that :meth:`backward` can
+        keep the step's graph for the exact products (:mod:`.subspace`) instead of the step
+        building one of its own; refresh steps keep the blocks' own gradient (the own
+        adjoint's time-joint curvature capture). The block's own setting is kept on the
+        block (:data:`_OWN_GRADIENT`), so that a new optimizer of the same model (a resumed
+        run) restores it."""
+        self._keep_graph = on
+        for b in self.blocks:
+            if on and not hasattr(b, _OWN_GRADIENT):
+                setattr(b, _OWN_GRADIENT, b.gradient)
+                b.gradient = "direct"
+            elif not on and hasattr(b, _OWN_GRADIENT):
+                b.gradient = getattr(b, _OWN_GRADIENT)
+                delattr(b, _OWN_GRADIENT)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; also marks where this step's forward solves begin."""
@@ -578,12 +612,14 @@ class OCNOpt(torch.optim.Optimizer):
             or retain
         )
         handle = observed.watch(outputs, likelihood)  # after the flow's pull-backs
+        keep = self._keep_graph and outputs is not None  # see :meth:`_set_direct`
         try:
             with self._collector.paused() if route.pauses_collector else nullcontext():
-                loss.backward(retain_graph=retain)
+                loss.backward(retain_graph=retain or keep)
         finally:
             if handle is not None:
                 handle.remove()
+        self._graph = (loss, outputs, self._versions()) if keep else None
         if feedback:
             runner.prepare(outputs, likelihood, self._stage_params)
 
@@ -607,6 +643,7 @@ class OCNOpt(torch.optim.Optimizer):
         loss or ``(loss, outputs)``. Returns the last trial loss, or None.
         """
         observed, self._observed = self._observed, None
+        graph, self._graph = self._graph, None
         if not self._all_finite():
             return None
         if self._auto_pending:
@@ -617,14 +654,18 @@ class OCNOpt(torch.optim.Optimizer):
             self._refresh()
         grads = self._gradients(step)
         damping = Damping(self._lm.value, self._relative, self.options.scale_power)
-        if self._calibration.due(step, self.update_every) and closure is not None:
+        # per-part calibration scales are absorbed by the subspace's per-part coefficients
+        per_part = self._subspace is not None and self._subspace.how == "parts"
+        if self._calibration.due(step, self.update_every) and closure is not None and not per_part:
             observed = observed or self._trials.here(closure)
             self._sweep_units(closure, observed, grads, damping)
         directions = self._pre.directions(grads, damping, self._numerator(grads))
         if self._cg is not None:
             coupled = self._coupled(grads, directions, closure, damping)
         elif self._subspace is not None:
-            coupled = self._subspace_step(grads, directions, closure)
+            if graph is not None and graph[2] != self._versions():
+                graph = None  # the calibration sweep moved the parameters in place
+            coupled = self._subspace_step(grads, directions, closure, graph and graph[:2])
         else:
             coupled = None
         open_loss = None  # L(θ + δ) on the batch, where a trial evaluated the δ taken
@@ -732,9 +773,10 @@ class OCNOpt(torch.optim.Optimizer):
         if closure is not None and self._subspace.accepts(closure, self._paused):
             return
         self._subspace = None
+        self._set_direct(False)
         self.options = self.options.replace(subspace="off", scale_power=1.0, numerator="gradient")
 
-    def _subspace_step(self, grads: dict, directions: dict, closure):
+    def _subspace_step(self, grads: dict, directions: dict, closure, graph=None):
         """``subspace``: the held directions per part and the previous update combined by the
         exact coupled model of the batch (:mod:`.subspace`): ``(update or None, trial loss)``;
         None (the held step instead, with one warning) where the step has no closure or the
@@ -745,7 +787,9 @@ class OCNOpt(torch.optim.Optimizer):
                 "accepted: 'off' there (the exact products are not averaged over processes yet)"
             )
         if closure is not None:
-            taken = self._subspace.step(grads, directions, closure, self._decay(), self._paused)
+            taken = self._subspace.step(
+                grads, directions, closure, self._decay(), self._paused, graph
+            )
             if taken is not None:
                 return taken
         if not self._warned_subspace:

@@ -107,6 +107,7 @@ class SubspaceStep:
         self.last_reason = ""  # why the last step fell back to the held step ("" if it did not)
         self.last_rho = float("nan")
         self.last_alpha = float("nan")
+        self.last_trials = 0  # evaluations of the batch the last step's trials made
         self.last_coefficients: list[float] = []
 
     # ------------------------------------------------------------------ the directions
@@ -154,13 +155,23 @@ class SubspaceStep:
         return None
 
     def model(
-        self, closure: Callable, dirs: list[dict], grads: dict, weight_decay: dict, quiet
+        self,
+        closure: Callable,
+        dirs: list[dict],
+        grads: dict,
+        weight_decay: dict,
+        quiet,
+        graph: tuple | None = None,
     ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
         """``(L(θ), M, b)`` of the batch (float64 ``M`` of ``k × k`` and ``b`` of ``k``), or
-        None (with ``last_reason``) when the closure gives no outputs the loss depends on."""
+        None (with ``last_reason``) when the closure gives no outputs the loss depends on.
+        ``graph``: the step's own ``(loss, outputs)`` with its graph retained, built with
+        the blocks backpropagating through their solvers (OCNOpt keeps it between
+        refreshes); None: the closure builds one."""
         params = list(grads)
         with torch.enable_grad(), quiet(), self.backprop():
-            value = closure()
+            usable = graph is not None and self._unusable(graph) is None
+            value = graph if usable else closure()
             why = self._unusable(value)
             if why is not None:
                 self.last_reason = why
@@ -220,7 +231,13 @@ class SubspaceStep:
 
     # ------------------------------------------------------------------ the step
     def step(
-        self, grads: dict, directions: dict, closure: Callable, weight_decay: dict, quiet
+        self,
+        grads: dict,
+        directions: dict,
+        closure: Callable,
+        weight_decay: dict,
+        quiet,
+        graph: tuple | None = None,
     ) -> tuple[dict | None, float | None] | None:
         """``(the update taken or None, the last trial loss)``; None (nothing evaluated
         beyond the graph, ``last_reason`` says why) where the held step should be taken."""
@@ -229,7 +246,9 @@ class SubspaceStep:
         self.last_reason = ""
         directions = {p: d for p, d in directions.items() if p in grads}
         dirs = self.basis(directions)
-        built = self.model(closure, dirs, {p: grads[p] for p in directions}, weight_decay, quiet)
+        built = self.model(
+            closure, dirs, {p: grads[p] for p in directions}, weight_decay, quiet, graph
+        )
         if built is None:
             return None
         loss0, mat, b = built
@@ -250,6 +269,7 @@ class SubspaceStep:
         alpha, rho, loss1, taken = 1.0, float("nan"), None, None
         try:
             for trial in range(self.max_trials):
+                self.last_trials = trial + 1
                 for p, bk in zip(params, backup):
                     p.copy_(bk).add_(delta[p], alpha=alpha)
                 loss1 = loss_and_outputs(closure())[0]
