@@ -417,13 +417,18 @@ def main(argv=None) -> dict:
         grid_runs[task][arm].append(fut.result())
     # stage 2: every arm at its choice on the other seeds
     chosen, stage2 = {}, {}
-    for task, (cfg, budget) in plan.items():
+    for task in plan:
         for arm in arms:
             runs = grid_runs[task][arm]
             higher = next((r["higher"] for r in runs if "failed" not in r), False)
-            lr = _choose(runs, higher) if arm in grids else NO_GRID
-            chosen[(task, arm)] = lr
-            for seed in range(1, args.seeds):
+            chosen[(task, arm)] = _choose(runs, higher) if arm in grids else NO_GRID
+    # seed by seed, the arms side by side: each run shares the machine with another arm's
+    # run of the same seed (not OCNOpt with OCNOpt and Adam with Adam), so that the arms
+    # compared see the same load
+    for task, (cfg, budget) in plan.items():
+        for seed in range(1, args.seeds):
+            for arm in arms:
+                lr = chosen[(task, arm)]
                 stage2[(task, arm, seed)] = pool.submit(
                     _run, cfg, out / task, arm, lr, seed, budget
                 )

@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adam-lr", type=float, default=0.03)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "runs" / "diagnose_ocnopt"))
+    p.add_argument(
+        "--subspace",
+        default="off",
+        choices=["off", "auto", "parts", "whole"],
+        help="OCNOpt's subspace option (default off: the held step this diagnosis was "
+        "written for, the default before subspace='auto'; auto: today's default)",
+    )
     return p
 
 
@@ -126,7 +133,7 @@ def _make_optimizer(name: str, config, model, args):
             table = OptimizerConfig(kind="adam")
         return build_optimizer(table, model, lr=args.adam_lr, seed=args.seed)
     # OCNOpt's default: nothing tuned (the seed of its own draws is the run's, as in training)
-    return node_ocp.OCNOpt(model, seed=args.seed)
+    return node_ocp.OCNOpt(model, seed=args.seed, subspace=args.subspace)
 
 
 def _ocnopt_state(opt, before_adaptation) -> dict:

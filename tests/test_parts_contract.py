@@ -280,7 +280,9 @@ def test_the_feedback_runner_is_due_every_feedback_every_steps():
 def test_a_checkpoint_keeps_the_keys_of_its_format():
     """The saved dict keeps the keys (and order) OCNOpt has always written, so checkpoints
     load across the split into parts (``feedback_gain``, the feedback gain's own scale, is
-    new; a checkpoint without it loads with the scale at 1)."""
+    new; a checkpoint without it loads with the scale at 1; ``subspace`` and
+    ``auto_pending`` are new too: a checkpoint without them resumes with held steps, see
+    ``test_subspace.py``)."""
     _, opt = _round_trip(feedback="gauss_newton", step="fixed", lr=0.05)
     assert list(opt.state_dict()["ocnopt"]) == [
         "step",
@@ -300,4 +302,6 @@ def test_a_checkpoint_keeps_the_keys_of_its_format():
         "unit_calibration",
         "last_adaptation",
         "param_shapes",
+        "subspace",
+        "auto_pending",
     ]
