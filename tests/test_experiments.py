@@ -90,7 +90,13 @@ def test_bench_default_main_runs_every_arm_and_saves_the_table(tmp_path):
     assert "OCNOpt's default reached" in (out / "summary.md").read_text()
     # every arm but Adam carries compare's verdict in words against tuned Adam
     assert all("adam" in a["verdict"] for n, a in task["arms"].items() if n != "adam")
-    assert "- tiny_task, ocnopt: ocnopt's final" in (out / "summary.md").read_text()
+    # (the time to target leads the verdict where both arms reached it: timing decides)
+    line = next(
+        x
+        for x in (out / "summary.md").read_text().splitlines()
+        if x.startswith("- tiny_task, ocnopt:")
+    )
+    assert "final test nll" in line and "best-val test nll" in line
     # finished runs are kept: a second call trains nothing
     runs = sorted((out / "tiny_task").rglob("summary.json"))
     stamps = [p.stat().st_mtime_ns for p in runs]

@@ -132,4 +132,8 @@ def test_cde_classifier_factor_sources_give_the_block_gauss_newton(source):
     got = opt.capture.dense[model.ode].gauss_newton()
     opt.step()  # the step runs
     err = ((got - gn_ref).norm() / gn_ref.norm()).item()
-    assert err < (1e-6 if source == "exact" else 0.15), err
+    # exact: below 1e-6 where this was written; 2.4e-6 on an AMD EPYC machine (2026-12-07)
+    # with the code of then as well, and independent of sample_dt: the cause is not found,
+    # and 1e-5 still separates a right factor chain from a wrong one (the sampled source's
+    # 0.15 is its Monte-Carlo error)
+    assert err < (1e-5 if source == "exact" else 0.15), err
