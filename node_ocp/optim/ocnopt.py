@@ -326,13 +326,12 @@ class OCNOpt(torch.optim.Optimizer):
             if o.cg_iters
             else None
         )
-        self._warned_cg = False
+        self._warned_fallback: set[str] = set()  # options whose fallback was warned of
         self._subspace = (
             SubspaceStep(model, o.subspace, self.state, backprop=_backprop(model))
             if o.subspace != "off"
             else None
         )
-        self._warned_subspace = False
         self._keep_graph = False  # the coming step's backward keeps its graph (subspace)
         self._graph: tuple | None = None  # the step's (loss, outputs), retained for subspace
         self._lm = LevenbergMarquardt(
@@ -735,15 +734,8 @@ class OCNOpt(torch.optim.Optimizer):
             )
             if self._cg.last_iters > 0:
                 return taken
-        if not self._warned_cg:
-            self._warned_cg = True
-            why = "no closure" if closure is None else self._cg.last_reason
-            warnings.warn(
-                f"OCNOpt: cg_iters: {why}; the step keeps the held direction (cg_iters needs "
-                "step(closure) with a closure returning (loss, outputs)).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        why = "no closure" if closure is None else self._cg.last_reason
+        self._warn_fallback("cg_iters", why, "a closure returning (loss, outputs)")
         return None
 
     def _numerator(self, grads: dict) -> dict | None:
@@ -792,17 +784,23 @@ class OCNOpt(torch.optim.Optimizer):
             )
             if taken is not None:
                 return taken
-        if not self._warned_subspace:
-            self._warned_subspace = True
-            why = "no closure" if closure is None else self._subspace.last_reason
-            warnings.warn(
-                f"OCNOpt: subspace: {why}; the step keeps the held step (subspace needs "
-                "step(closure) with a closure returning (loss, outputs), the loss computed "
-                "from the outputs).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        why = "no closure" if closure is None else self._subspace.last_reason
+        self._warn_fallback(
+            "subspace", why, "a closure returning (loss, outputs), the loss computed from them"
+        )
         return None
+
+    def _warn_fallback(self, option: str, why: str, needs: str) -> None:
+        """One warning per option, the first time its step falls back to the held step."""
+        if option in self._warned_fallback:
+            return
+        self._warned_fallback.add(option)
+        warnings.warn(
+            f"OCNOpt: {option}: {why}; the step keeps the held step ({option} needs "
+            f"step(closure) with {needs}).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _decay(self) -> dict:
         """Parameter -> its weight decay at this step."""
