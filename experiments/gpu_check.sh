@@ -20,43 +20,10 @@
 #   summary.txt            the tables and the return code and seconds of every stage
 set -u
 
-DRY=0
-DEVICE=cuda
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) DRY=1 ;;
-        --device=*) DEVICE="${arg#--device=}" ;;
-        -h | --help)
-            sed -n '2,22p' "$0"
-            exit 0
-            ;;
-        *)
-            echo "gpu_check.sh: unknown argument '$arg' (accepted: --dry-run, --device=cuda|cpu)" >&2
-            exit 2
-            ;;
-    esac
-done
-case "$DEVICE" in
-    cuda | cpu) ;;
-    *)
-        echo "gpu_check.sh: --device=$DEVICE; accepted: cuda or cpu" >&2
-        exit 2
-        ;;
-esac
-
-OUT_DIR="${OUT:-runs/gpu_check}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
-SUMMARY="$OUT_DIR/summary.txt"
-: >"$SUMMARY"
-START=$(date +%s)
-
-if ! "$PY" -c "import node_ocp" 2>/dev/null; then
-    echo "node_ocp not importable: pip install -e . --no-deps" | tee -a "$SUMMARY"
-    if [ "$DRY" = 0 ]; then
-        "$PY" -m pip install -e . --no-deps -q >"$OUT_DIR/pip.txt" 2>&1 || true
-    fi
-fi
+SCRIPT_NAME=gpu_check
+HELP_RANGE=2,22p
+# shellcheck source=experiments/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh" "$@"
 
 # stage NAME LIMIT_S CMD...: run CMD with a time limit, output in $OUT_DIR/NAME.txt
 stage() {
@@ -84,13 +51,6 @@ fi
 BENCH_DRY=()
 [ "$DRY" = 1 ] && BENCH_DRY=(--dry-run)
 
-{
-    date -u
-    "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" 2>&1
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    git rev-parse HEAD 2>/dev/null
-} >"$OUT_DIR/env.txt"
-cat "$OUT_DIR/env.txt" >>"$SUMMARY"
 
 # 1. the CUDA tests (skipped cleanly without CUDA; collected only in a dry run)
 if [ "$DRY" = 1 ]; then

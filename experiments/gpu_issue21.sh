@@ -9,54 +9,18 @@
 #   bash experiments/gpu_issue21.sh --dry-run    # anywhere: checks every config and table
 #
 # Runs (seed 0; tuned Adam's rate of bench_issue21.md §11):
-#   forecast_spiral (ODE-RNN, rk4): adam lr 0.01, ocnopt (the default), ocnopt-gn-fast
-#                                  (truncated Gauss-Newton, 10 CG steps, §8)
+#   forecast_spiral (ODE-RNN, rk4): adam lr 0.01, ocnopt (the default: subspace steps, §20),
+#                                  ocnopt-held (the held step), ocnopt-gn-fast (truncated
+#                                  Gauss-Newton, 10 CG steps, §8)
 #   cnf_8gaussians (2-D CNF, dopri5): adam lr 0.01, ocnopt (the default)
 # Outputs under $OUT if set, else runs/gpu_issue21/: one run folder each (node-ocp train),
 # env.txt, summary.txt (per run: steps, seconds, amortised step time, NFE, val and test).
 set -u
 
-DRY=0
-DEVICE=cuda
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) DRY=1 ;;
-        --device=*) DEVICE="${arg#--device=}" ;;
-        -h | --help)
-            sed -n '2,18p' "$0"
-            exit 0
-            ;;
-        *)
-            echo "gpu_issue21.sh: unknown argument '$arg' (accepted: --dry-run, --device=cuda|cpu)" >&2
-            exit 2
-            ;;
-    esac
-done
-case "$DEVICE" in
-    cuda | cpu) ;;
-    *)
-        echo "gpu_issue21.sh: --device=$DEVICE; accepted: cuda or cpu" >&2
-        exit 2
-        ;;
-esac
-
-OUT_DIR="${OUT:-runs/gpu_issue21}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
-SUMMARY="$OUT_DIR/summary.txt"
-: >"$SUMMARY"
-START=$(date +%s)
-
-if ! "$PY" -c "import node_ocp" 2>/dev/null; then
-    echo "node_ocp not importable: pip install -e . --no-deps" | tee -a "$SUMMARY"
-    [ "$DRY" = 0 ] && "$PY" -m pip install -e . --no-deps -q >"$OUT_DIR/pip.txt" 2>&1
-fi
-{
-    date -u
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" 2>&1
-    git rev-parse HEAD 2>/dev/null
-} >"$OUT_DIR/env.txt"
-cat "$OUT_DIR/env.txt" >>"$SUMMARY"
+SCRIPT_NAME=gpu_issue21
+HELP_RANGE=2,19p
+# shellcheck source=experiments/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh" "$@"
 
 if [ "$DEVICE" = cuda ]; then
     SECONDS_PER_RUN=45
@@ -94,6 +58,7 @@ EOF
 
 run forecast_spiral adam 0.01
 run forecast_spiral ocnopt default
+run forecast_spiral ocnopt-held default
 run forecast_spiral ocnopt-gn-fast default
 run cnf_8gaussians adam 0.01
 run cnf_8gaussians ocnopt default
