@@ -62,3 +62,20 @@ class LevenbergMarquardt:
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
         self.rho_history = deque(state["rho_history"], maxlen=self.rho_history.maxlen)
+
+
+#: Bounds of the λ of the exact-model steps (:func:`exact_model_damping`).
+EXACT_MIN_DAMPING, EXACT_MAX_DAMPING = 1e-8, 1e8
+
+
+def exact_model_damping(value: float, rho: float) -> float:
+    """The λ after a step checked against an exact quadratic model (``cg_iters``'s truncated
+    Gauss–Newton step, the ``subspace`` step): × 2/3 when ``ρ > ¾``, × 3/2 when ``ρ < ¼`` or
+    not finite (a failed trial), within ``[EXACT_MIN_DAMPING, EXACT_MAX_DAMPING]``. These
+    steps keep their own λ, absolute and starting at 1, beside the held step's
+    :class:`LevenbergMarquardt`."""
+    if math.isfinite(rho) and rho > 0.75:
+        return max(value * (2.0 / 3.0), EXACT_MIN_DAMPING)
+    if not (math.isfinite(rho) and rho >= 0.25):
+        return min(value * 1.5, EXACT_MAX_DAMPING)
+    return value

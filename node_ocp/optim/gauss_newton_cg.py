@@ -59,6 +59,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from .curvatures import dot
+from .damping import EXACT_MAX_DAMPING, EXACT_MIN_DAMPING, exact_model_damping
 
 
 class GaussNewtonCG:
@@ -262,7 +263,7 @@ class GaussNewtonCG:
         finally:
             self._release()
         if d is None:
-            self.damping = min(self.damping * 1.5, MAX_DAMPING) if self.damping else 1.0
+            self.damping = exact_model_damping(self.damping, math.nan) if self.damping else 1.0
             return None, None
         params = list(d)
         if self.state is not None:
@@ -285,10 +286,7 @@ class GaussNewtonCG:
             scale *= 0.5
         for p, b in zip(params, backup):
             p.copy_(b)
-        if math.isfinite(rho) and rho > 0.75:
-            self.damping = max(self.damping * (2.0 / 3.0), MIN_DAMPING)
-        elif not (math.isfinite(rho) and rho >= 0.25):
-            self.damping = min(self.damping * 1.5, MAX_DAMPING)
+        self.damping = exact_model_damping(self.damping, rho)
         self.last_rho = rho
         return taken, loss1
 
@@ -298,7 +296,7 @@ class GaussNewtonCG:
 JV_RULES = ("central", "forward")
 
 #: Bounds of the Levenberg–Marquardt λ of :meth:`GaussNewtonCG.step`.
-MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8
+MIN_DAMPING, MAX_DAMPING = EXACT_MIN_DAMPING, EXACT_MAX_DAMPING
 
 
 def _dot(a: dict, b: dict, params: list) -> float:

@@ -261,14 +261,13 @@ class OCNOpt(torch.optim.Optimizer):
                 "an OCNOptOptions (or None); hyper-parameters by keyword, OCNOpt(model, lr=...)",
             )
         o = options.replace(**overrides).checked()
+        automatic = o.subspace == "auto"
         across = dist.is_distributed() if o.distributed is None else o.distributed
         o = o.resolved(model, across_processes=bool(across) and dist.world_size() > 1)
         self.options = o  # with the automatic choices made (``subspace``, ``scale_power``, ...)
         # ``subspace="auto"`` chose a subspace step: the first step checks that the closure
         # gives outputs the loss is computed from (else the run keeps the held step)
-        self._auto_pending = options.replace(**overrides).subspace == "auto" and (
-            o.subspace != "off"
-        )
+        self._auto_pending = automatic and o.subspace != "off"
         self.curvature = o.curvature
         self.factors = o.factors
         self.step_mode = o.step

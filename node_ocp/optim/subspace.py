@@ -42,11 +42,10 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from .damping import exact_model_damping
+
 #: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
 SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
-
-#: Bounds of the Levenberg–Marquardt λ of the combination.
-MIN_DAMPING, MAX_DAMPING = 1e-8, 1e8
 
 #: The Armijo fraction: a trial is taken when ``L(θ + αδ) ≤ L(θ) + ARMIJO · α bᵀc``.
 ARMIJO = 1e-4
@@ -124,7 +123,7 @@ class SubspaceStep:
             ]
         prev = {p: self.state[p].get("subspace_prev") for p in params}
         if all(v is not None and v.shape == directions[p].shape for p, v in prev.items()):
-            if any(bool(v.ne(0).any()) for v in prev.values()):
+            if bool(torch.stack([v.ne(0).any() for v in prev.values()]).any()):
                 dirs.append(prev)
         return dirs
 
@@ -203,21 +202,30 @@ class SubspaceStep:
                 else:
                     h = None
                 hjd.append(torch.zeros_like(jd) if h is None else h.detach())
+        # every reduction as a tensor, read back in one transfer (no host sync per entry)
         k = len(dirs)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        gn = [(products[i] * hjd[j]).sum() for i, j in pairs]
+        decay = [
+            [(dirs[i][p] * dirs[j][p]).sum() for p in dirs[i] if p in dirs[j]] for i, j in pairs
+        ]
+        owner = [[p for p in dirs[i] if p in dirs[j]] for i, j in pairs]
+        inner = [[(grads[p] * d[p]).sum() for p in d] for d in dirs]
+        flat = [
+            loss.detach(),
+            *gn,
+            *(t for ts in decay for t in ts),
+            *(t for ts in inner for t in ts),
+        ]
+        values = iter(torch.stack([t.reshape(()).to(torch.float64) for t in flat]).tolist())
+        loss0 = next(values)
+        gn_values = [next(values) for _ in pairs]
         mat = torch.zeros(k, k, dtype=torch.float64)
-        for i in range(k):
-            for j in range(i, k):
-                value = float((products[i] * hjd[j]).sum())
-                value += sum(
-                    float(weight_decay.get(p, 0.0)) * float((dirs[i][p] * dirs[j][p]).sum())
-                    for p in dirs[i]
-                    if p in dirs[j]
-                )
-                mat[i, j] = mat[j, i] = value
-        b = torch.tensor(
-            [sum(float((grads[p] * d[p]).sum()) for p in d) for d in dirs], dtype=torch.float64
-        )
-        return float(loss.detach()), mat, b
+        for (i, j), value, ps in zip(pairs, gn_values, owner):
+            value += sum(float(weight_decay.get(p, 0.0)) * next(values) for p in ps)
+            mat[i, j] = mat[j, i] = value
+        b = torch.tensor([sum(next(values) for _ in d) for d in dirs], dtype=torch.float64)
+        return loss0, mat, b
 
     def coefficients(self, mat: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``c = −(M + λ diag M)⁻¹ b`` by Cholesky (least squares where the damped ``M`` is
@@ -257,7 +265,7 @@ class SubspaceStep:
         quad = float(c @ mat @ c)
         if not (math.isfinite(loss0) and math.isfinite(gd) and math.isfinite(quad) and gd < 0):
             self.last_reason = f"no descent in the subspace (bᵀc = {gd:.3g})"
-            self._grow()
+            self.damping = exact_model_damping(self.damping, math.nan)
             return None, None
         self.last_coefficients = [float(x) for x in c]
         params = list(directions)
@@ -283,16 +291,10 @@ class SubspaceStep:
         finally:
             for p, bk in zip(params, backup):
                 p.copy_(bk)
-        if math.isfinite(rho) and rho > 0.75:
-            self.damping = max(self.damping * (2.0 / 3.0), MIN_DAMPING)
-        elif not (math.isfinite(rho) and rho >= 0.25):
-            self._grow()
+        self.damping = exact_model_damping(self.damping, rho)
         self.last_rho, self.last_alpha = rho, alpha if taken is not None else 0.0
         for p in params:
             self.state[p]["subspace_prev"] = (
                 taken[p].detach().clone() if taken is not None else torch.zeros_like(delta[p])
             )
         return taken, loss1
-
-    def _grow(self) -> None:
-        self.damping = min(self.damping * 1.5, MAX_DAMPING)
