@@ -59,7 +59,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from .curvatures import dot
-from .damping import EXACT_MAX_DAMPING, EXACT_MIN_DAMPING, exact_model_damping
+from .damping import exact_model_damping
 
 
 class GaussNewtonCG:
@@ -294,9 +294,6 @@ class GaussNewtonCG:
 #: How :meth:`GaussNewtonCG.product` forms ``J v``: a central difference (two forward
 #: evaluations, error O(ε²)) or a forward one against the step's graph outputs (one, O(ε)).
 JV_RULES = ("central", "forward")
-
-#: Bounds of the Levenberg–Marquardt λ of :meth:`GaussNewtonCG.step`.
-MIN_DAMPING, MAX_DAMPING = EXACT_MIN_DAMPING, EXACT_MAX_DAMPING
 
 
 def _dot(a: dict, b: dict, params: list) -> float:
