@@ -47,11 +47,17 @@ class ELBOTerms(NamedTuple):
         OCNOpt's ``gaussian`` likelihood reads.
     neg_elbo: scalar, ``−Σ_b bound_b`` summed over the batch's series.
     count: scalar, the number of observed values the bound explains (for per-value figures).
+    loss_inputs: ``(K·B·P·C + 2·B·L,)`` for ``samples = 1``: the decoded means, ``mu`` and
+        ``std`` flattened and concatenated, the bound computed from them alone (the draw
+        fixed), so its Hessian in them is the bound's own (OCNOpt's subspace step reads the
+        exact Gauss–Newton model of the whole bound through it); None for ``K > 1`` (the
+        importance weights depend on the draws themselves).
     """
 
     outputs: torch.Tensor
     neg_elbo: torch.Tensor
     count: torch.Tensor
+    loss_inputs: torch.Tensor | None = None
 
 
 def gaussian_kl(mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -244,10 +250,21 @@ class LatentODE(nn.Module):
         preds = self.decode(z, times)
         # the outputs the bound is read from (a likelihood's Hessian is taken through them)
         outputs = preds.reshape(-1, *preds.shape[2:])
-        log_lik = observation_log_likelihood(outputs.view(preds.shape), values, mask, self.obs_std)
         w = self.kl_weight if kl_weight is None else float(kl_weight)
-        bound = bound_per_series(log_lik, z, mu, std, w)
-        return ELBOTerms(outputs, -bound.sum(), mask.sum().to(preds.dtype))
+        loss_inputs = None
+        if self.samples == 1:  # the bound a function of (means, mu, std) alone
+            loss_inputs = torch.cat([outputs.reshape(-1), mu.reshape(-1), std.reshape(-1)])
+            means, mu_, std_ = loss_inputs.split([outputs.numel(), mu.numel(), std.numel()])
+            log_lik = observation_log_likelihood(
+                means.view(preds.shape), values, mask, self.obs_std
+            )
+            bound = bound_per_series(log_lik, z, mu_.view(mu.shape), std_.view(std.shape), w)
+        else:
+            log_lik = observation_log_likelihood(
+                outputs.view(preds.shape), values, mask, self.obs_std
+            )
+            bound = bound_per_series(log_lik, z, mu, std, w)
+        return ELBOTerms(outputs, -bound.sum(), mask.sum().to(preds.dtype), loss_inputs)
 
     def _check(self, batch, name: str) -> None:
         if not isinstance(batch, IrregularBatch):

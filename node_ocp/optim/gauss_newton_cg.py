@@ -14,7 +14,8 @@ With ``cg_iters = k > 0`` the held curvature becomes the preconditioner of ``k``
 gradient steps on ``(G + λ) d = g`` (plus weight decay); ``curvature="identity"`` makes it
 plain CG, which is what measured best:
 
-- ``G v = Jᵀ H J v``: ``J v`` by a central difference of the step's closure outputs at
+- ``G v = Jᵀ H J v``: ``J v`` by a central difference of the step's closure outputs (its
+  ``loss_inputs`` where it returns ``(loss, outputs, loss_inputs)``) at
   ``θ ± ε v`` (two forward evaluations of the batch; exact to ``O(ε²)`` for a smooth solve:
   fixed-grid solvers, or adaptive ones at tight tolerances), ``H`` the Hessian of the loss in
   the outputs applied by double backward through the loss alone, and ``Jᵀ`` by a backward
@@ -60,6 +61,7 @@ import torch
 
 from .curvatures import dot
 from .damping import exact_model_damping
+from .trial import read_closure
 
 
 class GaussNewtonCG:
@@ -108,11 +110,9 @@ class GaussNewtonCG:
             ("the closure returned no outputs, or a loss not computed from them"),
         )
         with torch.enable_grad(), quiet(), self.backprop():
-            value = closure()
-            if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
-                return None
-            loss, outputs = value
-            if not (isinstance(outputs, torch.Tensor) and outputs.requires_grad):
+            value = read_closure(closure())
+            loss, outputs = value.loss, value.exact_inputs
+            if outputs is None or not outputs.requires_grad:
                 return None
             (g,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
         if g is None:  # e.g. ``lambda: (loss_fn(model(x), y), model(x))``: two forwards
@@ -134,8 +134,6 @@ class GaussNewtonCG:
 
     def product(self, v: dict, closure: Callable, weight_decay: dict, quiet: Callable) -> dict:
         """``(G + λ + wd) v`` for the parameters of ``v`` (see the module docstring)."""
-        from .trial import loss_and_outputs
-
         params = list(v)
         theta = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
         norm = math.sqrt(sum(float(x.pow(2).sum()) for x in v.values()))
@@ -154,7 +152,7 @@ class GaussNewtonCG:
                 for p, o in zip(params, originals):
                     p.data = o.add(v[p], alpha=sign * eps)
                 with torch.no_grad(), self.backprop():
-                    _, out = loss_and_outputs(closure())
+                    out = read_closure(closure()).exact_inputs
                 outs.append(out.detach())
         finally:
             for p, o in zip(params, originals):

@@ -226,10 +226,11 @@ class OCNOpt(torch.optim.Optimizer):
             the model, and the previous update combined by the exact, coupled Gauss–Newton
             model of the batch, the step checked on the batch every step
             (:mod:`.subspace`; needs ``step(closure)`` with a closure returning ``(loss,
-            outputs)``, the loss computed from the outputs, else the held step is taken with
-            one warning; one forward and backward with a graph through the solvers and
-            ``k + 1`` double-backward products per step), or ``"whole"``: the same with the
-            held direction whole. Measured in ``bench_issue21.md`` §20.
+            outputs)``, the loss computed from the outputs, or ``(loss, outputs,
+            loss_inputs)``, else the held step is taken with one warning; one forward and
+            backward with a graph through the solvers and ``k + 1`` double-backward products
+            per step), or ``"whole"``: the same with the held direction whole. Measured in
+            ``bench_issue21.md`` §20–21.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -332,7 +333,8 @@ class OCNOpt(torch.optim.Optimizer):
             else None
         )
         self._keep_graph = False  # the coming step's backward keeps its graph (subspace)
-        self._graph: tuple | None = None  # the step's (loss, outputs), retained for subspace
+        # the step's (loss, outputs, loss_inputs) and parameter versions, kept for subspace
+        self._graph: tuple | None = None
         self._lm = LevenbergMarquardt(
             o.damping, o.min_damping, o.max_damping, enabled=o.adapt_damping
         )
@@ -562,6 +564,7 @@ class OCNOpt(torch.optim.Optimizer):
         outputs: torch.Tensor | None = None,
         likelihood: str | None = None,
         retain_graph: bool = False,
+        loss_inputs: torch.Tensor | None = None,
     ) -> None:
         """``loss.backward()``, handing the optimizer what its stages need.
 
@@ -573,6 +576,11 @@ class OCNOpt(torch.optim.Optimizer):
                 exact Gauss–Newton curvature along the update, and the sampled and exact
                 factor sources their factors on refresh steps (needed there).
             likelihood: ``"categorical"``, ``"gaussian"`` or ``"standard_normal"``.
+            retain_graph: keep the graph after the backward pass (as ``loss.backward``).
+            loss_inputs: where the loss has terms ``outputs`` do not determine (a latent
+                ODE's KL term), a tensor the loss is computed from alone (any shape; the
+                parameters reach the loss only through it), for the subspace step's exact
+                model; the step's closure then returns ``(loss, outputs, loss_inputs)``.
         """
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise bad_type("loss", loss, "a scalar tensor")
@@ -583,6 +591,12 @@ class OCNOpt(torch.optim.Optimizer):
         ):
             raise bad_value(
                 "outputs", outputs, "the model output tensor, part of the graph of the loss"
+            )
+        if loss_inputs is not None and (
+            not isinstance(loss_inputs, torch.Tensor) or not loss_inputs.requires_grad
+        ):
+            raise bad_value(
+                "loss_inputs", loss_inputs, "a tensor the loss is computed from, in its graph"
             )
         observed = Observed(
             float(loss.detach()), forward_nfe=self._trials.forward_nfe() - self._nfe_mark
@@ -610,14 +624,15 @@ class OCNOpt(torch.optim.Optimizer):
             or retain
         )
         handle = observed.watch(outputs, likelihood)  # after the flow's pull-backs
-        keep = self._keep_graph and outputs is not None  # see :meth:`_set_direct`
+        # see :meth:`_set_direct`
+        keep = self._keep_graph and (outputs is not None or loss_inputs is not None)
         try:
             with self._collector.paused() if route.pauses_collector else nullcontext():
                 loss.backward(retain_graph=retain or keep)
         finally:
             if handle is not None:
                 handle.remove()
-        self._graph = (loss, outputs, self._versions()) if keep else None
+        self._graph = ((loss, outputs, loss_inputs), self._versions()) if keep else None
         if feedback:
             runner.prepare(outputs, likelihood, self._stage_params)
 
@@ -638,7 +653,8 @@ class OCNOpt(torch.optim.Optimizer):
         ``closure`` (optional, recommended): re-evaluates the loss of *this step's batch* at
         the model's current parameters, without backward (OCNOpt calls it under
         ``torch.no_grad`` at trial parameters every ``adapt_every`` steps), and returns the
-        loss or ``(loss, outputs)``. Returns the last trial loss, or None.
+        loss, ``(loss, outputs)`` or ``(loss, outputs, loss_inputs)`` (see :meth:`backward`;
+        ``outputs`` may be None there). Returns the last trial loss, or None.
         """
         observed, self._observed = self._observed, None
         graph, self._graph = self._graph, None
@@ -661,9 +677,9 @@ class OCNOpt(torch.optim.Optimizer):
         if self._cg is not None:
             coupled = self._coupled(grads, directions, closure, damping)
         elif self._subspace is not None:
-            if graph is not None and graph[2] != self._versions():
+            if graph is not None and graph[1] != self._versions():
                 graph = None  # the calibration sweep moved the parameters in place
-            coupled = self._subspace_step(grads, directions, closure, graph and graph[:2])
+            coupled = self._subspace_step(grads, directions, closure, graph and graph[0])
         else:
             coupled = None
         open_loss = None  # L(θ + δ) on the batch, where a trial evaluated the δ taken
@@ -756,10 +772,10 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _settle_auto(self, closure) -> None:
         """``subspace="auto"`` chose a subspace step: keep it if ``closure`` returns
-        ``(loss, outputs)`` with the loss computed from the outputs (one evaluation of the
-        batch, first step only); otherwise turn it off for the run, with the held step's
-        own rule (``scale_power=1``, ``numerator="gradient"``), silently (a latent ODE's
-        bound, a loss alone)."""
+        ``(loss, outputs)`` with the loss computed from the outputs, or ``(loss, outputs,
+        loss_inputs)`` (one evaluation of the batch, first step only); otherwise turn it off
+        for the run, with the held step's own rule (``scale_power=1``,
+        ``numerator="gradient"``), silently (a loss alone, an importance-weighted bound)."""
         self._auto_pending = False
         if closure is not None and self._subspace.accepts(closure, self._paused):
             return
@@ -785,7 +801,10 @@ class OCNOpt(torch.optim.Optimizer):
                 return taken
         why = "no closure" if closure is None else self._subspace.last_reason
         self._warn_fallback(
-            "subspace", why, "a closure returning (loss, outputs), the loss computed from them"
+            "subspace",
+            why,
+            "a closure returning (loss, outputs), the loss computed from them, or "
+            "(loss, outputs, loss_inputs)",
         )
         return None
 

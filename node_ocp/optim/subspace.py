@@ -27,7 +27,10 @@ coefficient per part instead of one for all:
 It costs per step one forward and one backward of the batch with a graph (the ``J``-products'
 graph), ``k + 1`` double-backward products and at least one trial forward. It needs
 ``step(closure)`` with a closure returning ``(loss, outputs)`` whose loss is computed from the
-outputs; otherwise OCNOpt keeps its held step (one warning). Across processes it is refused.
+outputs, or ``(loss, outputs, loss_inputs)`` whose loss is computed from ``loss_inputs`` (a
+loss with terms its likelihood's outputs do not determine, as a latent ODE's bound: the
+Hessian in them is the loss's own, by double backward); otherwise OCNOpt keeps its held step
+(one warning). Across processes it is refused.
 
 Tensors: ``grads``, ``directions`` and updates are dicts ``parameter -> tensor`` of the
 parameter's shape; ``outputs`` any shape.
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 from .damping import exact_model_damping
+from .trial import ClosureValue, read_closure
 
 #: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
 SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
@@ -129,13 +133,13 @@ class SubspaceStep:
 
     # ------------------------------------------------------------------ the exact model
     def accepts(self, closure: Callable, quiet) -> bool:
-        """Whether ``closure`` returns ``(loss, outputs)`` with the loss computed from the
-        outputs (one evaluation of the batch with a graph; ``last_reason`` says why not)."""
+        """Whether ``closure`` returns outputs (or ``loss_inputs``) its loss is computed from
+        (one evaluation of the batch with a graph; ``last_reason`` says why not)."""
         with torch.enable_grad(), quiet():
-            value = closure()
+            value = read_closure(closure())
             why = self._unusable(value)
             if why is None:
-                (g_out,) = torch.autograd.grad(value[0], value[1], allow_unused=True)
+                (g_out,) = torch.autograd.grad(value.loss, value.exact_inputs, allow_unused=True)
                 why = (
                     None
                     if g_out is not None
@@ -145,11 +149,12 @@ class SubspaceStep:
         return why is None
 
     @staticmethod
-    def _unusable(value) -> str | None:
+    def _unusable(value: ClosureValue) -> str | None:
         """Why a closure's value gives no exact model, or None."""
-        if not isinstance(value, tuple) or len(value) != 2 or value[1] is None:
+        inputs = value.exact_inputs
+        if inputs is None:
             return "the closure returned no outputs"
-        if not (isinstance(value[1], torch.Tensor) and value[1].requires_grad):
+        if not inputs.requires_grad:
             return "the closure's outputs carry no graph"
         return None
 
@@ -164,18 +169,19 @@ class SubspaceStep:
     ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
         """``(L(θ), M, b)`` of the batch (float64 ``M`` of ``k × k`` and ``b`` of ``k``), or
         None (with ``last_reason``) when the closure gives no outputs the loss depends on.
-        ``graph``: the step's own ``(loss, outputs)`` with its graph retained, built with
-        the blocks backpropagating through their solvers (OCNOpt keeps it between
-        refreshes); None: the closure builds one."""
+        ``graph``: the step's own ``(loss, outputs, loss_inputs)`` with its graph retained,
+        built with the blocks backpropagating through their solvers (OCNOpt keeps it
+        between refreshes); None: the closure builds one."""
         params = list(grads)
         with torch.enable_grad(), quiet(), self.backprop():
-            usable = graph is not None and self._unusable(graph) is None
-            value = graph if usable else closure()
+            kept = None if graph is None else read_closure(graph)
+            usable = kept is not None and self._unusable(kept) is None
+            value = kept if usable else read_closure(closure())
             why = self._unusable(value)
             if why is not None:
                 self.last_reason = why
                 return None
-            loss, outputs = value
+            loss, outputs = value.loss, value.exact_inputs
             (g_out,) = torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
             if g_out is None:
                 self.last_reason = "the closure's loss is not computed from its outputs"
@@ -249,8 +255,6 @@ class SubspaceStep:
     ) -> tuple[dict | None, float | None] | None:
         """``(the update taken or None, the last trial loss)``; None (nothing evaluated
         beyond the graph, ``last_reason`` says why) where the held step should be taken."""
-        from .trial import loss_and_outputs
-
         self.last_reason = ""
         directions = {p: d for p, d in directions.items() if p in grads}
         dirs = self.basis(directions)
@@ -280,7 +284,7 @@ class SubspaceStep:
                 self.last_trials = trial + 1
                 for p, bk in zip(params, backup):
                     p.copy_(bk).add_(delta[p], alpha=alpha)
-                loss1 = loss_and_outputs(closure())[0]
+                loss1 = float(read_closure(closure()).loss.detach())
                 if trial == 0:
                     predicted = gd + 0.5 * quad
                     rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")

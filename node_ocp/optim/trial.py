@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -200,14 +201,50 @@ class Trials:
         return update, trial_loss, adaptation
 
 
-def loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
-    """A closure's return value as ``(loss, outputs or None)``."""
+class ClosureValue(NamedTuple):
+    """What a step closure returns, read into its parts (tensors with their graphs).
+
+    loss: the scalar loss of the batch.
+    outputs: the outputs the likelihood handed to ``backward`` is about, or None.
+    loss_inputs: a tensor the loss is computed from alone (the parameters reach the loss
+        only through it), for the subspace step's exact model where the likelihood's outputs
+        do not determine the loss (a latent ODE's bound: the decoded means, ``mu`` and
+        ``std``), or None (then ``outputs`` serves, where the loss is computed from them).
+    """
+
+    loss: torch.Tensor
+    outputs: torch.Tensor | None
+    loss_inputs: torch.Tensor | None
+
+    @property
+    def exact_inputs(self) -> torch.Tensor | None:
+        """The tensor an exact model of the loss is taken through."""
+        return self.outputs if self.loss_inputs is None else self.loss_inputs
+
+
+#: What a step closure may return, in words (for errors).
+CLOSURE_RETURNS = "a closure returning loss, (loss, outputs) or (loss, outputs, loss_inputs)"
+
+
+def read_closure(value) -> ClosureValue:
+    """A closure's return value — ``loss``, ``(loss, outputs)`` or ``(loss, outputs,
+    loss_inputs)`` — as a :class:`ClosureValue`."""
     if isinstance(value, tuple):
-        if len(value) != 2:
-            raise bad_value("closure", value, "a closure returning loss or (loss, outputs)")
-        loss, outputs = value
+        if len(value) not in (2, 3):
+            raise bad_value("closure", value, CLOSURE_RETURNS)
+        parts = (*value, None) if len(value) == 2 else value
     else:
-        loss, outputs = value, None
+        parts = (value, None, None)
+    loss = parts[0]
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise bad_type("closure", loss, "a closure returning a scalar loss tensor")
-    return float(loss.detach()), None if outputs is None else outputs.detach()
+    for name, t in (("outputs", parts[1]), ("loss_inputs", parts[2])):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise bad_type("closure", t, f"a closure whose {name} is a tensor or None")
+    return ClosureValue(*parts)
+
+
+def loss_and_outputs(value) -> tuple[float, torch.Tensor | None]:
+    """A closure's return value as ``(loss, outputs or None)``, detached."""
+    v = read_closure(value)
+    return float(v.loss.detach()), None if v.outputs is None else v.outputs.detach()

@@ -90,11 +90,17 @@ class OptimizerAdapter:
         self.opt.zero_grad()
 
     def backward_and_step(
-        self, loss: torch.Tensor, outputs: torch.Tensor, likelihood: str | None, closure: Closure
+        self,
+        loss: torch.Tensor,
+        outputs: torch.Tensor,
+        likelihood: str | None,
+        closure: Closure,
+        loss_inputs: torch.Tensor | None = None,
     ) -> None:
         """The backward pass of ``loss`` and the optimizer's step. ``outputs`` (the model's
-        outputs, shape per task) and ``likelihood`` are for optimizers that read them;
-        ``closure`` re-evaluates the batch with the step's random draws."""
+        outputs, shape per task), ``likelihood`` and ``loss_inputs`` (a tensor the loss is
+        computed from alone, or None) are for optimizers that read them; ``closure``
+        re-evaluates the batch with the step's random draws."""
         loss.backward()
         self.opt.step()
 
@@ -199,8 +205,8 @@ class OCNOptAdapter(OptimizerAdapter):
     def next_kind(self):
         return step_type(self.opt.refresh_due, self.opt.adapt_due)
 
-    def backward_and_step(self, loss, outputs, likelihood, closure):
-        self.opt.backward(loss, outputs=outputs, likelihood=likelihood)
+    def backward_and_step(self, loss, outputs, likelihood, closure, loss_inputs=None):
+        self.opt.backward(loss, outputs=outputs, likelihood=likelihood, loss_inputs=loss_inputs)
         self.opt.step(closure)
 
     def attach_schedule(self, factor):

@@ -109,7 +109,7 @@ def bench(
             try:
                 r = train_step(
                     opt,
-                    lambda t=t: t.outputs_and_loss(batch),
+                    lambda t=t: t.training_terms(batch),
                     blocks=t.blocks,
                     likelihood=t.likelihood,
                     outputs_determine_loss=t.outputs_determine_loss,

@@ -527,7 +527,7 @@ class _Run:
         try:
             result = train_step(
                 self.opt,
-                lambda: task.outputs_and_loss(batch),
+                lambda: task.training_terms(batch),
                 blocks=task.blocks,
                 likelihood=task.likelihood,
                 outputs_determine_loss=task.outputs_determine_loss,

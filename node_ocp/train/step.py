@@ -25,8 +25,10 @@ from .adapters import OptimizerAdapter, adapt
 from .costs import take_nfe
 
 #: ``forward()`` -> ``(outputs, loss)``: the batch's model outputs (what the likelihood is
-#: about: logits, predictions, a flow's latent ``z``) and its scalar training loss.
-Forward = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+#: about: logits, predictions, a flow's latent ``z``) and its scalar training loss; or
+#: ``(outputs, loss, loss_inputs)`` with a tensor the loss is computed from alone, where the
+#: outputs do not determine it (a latent ODE's bound, see :class:`~node_ocp.OCNOpt`).
+Forward = Callable[[], tuple]
 
 
 class StepFailed(FloatingPointError):
@@ -82,7 +84,8 @@ def train_step(
         opt: any ``torch.optim.Optimizer``, :class:`~node_ocp.OCNOpt`, or either behind
             its :class:`~node_ocp.train.adapters.OptimizerAdapter` (which says how it takes
             the backward pass and the step).
-        forward: the batch's ``(outputs, loss)`` at the current parameters.
+        forward: the batch's ``(outputs, loss)`` or ``(outputs, loss, loss_inputs)`` at the
+            current parameters.
         blocks: the model's ODE blocks, whose NFE counters are read (and reset: counts made
             before the step, by an evaluation say, are not the step's).
         likelihood: the likelihood of ``outputs`` (``categorical``, ``gaussian``,
@@ -111,7 +114,7 @@ def train_step(
     draws = _draw_state(device)  # OCNOpt's trial evaluates the batch with the same draws
     failure = None
     try:
-        outputs, loss = forward()
+        outputs, loss, loss_inputs = _terms(forward())
         if not torch.isfinite(loss):
             failure = f"non-finite training loss {float(loss.detach())}"
     except SolverError as exc:
@@ -121,7 +124,7 @@ def train_step(
     if failure is not None:
         raise StepFailed(failure)
     closure = _same_draws(forward, draws, device, outputs_determine_loss)
-    step.backward_and_step(loss, outputs, likelihood, closure)
+    step.backward_and_step(loss, outputs, likelihood, closure, loss_inputs)
     if scheduler is not None:
         scheduler.step()
     if horizon is not None:
@@ -155,10 +158,16 @@ def _draw_state(device: torch.device) -> dict:
     return state
 
 
+def _terms(value) -> tuple:
+    """A forward's ``(outputs, loss)`` or ``(outputs, loss, loss_inputs)`` as a triple."""
+    return (*value, None) if len(value) == 2 else tuple(value)
+
+
 def _same_draws(forward: Forward, draws: dict, device: torch.device, with_outputs: bool = True):
-    """The trial closure: ``(loss, outputs)`` (``with_outputs``, else the loss only) of the
-    batch at the current parameters, with the draws of the step's own forward pass; the
-    training's random stream is left alone."""
+    """The trial closure of the batch at the current parameters, with the draws of the
+    step's own forward pass (the training's random stream is left alone): ``(loss,
+    outputs)`` (``with_outputs``, else the loss only), or ``(loss, outputs or None,
+    loss_inputs)`` where the forward gives ``loss_inputs``."""
 
     def closure():
         devices = [device] if device.type == "cuda" else []
@@ -166,7 +175,9 @@ def _same_draws(forward: Forward, draws: dict, device: torch.device, with_output
             torch.set_rng_state(draws["cpu"])
             if "cuda" in draws:
                 torch.cuda.set_rng_state(draws["cuda"], device)
-            outputs, loss = forward()
+            outputs, loss, loss_inputs = _terms(forward())
+        if loss_inputs is not None:
+            return loss, outputs if with_outputs else None, loss_inputs
         return (loss, outputs) if with_outputs else loss
 
     return closure

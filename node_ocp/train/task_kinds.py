@@ -109,8 +109,19 @@ class Task:
     # ------------------------------------------------------------------ training
     def outputs_and_loss(self, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs, loss)`` of a batch: outputs are what the likelihood is defined on."""
+        return self.training_terms(batch)[:2]
+
+    def training_terms(self, batch: Split) -> tuple:
+        """``(outputs, loss, loss_inputs)`` of a batch, what a training step hands the
+        optimizer: ``loss_inputs`` a tensor the loss is computed from alone where the
+        outputs do not determine it (a latent ODE's bound), else None."""
         model = self.model if self.train_model is None else self.train_model
-        return self.batch_loss(model, batch)
+        return self.batch_terms(model, batch)
+
+    def batch_terms(self, model: nn.Module, batch: Split) -> tuple:
+        """``(outputs, scalar loss, loss_inputs or None)`` of ``batch`` through ``model``
+        (tasks whose loss has no terms outside the outputs keep :meth:`batch_loss`)."""
+        return (*self.batch_loss(model, batch), None)
 
     def batch_loss(self, model: nn.Module, batch: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs, scalar loss)`` of ``batch`` through ``model``."""
@@ -424,19 +435,25 @@ class ForecastTask(Task):
             self.model.kl_weight = 1.0 if n <= 0 else min(1.0, step / n)
 
     def batch_loss(self, model, batch):
+        return self.batch_terms(model, batch)[:2]
+
+    def batch_terms(self, model, batch):
+        loss_inputs = None
         if self.owns_objective:
-            outputs, total, count = model(batch.x, batch.y.times, targets=batch.y)
+            terms = model(batch.x, batch.y.times, targets=batch.y)
+            outputs, total, count = terms.outputs, terms.neg_elbo, terms.count
+            loss_inputs = terms.loss_inputs
         else:
             outputs = model(batch.x, batch.y.times)
             m = batch.y.mask.to(outputs.dtype)
             total, count = ((outputs - batch.y.values) ** 2 * m).sum(), m.sum()
         if dist.world_size() == 1:
-            return outputs, total / count.clamp_min(1.0)
+            return outputs, total / count.clamp_min(1.0), loss_inputs
         # the mean over the observed entries of the whole (global) batch, whatever their
         # split over processes: each process divides by the global count / processes
         count = dist.all_reduce_sum_floats([float(count)], outputs.device)[0]
         share = max(count, 1.0) / dist.world_size()
-        return outputs, total / share
+        return outputs, total / share, loss_inputs
 
     def split_sums(self, part):
         preds = self.model(part.x, part.y.times)
@@ -444,7 +461,8 @@ class ForecastTask(Task):
         sums = (float(((preds - part.y.values) ** 2 * m).sum()), float(m.sum()), 0.0)
         if not self.owns_objective:
             return sums
-        _, neg_bound, count = self.model(part.x, part.y.times, targets=part.y, kl_weight=1.0)
+        terms = self.model(part.x, part.y.times, targets=part.y, kl_weight=1.0)
+        neg_bound, count = terms.neg_elbo, terms.count
         return (*sums, float(neg_bound), float(count))
 
     def metrics(self, total, count, correct, neg_bound=None, bound_count=None):
