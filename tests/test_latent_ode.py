@@ -115,6 +115,29 @@ def test_decoding_matches_a_separate_solve_per_series_and_time():
                     torch.testing.assert_close(got[k, b, p], m.decoder(z), rtol=1e-7, atol=1e-8)
 
 
+def test_a_fixed_grid_forecast_steps_on_the_observed_and_query_times():
+    """rk4 steps on the times it is given: the forecast is solved over the batch's own times
+    with the query times, as the bound is in training, not in one step from 0 to the first
+    query time (which gave a forecast far from the one the trained model makes)."""
+    m, batch = _model(method="rk4"), _series()
+    query = torch.tensor([[1.0, 1.4], [0.9, 1.1], [1.2, 1.3]], dtype=torch.float64)
+    with torch.no_grad():
+        mu, _ = m.posterior(batch)
+        got = m(batch, query)
+        grid = torch.unique(
+            torch.cat(
+                [torch.zeros(1, dtype=torch.float64), batch.times.reshape(-1), query.reshape(-1)]
+            )
+        )
+        path = odeint(m.ode.field, mu, grid, method="rk4")  # (T, B, L), by hand
+        for b in range(3):
+            for q in range(2):
+                z = path[int((grid == query[b, q]).nonzero()), b]
+                torch.testing.assert_close(got[b, q], m.decoder(z), rtol=1e-12, atol=1e-12)
+        coarse = m.decode(mu[None], query)[0]  # the query times alone: another solve
+    assert not torch.allclose(got, coarse, rtol=1e-6, atol=1e-8)
+
+
 def test_the_bound_equals_its_hand_computation():
     m, batch = _model(samples=1), _series()
     g = torch.Generator().manual_seed(3)

@@ -224,7 +224,17 @@ class LatentODE(nn.Module):
         ``(S, B, Q, C)`` (the model's uncertainty about the trajectory)."""
         mu, std = self.posterior(batch)
         z = mu + std * torch.randn(samples, *mu.shape, dtype=mu.dtype, device=mu.device)
-        return self.decode(z, self._query(query_times, batch))
+        return self._forecast(z, batch, query_times)
+
+    def _forecast(self, z0: torch.Tensor, batch: IrregularBatch, query_times) -> torch.Tensor:
+        """Decoded means at ``query_times (B, Q)`` from ``z0 (K, B, L)`` -> ``(K, B, Q, C)``,
+        solved over the batch's own times with the query times, as the bound is in
+        training: a fixed-grid solver (rk4, ...) steps on the union of the times it is
+        given, and the query times alone (a forecast's future) would give it one long
+        first step from ``t = 0`` that the trained model never saw."""
+        query = self._query(query_times, batch)
+        times = torch.cat([batch.times, query.to(batch.times.dtype)], 1)
+        return self.decode(z0, times)[:, :, batch.times.shape[1] :]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -238,7 +248,7 @@ class LatentODE(nn.Module):
         if targets is None:
             if query_times is None:
                 raise bad_value("query_times", None, "a (B, Q) tensor of times")
-            return self.decode(mu[None], self._query(query_times, batch))[0]
+            return self._forecast(mu[None], batch, query_times)[0]
         self._check(targets, "targets")
         if len(targets) != len(batch):
             raise bad_value("targets", targets, f"an IrregularBatch of {len(batch)} series")
