@@ -220,8 +220,9 @@ class OCNOpt(torch.optim.Optimizer):
             ``numerator_beta``, default 0.9: Adam's first moment). The units' statistics come
             from the gradient either way.
         subspace: ``"auto"`` (default: ``"parts"`` for a model with a recurrent layer —
-            ``nn.GRUCell``, ``nn.LSTM``, ... — with ``step="model"``, no ``cg_iters`` and one
-            process; ``"off"`` otherwise, see :func:`.subspace.automatic`), ``"off"`` (the
+            ``nn.GRUCell``, ``nn.LSTM``, ... — with ``step="model"``, no ``cg_iters``, one
+            process and a closure whose loss is computed from its outputs; ``"off"``
+            otherwise, see :func:`.subspace.automatic`), ``"off"`` (the
             held step), ``"parts"``: the held directions, one per top-level child module of
             the model, and the previous update combined by the exact, coupled Gauss–Newton
             model of the batch, the step checked on the batch every step
@@ -772,12 +773,13 @@ class OCNOpt(torch.optim.Optimizer):
 
     def _settle_auto(self, closure) -> None:
         """``subspace="auto"`` chose a subspace step: keep it if ``closure`` returns
-        ``(loss, outputs)`` with the loss computed from the outputs, or ``(loss, outputs,
-        loss_inputs)`` (one evaluation of the batch, first step only); otherwise turn it off
-        for the run, with the held step's own rule (``scale_power=1``,
-        ``numerator="gradient"``), silently (a loss alone, an importance-weighted bound)."""
+        ``(loss, outputs)`` with the loss computed from the outputs (one evaluation of the
+        batch, first step only); otherwise turn it off for the run, with the held step's own
+        rule (``scale_power=1``, ``numerator="gradient"``), silently (a loss alone; a bound
+        read through ``loss_inputs``, where the held step measured better,
+        ``bench_issue21.md`` §21)."""
         self._auto_pending = False
-        if closure is not None and self._subspace.accepts(closure, self._paused):
+        if closure is not None and self._subspace.accepts(closure, self._paused, outputs_only=True):
             return
         self._subspace = None
         self._set_direct(False)

@@ -64,10 +64,13 @@ def has_recurrent_layers(model: nn.Module) -> bool:
 
 def automatic(model: nn.Module, step: str, cg_iters: int, across_processes: bool) -> str:
     """What ``subspace="auto"`` is for ``model``: ``"parts"`` where it holds a recurrent
-    layer (ODE-RNNs, latent ODEs with a recurrent encoder, a user's GRU/LSTM model) and the
-    step is OCNOpt's own (``step="model"``, no ``cg_iters``, one process); ``"off"``
-    elsewhere (CNFs, Neural CDEs, conv and MLP ODE models keep the held step). Chosen from
-    the measurements of ``experiments/results/bench_issue21.md`` §20."""
+    layer (ODE-RNNs, a user's GRU/LSTM model) and the step is OCNOpt's own
+    (``step="model"``, no ``cg_iters``, one process); ``"off"`` elsewhere (CNFs, Neural
+    CDEs, conv and MLP ODE models keep the held step). OCNOpt then keeps ``"parts"`` only
+    where the first step's closure returns outputs its loss is computed from: a loss read
+    through ``loss_inputs`` alone (the latent ODE's bound) keeps the held step, which
+    measured better there. Chosen from the measurements of
+    ``experiments/results/bench_issue21.md`` §20–21."""
     if step != "model" or cg_iters or across_processes:
         return "off"
     return "parts" if has_recurrent_layers(model) else "off"
@@ -132,11 +135,14 @@ class SubspaceStep:
         return dirs
 
     # ------------------------------------------------------------------ the exact model
-    def accepts(self, closure: Callable, quiet) -> bool:
-        """Whether ``closure`` returns outputs (or ``loss_inputs``) its loss is computed from
-        (one evaluation of the batch with a graph; ``last_reason`` says why not)."""
+    def accepts(self, closure: Callable, quiet, outputs_only: bool = False) -> bool:
+        """Whether ``closure`` returns outputs (or ``loss_inputs``; not with
+        ``outputs_only``) its loss is computed from (one evaluation of the batch with a
+        graph; ``last_reason`` says why not)."""
         with torch.enable_grad(), quiet():
             value = read_closure(closure())
+            if outputs_only:
+                value = value._replace(loss_inputs=None)
             why = self._unusable(value)
             if why is None:
                 (g_out,) = torch.autograd.grad(value.loss, value.exact_inputs, allow_unused=True)
