@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_to_the_same_best_model_and_early_stop(tmp_path, mo
     assert full["stopped_early"] and full["best_step"] < full["steps"] < 30, full
 
     calls = {"n": 0}
-    original = Task.outputs_and_loss
+    original = Task.training_terms
 
     def dying(self, batch):
         calls["n"] += 1
@@ -178,10 +178,10 @@ def test_a_killed_run_resumes_to_the_same_best_model_and_early_stop(tmp_path, mo
             raise _Kill()
         return original(self, batch)
 
-    monkeypatch.setattr(Task, "outputs_and_loss", dying)
+    monkeypatch.setattr(Task, "training_terms", dying)
     with pytest.raises(_Kill):
         train(cfg, tmp_path / "part", RunOptions(**opts))
-    monkeypatch.setattr(Task, "outputs_and_loss", original)
+    monkeypatch.setattr(Task, "training_terms", original)
     part = train(cfg, tmp_path / "part", RunOptions(resume=True, progress=False))
     assert without_time(read_metrics(tmp_path / "part")) == without_time(
         read_metrics(tmp_path / "full")

@@ -166,7 +166,7 @@ def test_killed_run_resumes_to_the_same_metrics_log(tmp_path, monkeypatch, kind,
     train(cfg, full, RunOptions(optimizer=optimizer, progress=False))
 
     calls = {"n": 0}
-    original = Task.outputs_and_loss
+    original = Task.training_terms
 
     def dying(self, batch):
         calls["n"] += torch.is_grad_enabled()  # training forwards, not OCNOpt's trials
@@ -175,10 +175,10 @@ def test_killed_run_resumes_to_the_same_metrics_log(tmp_path, monkeypatch, kind,
         return original(self, batch)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(Task, "outputs_and_loss", dying)
+    monkeypatch.setattr(Task, "training_terms", dying)
     with pytest.raises(_Kill):
         train(cfg, part, RunOptions(optimizer=optimizer, progress=False))
-    monkeypatch.setattr(Task, "outputs_and_loss", original)
+    monkeypatch.setattr(Task, "training_terms", original)
     assert [r["step"] for r in read_metrics(part)] == [0, 3, 6]
     s = train(cfg, part, RunOptions(optimizer=optimizer, resume=True, progress=False))
     assert without_time(read_metrics(part)) == without_time(read_metrics(full))
