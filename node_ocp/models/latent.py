@@ -261,19 +261,18 @@ class LatentODE(nn.Module):
         # the outputs the bound is read from (a likelihood's Hessian is taken through them)
         outputs = preds.reshape(-1, *preds.shape[2:])
         w = self.kl_weight if kl_weight is None else float(kl_weight)
-        loss_inputs = None
+        means, mu_, std_, loss_inputs = outputs, mu, std, None
         if self.samples == 1:  # the bound a function of (means, mu, std) alone
             loss_inputs = torch.cat([outputs.reshape(-1), mu.reshape(-1), std.reshape(-1)])
-            means, mu_, std_ = loss_inputs.split([outputs.numel(), mu.numel(), std.numel()])
-            log_lik = observation_log_likelihood(
-                means.view(preds.shape), values, mask, self.obs_std
+            means, mu_, std_ = (
+                part.view(t.shape)
+                for part, t in zip(
+                    loss_inputs.split([outputs.numel(), mu.numel(), std.numel()]),
+                    (outputs, mu, std),
+                )
             )
-            bound = bound_per_series(log_lik, z, mu_.view(mu.shape), std_.view(std.shape), w)
-        else:
-            log_lik = observation_log_likelihood(
-                outputs.view(preds.shape), values, mask, self.obs_std
-            )
-            bound = bound_per_series(log_lik, z, mu, std, w)
+        log_lik = observation_log_likelihood(means.view(preds.shape), values, mask, self.obs_std)
+        bound = bound_per_series(log_lik, z, mu_, std_, w)
         return ELBOTerms(outputs, -bound.sum(), mask.sum().to(preds.dtype), loss_inputs)
 
     def _check(self, batch, name: str) -> None:

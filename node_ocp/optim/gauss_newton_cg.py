@@ -61,7 +61,7 @@ import torch
 
 from .curvatures import dot
 from .damping import exact_model_damping
-from .trial import read_closure
+from .trial import loss_and_outputs, read_closure
 
 
 class GaussNewtonCG:
@@ -250,8 +250,6 @@ class GaussNewtonCG:
         ``max_trials`` times until the loss falls; λ adapts from the reduction ratio ``ρ`` of
         the quadratic model (× 2/3 above ¾, × 3/2 below ¼). Returns ``(δ or None, the last
         trial loss or None)``; None when no trial lowered the loss (nothing moves)."""
-        from .trial import loss_and_outputs
-
         loss0 = self._build(closure, quiet)  # the batch's loss at θ, from that forward
         if loss0 is None:
             return None, None

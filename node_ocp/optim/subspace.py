@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .damping import exact_model_damping
-from .trial import ClosureValue, read_closure
+from .trial import ClosureValue, loss_and_outputs, read_closure
 
 #: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
 SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
@@ -290,7 +290,7 @@ class SubspaceStep:
                 self.last_trials = trial + 1
                 for p, bk in zip(params, backup):
                     p.copy_(bk).add_(delta[p], alpha=alpha)
-                loss1 = float(read_closure(closure()).loss.detach())
+                loss1 = loss_and_outputs(closure())[0]
                 if trial == 0:
                     predicted = gd + 0.5 * quad
                     rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")
