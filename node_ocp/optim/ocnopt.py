@@ -121,6 +121,14 @@ class OCNOpt(torch.optim.Optimizer):
             ``step -> value``.
         momentum: heavy-ball momentum in [0, 1) on the preconditioned directions.
         weight_decay: L2 coefficient (>= 0), added to the gradient before preconditioning.
+        decay_in_model: True (default): the step models the regularised objective
+            ``L + wd/2 |θ|²`` whole: the decay's curvature ``wd I`` is added to every unit's
+            ``s (C + λ)`` (flat directions shrink by at most their own size), and the trials
+            of the held and the subspace step include the decay's change (ρ and κ are read
+            on the objective the step models; ``cg_iters``' trials read the loss alone).
+            False: the decay is in the gradient only (before 2026-12-07): there the trials
+            judge the loss alone, λ climbs and the objective is not minimised (a ridge
+            regression stalls; ``tests/test_decay_in_model.py``).
         curvature: ``"identity"``, ``"diagonal"``, ``"kfac"``, ``"ekfac"`` (default) or
             ``"dense"`` (see :mod:`node_ocp.optim.curvatures`).
         damping: the initial damping λ (> 0): relative to each unit's mean curvature
@@ -668,6 +676,9 @@ class OCNOpt(torch.optim.Optimizer):
             self._factor_source.check_handed_over(step, self._capture, self._statistics_route)
             self._refresh()
         grads = self._gradients(step)
+        decay = self._decay() if self.options.decay_in_model else {}
+        decay = {p: wd for p, wd in decay.items() if wd}  # none: the step as without decay
+        self._pre.decay = decay
         damping = Damping(self._lm.value, self._relative, self.options.scale_power)
         # per-part calibration scales are absorbed by the subspace's per-part coefficients
         per_part = self._subspace is not None and self._subspace.how == "parts"
@@ -688,7 +699,7 @@ class OCNOpt(torch.optim.Optimizer):
             update, trial_loss = coupled
         else:
             update, trial_loss = self._held_step(
-                grads, directions, step, observed, closure, damping
+                grads, directions, step, observed, closure, damping, decay
             )
             open_loss = trial_loss
         if update is not None:
@@ -705,7 +716,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._arm_if_due()
         return trial_loss
 
-    def _held_step(self, grads, directions, step, observed, closure, damping):
+    def _held_step(self, grads, directions, step, observed, closure, damping, decay):
         """The stepper's update along the held directions, checked by a trial on adaptation
         steps; ``(update or None, the trial loss or None)``."""
         update = self._stepper.plan(
@@ -723,6 +734,7 @@ class OCNOpt(torch.optim.Optimizer):
                 lm=self._lm,
                 quadratic=self._pre.quadratic,
                 damping=damping,
+                decay=decay,
             )
         elif self._stepper.needs_closure and closure is None:
             self._warn_no_closure()
@@ -797,7 +809,13 @@ class OCNOpt(torch.optim.Optimizer):
             )
         if closure is not None:
             taken = self._subspace.step(
-                grads, directions, closure, self._decay(), self._paused, graph
+                grads,
+                directions,
+                closure,
+                self._decay(),
+                self._paused,
+                graph,
+                decay_in_trials=bool(self._pre.decay),
             )
             if taken is not None:
                 return taken

@@ -74,6 +74,7 @@ class OCNOptOptions:
     lr: Schedule | None = None
     momentum: Schedule = 0.9
     weight_decay: Schedule = 0.0
+    decay_in_model: bool = True
     curvature: str = "ekfac"
     damping: float = 1e-2
     update_every: int = 50
@@ -141,7 +142,7 @@ class OCNOptOptions:
             if self.feedback_clip is None
             else check_positive("feedback_clip", self.feedback_clip)
         )
-        for name in ("time_joint", "calibrate_units"):
+        for name in ("time_joint", "calibrate_units", "decay_in_model"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_type(name, getattr(self, name), "True or False")
         if not isinstance(self.adapt_damping, bool):

@@ -22,6 +22,8 @@ parameter's shape.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from .. import dist
@@ -78,6 +80,9 @@ class Preconditioner:
         self.build(group_of, {} if state is None else state)
         self.capture: CurvatureCapture | None = None
         self.samples = 1.0  # the batch size of the last refresh (per-sample normalisation)
+        #: parameter -> its weight decay, whose curvature ``wd I`` every unit's solve and
+        #: quadratic add to ``s (C + λ)`` (OCNOpt's ``decay_in_model``); empty: none
+        self.decay: dict = {}
         self.last_reduce = ReduceReport().as_dict()
 
     def build(self, group_of: dict, state) -> None:
@@ -162,7 +167,10 @@ class Preconditioner:
         ``grads``: OCNOpt's averaged gradient), ``u = (C + λ)⁻¹ numerator / s``, the
         statistics still updated from ``g``."""
         if numerator is None:
-            return self._per_unit(grads, lambda unit, v: unit.direction(v, damping, self.samples))
+            return self._per_unit(
+                grads,
+                lambda unit, v: unit.direction(v, self._damping_of(unit, damping), self.samples),
+            )
         for unit in self.units.units:
             if all(p in grads for p in unit.params):
                 unit.observe([grads[p] for p in unit.params], self.samples)
@@ -171,7 +179,19 @@ class Preconditioner:
     def solve(self, vectors: dict, damping: Damping) -> dict:
         """``(C + λ)⁻¹ v / s`` per unit, changing no running statistics (as ``directions``
         without its updates: a preconditioner for :mod:`.gauss_newton_cg`)."""
-        return self._per_unit(vectors, lambda unit, v: unit.solve(v, damping))
+        return self._per_unit(
+            vectors, lambda unit, v: unit.solve(v, self._damping_of(unit, damping))
+        )
+
+    def _damping_of(self, unit, damping: Damping) -> Damping:
+        """``damping`` with the unit's weight decay in its units: ``s (C + λ + wd / s) =
+        s (C + λ) + wd`` (the largest decay among the unit's parameters)."""
+        if not self.decay:
+            return damping
+        wd = max(float(self.decay.get(p, 0.0)) for p in unit.params)
+        if wd == 0.0:
+            return damping
+        return replace(damping, decay=damping.decay + wd / scale_of(unit))
 
     def _per_unit(self, vectors: dict, apply) -> dict:
         """``apply(unit, its tensors of vectors) / s`` for every unit ``vectors`` covers."""
@@ -191,7 +211,8 @@ class Preconditioner:
         total = 0.0
         for unit in self.units.units:
             if all(p in vectors for p in unit.params):
-                quad = float(unit.quadratic([vectors[p] for p in unit.params], damping))
+                d = self._damping_of(unit, damping)
+                quad = float(unit.quadratic([vectors[p] for p in unit.params], d))
                 total += scale_of(unit) * quad
         return total
 

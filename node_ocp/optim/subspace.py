@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .damping import exact_model_damping
-from .trial import ClosureValue, loss_and_outputs, read_closure
+from .trial import ClosureValue, decay_terms, loss_and_outputs, read_closure
 
 #: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
 SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
@@ -258,9 +258,12 @@ class SubspaceStep:
         weight_decay: dict,
         quiet,
         graph: tuple | None = None,
+        decay_in_trials: bool = False,
     ) -> tuple[dict | None, float | None] | None:
         """``(the update taken or None, the last trial loss)``; None (nothing evaluated
-        beyond the graph, ``last_reason`` says why) where the held step should be taken."""
+        beyond the graph, ``last_reason`` says why) where the held step should be taken.
+        ``decay_in_trials``: the trials judge ``L + wd/2 |θ|²`` (OCNOpt's
+        ``decay_in_model``), not the loss alone."""
         self.last_reason = ""
         directions = {p: d for p, d in directions.items() if p in grads}
         dirs = self.basis(directions)
@@ -291,10 +294,19 @@ class SubspaceStep:
                 for p, bk in zip(params, backup):
                     p.copy_(bk).add_(delta[p], alpha=alpha)
                 loss1 = loss_and_outputs(closure())[0]
+                change = loss1 - loss0
+                if decay_in_trials:
+                    for p, bk in zip(params, backup):  # θ itself, for the decay's change
+                        p.copy_(bk)
+                    change += decay_terms(weight_decay, delta, alpha)[0]
                 if trial == 0:
                     predicted = gd + 0.5 * quad
-                    rho = (loss1 - loss0) / predicted if predicted < 0 else float("nan")
-                if math.isfinite(loss1) and loss1 <= loss0 + ARMIJO * alpha * gd:
+                    rho = change / predicted if predicted < 0 else float("nan")
+                if decay_in_trials:
+                    accept = math.isfinite(change) and change <= ARMIJO * alpha * gd
+                else:  # (the loss alone, in the form the seeded runs were measured with)
+                    accept = math.isfinite(loss1) and loss1 <= loss0 + ARMIJO * alpha * gd
+                if accept:
                     taken = {p: delta[p] * alpha for p in params}
                     break
                 alpha *= 0.5

@@ -136,6 +136,7 @@ class Trials:
         lm: LevenbergMarquardt,
         quadratic: Callable[[dict, Damping], float],
         damping: Damping,
+        decay: dict | None = None,
     ) -> tuple[dict | None, float, Adaptation]:
         """The trial evaluation(s) of an adaptation step.
 
@@ -143,7 +144,9 @@ class Trials:
         adapts ``lm`` to the last outcome and lets the stepper settle what is taken and its
         own state (its ``control``'s ``κ``, trust region and counters). ``quadratic(v, d)``
         is the held model ``Σ s_u vᵀ(C + d)v`` (the preconditioner's), ``damping`` the
-        step's. Returns ``(the update taken or None, the last trial's loss, the
+        step's. ``decay`` (parameter -> weight decay, OCNOpt's ``decay_in_model``): the
+        measured change and curvature include the decay's, ``wd (θᵀδ + |δ|²/2)`` and
+        ``wd |δ|²``. Returns ``(the update taken or None, the last trial's loss, the
         adaptation's record)``.
         """
         control = stepper.control
@@ -160,6 +163,7 @@ class Trials:
             g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
             held = quadratic(trial, damping)
             damp_term = held - quadratic(trial, zero)
+            decay_change, decay_curvature = decay_terms(decay, trial)
             for p in params:
                 p.add_(trial[p])
             trial_loss, gn, nfe = self.evaluate(closure, observed)
@@ -173,8 +177,8 @@ class Trials:
                 held=held,
                 kappa=stepper.trial_kappa(kappa),
                 damping=damp_term,
-                actual=loss1 - loss0,
-                gauss_newton=gn,
+                actual=loss1 - loss0 + decay_change,
+                gauss_newton=gn + decay_curvature,
                 stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
                 loss=abs(loss0),
             )
@@ -199,6 +203,22 @@ class Trials:
             reason="ok" if outcome.accepted else outcome.why_rejected,
         )
         return update, trial_loss, adaptation
+
+
+def decay_terms(decay: dict | None, delta: dict, alpha: float = 1.0) -> tuple[float, float]:
+    """``(wd (θᵀαδ + α²|δ|²/2), wd α²|δ|²)`` summed over the parameters of ``delta``: the
+    weight decay's change of the objective at ``θ + αδ`` and its curvature along ``αδ``
+    (``θ`` the parameters now); ``(0, 0)`` without ``decay``."""
+    if not decay:
+        return 0.0, 0.0
+    change = curvature = 0.0
+    for p, d in delta.items():
+        wd = float(decay.get(p, 0.0))
+        if wd:
+            sq = float((d * d).sum()) * alpha * alpha
+            change += wd * (alpha * float((p.detach() * d).sum()) + 0.5 * sq)
+            curvature += wd * sq
+    return change, curvature
 
 
 class ClosureValue(NamedTuple):

@@ -44,10 +44,15 @@ class Damping:
     #: diagonal) use ``(s + λ)ᵖ`` where they would use ``s + λ`` (½: Adam's square-root
     #: scaling in the unit's eigenbasis)
     power: float = 1.0
+    #: the weight decay's own curvature in this unit's units (absolute, added after λ):
+    #: part of the objective, not damping, so :meth:`without_damping` keeps it (OCNOpt's
+    #: ``decay_in_model``; 0 otherwise)
+    decay: float = 0.0
 
     def of(self, scale: float) -> float:
-        """The absolute damping λ of a unit whose curvature has mean eigenvalue ``scale``."""
-        return self.value * scale if self.relative else self.value
+        """The absolute shift of a unit whose curvature has mean eigenvalue ``scale``: its
+        damping λ (``value`` times ``scale`` when relative) plus ``decay``."""
+        return (self.value * scale if self.relative else self.value) + self.decay
 
     def denominator(self, s: torch.Tensor, scale: float) -> torch.Tensor:
         """``(s + λ)ᵖ`` for a diagonal ``s`` (any shape) of a unit of mean eigenvalue
@@ -57,7 +62,7 @@ class Damping:
 
     def without_damping(self) -> Damping:
         """The same rule with ``λ = 0`` (the undamped quadratic model)."""
-        return Damping(0.0, self.relative, self.power)
+        return Damping(0.0, self.relative, self.power, self.decay)
 
 
 class CurvatureUnit(ABC):
