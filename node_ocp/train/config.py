@@ -469,7 +469,7 @@ class _OptimizerTable:
     warmup: int = 0
     final_lr_factor: float = 0.0
     momentum: float | None = None
-    weight_decay: float | None = None
+    weight_decay: float | str | None = None
     gradient: str | None = None
 
     def check(self, where: str) -> None:
@@ -497,8 +497,16 @@ class _OptimizerTable:
             _in_range(
                 f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True
             )
-        if self.weight_decay is not None:
-            _in_range(f"{where}.weight_decay", self.weight_decay, 0.0, math.inf, "a float >= 0")
+        if isinstance(self.weight_decay, str):
+            _choice(f"{where}.weight_decay", self.weight_decay, (PRIOR_DECAY,))
+        elif self.weight_decay is not None:
+            _in_range(
+                f"{where}.weight_decay",
+                self.weight_decay,
+                0.0,
+                math.inf,
+                f"a float >= 0 or {PRIOR_DECAY!r}",
+            )
         _in_range(
             f"{where}.feedback_clip", self.feedback_clip, 0.0, math.inf, "a float >= 0 (0: off)"
         )
@@ -525,8 +533,11 @@ class _OptimizerTable:
         # OCNOpt's own keys: checked where their defaults live (node_ocp.optim.options)
         from .optimizers import ocnopt_options
 
+        numeric = self
+        if isinstance(self.weight_decay, str):  # "prior": a number once the data are known
+            numeric = dataclasses.replace(self, weight_decay=None)
         try:
-            ocnopt_options(self, 1.0 if self.lr is None else self.lr).checked()
+            ocnopt_options(numeric, 1.0 if self.lr is None else self.lr).checked()
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}.{str(exc).rstrip('.')}") from None
 
@@ -576,13 +587,28 @@ class _OptimizerTable:
 
     @property
     def decay(self) -> float:
-        """``weight_decay`` or its default 0."""
+        """``weight_decay`` as a number (0 when unset; ``"prior"`` must have been resolved
+        by :func:`~node_ocp.train.optimizers.with_task_decay` first)."""
+        if isinstance(self.weight_decay, str):
+            raise ConfigError(
+                f"weight_decay: received {self.weight_decay!r} outside a run; accepted: a "
+                "float >= 0 (the prior's 1/N needs the training split)"
+            )
         return 0.0 if self.weight_decay is None else self.weight_decay
 
     @property
     def grid(self) -> list[float]:
         """The learning rates of a grid search (just the learning rate when no grid is given)."""
         return list(self.lr_grid) if self.lr_grid else [self.learning_rate]
+
+
+#: ``weight_decay = "prior"``: a unit Gaussian prior on the parameters, the weight decay
+#: ``1/N`` of a loss averaged over the ``N`` rows of the training split.
+PRIOR_DECAY = "prior"
+
+
+#: What a key of several types accepts, in words (for its error).
+_UNION_ACCEPTS = {"weight_decay": f"a float >= 0 or {PRIOR_DECAY!r}"}
 
 
 #: OCNOpt options that are not keys of an optimizer table: ``lr``, ``momentum`` and
@@ -801,8 +827,22 @@ def _coerce(where: str, value, tp):
     if origin in (types.UnionType, typing.Union):
         if value is None:
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(where, value, inner)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        for one in inner[:-1]:  # the first type that takes the value
+            try:
+                return _coerce(where, value, one)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(where, value, inner[-1])
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            accepted = next(
+                (text for key, text in _UNION_ACCEPTS.items() if where.endswith(f".{key}")),
+                _type_name(tp),
+            )
+            raise ConfigError(f"{where}: received {value!r}; accepted: {accepted}") from None
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: received {value!r}; accepted: {_type_name(tp)}")

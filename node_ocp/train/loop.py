@@ -49,7 +49,7 @@ from .config import ConfigError, RunConfig, config_from_dict, lr_label
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
-from .optimizers import build_horizon, build_schedule
+from .optimizers import build_horizon, build_schedule, with_task_decay
 from .step import StepFailed, StepResult, train_step
 from .tasks import build_task
 
@@ -339,6 +339,8 @@ class _Run:
             task.train_model = dist.wrap_ddp(task.model, device)
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
+        # weight_decay = "prior": 1/N of this training split
+        self.opt_cfg = with_task_decay(self.opt_cfg, len(task.data.train))
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
@@ -720,6 +722,7 @@ def _finish(
         "best_test": best_test,
         "best_test_metric": best_test[metric] if best_test is not None else None,
         "patience": run_info.get("patience"),
+        "weight_decay": opt_cfg.decay,  # "prior" made a number (1/N)
         "stopped_early": stopped_early,
         "early_stop_step": state.step if stopped_early else None,
         "step_time_s": cost["plain"],

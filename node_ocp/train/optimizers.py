@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from ..ode.block import ODEBlock
 from ..optim import HorizonOptimizer, OCNOpt, OCNOptOptions
 from . import classpath
-from .config import OFF_AT_ZERO, ConfigError, HorizonConfig, OptimizerConfig
+from .config import OFF_AT_ZERO, PRIOR_DECAY, ConfigError, HorizonConfig, OptimizerConfig
 from .schedules import ScheduleFactor, attach_schedule
 
 
@@ -39,6 +39,15 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
     if cfg.kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.beta, weight_decay=cfg.decay)
     return OCNOpt(model, ocnopt_options(cfg, lr, seed))
+
+
+def with_task_decay(cfg: OptimizerConfig, rows: int) -> OptimizerConfig:
+    """``cfg`` with ``weight_decay = "prior"`` made a number for a training split of
+    ``rows`` rows: ``1/rows``, a unit Gaussian prior on the parameters for a loss averaged
+    over the rows (MAP); any other table is returned as it is."""
+    if cfg.weight_decay != PRIOR_DECAY:
+        return cfg
+    return replace(cfg, weight_decay=1.0 / max(int(rows), 1))
 
 
 def ocnopt_options(cfg: OptimizerConfig, lr: float, seed: int = 0) -> OCNOptOptions:
