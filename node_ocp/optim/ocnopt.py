@@ -121,14 +121,15 @@ class OCNOpt(torch.optim.Optimizer):
             ``step -> value``.
         momentum: heavy-ball momentum in [0, 1) on the preconditioned directions.
         weight_decay: L2 coefficient (>= 0), added to the gradient before preconditioning.
-        decay_in_model: True (default): the step models the regularised objective
-            ``L + wd/2 |θ|²`` whole: the decay's curvature ``wd I`` is added to every unit's
-            ``s (C + λ)`` (flat directions shrink by at most their own size), and the trials
+        decay_in_model: False (default): the decay is in the gradient only; the trials
+            judge the loss alone, so λ climbs and the regularised objective is not minimised
+            (a ridge regression stalls; ``tests/test_decay_in_model.py``), which acts as a
+            damping that regularises. True: the step models ``L + wd/2 |θ|²`` whole: the
+            decay's curvature ``wd I`` is added to every unit's ``s (C + λ)``, and the trials
             of the held and the subspace step include the decay's change (ρ and κ are read
-            on the objective the step models; ``cg_iters``' trials read the loss alone).
-            False: the decay is in the gradient only (before 2026-12-07): there the trials
-            judge the loss alone, λ climbs and the objective is not minimised (a ridge
-            regression stalls; ``tests/test_decay_in_model.py``).
+            on the objective the step models; ``cg_iters``' trials read the loss alone); it
+            reaches the ridge solution, but on cnf_digits with ``wd = 1/N`` its step
+            collapsed on every seed (bench_issue21.md §23), so it is not the default.
         curvature: ``"identity"``, ``"diagonal"``, ``"kfac"``, ``"ekfac"`` (default) or
             ``"dense"`` (see :mod:`node_ocp.optim.curvatures`).
         damping: the initial damping λ (> 0): relative to each unit's mean curvature

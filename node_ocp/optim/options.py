@@ -74,7 +74,7 @@ class OCNOptOptions:
     lr: Schedule | None = None
     momentum: Schedule = 0.9
     weight_decay: Schedule = 0.0
-    decay_in_model: bool = True
+    decay_in_model: bool = False
     curvature: str = "ekfac"
     damping: float = 1e-2
     update_every: int = 50
