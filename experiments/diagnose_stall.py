@@ -6,7 +6,7 @@
 sampler), so the trials and their random draws are those of ``node-ocp train``.
 
     OMP_NUM_THREADS=1 python experiments/diagnose_stall.py --config configs/cnf_digits.toml \
-        --seed 1 --weight-decay 0.000695 --steps 303 --from 282
+        --seed 1 --weight-decay 0.000695 --decay-in-model --steps 303 --from 282
     # bench_issue21.md §23: kappa goes 1.1 -> 1.1e7 over steps 295-297 and the step freezes
 """
 
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="configs/cnf_digits.toml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=None, help="overrides the table's")
+    p.add_argument("--decay-in-model", action="store_true", help="OCNOpt's decay_in_model = true")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--from", dest="start", type=int, default=0, help="log every step from here")
     p.add_argument("--every", type=int, default=20, help="log every this many steps before")
@@ -39,6 +40,8 @@ def main(argv=None) -> None:
     table = cfg.optimizer("ocnopt")
     if a.weight_decay is not None:
         table = dataclasses.replace(table, weight_decay=a.weight_decay)
+    if a.decay_in_model:
+        table = dataclasses.replace(table, decay_in_model=True)
     opt = build_optimizer(table, task.model, seed=a.seed)
     sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
