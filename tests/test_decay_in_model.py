@@ -15,7 +15,7 @@ from node_ocp.optim.trial import decay_terms
 from node_ocp.optim.unit_scales import SCALE_KEY
 from node_ocp.train import RunOptions, config_from_dict, train
 from node_ocp.train.config import ConfigError
-from node_ocp.train.optimizers import with_task_decay
+from node_ocp.train.optimizers import resolve_decay
 
 F64 = torch.float64
 
@@ -180,15 +180,15 @@ def test_weight_decay_prior_is_one_over_the_training_rows(tmp_path):
     assert run["weight_decay"] == pytest.approx(1 / 256)
 
 
-def test_an_unset_or_numeric_weight_decay_is_kept(tmp_path):
+def test_an_unset_weight_decay_stays_zero_and_prior_resolves(tmp_path):
     run, _ = _density_run(tmp_path, "ocnopt")
     assert run["weight_decay"] == 0.0  # no prior unless asked
     table = config_from_dict(tiny()).optimizer("ocnopt")
-    assert with_task_decay(table, 40) is table
+    assert resolve_decay(table, 40) is table
     cfg = tiny()
     cfg["optimizers"]["ocnopt"]["weight_decay"] = "prior"
     prior = config_from_dict(cfg).optimizer("ocnopt")
-    assert with_task_decay(prior, 40).decay == pytest.approx(1 / 40)
+    assert resolve_decay(prior, 40).decay == pytest.approx(1 / 40)
 
 
 @pytest.mark.parametrize("value", ["1/N", -0.1, True])

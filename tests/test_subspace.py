@@ -206,6 +206,31 @@ def test_subspace_step_is_exact_on_a_quadratic_loss():
     assert step.damping < 1e-3  # ρ > ¾: λ shrinks
 
 
+@pytest.mark.parametrize("in_trials", [True, False])
+def test_subspace_step_with_decay_in_its_trials_is_exact_on_the_regularised_loss(in_trials):
+    # M carries wd dᵢᵀdⱼ and b the decay's gradient: with the decay's change in the trials
+    # the model is the regularised loss itself (ρ = 1); judged on the loss alone it is not
+    torch.manual_seed(0)
+    model = TwoParts()
+    x = torch.randn(16, 7, dtype=F64)
+    y = torch.randn(16, 2, dtype=F64)
+    wd = 0.3
+    decay = {p: wd for p in model.parameters()}
+    grads = {p: g + wd * p.detach() for p, g in _grads(model, x, y).items()}
+    step = SubspaceStep(model, "parts", {p: {} for p in model.parameters()}, damping=1e-3)
+
+    def closure():
+        out = model(x)
+        return _loss(out, y), out
+
+    with torch.no_grad():
+        step.step(grads, _directions(model), closure, decay, _noop, decay_in_trials=in_trials)
+    if in_trials:
+        assert step.last_rho == pytest.approx(1.0, abs=1e-9)
+    else:
+        assert abs(step.last_rho - 1.0) > 1e-3
+
+
 # ---------------------------------------------------------------------- subspace in OCNOpt
 def _train(model, x, y, steps, **kw):
     opt = no.OCNOpt(model, **kw)

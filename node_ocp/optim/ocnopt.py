@@ -677,9 +677,9 @@ class OCNOpt(torch.optim.Optimizer):
             self._factor_source.check_handed_over(step, self._capture, self._statistics_route)
             self._refresh()
         grads = self._gradients(step)
+        # the decay whose curvature the held model and the trials carry (none: as without)
         decay = self._decay() if self.options.decay_in_model else {}
-        decay = {p: wd for p, wd in decay.items() if wd}  # none: the step as without decay
-        self._pre.decay = decay
+        self._pre.decay = {p: wd for p, wd in decay.items() if wd}
         damping = Damping(self._lm.value, self._relative, self.options.scale_power)
         # per-part calibration scales are absorbed by the subspace's per-part coefficients
         per_part = self._subspace is not None and self._subspace.how == "parts"
@@ -700,7 +700,7 @@ class OCNOpt(torch.optim.Optimizer):
             update, trial_loss = coupled
         else:
             update, trial_loss = self._held_step(
-                grads, directions, step, observed, closure, damping, decay
+                grads, directions, step, observed, closure, damping
             )
             open_loss = trial_loss
         if update is not None:
@@ -717,7 +717,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._arm_if_due()
         return trial_loss
 
-    def _held_step(self, grads, directions, step, observed, closure, damping, decay):
+    def _held_step(self, grads, directions, step, observed, closure, damping):
         """The stepper's update along the held directions, checked by a trial on adaptation
         steps; ``(update or None, the trial loss or None)``."""
         update = self._stepper.plan(
@@ -735,7 +735,7 @@ class OCNOpt(torch.optim.Optimizer):
                 lm=self._lm,
                 quadratic=self._pre.quadratic,
                 damping=damping,
-                decay=decay,
+                decay=self._pre.decay,
             )
         elif self._stepper.needs_closure and closure is None:
             self._warn_no_closure()

@@ -287,6 +287,11 @@ class SubspaceStep:
             for p, v in d.items():
                 delta[p].add_(v, alpha=ci)
         backup = [p.detach().clone() for p in params]
+        # the decay's change at θ + αδ is α·first + α²·second (0 where the trials judge the
+        # loss alone)
+        change1, curvature1 = decay_terms(weight_decay if decay_in_trials else None, delta)
+        second = 0.5 * curvature1
+        first = change1 - second
         alpha, rho, loss1, taken = 1.0, float("nan"), None, None
         try:
             for trial in range(self.max_trials):
@@ -294,19 +299,11 @@ class SubspaceStep:
                 for p, bk in zip(params, backup):
                     p.copy_(bk).add_(delta[p], alpha=alpha)
                 loss1 = loss_and_outputs(closure())[0]
-                change = loss1 - loss0
-                if decay_in_trials:
-                    for p, bk in zip(params, backup):  # θ itself, for the decay's change
-                        p.copy_(bk)
-                    change += decay_terms(weight_decay, delta, alpha)[0]
+                objective1 = loss1 + (alpha * first + alpha * alpha * second)
                 if trial == 0:
                     predicted = gd + 0.5 * quad
-                    rho = change / predicted if predicted < 0 else float("nan")
-                if decay_in_trials:
-                    accept = math.isfinite(change) and change <= ARMIJO * alpha * gd
-                else:  # (the loss alone, in the form the seeded runs were measured with)
-                    accept = math.isfinite(loss1) and loss1 <= loss0 + ARMIJO * alpha * gd
-                if accept:
+                    rho = (objective1 - loss0) / predicted if predicted < 0 else float("nan")
+                if math.isfinite(objective1) and objective1 <= loss0 + ARMIJO * alpha * gd:
                     taken = {p: delta[p] * alpha for p in params}
                     break
                 alpha *= 0.5

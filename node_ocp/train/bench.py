@@ -32,7 +32,7 @@ from .costs import STEP_TYPES, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import FirstStepMemory, StepMemory
-from .optimizers import with_task_decay
+from .optimizers import resolve_decay
 from .step import StepFailed, train_step
 from .tasks import build_task
 
@@ -94,9 +94,7 @@ def bench(
         t = _clone_task(task, base_state)
         arms[name] = {
             "task": t,
-            "opt": build_adapter(
-                with_task_decay(cfg, n), t.model, FROZEN_LR, seed=config.train.seed
-            ),
+            "opt": build_adapter(resolve_decay(cfg, n), t.model, FROZEN_LR, seed=config.train.seed),
             "times": {k: [] for k in STEP_TYPES},
             "measured_times": {k: [] for k in STEP_TYPES},
             "memory": {},

@@ -588,7 +588,7 @@ class _OptimizerTable:
     @property
     def decay(self) -> float:
         """``weight_decay`` as a number (0 when unset; ``"prior"`` must have been resolved
-        by :func:`~node_ocp.train.optimizers.with_task_decay` first)."""
+        by :func:`~node_ocp.train.optimizers.resolve_decay` first)."""
         if isinstance(self.weight_decay, str):
             raise ConfigError(
                 f"weight_decay: received {self.weight_decay!r} outside a run; accepted: a "

@@ -49,7 +49,7 @@ from .config import ConfigError, RunConfig, config_from_dict, lr_label
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
-from .optimizers import build_horizon, build_schedule, with_task_decay
+from .optimizers import build_horizon, build_schedule, resolve_decay
 from .step import StepFailed, StepResult, train_step
 from .tasks import build_task
 
@@ -340,7 +340,7 @@ class _Run:
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
         # weight_decay = "prior": 1/N of this training split
-        self.opt_cfg = with_task_decay(self.opt_cfg, len(task.data.train))
+        self.opt_cfg = resolve_decay(self.opt_cfg, len(task.data.train))
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)

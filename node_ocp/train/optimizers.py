@@ -41,7 +41,7 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float | None = N
     return OCNOpt(model, ocnopt_options(cfg, lr, seed))
 
 
-def with_task_decay(cfg: OptimizerConfig, rows: int) -> OptimizerConfig:
+def resolve_decay(cfg: OptimizerConfig, rows: int) -> OptimizerConfig:
     """``cfg`` with ``weight_decay = "prior"`` made a number for a training split of
     ``rows`` rows: ``1/rows``, a unit Gaussian prior on the parameters for a loss averaged
     over the rows (MAP); any other table is returned as it is."""
