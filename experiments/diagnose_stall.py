@@ -1,7 +1,8 @@
 """Where does OCNOpt's step stall? One ``node-ocp`` config trained with its ``ocnopt`` table
 (optionally another weight decay), printing per logged step: the batch's training loss, λ,
-κ, α, the relative size of the update ``‖δ‖/‖θ‖``, ``‖θ‖`` and the last adaptation
-(trials, ρ, why a trial was rejected). The steps are the trainer's own
+κ, α, the relative size of the update ``‖δ‖/‖θ‖``, ``‖θ‖``, the last adaptation (trials,
+ρ, why a trial was rejected), the step's NFE and the own adjoint's reconstruction error and
+splits (``--anchor``). The steps are the trainer's own
 (:func:`node_ocp.train.train_step` with the task's ``training_terms`` and the loop's
 sampler), so the trials and their random draws are those of ``node-ocp train``.
 
@@ -33,6 +34,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--from", dest="start", type=int, default=0, help="log every step from here")
     p.add_argument("--every", type=int, default=20, help="log every this many steps before")
+    p.add_argument(
+        "--anchor",
+        default="10",
+        help="the blocks' adjoint_anchor ('none': the plain adjoint without the check)",
+    )
     a = p.parse_args(argv)
     cfg = load_config(a.config)
     torch.manual_seed(a.seed)
@@ -46,6 +52,8 @@ def main(argv=None) -> None:
     sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
     blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
+    for b in blocks:
+        b.adjoint_anchor = None if a.anchor.lower() == "none" else float(a.anchor)
     for step in range(a.steps):
         batch = task.data.train.batch(sampler.next())
         before = [q.detach().clone() for q in params]
@@ -67,6 +75,9 @@ def main(argv=None) -> None:
                 alpha=opt._stepper.control.alpha,
                 moved=moved / theta,
                 theta=theta,
+                nfe=f"{res.nfe_forward}/{res.nfe_backward}",
+                splits=res.splits,
+                reconstruction=round(res.reconstruction, 3),
                 adaptation=str(opt.last_adaptation),
             )
             print(json.dumps(record), flush=True)

@@ -18,7 +18,7 @@ from .factors import SolveRecord
 from .graphs import CudaGraphError, CudaGraphSolves, check_graph_settings
 from .per_sample import check_per_sample, check_step_control
 from .reference import torchdiffeq_solve
-from .settings import ADJOINT_NORMS, SolveSettings, make_settings
+from .settings import ADJOINT_NORMS, DEFAULT_ANCHOR, SolveSettings, check_anchor, make_settings
 from .solvers import SolverSpec, as_time_grid, check_backend
 
 GRADIENT_MODES: tuple[str, ...] = ("adjoint", "direct", "torchdiffeq")
@@ -55,6 +55,24 @@ class ODEBlock(nn.Module):
         adjoint_norm: error norm of the adaptive backward solve over the augmented state
             ``[x, a, q_1..q_R, ∫∂f/∂θᵀa]``: ``"seminorm"`` (default; parameter
             accumulators left out), ``"state"`` (factors left out too), ``"full"``.
+        adjoint_anchor: the own adjoint (``gradient="adjoint"``, adaptive forward method,
+            batch step control) re-solves the state backward in time from the forward
+            solution at each grid time; where the flow contracts strongly forward (a CNF
+            fitting near-degenerate data) that reconstruction can leave the forward
+            trajectory by orders of magnitude, and the gradient with it. This is the
+            largest error accepted at the next grid time: the RMS over the state of
+            ``(x̂ − x) / (atol + rtol |x|)`` in the forward solve's tolerances, a number
+            > 1 (default 1000). Beyond it, and beyond 1% of the state's RMS size (a
+            low-order method's global error at a tight tolerance is left alone), the
+            interval is cut into ``⌈ln error / ln anchor⌉`` equal pieces (2 to 16), the
+            states at their ends re-solved forward from the grid time below, and each
+            piece solved backward from its own anchor (a piece that fails again is cut
+            once more). Memory stays O(1) in the solver's steps; extra evaluations are
+            spent only where the check fails (``counters.splits``,
+            ``counters.reconstruction``). Where a piece cannot be integrated (the step size
+            underflows on the true trajectory) the unsplit solve is kept, as without the
+            check (``counters.unanchored``). None: no re-anchoring (the error is still
+            measured, and a ``RuntimeWarning`` names the block once where it passes 1000).
         check_finite: check ``x0`` and the solution for non-finite values.
         name: a name used in error messages.
         backend: who steps the solves of the ``adjoint`` and ``direct`` modes:
@@ -92,7 +110,8 @@ class ODEBlock(nn.Module):
 
     Counters: ``nfe_forward``, ``nfe_backward`` (solver evaluations of the field) and
     ``nfe_capture`` (batched evaluations made by curvature capture) accumulate over calls
-    until :meth:`reset_nfe`; they are the fields of :attr:`counters`
+    until :meth:`reset_nfe`, with the adjoint's re-anchoring (``splits``, the largest
+    ``reconstruction`` error seen); they are the fields of :attr:`counters`
     (:class:`~node_ocp.ode.counters.SolveCounters`).
 
     Settings: :attr:`settings` (:class:`~node_ocp.ode.settings.SolveSettings`) holds the
@@ -123,6 +142,7 @@ class ODEBlock(nn.Module):
         compile_field: bool | str = False,
         cuda_graph: bool = False,
         step_control: str = "batch",
+        adjoint_anchor: float | None = DEFAULT_ANCHOR,
     ):
         super().__init__()
         if not isinstance(field, nn.Module):
@@ -153,6 +173,7 @@ class ODEBlock(nn.Module):
             name=name if name is not None else f"ODEBlock({type(field).__name__})",
             backend=backend,
             step_control=step_control,
+            adjoint_anchor=adjoint_anchor,
         )
         self._check_step_control()
         self.counters = SolveCounters()
@@ -196,6 +217,15 @@ class ODEBlock(nn.Module):
                 "adjoint_norm", value, "'seminorm' or 'state' with step_control='per_sample'"
             )
         self.settings = replace(self.settings, adjoint_norm=value)
+
+    @property
+    def adjoint_anchor(self) -> float | None:
+        """The own adjoint's reconstruction check (``settings.anchor``; see the class)."""
+        return self.settings.anchor
+
+    @adjoint_anchor.setter
+    def adjoint_anchor(self, value: float | None) -> None:
+        self.settings = replace(self.settings, anchor=check_anchor(value))
 
     @property
     def check_finite(self) -> bool:

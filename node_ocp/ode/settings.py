@@ -15,6 +15,10 @@ from typing import Any
 from .._errors import bad_type, bad_value, check_choice
 from .solvers import SolverSpec, make_spec
 
+#: The reconstruction error (in units of the forward tolerance, RMS over the state) beyond
+#: which the own adjoint splits an interval (see ``SolveSettings.anchor``).
+DEFAULT_ANCHOR = 1000.0
+
 #: Error norms of the adaptive backward solve over the augmented state (see ``ODEBlock``).
 ADJOINT_NORMS: tuple[str, ...] = ("seminorm", "state", "full")
 
@@ -31,6 +35,11 @@ class SolveSettings:
             out), ``"state"`` (factors left out too) or ``"full"``.
         check_finite: check the initial state and every solution for non-finite values.
         name: the block's name, used in error messages.
+        anchor: the largest reconstruction error the own adjoint accepts, as the RMS over
+            the state of ``(x̂ − x) / (atol + rtol |x|)`` (the forward solve's tolerances):
+            ``x̂`` the backward solve's state at a grid time, ``x`` the forward solution
+            there. Beyond it the interval is split and each half solved backward from its
+            own anchor (:func:`~node_ocp.ode.adjoint.adjoint_backward`). None: no check.
     """
 
     forward: SolverSpec
@@ -38,6 +47,7 @@ class SolveSettings:
     adjoint_norm: str = "seminorm"
     check_finite: bool = True
     name: str = "ODEBlock"
+    anchor: float | None = DEFAULT_ANCHOR
 
 
 def make_settings(
@@ -55,6 +65,7 @@ def make_settings(
     name: str = "ODEBlock",
     backend: Any = "torchdiffeq",
     step_control: Any = "batch",
+    adjoint_anchor: Any = DEFAULT_ANCHOR,
 ) -> SolveSettings:
     """Check the user's solver arguments (named as ``ODEBlock`` names them) and build the
     settings; an ``adjoint_*`` left None takes the forward solve's value; ``backend`` and
@@ -79,4 +90,20 @@ def make_settings(
         )
     if not isinstance(check_finite, bool):
         raise bad_type("check_finite", check_finite, "True or False")
-    return SolveSettings(forward, backward, adjoint_norm, check_finite, name)
+    anchor = check_anchor(adjoint_anchor)
+    return SolveSettings(forward, backward, adjoint_norm, check_finite, name, anchor)
+
+
+def check_anchor(value: Any) -> float | None:
+    """``adjoint_anchor`` checked: None or a finite number > 1 (as a float)."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (1 < float(value) < float("inf")):
+        raise bad_value(
+            "adjoint_anchor",
+            value,
+            "None (no reconstruction check) or a finite number > 1: the reconstruction error, "
+            "in units of the forward tolerance, beyond which the adjoint re-anchors",
+        )
+    return float(value)

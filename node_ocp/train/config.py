@@ -281,7 +281,9 @@ class SolverConfig:
     ``cuda_graph``: replay the fixed-grid solves (euler, midpoint, rk4) of every block from
     CUDA graphs (``ODEBlock(cuda_graph=True)``; the own adjoint, CUDA devices only).
     ``step_control``: ``batch`` (one step size for the batch) or ``per_sample`` (one per
-    sample; with ``backend = "own"`` and dopri5 or bosh3, see ``ODEBlock``)."""
+    sample; with ``backend = "own"`` and dopri5 or bosh3, see ``ODEBlock``).
+    ``adjoint_anchor``: the own adjoint's reconstruction check, a float > 1 (default 1000,
+    in forward tolerances) or ``"off"`` (``ODEBlock(adjoint_anchor=...)``)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
@@ -291,6 +293,7 @@ class SolverConfig:
     compile_field: str = "off"
     cuda_graph: bool = False
     step_control: str = field(default_factory=lambda: _block_default("step_control"))
+    adjoint_anchor: float | str = field(default_factory=lambda: _block_default("adjoint_anchor"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
@@ -322,6 +325,21 @@ class SolverConfig:
         from ..ode.per_sample import METHODS as PER_SAMPLE_METHODS
         from ..ode.per_sample import STEP_CONTROLS
 
+        anchor = self.adjoint_anchor
+        if isinstance(anchor, str) and anchor != "off":
+            raise ConfigError(
+                f"{where}.adjoint_anchor: received {anchor!r}; accepted: a float > 1 or 'off'"
+            )
+        if not isinstance(anchor, str):
+            _in_range(
+                f"{where}.adjoint_anchor",
+                anchor,
+                1.0,
+                math.inf,
+                "a float > 1 or 'off'",
+                low_open=True,
+                high_open=True,
+            )
         _choice(f"{where}.step_control", self.step_control, STEP_CONTROLS)
         if self.step_control == "per_sample":
             _choice(f"{where}.backend (with step_control = 'per_sample')", self.backend, ("own",))
@@ -608,7 +626,10 @@ PRIOR_DECAY = "prior"
 
 
 #: What a key of several types accepts, in words (for its error).
-_UNION_ACCEPTS = {"weight_decay": f"a float >= 0 or {PRIOR_DECAY!r}"}
+_UNION_ACCEPTS = {
+    "weight_decay": f"a float >= 0 or {PRIOR_DECAY!r}",
+    "adjoint_anchor": "a float > 1 or 'off'",
+}
 
 
 #: OCNOpt options that are not keys of an optimizer table: ``lr``, ``momentum`` and

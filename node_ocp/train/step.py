@@ -52,6 +52,10 @@ class StepResult:
         solves, the step control's trial included; backward solves).
     nfe_capture: batched field evaluations of curvature capture during the step (0 on
         steps without capture).
+    splits: intervals the blocks' own adjoint split in the step because its reconstruction
+        of the state left the forward solution (``ODEBlock(adjoint_anchor=...)``).
+    reconstruction: the largest reconstruction error the own adjoint measured in the step,
+        in units of the forward tolerance (0 where none was measured).
     """
 
     loss: float
@@ -60,6 +64,8 @@ class StepResult:
     nfe_forward: int
     nfe_backward: int
     nfe_capture: int = 0
+    splits: int = 0
+    reconstruction: float = 0.0
 
 
 def kind_of(opt: torch.optim.Optimizer | OptimizerAdapter) -> str:
@@ -132,9 +138,18 @@ def train_step(
     _sync(device)
     seconds = time.perf_counter() - t0
     nfe_capture = sum(b.nfe_capture for b in blocks)
+    splits = sum(b.counters.splits for b in blocks)
+    reconstruction = max((b.counters.reconstruction for b in blocks), default=0.0)
     nfe_forward, nfe_backward = take_nfe(blocks)
     return StepResult(
-        float(loss.detach()), step_type, seconds, nfe_forward, nfe_backward, nfe_capture
+        float(loss.detach()),
+        step_type,
+        seconds,
+        nfe_forward,
+        nfe_backward,
+        nfe_capture,
+        splits,
+        reconstruction,
     )
 
 
