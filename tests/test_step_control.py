@@ -166,6 +166,54 @@ def test_a_failing_trial_leaves_the_parameters_and_grows_kappa():
     assert opt.adapt_due  # the next step checks again
 
 
+@pytest.mark.parametrize("power, kept", [(1, True), (2, False)])
+def test_a_rise_in_proportion_to_the_step_keeps_kappa(power, kept):
+    """Every trial raises the loss. Where the rise is first order in the step's length
+    (the gradient disagrees with the loss evaluated: an inexact adjoint), κ and the trust
+    region are kept; where it is second order (curvature the model missed), κ grows by
+    ``1/shrink`` per trial as before."""
+    model, compute = _regression_case()
+    opt = no.OCNOpt(model, adapt_every=5)
+    for _ in range(5):
+        _step(opt, compute)
+    assert opt.adapt_due
+    kappa = opt.calibration
+    radius = list(opt._stepper.control.radius)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss, out = compute()
+    opt.backward(loss, outputs=out, likelihood="gaussian")
+    scale = 1e3 if power == 1 else 1e9
+
+    def misleading():
+        value, outputs = compute()
+        moved = sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)) ** 0.5
+        return value + scale * moved**power, outputs
+
+    opt.step(misleading)
+    a = opt.last_adaptation
+    assert a.trials == 3
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    if kept:
+        assert a.reason == "loss rose along the step"
+        assert opt.calibration == kappa and opt._stepper.control.radius == radius
+    else:
+        assert a.reason == "loss rose"
+        assert opt.calibration == pytest.approx(kappa * 1e3)
+    assert opt.adapt_due  # either way the next step checks again
+
+
+def test_first_order_rise_reads_the_ratio_of_two_trials():
+    def outcome(actual, previous):
+        return TrialOutcome(-1.0, 0.1, 1.0, 0.0, actual, previous=previous, shrink=0.1)
+
+    assert outcome(0.0102, 0.110).first_order_rise  # §24's CNF: in proportion to length
+    assert not outcome(0.0011, 0.110).first_order_rise  # in proportion to the square
+    assert not outcome(0.01, float("nan")).first_order_rise  # a first trial: nothing to compare
+    assert not outcome(-0.01, 0.11).first_order_rise  # the smaller trial lowered the loss
+    assert not outcome(float("nan"), 0.11).first_order_rise  # failed
+
+
 def test_a_trial_that_raises_the_loss_is_retried_smaller():
     model, compute = _regression_case()
     twin = copy.deepcopy(model)

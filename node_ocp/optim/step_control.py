@@ -34,8 +34,13 @@ A trial that failed — non-finite loss, a solver error, or a forward solve that
 stiffened the dynamics) without the decrease the model promised (``ρ < ¼``) — or raised the
 loss is retried at ``shrink`` times the size, up to ``max_trials`` times; if none is
 accepted the step leaves the parameters unchanged, ``κ`` grows by ``1/shrink`` per trial, λ
-grows, and the next step adapts again. ``lr`` caps ``α``. Without a closure ``κ`` stays at
-its last value.
+grows, and the next step adapts again — unless the last two trials raised the loss in
+proportion to their lengths (:attr:`TrialOutcome.first_order_rise`): then the gradient, not
+the curvature, disagreed with the loss, and ``κ`` and the trust region are kept. Growing
+``κ`` a thousandfold there froze the step for good (a CNF whose adjoint gradient had gone
+wrong for a few steps, §24 of ``bench_issue21.md``: ``κ`` 1.1 → 1.1e7 over three steps, and
+only a fourfold fall per accepted trial to come back). ``lr`` caps ``α``. Without a
+closure ``κ`` stays at its last value.
 
 Between adaptations the step is kept inside a trust region around the last accepted trial:
 its model curvature ``κ δᵀPδ`` (twice the decrease the model promises) and its squared length
@@ -102,6 +107,9 @@ class TrialOutcome:
         gauss_newton: ``δᵀGδ`` from the outputs (NaN when they were not handed over).
         stiff: the trial's forward solve stiffened the dynamics.
         loss: ``|L(θ)|``, the scale below which a change is rounding (at a minimum).
+        previous: the change ``actual`` of the trial before this one, ``1/shrink`` times
+            longer along the same direction (NaN for a first trial).
+        shrink: the ratio of this trial's length to the previous one's (NaN: none).
     """
 
     g_delta: float
@@ -112,6 +120,8 @@ class TrialOutcome:
     gauss_newton: float = float("nan")
     stiff: bool = False
     loss: float = 0.0
+    previous: float = float("nan")
+    shrink: float = float("nan")
 
     @property
     def exact(self) -> bool:
@@ -162,10 +172,24 @@ class TrialOutcome:
         return abs(self.g_delta) > 1e3 * ROUNDING * self.loss
 
     @property
+    def first_order_rise(self) -> bool:
+        """This trial and the one before it (``1/shrink`` times longer) both raised the loss,
+        by amounts in proportion to their lengths (ratio at least ``shrink^1.5``), not to
+        their squares: the loss rises along ``δ`` from the start, where the gradient
+        promised a fall. No curvature explains that; the gradient disagrees with the loss
+        (measured on a CNF whose adjoint had left its forward trajectory, §24 of
+        ``bench_issue21.md``: rises of 0.110, 0.0102, 0.00102 for trials of 1, 0.1, 0.01)."""
+        if self.failed or not (self.actual > 0 and self.previous > 0 and self.shrink > 0):
+            return False
+        return self.actual >= self.previous * self.shrink**1.5
+
+    @property
     def why_rejected(self) -> str:
         if self.stiff and self.failed:
             return "stiff"
-        return "failed" if self.failed else "loss rose"
+        if self.failed:
+            return "failed"
+        return "loss rose along the step" if self.first_order_rise else "loss rose"
 
 
 @dataclass

@@ -237,8 +237,9 @@ class ModelStep(Stepper):
             )
             control.alpha = control.alpha * control.shrink ** (trials - 1)
             return trial
-        control.kappa = kappa / control.shrink**trials
-        control.shrink_radius(control.shrink**2)
+        if not outcome.first_order_rise:  # curvature the model missed: a shorter step
+            control.kappa = kappa / control.shrink**trials
+            control.shrink_radius(control.shrink**2)
         return None
 
     def remember(self, update, step):

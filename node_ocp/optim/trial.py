@@ -158,6 +158,7 @@ class Trials:
         kappa = control.kappa
         trial = update
         outcome, trial_loss, trials = None, None, 0
+        previous = float("nan")  # the last trial's change of the loss
         while trials < stepper.max_trials:
             trials += 1
             g_delta = float(dot([grads[p] for p in params], [trial[p] for p in params]))
@@ -181,9 +182,12 @@ class Trials:
                 gauss_newton=gn + decay_curvature,
                 stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
                 loss=abs(loss0),
+                previous=previous,
+                shrink=control.shrink if trials > 1 else float("nan"),
             )
             if stepper.done(outcome):
                 break
+            previous = outcome.actual
             trial = {p: d * control.shrink for p, d in trial.items()}
         control.adaptations += 1
         rho = outcome.rho
