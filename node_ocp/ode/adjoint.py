@@ -265,14 +265,12 @@ def adjoint_backward(
 
     # the re-solves to a split's midpoint are evaluations of the backward pass
     resolve = FieldCall(run, counters, settings.name, backward=True)
-    interval = _Interval(
-        settings, dyn, norm, reverse, counters, capture if kron else None, resolve, field, grid
-    )
+    interval = _Interval(settings, dyn, norm, reverse, counters, capture if kron else None, resolve)
     for k in range(n_times - 1, 0, -1):
         if need_t:
             with torch.no_grad():
                 grad_t[k] = (grad_ys[k] * call(grid[k], ys[k])).sum()
-        end = interval.solve(grid[k], grid[k - 1], state, ys[k - 1])
+        end = interval.solve(grid[k], grid[k - 1], state, ys[k - 1], grid, field)
         _, a, q, acc, dense_acc = dyn.unpack(end)
         if need_t and k == 1:
             with torch.no_grad():
@@ -340,10 +338,8 @@ class _Interval:
     fails again is cut again, :data:`MAX_DEPTH` levels in all).
     """
 
-    def __init__(self, settings, dyn, norm, reverse, counters, capture, forward_call, field, like):
+    def __init__(self, settings, dyn, norm, reverse, counters, capture, forward_call):
         self.settings = settings
-        self.field = field  # the eager field the capture's hooks see
-        self.like = like  # the call's grid: dtype and device of times
         self.dyn = dyn
         self.norm = norm
         self.reverse = reverse
@@ -372,19 +368,19 @@ class _Interval:
         MLP field: 2.5e3–1.9e4 tolerances, 2e-4 of the state), and is left alone."""
         return not err <= limit and not rel <= RELATIVE_FLOOR
 
-    def solve(self, t_top, t_bottom, state, x_bottom):
+    def solve(self, t_top, t_bottom, state, x_bottom, like, field):
         """The augmented state ``(N,)`` at ``t_bottom`` from ``state`` (its ``x`` anchored)
         at ``t_top``; ``x_bottom`` ``(B, *feat)`` the forward solution at ``t_bottom``. The
         capture's statistics of the solves kept are handed over at the end, in order."""
         self.pending: list[tuple] = []
-        end = self._solve(t_top, t_bottom, state, x_bottom, 0, None)
+        end = self._solve(t_top, t_bottom, state, x_bottom, like, field, 0, None)
         for samples, xs, qs in self.pending:
             self.counters.capture += self.capture.accumulate_kronecker(
-                self.field, samples, self.weight, xs, qs
+                field, samples, self.weight, xs, qs
             )
         return end
 
-    def _solve(self, t_top, t_bottom, state, x_bottom, depth, samples):
+    def _solve(self, t_top, t_bottom, state, x_bottom, like, field, depth, samples):
         """:meth:`solve` of a piece ``depth`` splits deep. ``samples``: the capture's
         sample times inside the piece (drawn for the whole interval at ``depth == 0``), so
         that a split changes where the states are measured, never which times are
@@ -393,7 +389,7 @@ class _Interval:
         (``counters.unanchored``)."""
         capture, dyn = self.capture, self.dyn
         if capture is not None and depth == 0:
-            samples, self.weight = capture.sample_grid(t_top, t_bottom, like=self.like)
+            samples, self.weight = capture.sample_grid(t_top, t_bottom, like=like)
         if samples is not None:
             times = torch.cat([t_top.reshape(1), samples, t_bottom.reshape(1)])
         else:
@@ -420,7 +416,9 @@ class _Interval:
             if anchor is not None and self.departed(err, rel, anchor) and depth < MAX_DEPTH:
                 mark = len(self.pending)
                 try:
-                    return self._pieces(t_top, t_bottom, state, x_bottom, depth, err, samples)
+                    return self._pieces(
+                        t_top, t_bottom, state, x_bottom, like, field, depth, err, samples
+                    )
                 except SolverError:
                     del self.pending[mark:]
                     self.counters.unanchored += 1
@@ -431,13 +429,13 @@ class _Interval:
             self.pending.append((samples, xs, qs))
         return end
 
-    def _pieces(self, t_top, t_bottom, state, x_bottom, depth, err, samples):
+    def _pieces(self, t_top, t_bottom, state, x_bottom, like, field, depth, err, samples):
         """:meth:`solve` over equal pieces, each from its own anchor (the solve of the whole
         interval is discarded, its capture statistics never taken); a piece's end that
         would fall on a sample time moves halfway to the next sample below."""
         n = pieces_for(err, self.settings.anchor)
         self.counters.splits += 1
-        frac = torch.linspace(0, 1, n + 1, dtype=self.like.dtype, device=self.like.device)
+        frac = torch.linspace(0, 1, n + 1, dtype=like.dtype, device=like.device)
         ends = t_bottom + (t_top - t_bottom) * frac  # bottom to top
         if samples is not None and samples.numel():
             ends = _off_samples(ends, samples)
@@ -456,7 +454,7 @@ class _Interval:
             inside = None
             if samples is not None:
                 inside = samples[(samples - lo) * (hi - samples) > 0]
-            state = self._solve(hi, lo, state, anchors[j - 1], depth + 1, inside)
+            state = self._solve(hi, lo, state, anchors[j - 1], like, field, depth + 1, inside)
             if j > 1:
                 _, a, q, acc, dense_acc = dyn.unpack(state)
                 state = dyn.pack(anchors[j - 1], a, q, acc, dense_acc)
