@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--every", type=int, default=20, help="log every this many steps before")
     p.add_argument(
         "--anchor",
-        default="10",
-        help="the blocks' adjoint_anchor ('none': the plain adjoint without the check)",
+        default=None,
+        help="the blocks' adjoint_anchor (default: the config's; 'none': no re-anchoring)",
     )
     a = p.parse_args(argv)
     cfg = load_config(a.config)
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
     blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
-    for b in blocks:
+    for b in blocks if a.anchor is not None else ():
         b.adjoint_anchor = None if a.anchor.lower() == "none" else float(a.anchor)
     for step in range(a.steps):
         batch = task.data.train.batch(sampler.next())

@@ -38,8 +38,9 @@ class SolveSettings:
         anchor: the largest reconstruction error the own adjoint accepts, as the RMS over
             the state of ``(x̂ − x) / (atol + rtol |x|)`` (the forward solve's tolerances):
             ``x̂`` the backward solve's state at a grid time, ``x`` the forward solution
-            there. Beyond it the interval is split and each half solved backward from its
-            own anchor (:func:`~node_ocp.ode.adjoint.adjoint_backward`). None: no check.
+            there. Beyond it (and beyond 1% of the state's size) the interval is solved
+            again in pieces, each from its own anchor (:class:`~node_ocp.ode.adjoint.
+            _Interval`). None: measured, never re-anchored.
     """
 
     forward: SolverSpec

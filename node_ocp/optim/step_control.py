@@ -109,7 +109,7 @@ class TrialOutcome:
         loss: ``|L(θ)|``, the scale below which a change is rounding (at a minimum).
         previous: the change ``actual`` of the trial before this one, ``1/shrink`` times
             longer along the same direction (NaN for a first trial).
-        shrink: the ratio of this trial's length to the previous one's (NaN: none).
+        shrink: the ratio of this trial's length to the previous one's.
     """
 
     g_delta: float

@@ -183,7 +183,7 @@ class Trials:
                 stiff=fwd > 0 and nfe > control.stiff_ratio * fwd,
                 loss=abs(loss0),
                 previous=previous,
-                shrink=control.shrink if trials > 1 else float("nan"),
+                shrink=control.shrink,
             )
             if stepper.done(outcome):
                 break

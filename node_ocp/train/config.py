@@ -324,22 +324,16 @@ class SolverConfig:
             )
         from ..ode.per_sample import METHODS as PER_SAMPLE_METHODS
         from ..ode.per_sample import STEP_CONTROLS
+        from ..ode.settings import check_anchor
 
         anchor = self.adjoint_anchor
-        if isinstance(anchor, str) and anchor != "off":
+        try:  # ODEBlock's own rule
+            if anchor != "off":
+                check_anchor(anchor)
+        except ValueError:
             raise ConfigError(
                 f"{where}.adjoint_anchor: received {anchor!r}; accepted: a float > 1 or 'off'"
-            )
-        if not isinstance(anchor, str):
-            _in_range(
-                f"{where}.adjoint_anchor",
-                anchor,
-                1.0,
-                math.inf,
-                "a float > 1 or 'off'",
-                low_open=True,
-                high_open=True,
-            )
+            ) from None
         _choice(f"{where}.step_control", self.step_control, STEP_CONTROLS)
         if self.step_control == "per_sample":
             _choice(f"{where}.backend (with step_control = 'per_sample')", self.backend, ("own",))
