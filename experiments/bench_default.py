@@ -184,13 +184,18 @@ def _run(cfg: Path, out: Path, arm: str, lr: float, seed: int, budget: float) ->
         s = json.loads(summary.read_text())
         if s.get("stopped_by_time") or s.get("diverged"):
             return _result(s, folder)
+    before = summary.stat().st_mtime_ns if summary.exists() else None
     cmd = train_in_process_args(cfg, folder, arm, lr, seed, "cpu", None, budget)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not summary.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"failed": " | ".join(tail), "arm": arm, "lr": lr, "seed": seed}
-    return _result(json.loads(summary.read_text()), folder)
+    if summary.exists() and summary.stat().st_mtime_ns != before:
+        s = json.loads(summary.read_text())
+        # a diverged run exits non-zero but is a result (its best model counts), as it is
+        # when a later call finds it finished
+        if proc.returncode == 0 or s.get("diverged"):
+            return _result(s, folder)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"failed": " | ".join(tail), "arm": arm, "lr": lr, "seed": seed}
 
 
 def _result(s: dict, folder: Path) -> dict:

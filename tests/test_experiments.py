@@ -122,6 +122,37 @@ def test_bench_default_ocnopt_set_reaches_only_the_default_arm(tmp_path):
             bench._settings(bad)
 
 
+def test_bench_default_counts_a_diverged_run_as_a_result_not_a_failure(tmp_path, monkeypatch):
+    import subprocess
+
+    bench = _load("bench_default")
+    summary = {
+        "optimizer": "adam", "lr": 0.01, "seed": 1, "final_val": math.nan,
+        "test_metric": math.nan, "best_test_metric": 70.5, "diverged": True, "steps": 335,
+        "train_seconds": 45.3, "amortized_step_s": 0.13, "nfe_forward": 50.0,
+        "nfe_backward": 170.0, "metric": "nll", "higher_is_better": False,
+    }  # fmt: skip
+
+    def diverging(cmd, **kwargs):  # the trainer writes its summary, then exits with status 3
+        folder = Path(cmd[cmd.index("--out") + 1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(cmd, 3, "", "diverged: the step size underflowed")
+
+    monkeypatch.setattr(bench.subprocess, "run", diverging)
+    first = bench._run(tmp_path / "c.toml", tmp_path, "adam", 0.01, 1, 9.0)
+    assert "failed" not in first and first["diverged"] and first["best_test"] == 70.5
+    # found finished by a later call, it reads the same
+    assert bench._run(tmp_path / "c.toml", tmp_path, "adam", 0.01, 1, 9.0) == first
+
+    def crashing(cmd, **kwargs):  # no summary written: a failure, with the message's tail
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nValueError: boom")
+
+    monkeypatch.setattr(bench.subprocess, "run", crashing)
+    failed = bench._run(tmp_path / "c.toml", tmp_path, "adam", 0.03, 0, 9.0)
+    assert failed["failed"].endswith("ValueError: boom") and failed["lr"] == 0.03
+
+
 def test_compare_all_main_collects_one_summary_table(tmp_path):
     from train_helpers import tiny, write_toml
 
