@@ -184,11 +184,10 @@ def _run(cfg: Path, out: Path, arm: str, lr: float, seed: int, budget: float) ->
         s = json.loads(summary.read_text())
         if s.get("stopped_by_time") or s.get("diverged"):
             return _result(s, folder)
-    before = summary.stat().st_mtime_ns if summary.exists() else None
     cmd = train_in_process_args(cfg, folder, arm, lr, seed, "cpu", None, budget)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if summary.exists() and summary.stat().st_mtime_ns != before:
+    if summary.exists():
         s = json.loads(summary.read_text())
         # a diverged run exits non-zero but is a result (its best model counts), as it is
         # when a later call finds it finished

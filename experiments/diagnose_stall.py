@@ -52,8 +52,9 @@ def main(argv=None) -> None:
     sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
     blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
-    for b in blocks if a.anchor is not None else ():
-        b.adjoint_anchor = None if a.anchor.lower() == "none" else float(a.anchor)
+    if a.anchor is not None:  # else the config's setting
+        for b in blocks:
+            b.adjoint_anchor = None if a.anchor.lower() == "none" else float(a.anchor)
     for step in range(a.steps):
         batch = task.data.train.batch(sampler.next())
         before = [q.detach().clone() for q in params]
