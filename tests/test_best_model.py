@@ -290,6 +290,7 @@ def test_the_patience_flag_stops_a_cli_run_and_its_line_says_so(tmp_path, capsys
 # ----------------------------------------------------------------- weight decay
 def test_weight_decay_of_an_ocnopt_table_reaches_ocnopt(tmp_path):
     base = tiny(**{"train.steps": 3})
+    base["optimizers"]["ocnopt"]["weight_decay"] = 0.0  # OCNOpt's default is the prior
     decayed = tiny(**{"train.steps": 3})
     decayed["optimizers"]["ocnopt"]["weight_decay"] = 0.5
     decayed["optimizers"]["adam"]["weight_decay"] = 0.5

@@ -180,15 +180,51 @@ def test_weight_decay_prior_is_one_over_the_training_rows(tmp_path):
     assert run["weight_decay"] == pytest.approx(1 / 256)
 
 
-def test_an_unset_weight_decay_stays_zero_and_prior_resolves(tmp_path):
-    run, _ = _density_run(tmp_path, "ocnopt")
-    assert run["weight_decay"] == 0.0  # no prior unless asked
-    table = config_from_dict(tiny()).optimizer("ocnopt")
-    assert resolve_decay(table, 40) is table
+def test_ocnopts_unset_decay_is_the_prior_in_its_model_on_a_likelihood_loss(tmp_path):
+    # the tiny density task: a mean NLL per row, so OCNOpt's default is the unit prior
+    run, out = _density_run(tmp_path, "ocnopt")
+    assert run["weight_decay"] == pytest.approx(1 / 256)
+    explicit, out2 = _density_run(
+        tmp_path / "x", "ocnopt", ocnopt={"weight_decay": "prior", "decay_in_model": True}
+    )
+    a = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(out2 / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, seeded
+    off, out3 = _density_run(tmp_path / "o", "ocnopt", ocnopt={"weight_decay": 0.0})
+    assert off["weight_decay"] == 0.0
+    c = torch.load(out3 / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # and the prior changes the run
+    run, _ = _density_run(tmp_path, "adam")
+    assert run["weight_decay"] == 0.0  # the baselines get none unless asked
+
+
+def test_resolve_decay_by_the_tasks_loss():
+    from node_ocp.train.task_kinds import ClassificationTask, DensityTask, ForecastTask
+
+    assert DensityTask.nll_per_row and ClassificationTask.nll_per_row
+    assert not ForecastTask.nll_per_row  # a squared error: its scale is a chosen noise
+    ocnopt = config_from_dict(tiny()).optimizer("ocnopt")
+    assert ocnopt.weight_decay is None and not ocnopt.decay_in_model
+    assert resolve_decay(ocnopt, 40, False) is ocnopt  # no likelihood: no prior
+    auto = resolve_decay(ocnopt, 40, True)
+    assert auto.decay == pytest.approx(1 / 40) and auto.decay_in_model
+    adam = config_from_dict(tiny()).optimizer("adam")
+    assert resolve_decay(adam, 40, True) is adam  # unset stays 0 for the baselines
     cfg = tiny()
+    cfg["optimizers"]["adam"]["weight_decay"] = "auto"
     cfg["optimizers"]["ocnopt"]["weight_decay"] = "prior"
-    prior = config_from_dict(cfg).optimizer("ocnopt")
-    assert resolve_decay(prior, 40).decay == pytest.approx(1 / 40)
+    parsed = config_from_dict(cfg)
+    adam_auto = parsed.optimizer("adam")
+    assert resolve_decay(adam_auto, 40, True).decay == pytest.approx(1 / 40)
+    assert resolve_decay(adam_auto, 40, False).decay == 0.0
+    prior = parsed.optimizer("ocnopt")
+    for nll in (True, False):  # "prior" asks for it whatever the loss
+        resolved = resolve_decay(prior, 40, nll)
+        assert resolved.decay == pytest.approx(1 / 40) and not resolved.decay_in_model
+    cfg = tiny()
+    cfg["optimizers"]["ocnopt"]["weight_decay"] = 0.0
+    zero = config_from_dict(cfg).optimizer("ocnopt")
+    assert resolve_decay(zero, 40, True) is zero  # a number is kept
 
 
 @pytest.mark.parametrize("value", ["1/N", -0.1, True])
@@ -197,4 +233,4 @@ def test_a_bad_weight_decay_is_one_line_naming_it(value):
     cfg["optimizers"]["ocnopt"]["weight_decay"] = value
     with pytest.raises(ConfigError, match=r"optimizers\.ocnopt\]?\.weight_decay") as err:
         config_from_dict(cfg)
-    assert "\n" not in str(err.value) and "prior" in str(err.value)
+    assert "\n" not in str(err.value) and "prior" in str(err.value) and "auto" in str(err.value)

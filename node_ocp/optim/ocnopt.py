@@ -656,6 +656,16 @@ class OCNOpt(torch.optim.Optimizer):
         return {p for p in module.parameters() if p in self._group_of}
 
     # ------------------------------------------------------------------ step
+    def skip_step(self) -> None:
+        """Drop the step whose backward pass failed (a solver error inside
+        :meth:`backward`): its gradients, the statistics it gathered and what it handed the
+        step go, the parameters and the step count stay, it is counted in
+        ``skipped_steps``, and the coming forward pass is armed as this one was."""
+        self.zero_grad(set_to_none=True)
+        self._observed, self._graph = None, None
+        self.skipped_steps += 1
+        self._arm_if_due()
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """Apply one update.

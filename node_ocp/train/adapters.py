@@ -89,6 +89,11 @@ class OptimizerAdapter:
     def zero_grad(self) -> None:
         self.opt.zero_grad()
 
+    def skip_step(self) -> None:
+        """Forget a step whose backward pass failed: its gradients (and whatever the
+        optimizer gathered in that pass); the parameters stay."""
+        self.opt.zero_grad(set_to_none=True)
+
     def backward_and_step(
         self,
         loss: torch.Tensor,
@@ -208,6 +213,9 @@ class OCNOptAdapter(OptimizerAdapter):
     def backward_and_step(self, loss, outputs, likelihood, closure, loss_inputs=None):
         self.opt.backward(loss, outputs=outputs, likelihood=likelihood, loss_inputs=loss_inputs)
         self.opt.step(closure)
+
+    def skip_step(self):
+        self.opt.skip_step()
 
     def attach_schedule(self, factor):
         self.opt.schedule = factor

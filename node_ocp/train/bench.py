@@ -94,7 +94,9 @@ def bench(
         t = _clone_task(task, base_state)
         arms[name] = {
             "task": t,
-            "opt": build_adapter(resolve_decay(cfg, n), t.model, FROZEN_LR, seed=config.train.seed),
+            "opt": build_adapter(
+                resolve_decay(cfg, n, t.nll_per_row), t.model, FROZEN_LR, seed=config.train.seed
+            ),
             "times": {k: [] for k in STEP_TYPES},
             "measured_times": {k: [] for k in STEP_TYPES},
             "memory": {},

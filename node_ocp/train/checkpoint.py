@@ -46,8 +46,10 @@ class RunState:
     failure. memory: MB of the first measured step of each type.
     best_step, best_value: the scheduled evaluation with the best validation metric so far
     (None before the first); evals_since_best: scheduled evaluations since it (early
-    stopping's count). Fields added after the first version have defaults, so that the
-    states of earlier checkpoints still load.
+    stopping's count). failed_steps: steps that failed and were skipped (``[train]
+    failures_in_a_row``); failed_in_a_row: those since the last step that did not fail;
+    failure: the last failure's reason. Fields added after the first version have
+    defaults, so that the states of earlier checkpoints still load.
     """
 
     step: int = 0
@@ -63,6 +65,9 @@ class RunState:
     best_step: int | None = None
     best_value: float | None = None
     evals_since_best: int = 0
+    failed_steps: int = 0
+    failed_in_a_row: int = 0
+    failure: str | None = None
 
     def add_step(self, loss: float, kind: str, seconds: float, nfe_f: int, nfe_b: int) -> None:
         """Count one step."""
@@ -73,6 +78,18 @@ class RunState:
         self.loss_count += 1
         self.nfe_f += nfe_f
         self.nfe_b += nfe_b
+        self.failed_in_a_row = 0
+
+    def skip_failed(self, reason: str, seconds: float, in_a_row: int) -> None:
+        """Count a step that failed (``reason``, one line) after ``seconds`` of training
+        time; the run is diverged once ``in_a_row`` steps in a row have failed."""
+        self.train_clock += seconds
+        self.failed_steps += 1
+        self.failed_in_a_row += 1
+        self.failure = reason
+        if self.failed_in_a_row >= in_a_row:
+            tail = f" ({self.failed_in_a_row} steps in a row failed)" if in_a_row > 1 else ""
+            self.fail(reason + tail)
 
     def reset_sums(self) -> None:
         """Start the sums of the next metrics line."""

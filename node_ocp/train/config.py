@@ -363,6 +363,11 @@ class TrainConfig:
     patience: early stopping: the run ends after this many scheduled evaluations without an
     improvement of the validation metric (None, the default: no early stopping; like the
     budgets, it may change when a run is resumed).
+    failures_in_a_row: a step fails when its forward or backward solve fails or its loss is
+        not finite; it changes no parameter and is skipped (the next step draws a new
+        batch). The run stops as diverged when this many steps in a row fail (default 3;
+        1: at the first failure). A data-parallel run stops at a failure inside the
+        backward pass whatever this says (the other processes wait in its all-reduce).
     """
 
     optimizer: str = "ocnopt"
@@ -376,9 +381,11 @@ class TrainConfig:
     device: str = "cpu"
     target: float | None = None
     patience: int | None = None
+    failures_in_a_row: int = 3
 
     def check(self, where: str) -> None:
         _at_least(f"{where}.steps", self.steps, 1)
+        _at_least(f"{where}.failures_in_a_row", self.failures_in_a_row, 1)
         if self.patience is not None and self.patience < 1:
             raise ConfigError(
                 f"{where}.patience: received {self.patience!r}; accepted: an int >= 1 "
@@ -462,7 +469,12 @@ class _OptimizerTable:
     ``compare --lr-grid`` tries. schedule: ``constant``, ``cosine`` or ``linear`` decay of
     every step (OCNOpt's included) to ``final_lr_factor`` times its start over the run's
     ``[train].steps``, after a linear warm-up of ``warmup`` steps.
-    momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1; default 0.9). The remaining keys
+    momentum: SGD/OCNOpt heavy-ball momentum (Adam: beta1; default 0.9).
+    weight_decay: a float >= 0; ``"prior"``: ``1/N`` for the ``N`` training rows, a unit
+    Gaussian prior on the parameters; ``"auto"``: that prior where the task's loss is a mean
+    negative log-likelihood per row (densities, classifiers; for OCNOpt with
+    ``decay_in_model = true``), none where it is a squared error. Unset: ``"auto"`` for
+    OCNOpt (its default), 0 for Adam and SGD. The remaining keys
     are OCNOpt's, made from the fields of :class:`~node_ocp.optim.options.OCNOptOptions`
     (its defaults and checks; adding a field there adds the key here): a table holding only
     ``kind = "ocnopt"`` is the recommended setting. An option that OCNOpt turns off with
@@ -510,14 +522,14 @@ class _OptimizerTable:
                 f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True
             )
         if isinstance(self.weight_decay, str):
-            _choice(f"{where}.weight_decay", self.weight_decay, (PRIOR_DECAY,))
+            _choice(f"{where}.weight_decay", self.weight_decay, DECAY_RULES)
         elif self.weight_decay is not None:
             _in_range(
                 f"{where}.weight_decay",
                 self.weight_decay,
                 0.0,
                 math.inf,
-                f"a float >= 0 or {PRIOR_DECAY!r}",
+                _UNION_ACCEPTS["weight_decay"],
             )
         _in_range(
             f"{where}.feedback_clip", self.feedback_clip, 0.0, math.inf, "a float >= 0 (0: off)"
@@ -546,7 +558,7 @@ class _OptimizerTable:
         from .optimizers import ocnopt_options
 
         numeric = self
-        if isinstance(self.weight_decay, str):  # "prior": a number once the data are known
+        if isinstance(self.weight_decay, str):  # a rule: a number once the data are known
             numeric = dataclasses.replace(self, weight_decay=None)
         try:
             ocnopt_options(numeric, 1.0 if self.lr is None else self.lr).checked()
@@ -599,12 +611,13 @@ class _OptimizerTable:
 
     @property
     def decay(self) -> float:
-        """``weight_decay`` as a number (0 when unset; ``"prior"`` must have been resolved
-        by :func:`~node_ocp.train.optimizers.resolve_decay` first)."""
+        """``weight_decay`` as a number (0 when unset; a rule, ``"prior"`` or ``"auto"``,
+        must have been resolved by :func:`~node_ocp.train.optimizers.resolve_decay`
+        first)."""
         if isinstance(self.weight_decay, str):
             raise ConfigError(
                 f"weight_decay: received {self.weight_decay!r} outside a run; accepted: a "
-                "float >= 0 (the prior's 1/N needs the training split)"
+                "float >= 0 (the prior's 1/N needs the training split and its task)"
             )
         return 0.0 if self.weight_decay is None else self.weight_decay
 
@@ -617,11 +630,17 @@ class _OptimizerTable:
 #: ``weight_decay = "prior"``: a unit Gaussian prior on the parameters, the weight decay
 #: ``1/N`` of a loss averaged over the ``N`` rows of the training split.
 PRIOR_DECAY = "prior"
+#: ``weight_decay = "auto"`` (OCNOpt's default where the key is unset): the prior inside
+#: OCNOpt's model (``decay_in_model``) where the task's loss is a mean negative
+#: log-likelihood per row (densities, classifiers), none otherwise (squared errors).
+AUTO_DECAY = "auto"
+#: the rules ``weight_decay`` accepts besides a number
+DECAY_RULES = (PRIOR_DECAY, AUTO_DECAY)
 
 
 #: What a key of several types accepts, in words (for its error).
 _UNION_ACCEPTS = {
-    "weight_decay": f"a float >= 0 or {PRIOR_DECAY!r}",
+    "weight_decay": f"a float >= 0, {PRIOR_DECAY!r} or {AUTO_DECAY!r}",
     "adjoint_anchor": "a float > 1 or 'off'",
 }
 

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,8 +340,8 @@ class _Run:
             task.train_model = dist.wrap_ddp(task.model, device)
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
-        # weight_decay = "prior": 1/N of this training split
-        self.opt_cfg = resolve_decay(self.opt_cfg, len(task.data.train))
+        # a weight-decay rule ("prior", "auto": OCNOpt's default) made a number
+        self.opt_cfg = resolve_decay(self.opt_cfg, len(task.data.train), task.nll_per_row)
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
@@ -520,12 +521,15 @@ class _Run:
         return over
 
     def _step(self) -> StepResult | None:
-        """One training step; None when it failed (the state says why)."""
+        """One training step; None when it failed: then it is skipped (no parameter moved;
+        the state counts it and says why), and the state is diverged once
+        ``[train].failures_in_a_row`` steps in a row have failed."""
         task, world, device = self.task, self.world, self.device
         idx = self.sampler.next()[dist.rank() :: world]  # this process's share of the batch
         batch = task.data.train.batch(idx.to(device) if device.type == "cuda" else idx)
         self.memory.before_step(self.opt.next_kind(), self.state.step)
         task.at_step(self.state.step)
+        start = time.perf_counter()
         try:
             result = train_step(
                 self.opt,
@@ -546,7 +550,9 @@ class _Run:
                     "pass; the data-parallel run stops (resume from the last checkpoint, "
                     "e.g. with a smaller learning rate or tighter solver tolerances)"
                 ) from exc
-            self.state.fail(first_line(exc))
+            self.opt.skip_step()
+            in_a_row = self.config.train.failures_in_a_row
+            self.state.skip_failed(first_line(exc), time.perf_counter() - start, in_a_row)
             return None
         self.memory.after_step(self.opt.opt)
         r = result
@@ -573,7 +579,7 @@ class _Run:
                 break
             result = self._step()
             if result is None:
-                break
+                continue  # skipped; the loop stops if the state is diverged
             if bar is not None:
                 post = {"loss": f"{result.loss:.4g}"}
                 post["nfe"] = f"{result.nfe_forward}/{result.nfe_backward}"
@@ -714,6 +720,8 @@ def _finish(
         "stopped_by_time": by_time,
         "diverged": state.diverged,
         "diverged_reason": state.diverged_reason,
+        "failed_steps": state.failed_steps,  # skipped ([train].failures_in_a_row)
+        "last_failure": state.failure,
         "final_val": records[-1][key] if records and not state.diverged else float("nan"),
         "best_val": best,
         "test": test,
@@ -722,7 +730,7 @@ def _finish(
         "best_test": best_test,
         "best_test_metric": best_test[metric] if best_test is not None else None,
         "patience": run_info.get("patience"),
-        "weight_decay": opt_cfg.decay,  # "prior" made a number (1/N)
+        "weight_decay": opt_cfg.decay,  # a rule made a number (1/N or 0)
         "stopped_early": stopped_early,
         "early_stop_step": state.step if stopped_early else None,
         "step_time_s": cost["plain"],

@@ -91,6 +91,12 @@ class Task:
     series_files: ClassVar[bool] = False
     #: the loss reaches an ODE block at several times (one loss term per query time)
     loss_at_several_times: ClassVar[bool] = False
+    #: the training loss is a mean negative log-likelihood in nats per training row whose
+    #: scale the data alone set (a density, a categorical likelihood), so that weight decay
+    #: ``1/N`` is a unit Gaussian prior on the parameters (MAP) — OCNOpt's default
+    #: ``weight_decay = "auto"`` applies it; not a squared error, whose scale is a chosen
+    #: noise level (see :func:`~node_ocp.train.optimizers.resolve_decay`)
+    nll_per_row: ClassVar[bool] = False
 
     @property
     def outputs_determine_loss(self) -> bool:
@@ -255,6 +261,7 @@ class DensityTask(Task):
     name = "density"
     metric = "nll"
     likelihood = "standard_normal"
+    nll_per_row = True
     datasets = (*TOYS, *TABULAR, *SUITE, "file")
     file_formats = ("auto", "table")
     folder_datasets = SUITE
@@ -347,6 +354,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     metric = "accuracy"
+    nll_per_row = True
     higher_is_better = True
     likelihood = "categorical"
     datasets = ("spirals", "digits", "file")
