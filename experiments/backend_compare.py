@@ -22,6 +22,7 @@ import torch
 from node_ocp.io import atomic_write_json
 from node_ocp.train import build_task, load_config
 from node_ocp.train.adapters import build_adapter
+from node_ocp.train.optimizers import decay_for_task
 from node_ocp.train.step import train_step
 
 BACKENDS = ("torchdiffeq", "own")
@@ -36,7 +37,8 @@ def compare(config_path: str, optimizers: list[str], steps: int, seed: int = 0) 
             cfg.solver.backend = backend
             torch.manual_seed(seed)
             task = build_task(cfg, torch.device("cpu"))
-            opt = build_adapter(cfg.optimizers[name], task.model, seed=seed)
+            table = decay_for_task(cfg.optimizers[name], task)  # the trainer's default decay
+            opt = build_adapter(table, task.model, seed=seed)
             arms[backend] = {"task": task, "opt": opt, "s": [], "loss": [], "nfe": []}
         n = len(arms["own"]["task"].data.train)
         batch_size = min(cfg.train.batch_size, n)

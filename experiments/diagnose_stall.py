@@ -22,14 +22,19 @@ import torch
 
 from node_ocp.train import build_task, load_config, train_step
 from node_ocp.train.loop import BatchSampler
-from node_ocp.train.optimizers import build_optimizer
+from node_ocp.train.optimizers import build_optimizer, decay_for_task
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="configs/cnf_digits.toml")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=None, help="overrides the table's")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="overrides the table's (0: none; unset, OCNOpt's default rule: 1/N on an NLL loss)",
+    )
     p.add_argument("--decay-in-model", action="store_true", help="OCNOpt's decay_in_model = true")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--from", dest="start", type=int, default=0, help="log every step from here")
@@ -48,6 +53,7 @@ def main(argv=None) -> None:
         table = dataclasses.replace(table, weight_decay=a.weight_decay)
     if a.decay_in_model:
         table = dataclasses.replace(table, decay_in_model=True)
+    table = decay_for_task(table, task)  # the trainer's rule: OCNOpt's prior on an NLL
     opt = build_optimizer(table, task.model, seed=a.seed)
     sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())

@@ -23,13 +23,14 @@ import torch
 def build(config_path, optimizer, seed, batch_size=None):
     from node_ocp.train.config import load_config
     from node_ocp.train.loop import BatchSampler
-    from node_ocp.train.optimizers import build_optimizer
+    from node_ocp.train.optimizers import build_optimizer, decay_for_task
     from node_ocp.train.tasks import build_task
 
     cfg = load_config(config_path)
     torch.manual_seed(seed)
     task = build_task(cfg, "cpu")
-    opt = build_optimizer(cfg.optimizers[optimizer], task.model, seed=seed)
+    table = decay_for_task(cfg.optimizers[optimizer], task)  # the trainer's default decay
+    opt = build_optimizer(table, task.model, seed=seed)
     sampler = BatchSampler(len(task.data.train), batch_size or cfg.train.batch_size, seed)
     return cfg, task, opt, sampler
 

@@ -54,7 +54,9 @@ def _run(tmp_path, name, steps=8, **train_over):
 @pytest.mark.parametrize("name", ["ocnopt", "adam"])
 def test_a_failed_backward_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, name):
     calls = _failing_backward(monkeypatch, {3, 6}, [])
-    run = _run(tmp_path, name)
+    with pytest.warns(RuntimeWarning, match=r"step 3 failed and was skipped") as caught:
+        run = _run(tmp_path, name)
+    assert sum("was skipped" in str(w.message) for w in caught) == 2
     assert not run["diverged"] and run["steps"] == 8
     assert calls["n"] == 10  # eight steps taken, two failed and skipped
     assert run["failed_steps"] == 2 and "non-finite" in run["last_failure"]

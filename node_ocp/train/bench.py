@@ -32,7 +32,7 @@ from .costs import STEP_TYPES, amortized_for, cycle, medians, ratio
 from .errors import RunError
 from .loop import prepare_out_dir, resolve_device
 from .memory import FirstStepMemory, StepMemory
-from .optimizers import resolve_decay
+from .optimizers import decay_for_task
 from .step import StepFailed, train_step
 from .tasks import build_task
 
@@ -95,7 +95,7 @@ def bench(
         arms[name] = {
             "task": t,
             "opt": build_adapter(
-                resolve_decay(cfg, n, t.nll_per_row), t.model, FROZEN_LR, seed=config.train.seed
+                decay_for_task(cfg, t), t.model, FROZEN_LR, seed=config.train.seed
             ),
             "times": {k: [] for k in STEP_TYPES},
             "measured_times": {k: [] for k in STEP_TYPES},

@@ -35,6 +35,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from .config import ConfigError, RunConfig, config_from_dict, lr_label
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
-from .optimizers import build_horizon, build_schedule, resolve_decay
+from .optimizers import build_horizon, build_schedule, decay_for_task
 from .step import StepFailed, StepResult, train_step
 from .tasks import build_task
 
@@ -341,7 +342,7 @@ class _Run:
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
         # a weight-decay rule ("prior", "auto": OCNOpt's default) made a number
-        self.opt_cfg = resolve_decay(self.opt_cfg, len(task.data.train), task.nll_per_row)
+        self.opt_cfg = decay_for_task(self.opt_cfg, task)
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
@@ -553,6 +554,14 @@ class _Run:
             self.opt.skip_step()
             in_a_row = self.config.train.failures_in_a_row
             self.state.skip_failed(first_line(exc), time.perf_counter() - start, in_a_row)
+            if not self.state.diverged:
+                warnings.warn(
+                    f"step {self.state.step + 1} failed and was skipped (no parameter moved; "
+                    f"{self.state.failed_in_a_row} of [train].failures_in_a_row = {in_a_row} "
+                    f"in a row): {first_line(exc)}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return None
         self.memory.after_step(self.opt.opt)
         r = result

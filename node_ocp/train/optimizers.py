@@ -75,6 +75,11 @@ def resolve_decay(cfg: OptimizerConfig, rows: int, nll_per_row: bool) -> Optimiz
     return cfg
 
 
+def decay_for_task(cfg: OptimizerConfig, task) -> OptimizerConfig:
+    """:func:`resolve_decay` for a built task (its training split and its loss)."""
+    return resolve_decay(cfg, len(task.data.train), task.nll_per_row)
+
+
 def ocnopt_options(cfg: OptimizerConfig, lr: float, seed: int = 0) -> OCNOptOptions:
     """The :class:`~node_ocp.optim.options.OCNOptOptions` of an ``ocnopt`` table: every key
     the table shares with the options, and the table's conventions (``lr = inf``: no cap;
