@@ -45,7 +45,7 @@ from node_ocp.io import atomic_write_json, atomic_write_text
 from node_ocp.train import StepFailed, build_task, load_config, train_step
 from node_ocp.train.config import OptimizerConfig
 from node_ocp.train.loop import BatchSampler
-from node_ocp.train.optimizers import build_optimizer
+from node_ocp.train.optimizers import build_optimizer, decay_for_task
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adam", "ocnopt")
@@ -126,14 +126,23 @@ def _commit() -> dict:
 
 
 # ---------------------------------------------------------------------------- one arm
-def _make_optimizer(name: str, config, model, args):
+def _make_optimizer(name: str, config, task, args):
+    model = task.model
     if name == "adam":
         table = config.optimizers.get("adam") or OptimizerConfig(kind="adam")
         if table.kind != "adam":
             table = OptimizerConfig(kind="adam")
         return build_optimizer(table, model, lr=args.adam_lr, seed=args.seed)
-    # OCNOpt's default: nothing tuned (the seed of its own draws is the run's, as in training)
-    return node_ocp.OCNOpt(model, seed=args.seed, subspace=args.subspace)
+    # OCNOpt's default: nothing tuned (the seed of its own draws is the run's, as in
+    # training), with the trainer's weight-decay rule (the prior on a likelihood loss)
+    table = decay_for_task(OptimizerConfig(kind="ocnopt"), task)
+    return node_ocp.OCNOpt(
+        model,
+        seed=args.seed,
+        subspace=args.subspace,
+        weight_decay=table.decay,
+        decay_in_model=table.decay_in_model,
+    )
 
 
 def _ocnopt_state(opt, before_adaptation) -> dict:
@@ -166,7 +175,7 @@ def run_arm(name: str, task, batches: list[torch.Tensor], args) -> dict:
     """Train ``task.model`` with optimizer ``name`` on ``batches``; the per-step record."""
     config = task.config
     torch.manual_seed(args.seed)  # the same global stream for both arms
-    opt = _make_optimizer(name, config, task.model, args)
+    opt = _make_optimizer(name, config, task, args)
     groups = _groups(task.model)
     blocks = task.blocks
     metric = task.metric

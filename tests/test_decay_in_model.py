@@ -234,3 +234,29 @@ def test_a_bad_weight_decay_is_one_line_naming_it(value):
     with pytest.raises(ConfigError, match=r"optimizers\.ocnopt\]?\.weight_decay") as err:
         config_from_dict(cfg)
     assert "\n" not in str(err.value) and "prior" in str(err.value) and "auto" in str(err.value)
+
+
+def test_a_run_from_before_the_auto_decay_resumes_with_the_decay_it_started_with(tmp_path):
+    cfg = tiny(**{"train.steps": 2})
+    out = tmp_path / "run"
+    train(config_from_dict(cfg), out, RunOptions(progress=False))
+    path = out / "checkpoint.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["run"]["decay"] == {"weight_decay": 1 / 256, "decay_in_model": True}
+    # a checkpoint of the version before: no record of the decay (an unset key meant none)
+    del ckpt["run"]["decay"]
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["weight_decay"] = 0.0
+    torch.save(ckpt, path)
+    run = train(
+        config_from_dict(tiny(**{"train.steps": 3})), out, RunOptions(progress=False, resume=True)
+    )
+    assert run["steps"] == 3 and run["weight_decay"] == 0.0  # as it started
+    resumed = torch.load(path, map_location="cpu", weights_only=False)
+    assert all(g["weight_decay"] == 0.0 for g in resumed["optimizer"]["param_groups"])
+    assert resumed["run"]["decay"] == {"weight_decay": 0.0, "decay_in_model": False}
+    # resumed again, it now carries its record and keeps it
+    run = train(
+        config_from_dict(tiny(**{"train.steps": 4})), out, RunOptions(progress=False, resume=True)
+    )
+    assert run["steps"] == 4 and run["weight_decay"] == 0.0

@@ -103,3 +103,96 @@ def test_a_bad_failures_in_a_row_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"train\]?\.failures_in_a_row") as err:
         config_from_dict(cfg)
     assert "received 0" in str(err.value)
+
+
+def _failing_before_backward(monkeypatch, fail_on: set[int]):
+    """As :func:`_failing_backward`, but the failure comes before the backward pass (so
+    the optimizer gathers nothing from the failed batch)."""
+    calls = {"n": 0}
+    real = adapters.OCNOptAdapter.backward_and_step
+
+    def patched(self, loss, outputs, likelihood, closure, loss_inputs=None):
+        calls["n"] += 1
+        if calls["n"] in fail_on:
+            raise SolverError("block 0: in the backward solve the state became non-finite")
+        return real(self, loss, outputs, likelihood, closure, loss_inputs)
+
+    monkeypatch.setattr(adapters.OCNOptAdapter, "backward_and_step", patched)
+
+
+def _final_model(tmp_path, name):
+    path = tmp_path / name / "checkpoint.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("call", [1, 4])  # OCNOpt's steps 0 and 3: refresh steps
+def test_a_failed_refresh_leaves_no_statistics_behind(tmp_path, monkeypatch, call):
+    # the failed batch's backward pass gathered Kronecker statistics; skipped, the run must
+    # go on as one whose failed batch never reached the backward pass
+    _failing_backward(monkeypatch, {call}, [])
+    _run(tmp_path / "after", "ocnopt", steps=7)
+    monkeypatch.undo()
+    _failing_before_backward(monkeypatch, {call})
+    _run(tmp_path / "before", "ocnopt", steps=7)
+    a, b = _final_model(tmp_path / "after", "ocnopt"), _final_model(tmp_path / "before", "ocnopt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_step_leaves_no_gradient_of_the_horizon(tmp_path, monkeypatch):
+    from node_ocp.ode.block import ODEBlock
+
+    grads = []
+    real = adapters.OCNOptAdapter.backward_and_step
+    calls = {"n": 0}
+
+    def patched(self, loss, outputs, likelihood, closure, loss_inputs=None):
+        calls["n"] += 1
+        (block,) = [m for m in self.opt.model.modules() if isinstance(m, ODEBlock)]
+        grads.append(None if block.t.grad is None else block.t.grad.clone())
+        if calls["n"] == 3:
+            self.opt.backward(loss, outputs=outputs, likelihood=likelihood)
+            assert block.t.grad is not None  # the failed pass reached t1
+            raise SolverError("block 0: in the backward solve the state became non-finite")
+        return real(self, loss, outputs, likelihood, closure, loss_inputs)
+
+    monkeypatch.setattr(adapters.OCNOptAdapter, "backward_and_step", patched)
+    cfg = tiny("horizon", **{"train.steps": 5})
+    run = train(config_from_dict(cfg), tmp_path / "h", RunOptions(progress=False))
+    assert run["failed_steps"] == 1 and not run["diverged"]
+    assert all(g is None for g in grads)  # every step starts without a stale dL/dt1
+
+
+def test_a_failure_inside_the_optimizers_step_stops_the_run(tmp_path, monkeypatch):
+    from node_ocp.optim.ocnopt import OCNOpt
+
+    real = OCNOpt.step
+    calls = {"n": 0}
+
+    def step(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after its refresh and averages took the batch in
+            raise SolverError("block 0: in a trial solve the step size underflowed")
+        return real(self, closure)
+
+    monkeypatch.setattr(OCNOpt, "step", step)
+    run = _run(tmp_path, "ocnopt", steps=6)
+    assert run["diverged"] and run["steps"] == 2
+    assert "inside the optimizer's step" in run["diverged_reason"]
+
+
+def test_ocnopts_own_skips_of_non_finite_gradients_count_in_a_row(tmp_path, monkeypatch):
+    from node_ocp.optim.ocnopt import OCNOpt
+
+    real = OCNOpt.backward
+    calls = {"n": 0}
+
+    def backward(self, loss, *args, **kw):
+        calls["n"] += 1
+        real(self, loss, *args, **kw)
+        if calls["n"] >= 2:  # every gradient from the second step on is non-finite
+            next(iter(self.param_groups[0]["params"])).grad.fill_(float("nan"))
+
+    monkeypatch.setattr(OCNOpt, "backward", backward)
+    run = _run(tmp_path, "ocnopt", steps=6)
+    assert run["diverged"] and run["steps"] == 1 and run["failed_steps"] == 3
+    assert "non-finite gradient" in run["diverged_reason"]

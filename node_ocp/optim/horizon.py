@@ -174,6 +174,11 @@ class HorizonOptimizer:
         self.block.t.grad = None
         return new_t1
 
+    def skip_step(self) -> None:
+        """Forget the gradient of t1 that a failed training step left (the step is skipped;
+        t1 stays)."""
+        self.block.t.grad = None
+
     def _snapshot(self) -> None:
         for prev, p in zip(self._prev, self.params):
             prev.copy_(p.detach())

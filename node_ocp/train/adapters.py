@@ -23,11 +23,22 @@ from typing import ClassVar
 
 import torch
 
+from .._errors import first_line
+from ..ode.checked import SolverError
 from ..optim import OCNOpt
 from .costs import step_type
 
 #: ``closure()`` -> ``(loss, outputs)`` of the same batch at the current parameters
 Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+class OptimizerStepFailed(RuntimeError):
+    """A solve failed inside the optimizer's own step (after it took the batch's
+    statistics in): the run cannot skip the step and stops. ``reason`` is one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class OptimizerAdapter:
@@ -93,6 +104,10 @@ class OptimizerAdapter:
         """Forget a step whose backward pass failed: its gradients (and whatever the
         optimizer gathered in that pass); the parameters stay."""
         self.opt.zero_grad(set_to_none=True)
+
+    def skipped_steps(self) -> int:
+        """Steps the optimizer skipped on its own (OCNOpt: a non-finite gradient)."""
+        return 0
 
     def backward_and_step(
         self,
@@ -212,10 +227,18 @@ class OCNOptAdapter(OptimizerAdapter):
 
     def backward_and_step(self, loss, outputs, likelihood, closure, loss_inputs=None):
         self.opt.backward(loss, outputs=outputs, likelihood=likelihood, loss_inputs=loss_inputs)
-        self.opt.step(closure)
+        try:
+            self.opt.step(closure)
+        except (SolverError, FloatingPointError) as exc:
+            # inside the step the optimizer has taken the batch in (its refresh, averages):
+            # not a step that can be skipped
+            raise OptimizerStepFailed(first_line(exc)) from exc
 
     def skip_step(self):
         self.opt.skip_step()
+
+    def skipped_steps(self):
+        return self.opt.skipped_steps
 
     def attach_schedule(self, factor):
         self.opt.schedule = factor

@@ -522,7 +522,11 @@ class _OptimizerTable:
                 f"{where}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1)", high_open=True
             )
         if isinstance(self.weight_decay, str):
-            _choice(f"{where}.weight_decay", self.weight_decay, DECAY_RULES)
+            if self.weight_decay not in DECAY_RULES:
+                raise ConfigError(
+                    f"{where}.weight_decay: received {self.weight_decay!r}; accepted: "
+                    f"{_UNION_ACCEPTS['weight_decay']}"
+                )
         elif self.weight_decay is not None:
             _in_range(
                 f"{where}.weight_decay",

@@ -45,13 +45,13 @@ from .. import dist
 from .._errors import bad_type, bad_value, first_line
 from ..io import atomic_write_json, atomic_write_text
 from ..ode.block import SolverError
-from .adapters import adapter_for, build_adapter
+from .adapters import OptimizerStepFailed, adapter_for, build_adapter
 from .checkpoint import CHECKPOINT_SCHEMA, BestModel, Checkpoint, RunState, improves
 from .config import ConfigError, RunConfig, config_from_dict, lr_label
 from .costs import amortized_for, medians
 from .errors import RunError
 from .memory import FirstStepMemory
-from .optimizers import build_horizon, build_schedule, decay_for_task
+from .optimizers import build_horizon, build_schedule, decay_for_task, resolve_decay
 from .step import StepFailed, StepResult, train_step
 from .tasks import build_task
 
@@ -192,6 +192,7 @@ def _comparable(cfg: dict) -> dict:
     c.pop("device", None)
     c.pop("world_size", None)  # a run resumes on any number of processes
     c.pop("source", None)  # the config's content matters, not where the file is
+    c.pop("decay", None)  # checked once the task is built (_check_resumed_decay)
     return c
 
 
@@ -271,7 +272,9 @@ class _Run:
                     f"{was!r}, this run has {now!r}; accepted: the same config and choices "
                     "(budgets may change)"
                 )
+        self._resumed_run = checkpoint.run if checkpoint is not None else None
         self._build()  # data, model and batch checks before the folder is created
+        self.run_info["decay"] = _decay_info(self.opt_cfg)  # the rule made a number
         self.out = self._prepare(out_dir)
         self.state = RunState()
         self.history: list[dict] = []
@@ -341,8 +344,9 @@ class _Run:
             task.train_model = dist.wrap_ddp(task.model, device)
             # the same model everywhere; random draws (probes, sampled factors) per process
             torch.manual_seed(seed + 1000 * dist.rank())
-        # a weight-decay rule ("prior", "auto": OCNOpt's default) made a number
-        self.opt_cfg = decay_for_task(self.opt_cfg, task)
+        # a weight-decay rule ("prior", "auto": OCNOpt's default) made a number; a resumed
+        # run keeps the decay it started with
+        self.opt_cfg = _resumed_decay(self.opt_cfg, task, self._resumed_run)
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
@@ -531,6 +535,7 @@ class _Run:
         self.memory.before_step(self.opt.next_kind(), self.state.step)
         task.at_step(self.state.step)
         start = time.perf_counter()
+        skipped_before = self.opt.skipped_steps()
         try:
             result = train_step(
                 self.opt,
@@ -542,6 +547,14 @@ class _Run:
                 horizon=self.horizon,
                 agree=self._agree,
             )
+        except OptimizerStepFailed as exc:
+            if world > 1:
+                raise RunError(
+                    f"process {dist.rank()}: {exc.reason} inside the optimizer's step; the "
+                    "data-parallel run stops (resume from the last checkpoint)"
+                ) from exc
+            self.state.fail(f"{exc.reason} (inside the optimizer's step, which cannot be skipped)")
+            return None
         except (SolverError, FloatingPointError) as exc:
             if world > 1 and not isinstance(exc, StepFailed):
                 # A failure inside the backward pass: the other processes are waiting in
@@ -552,21 +565,31 @@ class _Run:
                     "e.g. with a smaller learning rate or tighter solver tolerances)"
                 ) from exc
             self.opt.skip_step()
-            in_a_row = self.config.train.failures_in_a_row
-            self.state.skip_failed(first_line(exc), time.perf_counter() - start, in_a_row)
-            if not self.state.diverged:
-                warnings.warn(
-                    f"step {self.state.step + 1} failed and was skipped (no parameter moved; "
-                    f"{self.state.failed_in_a_row} of [train].failures_in_a_row = {in_a_row} "
-                    f"in a row): {first_line(exc)}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            if self.horizon is not None:
+                self.horizon.skip_step()
+            self._skipped(first_line(exc), time.perf_counter() - start)
+            return None
+        if self.opt.skipped_steps() > skipped_before:  # OCNOpt's non-finite gradient
+            self._skipped("non-finite gradient (the optimizer skipped its step)", result.seconds)
             return None
         self.memory.after_step(self.opt.opt)
         r = result
         self.state.add_step(r.loss, r.kind, r.seconds, r.nfe_forward, r.nfe_backward)
         return result
+
+    def _skipped(self, reason: str, seconds: float) -> None:
+        """Count a step that failed and was skipped; warn, or diverge when it is the
+        ``[train].failures_in_a_row``-th in a row."""
+        in_a_row = self.config.train.failures_in_a_row
+        self.state.skip_failed(reason, seconds, in_a_row)
+        if not self.state.diverged:
+            warnings.warn(
+                f"step {self.state.step + 1} failed and was skipped (no parameter moved; "
+                f"{self.state.failed_in_a_row} of [train].failures_in_a_row = {in_a_row} in "
+                f"a row): {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def run(self) -> dict:
         s, train_cfg = self.state, self.config.train
@@ -626,6 +649,31 @@ class _Run:
                 atomic_write_json(self.out / SUMMARY, summary)
         dist.barrier()
         return summary
+
+
+def _decay_info(cfg) -> dict:
+    """The weight decay a run's optimizer got (its rule made a number)."""
+    return {
+        "weight_decay": cfg.decay,
+        "decay_in_model": bool(getattr(cfg, "decay_in_model", False)),
+    }
+
+
+def _resumed_decay(cfg, task, resumed_run: dict | None):
+    """``cfg`` with its weight-decay rule made a number for ``task``; a resumed run keeps
+    the decay it started with (``resumed_run``: its saved run info). A checkpoint written
+    before the decay was recorded ran with the rule of its time: an unset key meant none."""
+    resolved = decay_for_task(cfg, task)
+    if resumed_run is None:
+        return resolved
+    saved = resumed_run.get("decay")
+    if saved is None:
+        return resolve_decay(cfg, len(task.data.train), nll_per_row=False)
+    if _decay_info(resolved) == saved:
+        return resolved
+    return dataclasses.replace(
+        cfg, weight_decay=saved["weight_decay"], decay_in_model=saved["decay_in_model"]
+    )
 
 
 def _patience(option, configured: int | None) -> int | None:
