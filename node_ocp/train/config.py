@@ -363,11 +363,13 @@ class TrainConfig:
     patience: early stopping: the run ends after this many scheduled evaluations without an
     improvement of the validation metric (None, the default: no early stopping; like the
     budgets, it may change when a run is resumed).
-    failures_in_a_row: a step fails when its forward or backward solve fails or its loss is
-        not finite; it changes no parameter and is skipped (the next step draws a new
-        batch). The run stops as diverged when this many steps in a row fail (default 3;
-        1: at the first failure). A data-parallel run stops at a failure inside the
-        backward pass whatever this says (the other processes wait in its all-reduce).
+    failures_in_a_row: a step fails when its forward or backward solve fails, its loss is
+        not finite or OCNOpt finds its gradient non-finite; it changes no parameter and is
+        skipped (the next step draws a new batch). The run stops as diverged when this many
+        steps in a row fail (default 3; 1: at the first failure). It stops at once on a
+        failure inside OCNOpt's own step (its statistics have taken the batch in by then)
+        and, in a data-parallel run, on a failure inside the backward pass (the other
+        processes wait in its all-reduce).
     """
 
     optimizer: str = "ocnopt"

@@ -192,7 +192,7 @@ def _comparable(cfg: dict) -> dict:
     c.pop("device", None)
     c.pop("world_size", None)  # a run resumes on any number of processes
     c.pop("source", None)  # the config's content matters, not where the file is
-    c.pop("decay", None)  # checked once the task is built (_check_resumed_decay)
+    c.pop("decay", None)  # a resumed run keeps its own (_resumed_decay)
     return c
 
 
@@ -663,13 +663,11 @@ def _resumed_decay(cfg, task, resumed_run: dict | None):
     """``cfg`` with its weight-decay rule made a number for ``task``; a resumed run keeps
     the decay it started with (``resumed_run``: its saved run info). A checkpoint written
     before the decay was recorded ran with the rule of its time: an unset key meant none."""
-    resolved = decay_for_task(cfg, task)
-    if resumed_run is None:
-        return resolved
-    saved = resumed_run.get("decay")
-    if saved is None:
+    saved = None if resumed_run is None else resumed_run.get("decay")
+    if resumed_run is not None and saved is None:
         return resolve_decay(cfg, len(task.data.train), nll_per_row=False)
-    if _decay_info(resolved) == saved:
+    resolved = decay_for_task(cfg, task)
+    if saved is None or _decay_info(resolved) == saved:
         return resolved
     return dataclasses.replace(
         cfg, weight_decay=saved["weight_decay"], decay_in_model=saved["decay_in_model"]

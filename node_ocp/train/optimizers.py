@@ -58,11 +58,11 @@ def resolve_decay(cfg: OptimizerConfig, rows: int, nll_per_row: bool) -> Optimiz
       loss is a mean negative log-likelihood per row: densities, classifiers), the prior,
       inside OCNOpt's model and trials (``decay_in_model = true``, whatever the table
       says: for the prior in the gradient alone write ``weight_decay = "prior"`` with
-      ``decay_in_model = false``); elsewhere none. A
-      squared error is no likelihood in nats: its scale is a chosen noise level, and on
-      the spiral forecaster the prior was 5.3x tuned Adam's MSE, against level without
-      it; on the small tables it turned OCNOpt's losses to Adam into wins or a level
-      (``experiments/results/bench_issue21.md`` §25, §26).
+      ``decay_in_model = false``); elsewhere none. A squared error is no likelihood in
+      nats: its scale is a chosen noise level, and on the spiral forecaster the prior was
+      5.3x tuned Adam's MSE, against level without it; on the small tables it turned
+      OCNOpt's losses to Adam into wins or a level (``experiments/results/bench_issue21.md``
+      §25, §26).
     """
     rule = cfg.weight_decay
     if rule is None and cfg.kind == "ocnopt":
