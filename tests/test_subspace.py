@@ -231,6 +231,117 @@ def test_subspace_step_with_decay_in_its_trials_is_exact_on_the_regularised_loss
         assert abs(step.last_rho - 1.0) > 1e-3
 
 
+def test_held_weight_adds_the_held_curvature_to_the_model_it_solves():
+    # c = −(M + λ diag M + μ diag Q)⁻¹ b with Q_ii the held quadratic along d_i; the trial's
+    # ρ is still read against the exact model (1 on a quadratic loss)
+    torch.manual_seed(0)
+    model = TwoParts()
+    x = torch.randn(16, 7, dtype=F64)
+    y = torch.randn(16, 2, dtype=F64)
+    grads = _grads(model, x, y)
+    mu, lam = 0.7, 1e-3
+    weights = {model.a.weight: 3.0, model.b.weight: 0.5, model.b.bias: 2.0}
+
+    def held_quadratic(v):  # a diagonal held curvature, by hand
+        return sum(float(weights[p] * (t * t).sum()) for p, t in v.items())
+
+    step = SubspaceStep(model, "parts", {p: {} for p in model.parameters()}, damping=lam)
+    step.held_weight = mu
+    u = _directions(model)
+
+    def closure():
+        out = model(x)
+        return _loss(out, y), out
+
+    with torch.no_grad():
+        dirs = step.basis(u)
+        _, mat, b = step.model(closure, dirs, grads, {}, _noop)
+        q = torch.tensor([held_quadratic(d) for d in dirs], dtype=F64)
+        c = -torch.linalg.solve(mat + lam * torch.diag(mat.diagonal()) + mu * torch.diag(q), b)
+        c0 = -torch.linalg.solve(mat + lam * torch.diag(mat.diagonal()), b)
+        taken, _ = step.step(grads, u, closure, {}, _noop, held_quadratic=held_quadratic)
+    assert not torch.allclose(c, c0, rtol=1e-3)  # the held term matters here
+    for p in model.parameters():
+        part = 0 if p is model.a.weight else 1
+        assert torch.allclose(taken[p], -float(c[part]) * u[p], rtol=1e-9)
+    assert step.last_rho == pytest.approx(1.0, abs=1e-9)
+
+
+def test_held_weight_bounds_the_step_along_a_direction_the_batch_finds_flat():
+    # a part whose direction barely changes the outputs: the exact model's coefficient is
+    # about |b|/M, large; with μ it is about |b| / (μ Q) (not exactly: the parts couple)
+    torch.manual_seed(0)
+    model = TwoParts()
+    with torch.no_grad():
+        model.a.weight.mul_(0.0)
+    x = torch.randn(16, 7, dtype=F64)
+    x[:, :3] *= 1e-5  # part a's inputs: the batch constrains it very little
+    y = torch.randn(16, 2, dtype=F64)
+    grads = _grads(model, x, y)
+    u = _directions(model)
+
+    def closure():
+        out = model(x)
+        return _loss(out, y), out
+
+    def held_quadratic(v):
+        return sum(float((t * t).sum()) for t in v.values())
+
+    coefficients = {}
+    for mu in (0.0, 0.3):
+        step = SubspaceStep(model, "parts", {p: {} for p in model.parameters()}, damping=1e-8)
+        step.held_weight = mu
+        with torch.no_grad():
+            step.step(grads, u, closure, {}, _noop, held_quadratic=held_quadratic)
+            dirs = step.basis(u)
+            _, _, b = step.model(closure, dirs, grads, {}, _noop)
+        coefficients[mu] = (abs(step.last_coefficients[0]), abs(float(b[0])))
+    q_a = held_quadratic({model.a.weight: u[model.a.weight]})
+    assert coefficients[0.0][0] > 1e3
+    bound = coefficients[0.3][1] / (0.3 * q_a)
+    assert 0.5 * bound < coefficients[0.3][0] < 2.0 * bound
+    assert coefficients[0.3][0] < 1e-6 * coefficients[0.0][0]
+
+
+def test_ocnopt_hands_the_subspace_its_held_quadratic():
+    # with the gradient as numerator, power 1 and no calibration, the held direction of part
+    # i is u_i = (C + λ)⁻¹ g_i, so its held quadratic is u_iᵀ(C + λ)u_i = u_iᵀ g_i
+    model, x, y = _setup()
+    seen = {}
+    real_step, real_coefficients = SubspaceStep.step, SubspaceStep.coefficients
+
+    def spy_step(self, grads, directions, *a, **k):
+        seen["grads"], seen["directions"] = dict(grads), dict(directions)
+        return real_step(self, grads, directions, *a, **k)
+
+    def spy_coefficients(self, mat, b, held=None):
+        seen["held"] = held
+        return real_coefficients(self, mat, b, held)
+
+    opt = no.OCNOpt(
+        model,
+        subspace="parts",
+        scale_power=1.0,
+        numerator="gradient",
+        calibrate_units=False,
+        subspace_held=0.5,
+    )
+    opt.zero_grad()
+    out = model(x)
+    opt.backward(_loss(out, y), outputs=out, likelihood="gaussian")
+    SubspaceStep.step, SubspaceStep.coefficients = spy_step, spy_coefficients
+    try:
+        opt.step(lambda: (_loss(o := model(x), y), o))
+    finally:
+        SubspaceStep.step, SubspaceStep.coefficients = real_step, real_coefficients
+    parts = model_parts(model)
+    expected = defaultdict(float)
+    for p, g in seen["grads"].items():
+        expected[parts[p]] += float((seen["directions"][p] * g).sum())
+    assert opt._subspace.held_weight == 0.5
+    assert seen["held"].tolist() == pytest.approx(list(expected.values()), rel=1e-8)
+
+
 # ---------------------------------------------------------------------- subspace in OCNOpt
 def _train(model, x, y, steps, **kw):
     opt = no.OCNOpt(model, **kw)
@@ -298,6 +409,8 @@ def test_ocnopt_subspace_without_outputs_keeps_the_held_step():
         (dict(numerator_beta=1.0), "numerator_beta"),
         (dict(subspace="layers"), "subspace"),
         (dict(subspace="parts", cg_iters=2), "subspace"),
+        (dict(subspace_held=-0.1), "subspace_held"),
+        (dict(subspace_held="big"), "subspace_held"),
     ],
 )
 def test_bad_options_are_refused_by_name(kw, name):

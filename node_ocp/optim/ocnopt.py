@@ -241,6 +241,11 @@ class OCNOpt(torch.optim.Optimizer):
             backward with a graph through the solvers and ``k + 1`` double-backward products
             per step), or ``"whole"``: the same with the held direction whole. Measured in
             ``bench_issue21.md`` §20–21.
+        subspace_held: ``μ ≥ 0``, default 0.3: the weight of the held curvature along each
+            direction in the subspace step's model, ``M + λ diag M + μ diag Q`` (:mod:`.subspace`):
+            it bounds the step along a direction the batch's exact model finds flat to about
+            ``1/μ`` times the held step's. 0: the exact model alone (the default before
+            ``bench_issue21.md`` §27, where it is measured).
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -338,7 +343,13 @@ class OCNOpt(torch.optim.Optimizer):
         )
         self._warned_fallback: set[str] = set()  # options whose fallback was warned of
         self._subspace = (
-            SubspaceStep(model, o.subspace, self.state, backprop=_backprop(model))
+            SubspaceStep(
+                model,
+                o.subspace,
+                self.state,
+                backprop=_backprop(model),
+                held_weight=o.subspace_held,
+            )
             if o.subspace != "off"
             else None
         )
@@ -702,7 +713,7 @@ class OCNOpt(torch.optim.Optimizer):
         elif self._subspace is not None:
             if graph is not None and graph[1] != self._versions():
                 graph = None  # the calibration sweep moved the parameters in place
-            coupled = self._subspace_step(grads, directions, closure, graph and graph[0])
+            coupled = self._subspace_step(grads, directions, closure, graph and graph[0], damping)
         else:
             coupled = None
         open_loss = None  # L(θ + δ) on the batch, where a trial evaluated the δ taken
@@ -808,7 +819,7 @@ class OCNOpt(torch.optim.Optimizer):
         self._set_direct(False)
         self.options = self.options.replace(subspace="off", scale_power=1.0, numerator="gradient")
 
-    def _subspace_step(self, grads: dict, directions: dict, closure, graph=None):
+    def _subspace_step(self, grads: dict, directions: dict, closure, graph, damping: Damping):
         """``subspace``: the held directions per part and the previous update combined by the
         exact coupled model of the batch (:mod:`.subspace`): ``(update or None, trial loss)``;
         None (the held step instead, with one warning) where the step has no closure or the
@@ -827,6 +838,7 @@ class OCNOpt(torch.optim.Optimizer):
                 self._paused,
                 graph,
                 decay_in_trials=bool(self._pre.decay),
+                held_quadratic=lambda v: self._pre.quadratic(v, damping),
             )
             if taken is not None:
                 return taken

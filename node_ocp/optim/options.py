@@ -21,7 +21,7 @@ from .feedback import FEEDBACK_MODES
 from .feedback_gain import FEEDBACK_GAINS
 from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
-from .subspace import SUBSPACES, automatic
+from .subspace import HELD_WEIGHT, SUBSPACES, automatic
 
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
 FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empirical", ...
@@ -107,6 +107,7 @@ class OCNOptOptions:
     numerator: str = "auto"
     numerator_beta: float = 0.9
     subspace: str = "auto"
+    subspace_held: float = HELD_WEIGHT
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -201,6 +202,9 @@ class OCNOptOptions:
         check_choice("numerator", self.numerator, NUMERATORS)
         numerator_beta = _number("numerator_beta", self.numerator_beta, 0, 1, False, True, "[0, 1)")
         check_choice("subspace", self.subspace, SUBSPACES)
+        subspace_held = _number(
+            "subspace_held", self.subspace_held, 0, math.inf, False, True, "[0, inf)"
+        )
         if self.subspace not in ("off", "auto") and self.cg_iters:
             raise bad_value(
                 "subspace",
@@ -223,6 +227,7 @@ class OCNOptOptions:
             stiff_ratio=stiff_ratio,
             scale_power=scale_power,
             numerator_beta=numerator_beta,
+            subspace_held=subspace_held,
         )
 
     def resolved(self, model, across_processes: bool = False) -> OCNOptOptions:

@@ -18,11 +18,24 @@ coefficient per part instead of one for all:
   the parameters, ``H`` the Hessian of the loss in the outputs, ``W`` the weight decay);
   ``J d`` by double backward through a graph of the batch built with the ODE blocks
   backpropagating through their solvers, ``H J d`` by double backward through the loss;
-- the coefficients ``c = −(M + λ diag M)⁻¹ b`` (Levenberg–Marquardt damping on the diagonal,
-  λ adapted from the reduction ratio ρ of every step: × 2/3 above ¾, × 3/2 below ¼);
+- the coefficients ``c = −(M + λ diag M + μ diag Q)⁻¹ b`` (Levenberg–Marquardt damping on
+  the diagonal, λ adapted from the reduction ratio ρ of every step: × 2/3 above ¾, × 3/2
+  below ¼; ``Q_ii = d_iᵀ(C + damping)d_i`` the held curvature ``C`` along each direction,
+  weighted by ``μ = held_weight``);
 - the step ``δ = α D c`` is checked on the batch **every step**: α halves (up to
   ``max_trials`` evaluations) until the loss falls by the Armijo fraction of ``α bᵀc``; when
   none does, nothing moves and λ grows.
+
+Why ``μ diag Q``: the batch's exact model is exact on the batch only. Along a direction the
+batch barely constrains (a confident classifier's softmax has a near-zero Hessian) it is
+nearly flat, and the coefficient ``b_i / M_ii`` grows without bound while the trial, judged on
+the same batch, agrees (ρ ≈ 1, so λ falls to its floor). On the Japanese-vowels ODE-RNN the
+field's coefficient swung between −17 and +40 from step to step, the parameters moved 2–7 %
+of their norm per step (Adam: 0.01–0.1 %) and the validation loss rose from 0.22 to 0.37
+(``bench_issue21.md`` §27). The held curvature is an average over many batches; adding a
+fraction of it bounds the step along a flat direction near ``1/μ`` times the held step's, and
+shrinks a step the exact model agrees with by ``M_ii / (M_ii + μ Q_ii)`` only. The trial's
+reduction ratio ρ is still read against the exact model ``bᵀc + ½ cᵀMc``.
 
 It costs per step one forward and one backward of the batch with a graph (the ``J``-products'
 graph), ``k + 1`` double-backward products and at least one trial forward. It needs
@@ -50,6 +63,10 @@ from .trial import ClosureValue, decay_terms, loss_and_outputs, read_closure
 
 #: The accepted values of OCNOpt's ``subspace`` (``"auto"``: see :func:`automatic`).
 SUBSPACES: tuple[str, ...] = ("auto", "off", "parts", "whole")
+
+#: The default weight ``μ`` of the held curvature in the subspace step's model (OCNOpt's
+#: ``subspace_held``), chosen in ``experiments/results/bench_issue21.md`` §27.
+HELD_WEIGHT = 0.3
 
 #: The Armijo fraction: a trial is taken when ``L(θ + αδ) ≤ L(θ) + ARMIJO · α bᵀc``.
 ARMIJO = 1e-4
@@ -93,6 +110,9 @@ class SubspaceStep:
         backprop: a context factory inside which the closure's forwards build a backprop
             graph through the solvers (OCNOpt passes one for its ODE blocks).
         damping: the starting λ.
+        max_trials: the most evaluations of the batch a step's trials make.
+        held_weight: ``μ``, the weight of the held curvature along each direction in the
+            model the coefficients are chosen from (0: the exact model alone).
     """
 
     def __init__(
@@ -103,8 +123,10 @@ class SubspaceStep:
         backprop: Callable[[], AbstractContextManager] | None = None,
         damping: float = 1.0,
         max_trials: int = 4,
+        held_weight: float = 0.0,
     ):
         self.how = how
+        self.held_weight = held_weight
         self.part_of = model_parts(model)
         self.state = state
         self.backprop = backprop or nullcontext
@@ -239,11 +261,16 @@ class SubspaceStep:
         b = torch.tensor([sum(next(values) for _ in d) for d in dirs], dtype=torch.float64)
         return loss0, mat, b
 
-    def coefficients(self, mat: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``c = −(M + λ diag M)⁻¹ b`` by Cholesky (least squares where the damped ``M`` is
-        not positive definite; both deterministic, unlike LAPACK's default ``gelsy``)."""
+    def coefficients(
+        self, mat: torch.Tensor, b: torch.Tensor, held: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``c = −(M + λ diag M + μ diag Q)⁻¹ b`` by Cholesky (least squares where the damped
+        ``M`` is not positive definite; both deterministic, unlike LAPACK's default
+        ``gelsy``). ``held``: ``Q_ii`` (float64, ``k``), or None for none."""
         diag = mat.diagonal().clamp_min(1e-30)
         damped = mat + self.damping * torch.diag(diag)
+        if held is not None and self.held_weight:
+            damped = damped + self.held_weight * torch.diag(held)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return torch.cholesky_solve(-b[:, None], factor)[:, 0]
@@ -259,11 +286,14 @@ class SubspaceStep:
         quiet,
         graph: tuple | None = None,
         decay_in_trials: bool = False,
+        held_quadratic: Callable[[dict], float] | None = None,
     ) -> tuple[dict | None, float | None] | None:
         """``(the update taken or None, the last trial loss)``; None (nothing evaluated
         beyond the graph, ``last_reason`` says why) where the held step should be taken.
         ``decay_in_trials``: the trials judge ``L + wd/2 |θ|²`` (OCNOpt's
-        ``decay_in_model``), not the loss alone."""
+        ``decay_in_model``), not the loss alone. ``held_quadratic``: ``v -> vᵀ(C + damping)v``
+        of the held curvature for a dict of directions (``Q``; needed where ``held_weight``
+        is not 0)."""
         self.last_reason = ""
         directions = {p: d for p, d in directions.items() if p in grads}
         dirs = self.basis(directions)
@@ -273,9 +303,12 @@ class SubspaceStep:
         if built is None:
             return None
         loss0, mat, b = built
-        c = self.coefficients(mat, b)
+        held = None
+        if self.held_weight and held_quadratic is not None:
+            held = torch.tensor([max(held_quadratic(d), 0.0) for d in dirs], dtype=torch.float64)
+        c = self.coefficients(mat, b, held)
         gd = float(b @ c)
-        quad = float(c @ mat @ c)
+        quad = float(c @ mat @ c)  # the exact model's: ρ is read against it
         if not (math.isfinite(loss0) and math.isfinite(gd) and math.isfinite(quad) and gd < 0):
             self.last_reason = f"no descent in the subspace (bᵀc = {gd:.3g})"
             self.damping = exact_model_damping(self.damping, math.nan)
