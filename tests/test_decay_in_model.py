@@ -260,3 +260,32 @@ def test_a_run_from_before_the_auto_decay_resumes_with_the_decay_it_started_with
         config_from_dict(tiny(**{"train.steps": 4})), out, RunOptions(progress=False, resume=True)
     )
     assert run["steps"] == 4 and run["weight_decay"] == 0.0
+
+
+def test_a_run_from_before_subspace_held_resumes_with_the_exact_model_alone(tmp_path, monkeypatch):
+    import node_ocp.train.loop as loop
+
+    built = []
+    real = loop.build_adapter
+
+    def spy(cfg, *a, **k):
+        built.append(cfg.subspace_held)
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(loop, "build_adapter", spy)
+    out = tmp_path / "run"
+    train(config_from_dict(tiny(**{"train.steps": 2})), out, RunOptions(progress=False))
+    path = out / "checkpoint.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert built == [0.3] and ckpt["run"]["kept"] == {}
+    # a checkpoint of the version before: its table has no subspace_held (it ran with none)
+    del ckpt["run"]["kept"]
+    del ckpt["run"]["config"]["optimizers"]["ocnopt"]["subspace_held"]
+    torch.save(ckpt, path)
+    options = RunOptions(progress=False, resume=True)
+    train(config_from_dict(tiny(**{"train.steps": 3})), out, options)
+    resumed = torch.load(path, map_location="cpu", weights_only=False)
+    assert built[-1] == 0.0 and resumed["run"]["kept"] == {"subspace_held": 0.0}
+    # resumed again, it carries its record and keeps it
+    run = train(config_from_dict(tiny(**{"train.steps": 4})), out, options)
+    assert run["steps"] == 4 and built[-1] == 0.0

@@ -306,7 +306,6 @@ def test_held_weight_bounds_the_step_along_a_direction_the_batch_finds_flat():
 def test_ocnopt_hands_the_subspace_its_held_quadratic():
     # with the gradient as numerator, power 1 and no calibration, the held direction of part
     # i is u_i = (C + λ)⁻¹ g_i, so its held quadratic is u_iᵀ(C + λ)u_i = u_iᵀ g_i
-    model, x, y = _setup()
     seen = {}
     real_step, real_coefficients = SubspaceStep.step, SubspaceStep.coefficients
 
@@ -318,28 +317,45 @@ def test_ocnopt_hands_the_subspace_its_held_quadratic():
         seen["held"] = held
         return real_coefficients(self, mat, b, held)
 
-    opt = no.OCNOpt(
-        model,
-        subspace="parts",
-        scale_power=1.0,
-        numerator="gradient",
-        calibrate_units=False,
-        subspace_held=0.5,
-    )
-    opt.zero_grad()
-    out = model(x)
-    opt.backward(_loss(out, y), outputs=out, likelihood="gaussian")
-    SubspaceStep.step, SubspaceStep.coefficients = spy_step, spy_coefficients
-    try:
-        opt.step(lambda: (_loss(o := model(x), y), o))
-    finally:
-        SubspaceStep.step, SubspaceStep.coefficients = real_step, real_coefficients
-    parts = model_parts(model)
-    expected = defaultdict(float)
-    for p, g in seen["grads"].items():
-        expected[parts[p]] += float((seen["directions"][p] * g).sum())
+    def run(held, steps):
+        torch.manual_seed(0)
+        net = copy.deepcopy(model)
+        opt = no.OCNOpt(
+            net,
+            subspace="parts",
+            scale_power=1.0,
+            numerator="gradient",
+            calibrate_units=False,
+            subspace_held=held,
+        )
+        found = []
+        SubspaceStep.step, SubspaceStep.coefficients = spy_step, spy_coefficients
+        try:
+            for _ in range(steps):
+                opt.zero_grad()
+                out = net(x)
+                opt.backward(_loss(out, y), outputs=out, likelihood="gaussian")
+                opt.step(lambda: (_loss(o := net(x), y), o))
+                found.append(dict(seen))
+        finally:
+            SubspaceStep.step, SubspaceStep.coefficients = real_step, real_coefficients
+        return opt, found
+
+    model, x, y = _setup()
+    opt, found = run(0.5, 2)
+    parts = model_parts(opt.model)
     assert opt._subspace.held_weight == 0.5
-    assert seen["held"].tolist() == pytest.approx(list(expected.values()), rel=1e-8)
+    for k, got in enumerate(found):
+        expected = defaultdict(float)
+        for p, g in got["grads"].items():
+            expected[parts[p]] += float((got["directions"][p] * g).sum())
+        held = got["held"].tolist()
+        # the second step also combines the previous update: one more direction, its own Q
+        assert len(held) == len(expected) + k
+        assert held[: len(expected)] == pytest.approx(list(expected.values()), rel=1e-8)
+        assert all(math.isfinite(q) and q > 0 for q in held)
+    _, found = run(0.0, 1)  # μ = 0: no held term reaches the solve (the exact model alone)
+    assert found[0]["held"] is None
 
 
 # ---------------------------------------------------------------------- subspace in OCNOpt

@@ -243,9 +243,10 @@ class OCNOpt(torch.optim.Optimizer):
             ``bench_issue21.md`` §20–21.
         subspace_held: ``μ ≥ 0``, default 0.3: the weight of the held curvature along each
             direction in the subspace step's model, ``M + λ diag M + μ diag Q`` (:mod:`.subspace`):
-            it bounds the step along a direction the batch's exact model finds flat to about
-            ``1/μ`` times the held step's. 0: the exact model alone (the default before
-            ``bench_issue21.md`` §27, where it is measured).
+            it keeps the step along a direction the batch's exact model finds flat near
+            ``1/μ`` held steps (with ``numerator="gradient"``; a soft limit that follows the
+            batch's gradient with the default running average). 0: the exact model alone
+            (the default before ``bench_issue21.md`` §27, where it is measured).
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).

@@ -20,8 +20,9 @@ coefficient per part instead of one for all:
   backpropagating through their solvers, ``H J d`` by double backward through the loss;
 - the coefficients ``c = −(M + λ diag M + μ diag Q)⁻¹ b`` (Levenberg–Marquardt damping on
   the diagonal, λ adapted from the reduction ratio ρ of every step: × 2/3 above ¾, × 3/2
-  below ¼; ``Q_ii = d_iᵀ(C + damping)d_i`` the held curvature ``C`` along each direction,
-  weighted by ``μ = held_weight``);
+  below ¼; ``Q_ii`` the held model's own quadratic form along each direction,
+  ``d_iᵀ s (C + damping)ᵖ d_i`` with ``C`` the held curvature, ``s`` its calibration scales
+  and ``p`` OCNOpt's ``scale_power``, weighted by ``μ = held_weight``);
 - the step ``δ = α D c`` is checked on the batch **every step**: α halves (up to
   ``max_trials`` evaluations) until the loss falls by the Armijo fraction of ``α bᵀc``; when
   none does, nothing moves and λ grows.
@@ -33,8 +34,12 @@ the same batch, agrees (ρ ≈ 1, so λ falls to its floor). On the Japanese-vow
 field's coefficient swung between −17 and +40 from step to step, the parameters moved 2–7 %
 of their norm per step (Adam: 0.01–0.1 %) and the validation loss rose from 0.22 to 0.37
 (``bench_issue21.md`` §27). The held curvature is an average over many batches; adding a
-fraction of it bounds the step along a flat direction near ``1/μ`` times the held step's, and
-shrinks a step the exact model agrees with by ``M_ii / (M_ii + μ Q_ii)`` only. The trial's
+fraction of it keeps the step along a flat direction near ``(1/μ) gᵀu_i / mᵀu_i`` held
+steps (``u_i`` the held direction, ``m`` the numerator it preconditions, ``g`` the batch's
+gradient: ``1/μ`` where the numerator is the gradient; with the running average of the
+default it is a soft limit that still follows the batch's gradient, 3–23 held steps measured
+on a small GRU model), and shrinks a step the exact model agrees with by
+``M_ii / (M_ii + μ Q_ii)`` only. The trial's
 reduction ratio ρ is still read against the exact model ``bᵀc + ½ cᵀMc``.
 
 It costs per step one forward and one backward of the batch with a graph (the ``J``-products'
@@ -291,9 +296,9 @@ class SubspaceStep:
         """``(the update taken or None, the last trial loss)``; None (nothing evaluated
         beyond the graph, ``last_reason`` says why) where the held step should be taken.
         ``decay_in_trials``: the trials judge ``L + wd/2 |θ|²`` (OCNOpt's
-        ``decay_in_model``), not the loss alone. ``held_quadratic``: ``v -> vᵀ(C + damping)v``
-        of the held curvature for a dict of directions (``Q``; needed where ``held_weight``
-        is not 0)."""
+        ``decay_in_model``), not the loss alone. ``held_quadratic``: the held model's
+        quadratic form ``v -> vᵀ s(C + damping)ᵖ v`` for a dict of directions (``Q``; needed
+        where ``held_weight`` is not 0)."""
         self.last_reason = ""
         directions = {p: d for p, d in directions.items() if p in grads}
         dirs = self.basis(directions)

@@ -70,6 +70,10 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 
+#: OCNOpt options added after runs were saved, with the value those runs took: a resumed run
+#: whose saved optimizer table lacks one keeps that value (``subspace_held``: bench §27).
+ADDED_OPTIONS: dict = {"subspace_held": 0.0}
+
 
 @dataclass
 class RunOptions:
@@ -193,6 +197,7 @@ def _comparable(cfg: dict) -> dict:
     c.pop("world_size", None)  # a run resumes on any number of processes
     c.pop("source", None)  # the config's content matters, not where the file is
     c.pop("decay", None)  # a resumed run keeps its own (_resumed_decay)
+    c.pop("kept", None)  # and the options added since it was saved (_kept_options)
     return c
 
 
@@ -275,6 +280,7 @@ class _Run:
         self._resumed_run = checkpoint.run if checkpoint is not None else None
         self._build()  # data, model and batch checks before the folder is created
         self.run_info["decay"] = _decay_info(self.opt_cfg)  # the rule made a number
+        self.run_info["kept"] = self.kept
         self.out = self._prepare(out_dir)
         self.state = RunState()
         self.history: list[dict] = []
@@ -347,6 +353,9 @@ class _Run:
         # a weight-decay rule ("prior", "auto": OCNOpt's default) made a number; a resumed
         # run keeps the decay it started with
         self.opt_cfg = _resumed_decay(self.opt_cfg, task, self._resumed_run)
+        # options added since a resumed run was saved keep the value it ran with
+        self.kept = _kept_options(self.opt_cfg, self._resumed_run)
+        self.opt_cfg = dataclasses.replace(self.opt_cfg, **self.kept)
         # the optimizer behind its adapter: the one place its contract is chosen
         self.opt = build_adapter(self.opt_cfg, task.model, self.lr, seed=seed + 1000 * dist.rank())
         self.scheduler = build_schedule(self.opt_cfg, self.opt, config.train.steps)
@@ -672,6 +681,21 @@ def _resumed_decay(cfg, task, resumed_run: dict | None):
     return dataclasses.replace(
         cfg, weight_decay=saved["weight_decay"], decay_in_model=saved["decay_in_model"]
     )
+
+
+def _kept_options(cfg, resumed_run: dict | None) -> dict:
+    """The options of :data:`ADDED_OPTIONS` a resumed run keeps: those its saved run info
+    records (``"kept"``), or, for a run saved before that record, those its saved optimizer
+    table lacks, at the value it ran with. Empty for a new run and for optimizers other than
+    OCNOpt."""
+    if resumed_run is None or cfg.kind != "ocnopt":
+        return {}
+    kept = resumed_run.get("kept")
+    if isinstance(kept, dict):
+        return {k: v for k, v in kept.items() if k in ADDED_OPTIONS}
+    tables = resumed_run.get("config", {}).get("optimizers", {})
+    saved = tables.get(resumed_run.get("optimizer"), {})
+    return {k: v for k, v in ADDED_OPTIONS.items() if k not in saved}
 
 
 def _patience(option, configured: int | None) -> int | None:
