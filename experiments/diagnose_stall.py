@@ -25,6 +25,28 @@ from node_ocp.train.loop import BatchSampler
 from node_ocp.train.optimizers import build_optimizer, decay_for_task
 
 
+def trainer_steps(task, opt, batch_size: int, seed: int, steps: int, blocks=None):
+    """The trainer's own steps of ``opt`` on ``task`` (:func:`node_ocp.train.train_step` with
+    the task's ``training_terms``, likelihood and ``outputs_determine_loss``, and the loop's
+    sampler): yields ``(step, result, parameters before the step)``. ``blocks``: the ODE
+    blocks whose NFE the results count (default: every ``ODEBlock`` of the model)."""
+    sampler = BatchSampler(len(task.data.train), batch_size, seed)
+    params = list(task.model.parameters())
+    if blocks is None:
+        blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
+    for step in range(steps):
+        batch = task.data.train.batch(sampler.next())
+        before = [q.detach().clone() for q in params]
+        result = train_step(
+            opt,
+            lambda b=batch: task.training_terms(b),
+            blocks=blocks,
+            likelihood=task.likelihood,
+            outputs_determine_loss=task.outputs_determine_loss,
+        )
+        yield step, result, before
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="configs/cnf_digits.toml")
@@ -55,21 +77,12 @@ def main(argv=None) -> None:
         table = dataclasses.replace(table, decay_in_model=True)
     table = decay_for_task(table, task)  # the trainer's rule: OCNOpt's prior on an NLL
     opt = build_optimizer(table, task.model, seed=a.seed)
-    sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
     blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
     if a.anchor is not None:  # else the config's setting
         for b in blocks:
             b.adjoint_anchor = None if a.anchor.lower() == "none" else float(a.anchor)
-    for step in range(a.steps):
-        batch = task.data.train.batch(sampler.next())
-        before = [q.detach().clone() for q in params]
-        res = train_step(
-            opt,
-            lambda b=batch: task.training_terms(b),
-            blocks=blocks,
-            likelihood=task.likelihood,
-        )
+    for step, res, before in trainer_steps(task, opt, cfg.train.batch_size, a.seed, a.steps):
         if step >= a.start or step % a.every == 0 or step == a.steps - 1:
             with torch.no_grad():
                 moved = math.sqrt(sum(float(((q - b) ** 2).sum()) for q, b in zip(params, before)))

@@ -18,12 +18,16 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-from node_ocp.train import build_task, load_config, train_step
-from node_ocp.train.loop import BatchSampler
+from node_ocp.train import build_task, load_config
 from node_ocp.train.optimizers import build_optimizer, decay_for_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diagnose_stall import trainer_steps  # noqa: E402
 
 
 def _value(text: str):
@@ -55,20 +59,9 @@ def main(argv=None) -> None:
         table = dataclasses.replace(table, **{key: _value(value)})
     table = decay_for_task(table, task)  # the trainer's rule: OCNOpt's prior on an NLL
     opt = build_optimizer(table, task.model, seed=a.seed)
-    sampler = BatchSampler(len(task.data.train), cfg.train.batch_size, a.seed)
     params = list(task.model.parameters())
     part = {q: n.split(".")[0] for n, q in task.model.named_parameters()}
-    blocks = [m for m in task.model.modules() if type(m).__name__ == "ODEBlock"]
-    for step in range(a.steps):
-        batch = task.data.train.batch(sampler.next())
-        before = [q.detach().clone() for q in params]
-        res = train_step(
-            opt,
-            lambda b=batch: task.training_terms(b),
-            blocks=blocks,
-            likelihood=task.likelihood,
-            outputs_determine_loss=task.outputs_determine_loss,
-        )
+    for step, res, before in trainer_steps(task, opt, cfg.train.batch_size, a.seed, a.steps):
         last = step == a.steps - 1
         if step % a.every and not last:
             continue

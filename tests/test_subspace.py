@@ -176,19 +176,26 @@ class TwoParts(nn.Module):
         return self.a(x[:, :3]) + self.b(x[:, 3:])
 
 
-def test_subspace_step_is_exact_on_a_quadratic_loss():
+def _two_parts_batch():
+    """A seeded ``TwoParts`` model, a batch ``(x, y)`` and the closure of its MSE loss."""
     torch.manual_seed(0)
     model = TwoParts()
     x = torch.randn(16, 7, dtype=F64)
     y = torch.randn(16, 2, dtype=F64)
-    grads = _grads(model, x, y)
-    state = {p: {} for p in model.parameters()}
-    step = SubspaceStep(model, "parts", state, damping=1e-3)
-    u = _directions(model)
 
     def closure():
         out = model(x)
         return _loss(out, y), out
+
+    return model, x, y, closure
+
+
+def test_subspace_step_is_exact_on_a_quadratic_loss():
+    model, x, y, closure = _two_parts_batch()
+    grads = _grads(model, x, y)
+    state = {p: {} for p in model.parameters()}
+    step = SubspaceStep(model, "parts", state, damping=1e-3)
+    u = _directions(model)
 
     with torch.no_grad():
         loss0 = float(_loss(model(x), y))
@@ -210,18 +217,11 @@ def test_subspace_step_is_exact_on_a_quadratic_loss():
 def test_subspace_step_with_decay_in_its_trials_is_exact_on_the_regularised_loss(in_trials):
     # M carries wd dᵢᵀdⱼ and b the decay's gradient: with the decay's change in the trials
     # the model is the regularised loss itself (ρ = 1); judged on the loss alone it is not
-    torch.manual_seed(0)
-    model = TwoParts()
-    x = torch.randn(16, 7, dtype=F64)
-    y = torch.randn(16, 2, dtype=F64)
+    model, x, y, closure = _two_parts_batch()
     wd = 0.3
     decay = {p: wd for p in model.parameters()}
     grads = {p: g + wd * p.detach() for p, g in _grads(model, x, y).items()}
     step = SubspaceStep(model, "parts", {p: {} for p in model.parameters()}, damping=1e-3)
-
-    def closure():
-        out = model(x)
-        return _loss(out, y), out
 
     with torch.no_grad():
         step.step(grads, _directions(model), closure, decay, _noop, decay_in_trials=in_trials)
@@ -234,10 +234,7 @@ def test_subspace_step_with_decay_in_its_trials_is_exact_on_the_regularised_loss
 def test_held_weight_adds_the_held_curvature_to_the_model_it_solves():
     # c = −(M + λ diag M + μ diag Q)⁻¹ b with Q_ii the held quadratic along d_i; the trial's
     # ρ is still read against the exact model (1 on a quadratic loss)
-    torch.manual_seed(0)
-    model = TwoParts()
-    x = torch.randn(16, 7, dtype=F64)
-    y = torch.randn(16, 2, dtype=F64)
+    model, x, y, closure = _two_parts_batch()
     grads = _grads(model, x, y)
     mu, lam = 0.7, 1e-3
     weights = {model.a.weight: 3.0, model.b.weight: 0.5, model.b.bias: 2.0}
@@ -248,10 +245,6 @@ def test_held_weight_adds_the_held_curvature_to_the_model_it_solves():
     step = SubspaceStep(model, "parts", {p: {} for p in model.parameters()}, damping=lam)
     step.held_weight = mu
     u = _directions(model)
-
-    def closure():
-        out = model(x)
-        return _loss(out, y), out
 
     with torch.no_grad():
         dirs = step.basis(u)
@@ -270,19 +263,12 @@ def test_held_weight_adds_the_held_curvature_to_the_model_it_solves():
 def test_held_weight_bounds_the_step_along_a_direction_the_batch_finds_flat():
     # a part whose direction barely changes the outputs: the exact model's coefficient is
     # about |b|/M, large; with μ it is about |b| / (μ Q) (not exactly: the parts couple)
-    torch.manual_seed(0)
-    model = TwoParts()
+    model, x, y, closure = _two_parts_batch()
     with torch.no_grad():
         model.a.weight.mul_(0.0)
-    x = torch.randn(16, 7, dtype=F64)
     x[:, :3] *= 1e-5  # part a's inputs: the batch constrains it very little
-    y = torch.randn(16, 2, dtype=F64)
     grads = _grads(model, x, y)
     u = _directions(model)
-
-    def closure():
-        out = model(x)
-        return _loss(out, y), out
 
     def held_quadratic(v):
         return sum(float((t * t).sum()) for t in v.values())

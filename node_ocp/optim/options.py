@@ -261,7 +261,7 @@ class OCNOptOptions:
 
 def _number(name: str, value, low, high, low_open, high_open, interval: str) -> float:
     """A plain number (no schedule) in ``interval``, as a float."""
-    if callable(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # schedules too
         raise bad_type(name, value, f"a float in {interval} (not a schedule)")
     return float(check_hyper(name, value, low, high, low_open, high_open, f"a float in {interval}"))
 
