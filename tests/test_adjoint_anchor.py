@@ -211,3 +211,46 @@ def test_a_low_order_method_at_a_tight_tolerance_is_not_split():
         grads.append(g)
         assert block.counters.reconstruction > 1000 and block.counters.splits == 0
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("value", ["seminorm", "state", "full"])
+def test_the_solver_tables_adjoint_norm_sets_every_block(tmp_path, value):
+    from train_helpers import tiny, write_toml
+
+    from node_ocp.train import build_task, load_config
+
+    cfg = load_config(write_toml(tmp_path / "c.toml", tiny(**{"solver.adjoint_norm": value})))
+    task = build_task(cfg, "cpu")
+    blocks = [m for m in task.model.modules() if isinstance(m, no.ODEBlock)]
+    assert blocks and all(b.adjoint_norm == value for b in blocks)
+
+
+def test_the_solver_tables_adjoint_norm_defaults_to_the_blocks(tmp_path):
+    from train_helpers import tiny, write_toml
+
+    from node_ocp.train import build_task, load_config
+
+    cfg = load_config(write_toml(tmp_path / "c.toml", tiny()))
+    assert cfg.solver.adjoint_norm == "seminorm"
+    blocks = [m for m in build_task(cfg, "cpu").model.modules() if isinstance(m, no.ODEBlock)]
+    assert blocks and all(b.adjoint_norm == "seminorm" for b in blocks)
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"solver.adjoint_norm": "l2"}, r"\[solver\]\.adjoint_norm: received 'l2'; accepted: "
+         r"one of 'seminorm', 'state', 'full'"),
+        ({"solver.adjoint_norm": "full", "solver.step_control": "per_sample",
+          "solver.backend": "own"},
+         r"\[solver\]\.adjoint_norm \(with step_control = 'per_sample'\): received 'full'"),
+    ],
+)  # fmt: skip
+def test_a_bad_solver_table_adjoint_norm_is_refused_in_one_line(tmp_path, keys, match):
+    from train_helpers import tiny, write_toml
+
+    from node_ocp.train import load_config
+    from node_ocp.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(write_toml(tmp_path / "c.toml", tiny(**keys)))

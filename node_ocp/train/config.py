@@ -283,7 +283,10 @@ class SolverConfig:
     ``step_control``: ``batch`` (one step size for the batch) or ``per_sample`` (one per
     sample; with ``backend = "own"`` and dopri5 or bosh3, see ``ODEBlock``).
     ``adjoint_anchor``: the own adjoint's reconstruction check, a float > 1 (default 1000,
-    in forward tolerances) or ``"off"`` (``ODEBlock(adjoint_anchor=...)``)."""
+    in forward tolerances) or ``"off"`` (``ODEBlock(adjoint_anchor=...)``).
+    ``adjoint_norm``: the error norm of the adaptive backward solve, ``"seminorm"``
+    (default), ``"state"`` (the second-order factors out of the step-size control too) or
+    ``"full"`` (``ODEBlock(adjoint_norm=...)``)."""
 
     method: str = field(default_factory=lambda: _block_default("method"))
     rtol: float = field(default_factory=lambda: _block_default("rtol"))
@@ -294,6 +297,7 @@ class SolverConfig:
     cuda_graph: bool = False
     step_control: str = field(default_factory=lambda: _block_default("step_control"))
     adjoint_anchor: float | str = field(default_factory=lambda: _block_default("adjoint_anchor"))
+    adjoint_norm: str = field(default_factory=lambda: _block_default("adjoint_norm"))
 
     def check(self, where: str) -> None:
         from ..ode.block import GRADIENT_MODES
@@ -334,6 +338,9 @@ class SolverConfig:
             raise ConfigError(
                 f"{where}.adjoint_anchor: received {anchor!r}; accepted: a float > 1 or 'off'"
             ) from None
+        from ..ode.settings import ADJOINT_NORMS
+
+        _choice(f"{where}.adjoint_norm", self.adjoint_norm, ADJOINT_NORMS)
         _choice(f"{where}.step_control", self.step_control, STEP_CONTROLS)
         if self.step_control == "per_sample":
             _choice(f"{where}.backend (with step_control = 'per_sample')", self.backend, ("own",))
@@ -341,6 +348,11 @@ class SolverConfig:
                 f"{where}.method (with step_control = 'per_sample')",
                 self.method,
                 PER_SAMPLE_METHODS,
+            )
+            _choice(
+                f"{where}.adjoint_norm (with step_control = 'per_sample')",
+                self.adjoint_norm,
+                ("seminorm", "state"),
             )
             if self.gradient == "torchdiffeq":
                 raise ConfigError(

@@ -75,14 +75,15 @@ def solver_settings(config: RunConfig) -> dict:
 
 def configure_blocks(model: nn.Module, config: RunConfig) -> None:
     """The ``[solver]`` keys that are settings of the built blocks rather than arguments of
-    the models (``compile_field``, ``cuda_graph``, ``adjoint_anchor``), set on every
-    :class:`ODEBlock` of ``model``."""
+    the models (``compile_field``, ``cuda_graph``, ``adjoint_anchor``, ``adjoint_norm``), set
+    on every :class:`ODEBlock` of ``model``."""
     anchor = config.solver.adjoint_anchor
     for m in model.modules():
         if isinstance(m, ODEBlock):
             m.compile_field = config.solver.compile_field
             m.cuda_graph = config.solver.cuda_graph
             m.adjoint_anchor = None if anchor == "off" else float(anchor)
+            m.adjoint_norm = config.solver.adjoint_norm
 
 
 class AugmentedODEClassifier(nn.Module):
