@@ -90,9 +90,9 @@ from .subspace import SubspaceStep
 from .trial import Observed, Trials
 from .unit_scales import UnitCalibration, unit_groups
 
-#: The attribute an ODE block's own ``gradient`` is kept in while OCNOpt's subspace steps
-#: run it with ``gradient="direct"`` (:meth:`OCNOpt._set_direct`).
-_OWN_GRADIENT = "_gradient_before_subspace"
+#: The attribute an ODE block's own ``gradient`` is kept in while OCNOpt's steps between
+#: refreshes run it with ``gradient="direct"`` (:meth:`OCNOpt._set_direct`).
+_OWN_GRADIENT = "_gradient_between_refreshes"
 
 GROUP_KEYS: tuple[str, ...] = (
     "params",
@@ -247,6 +247,15 @@ class OCNOpt(torch.optim.Optimizer):
             ``1/μ`` held steps (with ``numerator="gradient"``; a soft limit that follows the
             batch's gradient with the default running average). 0: the exact model alone
             (the default before ``bench_issue21.md`` §27, where it is measured).
+        between_refreshes: the ODE blocks' gradient on the steps that gather no curvature
+            (all but every ``update_every``-th): ``"own"`` (default: the blocks' own, the own
+            adjoint at O(1) memory in the solver steps) or ``"direct"`` (backprop through the
+            solvers: memory grows with the solver steps, as with ``gradient="direct"``; a
+            step costs what a first-order optimizer's step with ``gradient="direct"`` does,
+            exact gradients of the discretised solve). Refresh steps always run the own
+            adjoint, whose backward solve gathers the time-joint curvature. Subspace steps
+            backpropagate through the solvers either way. Measured in
+            ``bench_issue21.md`` §28.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -540,11 +549,14 @@ class OCNOpt(torch.optim.Optimizer):
         self._disarm()
         self._statistics_route = EMPIRICAL
         self._feedback_runner.arm(self._step)
-        self._set_direct(
-            self._subspace is not None
-            and not self._auto_pending
+        between = (
+            not self._auto_pending
             and self._step % self.update_every != 0
             and self.feedback == "off"
+        )
+        self._set_direct(
+            between and (self._subspace is not None or self.options.between_refreshes == "direct"),
+            keep_graph=self._subspace is not None,
         )
         if self._step % self.update_every != 0:
             return
@@ -557,15 +569,16 @@ class OCNOpt(torch.optim.Optimizer):
         """The parameters' in-place version counters (a kept graph is valid while they stay)."""
         return [p._version for g in self.param_groups for p in g["params"]]
 
-    def _set_direct(self, on: bool) -> None:
-        """Subspace steps between refreshes: the ODE blocks backpropagate through their
-        solvers in the coming forward (``gradient="direct"``), so that :meth:`backward` can
-        keep the step's graph for the exact products (:mod:`.subspace`) instead of the step
-        building one of its own; refresh steps keep the blocks' own gradient (the own
+    def _set_direct(self, on: bool, keep_graph: bool = True) -> None:
+        """Steps between refreshes with a subspace step or ``between_refreshes="direct"``:
+        the ODE blocks backpropagate through their solvers in the coming forward
+        (``gradient="direct"``); with ``keep_graph`` (subspace steps) :meth:`backward` keeps
+        the step's graph for the exact products (:mod:`.subspace`) instead of the step
+        building one of its own. Refresh steps keep the blocks' own gradient (the own
         adjoint's time-joint curvature capture). The block's own setting is kept on the
         block (:data:`_OWN_GRADIENT`), so that a new optimizer of the same model (a resumed
         run) restores it."""
-        self._keep_graph = on
+        self._keep_graph = on and keep_graph
         for b in self.blocks:
             if on and not hasattr(b, _OWN_GRADIENT):
                 setattr(b, _OWN_GRADIENT, b.gradient)

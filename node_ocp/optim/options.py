@@ -23,6 +23,11 @@ from .hyper import Schedule, check_hyper, check_int
 from .step_control import STEP_MODES
 from .subspace import HELD_WEIGHT, SUBSPACES, automatic
 
+#: The accepted values of OCNOpt's ``between_refreshes``: the ODE blocks' gradient on the
+#: steps that gather no curvature (``"own"``: the blocks' own; ``"direct"``: backprop through
+#: the solvers).
+BETWEEN_REFRESHES: tuple[str, ...] = ("own", "direct")
+
 CURVATURES: tuple[str, ...] = tuple(VARIANTS)
 FACTOR_SOURCES: tuple[str, ...] = tuple(FACTOR_SOURCES_BY_NAME)  # "auto", "empirical", ...
 OUTSIDE_RULES: tuple[str, ...] = ("kfac", "diagonal", "sgd")
@@ -108,6 +113,7 @@ class OCNOptOptions:
     numerator_beta: float = 0.9
     subspace: str = "auto"
     subspace_held: float = HELD_WEIGHT
+    between_refreshes: str = "own"
     seed: int = 0
     distributed: bool | None = None
     eigh_spread_min_dim: int = 512
@@ -202,6 +208,7 @@ class OCNOptOptions:
         check_choice("numerator", self.numerator, NUMERATORS)
         numerator_beta = _number("numerator_beta", self.numerator_beta, 0, 1, False, True, "[0, 1)")
         check_choice("subspace", self.subspace, SUBSPACES)
+        check_choice("between_refreshes", self.between_refreshes, BETWEEN_REFRESHES)
         subspace_held = _number(
             "subspace_held", self.subspace_held, 0, math.inf, False, True, "[0, inf)"
         )
