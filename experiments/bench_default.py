@@ -20,6 +20,17 @@ most 10% for tuned Adam says the budget let Adam plateau). Printed as a table an
 (``summary.json``) and Markdown (``summary.md``) in ``--out``; finished runs are kept, so an
 interrupted benchmark resumes where it stopped.
 
+The arms' gradients (``--gradient``): a step that backpropagates through the solver
+(``gradient = "direct"``) costs ~0.6x one through the own adjoint on these models
+(``bench_issue21.md`` §28), so the arms compared must use the same kind. ``matched`` (the
+default): Adam backpropagates through the solvers where OCNOpt's default does on its steps
+between refreshes (its subspace step: models with a recurrent layer whose loss their outputs
+determine), and takes the own adjoint elsewhere, as OCNOpt's default does; ``direct``: every
+arm backpropagates through the solvers (OCNOpt with ``between_refreshes = "direct"``; its
+refresh steps keep the own adjoint); ``adjoint``: the configs' own gradient for every arm
+(the benchmark before §28: OCNOpt's subspace steps backpropagate through the solvers there,
+Adam does not).
+
     python experiments/bench_default.py                       # the seven tasks, 3 seeds
     python experiments/bench_default.py --tasks cnf_moons --budget 30 --seeds 2
 """
@@ -72,6 +83,8 @@ TABLES = {
     "ocnopt-identity": {"kind": "ocnopt", "curvature": "identity"},
 }
 NO_GRID = math.inf  # OCNOpt's default: no cap on its step
+#: ``--gradient``'s choices (see the module docstring)
+GRADIENTS = ("matched", "direct", "adjoint")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,32 +121,71 @@ def _parser() -> argparse.ArgumentParser:
         help="options added to the ocnopt arm's table (VALUE in TOML: weight_decay=0.001), to "
         "measure a candidate default against runs of the other arms already in --out",
     )
+    p.add_argument(
+        "--adam-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help='options added to the adam arm\'s table (VALUE in TOML: gradient="direct", '
+        "backprop through the solvers), to measure the baseline at another setting",
+    )
+    p.add_argument(
+        "--gradient",
+        choices=GRADIENTS,
+        default="matched",
+        help="the arms' gradients: 'matched' (default: Adam backpropagates through the solvers "
+        "where OCNOpt's default does between refreshes), 'direct' (every arm does) or "
+        "'adjoint' (the configs' own)",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_default"))
     return p
 
 
-def _settings(pairs: list[str]) -> dict:
+def _settings(pairs: list[str], flag: str = "--ocnopt-set") -> dict:
     """``["weight_decay=0.001", ...]`` as a dict of TOML values; a clear error otherwise."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--ocnopt-set: expected KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag}: expected KEY=VALUE, got {pair!r}")
         try:
             out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError as e:
             raise SystemExit(
-                f"--ocnopt-set: the value of {key.strip()!r} is not a TOML value "
+                f"{flag}: the value of {key.strip()!r} is not a TOML value "
                 f"(a number, true/false or a quoted string), got {value!r}: {e}"
             ) from None
     return out
 
 
+def gradient_tables(gradient: str, config: Path) -> dict:
+    """What ``--gradient`` adds to each arm's table for the task of ``config``."""
+    if gradient == "adjoint":
+        return {}
+    if gradient == "direct":
+        between = {"between_refreshes": "direct"}
+        return {"adam": {"gradient": "direct"}, **{a: between for a in ARMS if a != "adam"}}
+    from node_ocp.optim.subspace import has_recurrent_layers
+    from node_ocp.train import build_task, load_config
+
+    task = build_task(load_config(config), "cpu")
+    subspace = has_recurrent_layers(task.model) and task.outputs_determine_loss
+    return {"adam": {"gradient": "direct"}} if subspace else {}
+
+
 def _write_config(
-    src: Path, dest: Path, budget: float, grids: dict, ocnopt_set: dict | None = None
+    src: Path,
+    dest: Path,
+    budget: float,
+    grids: dict,
+    ocnopt_set: dict | None = None,
+    adam_set: dict | None = None,
+    gradient: str = "adjoint",
 ) -> Path:
     """The task's config with the four arms as its optimizer tables and a time budget;
-    ``ocnopt_set`` adds options to the ``ocnopt`` arm's table (a candidate default)."""
+    ``ocnopt_set`` adds options to the ``ocnopt`` arm's table (a candidate default),
+    ``adam_set`` to the ``adam`` arm's, ``gradient`` what :func:`gradient_tables` says
+    (after ``ocnopt_set`` and ``adam_set``, which may override it)."""
     raw = tomllib.loads(src.read_text())
     path = raw.get("task", {}).get("path")
     if isinstance(path, str) and not Path(path).is_absolute():  # relative to the source
@@ -145,12 +197,20 @@ def _write_config(
             t["lr_grid"] = grids[arm]
         if arm == "ocnopt":
             t.update(ocnopt_set or {})
+        if arm == "adam":
+            t.update(adam_set or {})
         raw["optimizers"][arm] = t
     raw["train"] = {**raw.get("train", {}), "steps": 10**7, "max_seconds": budget}
     raw["train"]["optimizer"] = "ocnopt"
     raw["train"]["checkpoint_every"] = 10**7
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(_toml(raw))
+    extra = gradient_tables(gradient, dest)
+    if extra:
+        for arm, keys in extra.items():
+            sets = {"ocnopt": ocnopt_set, "adam": adam_set}.get(arm) or {}
+            raw["optimizers"][arm] = {**raw["optimizers"][arm], **keys, **sets}
+        dest.write_text(_toml(raw))
     return dest
 
 
@@ -404,10 +464,13 @@ def main(argv=None) -> dict:
     )
     grids = {"adam": args.adam_grid, "ocnopt-tuned": args.tuned_grid}
     ocnopt_set = _settings(args.ocnopt_set)
+    adam_set = _settings(args.adam_set, "--adam-set")
     plan = {}
     for task, src in configs.items():
         budget = args.budget if args.budget is not None else {**TASKS, **MORE_TASKS}.get(task, 60.0)
-        cfg = _write_config(src, out / task / "config.toml", budget, grids, ocnopt_set)
+        cfg = _write_config(
+            src, out / task / "config.toml", budget, grids, ocnopt_set, adam_set, args.gradient
+        )
         plan[task] = (cfg, budget)
     arms = [a for a in ARMS if a in {"ocnopt", "adam", *args.arms}]
     pool = ThreadPoolExecutor(max_workers=args.jobs)
@@ -472,6 +535,8 @@ def main(argv=None) -> dict:
         "model": args.model,
         "grids": grids,
         "ocnopt_set": ocnopt_set,
+        "adam_set": adam_set,
+        "gradient": args.gradient,
         "verdicts": words,
         "results": results,
     }

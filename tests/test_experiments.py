@@ -122,6 +122,48 @@ def test_bench_default_ocnopt_set_reaches_only_the_default_arm(tmp_path):
             bench._settings(bad)
 
 
+def test_bench_default_adam_set_reaches_only_the_adam_arm(tmp_path):
+    import tomllib
+    from train_helpers import tiny, write_toml
+
+    bench = _load("bench_default")
+    adam_set = bench._settings(['gradient="direct"'], "--adam-set")
+    src = write_toml(tmp_path / "t.toml", tiny())
+    cfg = bench._write_config(src, tmp_path / "out.toml", 3.0, {"adam": [0.01]}, {}, adam_set)
+    tables = tomllib.loads(cfg.read_text())["optimizers"]
+    assert tables["adam"]["gradient"] == "direct" and tables["adam"]["lr_grid"] == [0.01]
+    assert all("gradient" not in t for arm, t in tables.items() if arm != "adam")
+    with pytest.raises(SystemExit, match="--adam-set: expected KEY=VALUE"):
+        bench._settings(["gradient"], "--adam-set")
+
+
+def test_bench_default_gradient_matches_ocnopts_steps_between_refreshes(tmp_path):
+    import tomllib
+
+    bench = _load("bench_default")
+    configs = ROOT / "configs"
+    direct = {"gradient": "direct"}
+    # the ODE-RNN forecaster: OCNOpt's default takes subspace steps through the solvers
+    assert bench.gradient_tables("matched", configs / "forecast_spiral.toml") == {"adam": direct}
+    # a CNF, and the latent ODE (a GRU encoder, but a loss its outputs do not determine):
+    # OCNOpt's default keeps the own adjoint, and so does Adam
+    assert bench.gradient_tables("matched", configs / "cnf_moons.toml") == {}
+    assert bench.gradient_tables("matched", configs / "latent_spiral.toml") == {}
+    assert bench.gradient_tables("adjoint", configs / "forecast_spiral.toml") == {}
+    every = bench.gradient_tables("direct", configs / "cnf_moons.toml")
+    assert every["adam"] == direct
+    assert all(every[a] == {"between_refreshes": "direct"} for a in bench.ARMS if a != "adam")
+    # written into the arms' tables; an explicit --ocnopt-set wins
+    cfg = bench._write_config(
+        configs / "cnf_moons.toml", tmp_path / "c.toml", 3.0, {"adam": [0.01]},
+        {"between_refreshes": "own"}, None, "direct",
+    )  # fmt: skip
+    tables = tomllib.loads(cfg.read_text())["optimizers"]
+    assert tables["adam"]["gradient"] == "direct" and tables["adam"]["lr_grid"] == [0.01]
+    assert tables["ocnopt"]["between_refreshes"] == "own"
+    assert tables["ocnopt-identity"]["between_refreshes"] == "direct"
+
+
 def test_bench_default_counts_a_diverged_run_as_a_result_not_a_failure(tmp_path, monkeypatch):
     import subprocess
 
