@@ -165,12 +165,19 @@ def gradient_tables(gradient: str, config: Path) -> dict:
     if gradient == "direct":
         between = {"between_refreshes": "direct"}
         return {"adam": {"gradient": "direct"}, **{a: between for a in ARMS if a != "adam"}}
-    from node_ocp.optim.subspace import has_recurrent_layers
     from node_ocp.train import build_task, load_config
+    from node_ocp.train.optimizers import ocnopt_options
 
-    task = build_task(load_config(config), "cpu")
-    subspace = has_recurrent_layers(task.model) and task.outputs_determine_loss
-    return {"adam": {"gradient": "direct"}} if subspace else {}
+    run = load_config(config)
+    task = build_task(run, "cpu")
+    o = ocnopt_options(run.optimizer("ocnopt"), math.inf).resolved(task.model)
+    # OCNOpt's default arm backpropagates through the solvers between refreshes where it
+    # takes subspace steps (a loss its outputs determine; else it settles on the held step)
+    # or where its table says so (OCNOpt._arm_if_due)
+    subspace = o.subspace != "off" and task.outputs_determine_loss
+    direct = o.update_every > 1 and o.feedback == "off"
+    direct = direct and (subspace or o.between_refreshes == "direct")
+    return {"adam": {"gradient": "direct"}} if direct else {}
 
 
 def _write_config(
@@ -205,6 +212,13 @@ def _write_config(
     raw["train"]["checkpoint_every"] = 10**7
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(_toml(raw))
+    from node_ocp.train import load_config
+    from node_ocp.train.config import ConfigError
+
+    try:  # a bad --ocnopt-set or --adam-set key: one error now, not a failed run per seed
+        load_config(dest)
+    except ConfigError as e:
+        raise SystemExit(f"{dest}: {e}") from None
     extra = gradient_tables(gradient, dest)
     if extra:
         for arm, keys in extra.items():
@@ -240,7 +254,7 @@ def _run(cfg: Path, out: Path, arm: str, lr: float, seed: int, budget: float) ->
     """One training run in its own process (kept when it already finished)."""
     folder = out / arm / f"lr{lr!r}" / f"seed{seed}"
     summary = folder / SUMMARY
-    if summary.exists():
+    if summary.exists() and _same_table(folder, cfg, arm):
         s = json.loads(summary.read_text())
         if s.get("stopped_by_time") or s.get("diverged"):
             return _result(s, folder)
@@ -255,6 +269,22 @@ def _run(cfg: Path, out: Path, arm: str, lr: float, seed: int, budget: float) ->
             return _result(s, folder)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"failed": " | ".join(tail), "arm": arm, "lr": lr, "seed": seed}
+
+
+def _same_table(folder: Path, cfg: Path, arm: str) -> bool:
+    """Whether the finished run in ``folder`` ran the arm's table of ``cfg`` (every key both
+    know equal, the learning rates aside): a run of another ``--gradient``, ``--adam-set``
+    or ``--ocnopt-set`` is run again, not reused."""
+    import dataclasses
+
+    from node_ocp.train import load_config
+
+    try:
+        saved = json.loads((folder / "config.json").read_text())["config"]["optimizers"][arm]
+    except (OSError, KeyError, ValueError):
+        return False
+    now = dataclasses.asdict(load_config(cfg).optimizer(arm))
+    return all(saved[k] == v for k, v in now.items() if k in saved and k not in ("lr", "lr_grid"))
 
 
 def _result(s: dict, folder: Path) -> dict:

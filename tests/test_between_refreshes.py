@@ -112,3 +112,42 @@ def test_the_ocnopt_table_key_reaches_the_optimizer_and_refuses_a_bad_value(tmp_
     assert opt.options.between_refreshes == "direct"
     with pytest.raises(ConfigError, match=r"\[optimizers\.ocnopt\]\.between_refreshes: received"):
         config("x", "d.toml")
+
+
+def test_a_resumed_run_goes_on_through_the_solver_between_refreshes():
+    x, y = _batch()
+    for options, mode in (({"between_refreshes": "direct"}, "direct"), ({}, "adjoint")):
+        torch.manual_seed(0)
+        model = Classifier()
+        opt = no.OCNOpt(model, update_every=3, **options)
+        for _ in range(2):  # the coming step, 2, is between refreshes
+            opt.zero_grad()
+            out = model(x)
+            opt.backward(nn.functional.cross_entropy(out, y), outputs=out, likelihood="categorical")
+            opt.step(lambda m=model: (nn.functional.cross_entropy(m(x), y), m(x)))
+        fresh = Classifier()
+        fresh.load_state_dict(model.state_dict())
+        resumed = no.OCNOpt(fresh, update_every=3, **options)
+        assert fresh.ode.gradient == "adjoint"  # step 0 of a new optimizer: a refresh
+        resumed.load_state_dict(opt.state_dict())
+        assert fresh.ode.gradient == mode, options
+
+
+def test_a_block_only_the_own_adjoint_serves_keeps_it():
+    from test_per_sample import per_sample_block
+
+    from node_ocp.optim.ocnopt import _can_backprop
+
+    block = per_sample_block(mlp_field(dim=3, hidden=6))
+    assert _can_backprop(block)
+    block.t.requires_grad_(True)  # a horizon control: direct refuses this grid
+    assert not _can_backprop(block)
+    opt = no.OCNOpt(nn.Sequential(block), update_every=3, between_refreshes="direct")
+    opt._set_direct(True, keep_graph=False)
+    assert block.gradient == "adjoint"
+
+
+@pytest.mark.parametrize("other", [{"feedback": "gauss_newton"}, {"cg_iters": 2}])
+def test_direct_between_refreshes_is_refused_where_steps_need_the_adjoint(other):
+    with pytest.raises(ValueError, match=r"between_refreshes: received 'direct'.*'own' with"):
+        no.OCNOpt(Classifier(), between_refreshes="direct", **other)

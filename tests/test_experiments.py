@@ -163,6 +163,41 @@ def test_bench_default_gradient_matches_ocnopts_steps_between_refreshes(tmp_path
     assert tables["ocnopt"]["between_refreshes"] == "own"
     assert tables["ocnopt-identity"]["between_refreshes"] == "direct"
 
+    def matched(src, **ocnopt):
+        cfg = bench._write_config(src, tmp_path / "m.toml", 3.0, {}, ocnopt, None, "matched")
+        return tomllib.loads(cfg.read_text())["optimizers"]["adam"].get("gradient")
+
+    # matched follows the ocnopt arm's own table: through the solver on a CNF when it says
+    # so, not on the ODE-RNN when its subspace step is off
+    assert matched(configs / "cnf_moons.toml", between_refreshes="direct") == "direct"
+    assert matched(configs / "forecast_spiral.toml", subspace="off") is None
+    assert matched(configs / "forecast_spiral.toml") == "direct"
+
+
+def test_bench_default_runs_again_a_run_of_another_table(tmp_path):
+    import dataclasses
+
+    from train_helpers import tiny, write_toml
+
+    from node_ocp.train import load_config
+
+    bench = _load("bench_default")
+    src = write_toml(tmp_path / "t.toml", tiny())
+    adjoint = bench._write_config(src, tmp_path / "a.toml", 3.0, {"adam": [0.01]}, None, None)
+    direct = bench._write_config(
+        src, tmp_path / "d.toml", 3.0, {"adam": [0.01]}, None, None, "direct"
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    table = dataclasses.asdict(load_config(adjoint).optimizer("adam"))
+    table["lr"] = 0.01  # the run's learning rate differs from the table's: not a difference
+    (run / "config.json").write_text(json.dumps({"config": {"optimizers": {"adam": table}}}))
+    assert bench._same_table(run, adjoint, "adam")
+    assert not bench._same_table(run, direct, "adam")
+    assert not bench._same_table(tmp_path, adjoint, "adam")  # no config.json: run it
+    with pytest.raises(SystemExit, match=r"\[optimizers\.adam\]: unknown key 'gradiant'"):
+        bench._write_config(src, tmp_path / "x.toml", 3.0, {}, None, {"gradiant": "direct"})
+
 
 def test_bench_default_counts_a_diverged_run_as_a_result_not_a_failure(tmp_path, monkeypatch):
     import subprocess

@@ -250,12 +250,13 @@ class OCNOpt(torch.optim.Optimizer):
         between_refreshes: the ODE blocks' gradient on the steps that gather no curvature
             (all but every ``update_every``-th): ``"own"`` (default: the blocks' own, the own
             adjoint at O(1) memory in the solver steps) or ``"direct"`` (backprop through the
-            solvers: memory grows with the solver steps, as with ``gradient="direct"``; a
-            step costs what a first-order optimizer's step with ``gradient="direct"`` does,
-            exact gradients of the discretised solve). Refresh steps always run the own
-            adjoint, whose backward solve gathers the time-joint curvature. Subspace steps
-            backpropagate through the solvers either way. Measured in
-            ``bench_issue21.md`` §28.
+            solvers: memory grows with the solver steps, as with ``gradient="direct"``; the
+            gradient costs what a first-order optimizer's does with ``gradient="direct"``,
+            exact for the discretised solve). Refresh steps always run the own adjoint,
+            whose backward solve gathers the time-joint curvature; a block with per-sample
+            step control whose time grid needs a gradient (a horizon control) keeps it on
+            every step. Subspace steps backpropagate through the solvers either way. Not
+            with ``feedback`` or ``cg_iters``. Measured in ``bench_issue21.md`` §28.
         schedule: None, or a callable ``step -> factor`` that multiplies every step taken
             (warm-up, cosine decay; the step α of the model step, ``lr`` of the fixed one).
         seed: seed of the optimizer's own generator (sampled factors).
@@ -580,11 +581,12 @@ class OCNOpt(torch.optim.Optimizer):
         run) restores it."""
         self._keep_graph = on and keep_graph
         for b in self.blocks:
-            if on and not hasattr(b, _OWN_GRADIENT):
+            if on and not hasattr(b, _OWN_GRADIENT) and _can_backprop(b):
                 setattr(b, _OWN_GRADIENT, b.gradient)
                 b.gradient = "direct"
             elif not on and hasattr(b, _OWN_GRADIENT):
-                b.gradient = getattr(b, _OWN_GRADIENT)
+                if b.gradient == "direct":  # not changed by the user since
+                    b.gradient = getattr(b, _OWN_GRADIENT)
                 delattr(b, _OWN_GRADIENT)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1149,6 +1151,13 @@ def _check_group(g: dict, requires_lr: bool) -> None:
     )
     check_hyper("groups[...]['diag_beta']", g["diag_beta"], 0, 1, False, True, "a float in [0, 1)")
     check_choice("groups[...]['outside']", g["outside"], OUTSIDE_RULES)
+
+
+def _can_backprop(block: ODEBlock) -> bool:
+    """Whether ``block`` can backpropagate through its solver in training: not with per-sample
+    step control and a time grid that needs a gradient (a horizon control), which only the
+    own adjoint serves."""
+    return not (block.step_control == "per_sample" and block.t.requires_grad)
 
 
 def _backprop(model: nn.Module):

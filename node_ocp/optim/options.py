@@ -218,6 +218,13 @@ class OCNOptOptions:
                 self.subspace,
                 "'off' or 'auto' with cg_iters > 0 (both replace the held step; choose one)",
             )
+        if self.between_refreshes == "direct" and (self.feedback != "off" or self.cg_iters):
+            raise bad_value(
+                "between_refreshes",
+                self.between_refreshes,
+                "'own' with feedback != 'off' or cg_iters > 0 (feedback sweeps need the own "
+                "adjoint on every step; cg_graph decides where the CG products run)",
+            )
         return dataclasses.replace(
             self,
             lr=lr,
